@@ -1,0 +1,95 @@
+"""`metaseg` command line: one subcommand per stage, each a thin call into the library.
+
+Every user mistake ends as one line on stderr and exit code 2; a traceback means a bug in metaseg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from metaseg.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; the user gets one line
+        raise UserError(message)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def cmd_synth(args) -> None:
+    from metaseg.synth import synthesize
+
+    stats = synthesize(args.out, patients=args.patients, slices=args.slices, seed=args.seed)
+    print(
+        f"wrote {stats['patients']} synthetic patients x {stats['slices_per_patient']} slices to {args.out} "
+        f"({stats['n_lesion_slices']} slices with lesions, {len(stats['lesions'])} lesions)"
+    )
+
+
+def cmd_datalist(args) -> None:
+    from metaseg.data import discover
+    from metaseg.datalist import build_datalist, summary, write_datalist
+
+    datalist = build_datalist(discover(args.data), args.seed, args.test_fraction, args.val_fraction)
+    write_datalist(datalist, args.out)
+    print(summary(datalist))
+    print(f"datalist written to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metaseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="write the synthetic brain-MRI-with-metastases phantom in the Data.zip layout")
+    p.add_argument("out", type=Path, help="output folder (plays the role of Data/)")
+    p.add_argument("--patients", type=_positive_int, default=10)
+    p.add_argument("--slices", type=_positive_int, default=20, help="slices per patient")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("datalist", help="find image/mask pairs and split them by patient into a MONAI datalist")
+    p.add_argument("data", type=Path, help="a Data folder or Data.zip")
+    p.add_argument("--out", type=Path, required=True, help="datalist JSON to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="share of patients for test (0.2)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of patients for validation (0.1)")
+    p.set_defaults(func=cmd_datalist)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UserError as err:
+        print(f"metaseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metaseg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

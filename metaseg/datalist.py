@@ -1,0 +1,78 @@
+"""Split patients (never slices) into training / validation / test, and write a MONAI datalist.
+
+The split is `monai.data.partition_dataset` over the sorted patient ids with a seed: the bundles' own configs make
+the same call when they are given a data folder without a datalist, so both routes give the same patients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from monai.data import partition_dataset
+
+from metaseg.data import Discovery
+from metaseg.errors import UserError
+from metaseg.files import write_json_atomic
+
+SPLITS = ("training", "validation", "test")
+
+
+def split_patients(
+    patients: list[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1
+) -> dict[str, list[str]]:
+    """Seeded patient split: `test_fraction` of all patients for test, `val_fraction` for validation, rest training."""
+    if not 0 <= test_fraction < 1 or not 0 < val_fraction < 1 or test_fraction + val_fraction >= 1:
+        raise UserError(
+            f"fractions must satisfy 0 <= test < 1, 0 < val < 1, test + val < 1 (got {test_fraction}, {val_fraction})"
+        )
+    ratios = [1 - test_fraction - val_fraction, val_fraction, test_fraction]
+    parts = partition_dataset(sorted(patients), ratios=ratios, shuffle=True, seed=seed)
+    split = {name: sorted(part) for name, part in zip(SPLITS, parts)}
+    empty = [name for name in SPLITS if not split[name] and not (name == "test" and test_fraction == 0)]
+    if empty:
+        raise UserError(
+            f"{len(patients)} patients are too few for this split: {', '.join(empty)} would be empty"
+        )
+    return split
+
+
+def build_datalist(found: Discovery, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict:
+    """The datalist: MONAI's `training`/`validation`/`test` lists plus the record of how they were made."""
+    split = split_patients(found.patients, seed, test_fraction, val_fraction)
+    items = {name: [asdict(p) for p in found.pairs if p.patient in set(split[name])] for name in SPLITS}
+    return {
+        "description": "metaseg patient-level split; image/label paths are relative to the patients' root folder",
+        "dataset": str(found.source.resolve()),
+        "root": found.root,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "counts": {
+            "patients": {name: len(split[name]) for name in SPLITS},
+            "pairs": {name: len(items[name]) for name in SPLITS},
+            "lesion_pairs": {name: sum(i["lesion_pixels"] > 0 for i in items[name]) for name in SPLITS},
+            "ignored": {reason: len(files) for reason, files in found.ignored.items()},
+        },
+        "patients": split,
+        "ignored": found.ignored,
+        **items,
+    }
+
+
+def write_datalist(datalist: dict, out: str | Path) -> Path:
+    return write_json_atomic(out, datalist)
+
+
+def summary(datalist: dict) -> str:
+    """A few lines for the terminal: what was found and how it was split."""
+    counts = datalist["counts"]
+    lines = [f"dataset: {datalist['dataset']}"]
+    for name in SPLITS:
+        lines.append(
+            f"  {name:<10} {counts['patients'][name]:>4} patients {counts['pairs'][name]:>6} slices"
+            f" ({counts['lesion_pairs'][name]} with lesion)"
+        )
+    ignored = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts["ignored"].items())
+    lines.append(f"  ignored: {ignored}")
+    return "\n".join(lines)

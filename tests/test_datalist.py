@@ -1,0 +1,51 @@
+"""Patient-level split and the datalist JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metaseg.data import discover
+from metaseg.datalist import SPLITS, build_datalist, split_patients
+from metaseg.errors import UserError
+
+PATIENTS = [f"P{i:02d}" for i in range(44)]
+
+
+def test_split_is_disjoint_complete_and_sized():
+    split = split_patients(PATIENTS, seed=0)
+    sets = [set(split[name]) for name in SPLITS]
+    assert set().union(*sets) == set(PATIENTS)
+    assert sum(len(s) for s in sets) == 44  # no patient in two lists
+    assert [len(s) for s in sets] == [31, 4, 9]  # 20% test, 10% validation
+
+
+def test_split_reproducible_per_seed_and_different_across_seeds():
+    assert split_patients(PATIENTS, seed=3) == split_patients(list(reversed(PATIENTS)), seed=3)
+    assert split_patients(PATIENTS, seed=3)["test"] != split_patients(PATIENTS, seed=4)["test"]
+
+
+@pytest.mark.parametrize(("n", "test", "val"), [(2, 0.2, 0.1), (5, 0.2, 0.1), (10, 0.5, 0.5), (10, 0.2, 0.0)])
+def test_impossible_splits_are_user_errors(n, test, val):
+    with pytest.raises(UserError):
+        split_patients(PATIENTS[:n], test_fraction=test, val_fraction=val)
+
+
+def test_datalist_items_carry_patient_and_slice_and_never_mix_patients(tiny_data):
+    datalist = build_datalist(discover(tiny_data), seed=1)
+    seen = {}
+    for name in SPLITS:
+        for item in datalist[name]:
+            assert set(item) >= {"image", "label", "patient", "slice"}
+            assert item["image"].startswith(item["patient"] + "/")
+            assert seen.setdefault(item["patient"], name) == name
+        assert sorted({i["patient"] for i in datalist[name]}) == datalist["patients"][name]
+    assert datalist["seed"] == 1 and sum(datalist["counts"]["pairs"].values()) == 30
+    json.dumps(datalist)  # serialisable as is
+
+
+def test_real_split_counts(lgg):
+    datalist = build_datalist(discover(lgg), seed=0)
+    assert sum(datalist["counts"]["patients"].values()) == 44
+    assert sum(datalist["counts"]["pairs"].values()) == 1458
