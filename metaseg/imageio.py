@@ -1,0 +1,656 @@
+"""Decode uploaded image bytes into 2D float32 slices; shared by the server and the CLI.
+
+``decode(files)`` takes one file, or several files that are the slices of one series. The format
+is recognised from magic numbers, never from the (user-chosen) file name: PNG, JPEG, TIFF (also
+multi-page), DICOM (Part 10 with 'DICM' at offset 128, or a bare dataset without preamble) in any
+transfer syntax pydicom and the pylibjpeg plugins decode, and NIfTI-1 (.nii, .nii.gz). All files of
+an upload must be of one kind and one frame size.
+
+Conventions
+-----------
+Orientation
+    Every frame is a (rows, cols) array as the image is displayed: row 0 is the top.
+    PNG/JPEG/TIFF: as stored, with an EXIF/TIFF Orientation tag applied.
+    DICOM: as stored (DICOM pixel rows are display rows). Several files are sorted by
+    ImagePositionPatient projected on the slice normal (inferior to superior for axial
+    slices), else by InstanceNumber, else kept in upload order.
+    NIfTI: reoriented to the closest RAS+ axes (axis flips/permutations only, never resampled);
+    frame k is the axial slice ``data[:, :, k]`` shown the way a DICOM viewer shows an axial
+    slice (radiological view: anterior at the top, the patient's right on the image's left),
+    i.e. ``slice.T[::-1, ::-1]``; frames run inferior to superior. An axial DICOM series and
+    the NIfTI converted from it give the same frames.
+Channels
+    Any 3- or 4-channel image (RGB, RGBA, palette expanded to RGBA, RGB/YBR DICOM, PALETTE COLOR
+    DICOM, 3-sample TIFF) yields channel 1. The training slices are 256x256x3 with channels
+    (pre-contrast, FLAIR, post-contrast), so channel 1 is FLAIR; for a gray picture saved as
+    RGB all channels are equal, so channel 1 is its gray value. Gray+alpha yields channel 0.
+Intensities
+    Native values as float32, never rescaled (the model's preprocessing normalises); 16-bit
+    colour PNGs, which PIL would cut to 8 bits, are decoded with imagecodecs. DICOM gets
+    its Modality LUT / RescaleSlope+Intercept (also from Enhanced DICOM functional groups);
+    MONOCHROME1 is mirrored over the modality range of its stored bits so that bright means high
+    signal, as in MONOCHROME2. NIfTI gets scl_slope/scl_inter.
+Non-finite values
+    NaN and +/-inf (e.g. NIfTI background written by registration tools) are replaced by 0 and
+    the count is logged as a warning; they would otherwise poison intensity normalisation.
+Limits
+    See ``Limits``; sizes come from headers and are checked before any pixel is decoded;
+    gzip/deflate streams are inflated under a cap.
+Privacy and safety
+    Nothing is written to disk. Only pixel, geometry and series-identity DICOM tags are read; no
+    tag value is ever logged or put into an error message. Every problem with the input raises
+    ``UserError`` with a one-line message naming the file; exceptions from third-party decoders
+    are wrapped, and only around the decoder calls themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import re
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import imagecodecs
+import nibabel as nib
+import numpy as np
+import pydicom
+import tifffile
+from PIL import Image
+from pydicom.dataset import Dataset
+
+# Private, but the only way to learn where a deflated dataset starts without inflating it.
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from metaseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds that keep a hostile or accidental upload from exhausting memory or CPU."""
+
+    max_bytes: int = 128 * _MiB  # per uploaded file, as uploaded (a 256^3 float32 NIfTI is 64 MiB)
+    max_pixels: int = 4096 * 4096  # per frame (rows * cols)
+    max_frames: int = 512  # per upload, all files together
+    max_files: int = 512  # per upload
+    max_total_pixels: int = 2**28  # per upload, all frames together: 1 GiB as float32
+    max_inflated_bytes: int = 2**30  # most a .nii.gz or a deflated DICOM may inflate to
+
+
+@dataclass(frozen=True)
+class Volume:
+    """The slices of one upload, in series order (see the module docstring for conventions).
+
+    ``source_frame[i]`` is ``(index into the uploaded files, frame index within that file)`` of
+    ``frames[i]``. ``datasets`` holds one pydicom Dataset per DICOM file in series order, which is
+    the order in which the files first appear in ``source_frame``; it is empty for other kinds.
+    """
+
+    kind: str  # 'png' | 'jpeg' | 'tiff' | 'dicom' | 'nifti'
+    frames: list[np.ndarray] = field(repr=False)  # 2D float32 (rows, cols), C-contiguous
+    source_frame: list[tuple[int, int]] = field(repr=False)
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row spacing, column spacing)
+    slice_thickness_mm: float | None = None
+    datasets: tuple[Dataset, ...] = field(default=(), repr=False)
+
+
+def decode(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> Volume:
+    """Decode one upload (one file, or the slices of one series); any bad input raises UserError."""
+    _check_upload(files, limits)
+    kind = _common_kind(files)
+    if kind == "dicom":
+        return _decode_dicom(files, limits)
+    if kind == "nifti":
+        return _decode_nifti(files, limits)
+    return _decode_pictures(files, kind, limits)
+
+
+def to_png_bytes(mask: np.ndarray) -> bytes:
+    """Encode a 2D mask (uint8 0/255, or bool) as PNG in memory, for the server and the CLI."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"expected a 2D uint8 or bool mask, got {mask.dtype} {mask.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- errors and limits ------------------------------------------------------------------------
+
+
+def _error(name: str, problem: str) -> UserError:
+    """A UserError naming the file; the name is quoted so that it cannot break the line."""
+    return UserError(f"{str(name)[:100]!r}: {problem}")
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's exception as one short line, without the repr of our in-memory buffer."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc))
+    return " ".join(text.split())[:300] or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _decoder_errors(name: str, what: str) -> Iterator[None]:
+    """Third-party decoders raise anything on hostile bytes; report it as the user's problem."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _error(name, f"{what}: {_reason(exc)}") from exc
+
+
+class _Budget:
+    """Declared sizes of an upload, checked against the limits before any pixel is decoded."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.frames = 0
+        self.pixels = 0
+
+    def reserve(self, name: str, frames: int, rows: int, cols: int) -> None:
+        limits = self.limits
+        if frames <= 0 or rows <= 0 or cols <= 0:
+            raise _error(name, f"image has no pixels ({frames} frame(s) of {rows}x{cols})")
+        if rows * cols > limits.max_pixels:
+            limit = limits.max_pixels
+            raise _error(name, f"frame of {rows}x{cols} pixels exceeds the limit of {limit}")
+        self.frames += frames
+        self.pixels += frames * rows * cols
+        if self.frames > limits.max_frames:
+            raise _error(name, f"upload has more than {limits.max_frames} frames")
+        if self.pixels > limits.max_total_pixels:
+            raise _error(name, f"upload has more than {limits.max_total_pixels} pixels in all")
+
+
+def _check_upload(files: list[tuple[str, bytes]], limits: Limits) -> None:
+    if not files:
+        raise UserError("no files were uploaded")
+    if len(files) > limits.max_files:
+        raise UserError(f"too many files: {len(files)} uploaded, at most {limits.max_files}")
+    for name, data in files:
+        if not data:
+            raise _error(name, "file is empty")
+        if len(data) > limits.max_bytes:
+            raise _error(name, f"file has {len(data)} bytes, more than {limits.max_bytes}")
+
+
+def _inflate(name: str, blob: bytes, wbits: int, cap: int) -> bytes:
+    """Decompress at most `cap` bytes, so that a small zip bomb cannot exhaust memory."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(blob, cap + 1)
+    except zlib.error as exc:
+        raise _error(name, f"corrupt compressed stream ({exc})") from exc
+    if len(out) > cap:
+        raise _error(name, f"decompresses to more than {cap} bytes")
+    if not inflater.eof:
+        raise _error(name, "compressed stream is truncated")
+    return out
+
+
+def _finite_float32(name: str, pixels: np.ndarray) -> np.ndarray:
+    """A float32 C-contiguous copy in which NaN/inf became 0 (see the module docstring)."""
+    if pixels.dtype.kind not in "biuf":
+        raise _error(name, f"unsupported pixel type {pixels.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf
+        values = np.array(pixels, dtype=np.float32, order="C")
+    non_finite = ~np.isfinite(values)
+    if non_finite.any():
+        log.warning("replaced %d non-finite pixel values with 0", int(non_finite.sum()))
+        values[non_finite] = 0.0
+    return values
+
+
+def _volume(
+    kind: str,
+    files: list[tuple[str, bytes]],
+    frames: list[np.ndarray],
+    sources: list[tuple[int, int]],
+    spacing: tuple[float, float] | None = None,
+    thickness: float | None = None,
+    datasets: Sequence[Dataset] = (),
+) -> Volume:
+    """Assemble the result, insisting that all slices share one size, as slices of a series do."""
+    rows, cols = frames[0].shape
+    for frame, (file_index, _) in zip(frames, sources):
+        if frame.shape != (rows, cols):
+            size = "x".join(map(str, frame.shape))
+            problem = f"slice of {size} differs from the first, {rows}x{cols}"
+            raise _error(files[file_index][0], problem)
+    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets))
+
+
+# --- format detection -------------------------------------------------------------------------
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_NIFTI1_HEADER_SIZE = 348
+_BARE_DICOM_STARTS = (b"\x08\x00", b"\x00\x08")  # group 0008, little / big endian
+
+
+def _is_nifti1(head: bytes) -> bool:
+    return head[344:348] == b"n+1\x00"
+
+
+def _detect_kind(name: str, data: bytes) -> str | None:
+    """The format from magic numbers alone; the file name is user-chosen and often wrong."""
+    if data[128:132] == b"DICM":  # first: a DICOM preamble may itself hold a TIFF header
+        return "dicom"
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            return kind
+    if _is_nifti1(data):
+        return "nifti"
+    if data.startswith(_GZIP_MAGIC):
+        try:
+            head = zlib.decompressobj(_GZIP_WBITS).decompress(data, _NIFTI1_HEADER_SIZE)
+        except zlib.error as exc:
+            raise _error(name, f"corrupt gzip stream ({exc})") from exc
+        if not _is_nifti1(head):
+            raise _error(name, "gzip file does not hold a NIfTI-1 image")
+        return "nifti"
+    if data.startswith(_BARE_DICOM_STARTS):  # a dataset without preamble; read with force
+        return "dicom"
+    return None
+
+
+def _common_kind(files: list[tuple[str, bytes]]) -> str:
+    kinds = [_detect_kind(name, data) for name, data in files]
+    for (name, _), kind in zip(files, kinds):
+        if kind is None:
+            raise _error(name, "not a recognised image (expected PNG, JPEG, TIFF, DICOM, NIfTI-1)")
+    first_name = str(files[0][0])[:100]
+    for (name, _), kind in zip(files, kinds):
+        if kind != kinds[0]:
+            problem = f"is {kind} but {first_name!r} is {kinds[0]}; upload one kind at a time"
+            raise _error(name, problem)
+    return kinds[0]
+
+
+# --- PNG, JPEG, TIFF --------------------------------------------------------------------------
+
+_CHANNEL_BY_COUNT = {1: 0, 2: 0, 3: 1, 4: 1}  # gray(+alpha): gray; RGB(A): channel 1 = FLAIR
+_EXIF_ORIENTATION = 0x0112  # also the TIFF Orientation tag
+_ORIENTATIONS = {  # EXIF/TIFF orientation -> how to turn the stored array into the displayed one
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.T,
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, -1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+_TIFF_AXES = set("YXS")
+
+
+def _one_channel(name: str, pixels: np.ndarray) -> np.ndarray:
+    """(rows, cols[, channels]) -> (rows, cols) by the channel rule of the module docstring."""
+    if pixels.ndim == 2:
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[2] in _CHANNEL_BY_COUNT:
+        return pixels[:, :, _CHANNEL_BY_COUNT[pixels.shape[2]]]
+    raise _error(name, f"unsupported pixel layout {pixels.shape}")
+
+
+def _orient(pixels: np.ndarray, orientation) -> np.ndarray:
+    transform = _ORIENTATIONS.get(orientation)
+    return transform(pixels) if transform else pixels
+
+
+def _decode_pictures(files: list[tuple[str, bytes]], kind: str, limits: Limits) -> Volume:
+    """PNG, JPEG or TIFF files: their frames in upload order."""
+    budget = _Budget(limits)
+    read = _read_tiff if kind == "tiff" else _read_pil
+    frames, sources = [], []
+    for file_index, (name, data) in enumerate(files):
+        for frame_index, pixels in read(name, data, kind, budget):
+            frames.append(_finite_float32(name, pixels))
+            sources.append((file_index, frame_index))
+    return _volume(kind, files, frames, sources)
+
+
+def _open_pil(data: bytes, fmt: str) -> Image.Image:
+    """Read the header only; PIL's decompression-bomb warning becomes an error like the bomb error.
+
+    (warnings.catch_warnings is process-wide; a concurrent decode at worst also sees the filter.)
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=[fmt])
+
+
+def _is_16bit_color_png(data: bytes) -> bool:
+    """PIL cuts 16-bit RGB(A) and gray+alpha PNGs to 8 bits; IHDR says bit depth and color type."""
+    return data[24] == 16 and data[25] in (2, 4, 6)
+
+
+def _read_pil(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple[int, np.ndarray]]:
+    """A PNG or JPEG as [(0, pixels)]; of an animated PNG only the first frame."""
+    fmt = _PIL_FORMATS[kind]
+    with _decoder_errors(name, f"cannot read {fmt} header"):
+        image = _open_pil(data, fmt)
+    budget.reserve(name, 1, image.height, image.width)
+    with _decoder_errors(name, f"corrupt or truncated {fmt} image"):
+        if kind == "png" and _is_16bit_color_png(data):
+            pixels = imagecodecs.png_decode(data)
+        elif image.mode in ("P", "PA"):
+            pixels = np.asarray(image.convert("RGBA"))
+        else:
+            pixels = np.asarray(image)
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return [(0, _orient(_one_channel(name, pixels), orientation))]
+
+
+def _read_tiff(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple[int, np.ndarray]]:
+    """All full-resolution pages of a TIFF as [(page index, pixels)]."""
+    with _decoder_errors(name, "cannot read TIFF"):
+        tiff = tifffile.TiffFile(io.BytesIO(data))
+    with tiff:
+        frames = []
+        for page in _tiff_image_pages(name, tiff, budget):
+            with _decoder_errors(name, f"corrupt TIFF page {page.index}"):
+                pixels = page.asarray()
+            if "S" in page.axes:
+                pixels = np.moveaxis(pixels, page.axes.index("S"), -1)
+            pixels = _orient(_one_channel(name, pixels), _tiff_orientation(page))
+            frames.append((page.index, pixels))
+    return frames
+
+
+def _tiff_orientation(page: tifffile.TiffPage) -> int:
+    tag = page.tags.get(_EXIF_ORIENTATION)
+    return tag.value if tag else 1
+
+
+def _tiff_image_pages(name: str, tiff: tifffile.TiffFile, budget: _Budget) -> list:
+    """The pages to decode, each reserved in the budget first; reduced pages are thumbnails."""
+    pages = []
+    with _decoder_errors(name, "corrupt TIFF directory"):
+        for page in tiff.pages:
+            if page.is_reduced:
+                continue
+            if not set(page.axes) <= _TIFF_AXES:
+                raise _error(name, f"TIFF page {page.index} has unsupported axes {page.axes!r}")
+            budget.reserve(name, 1, page.imagelength, page.imagewidth)
+            pages.append(page)
+    if not pages:
+        raise _error(name, "TIFF holds no image")
+    return pages
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_SYNTAX_BY_ENCODING = {  # (implicit VR, little endian) of a bare dataset -> its transfer syntax
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+def _decode_dicom(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
+    """DICOM files (a single or multi-frame image, or the slices of a series) in series order."""
+    budget = _Budget(limits)
+    datasets = [_read_dicom(name, data, limits) for name, data in files]
+    for (name, _), ds in zip(files, datasets):
+        _check_dicom_image(name, ds, budget)
+    _check_one_series(files, datasets)
+    order = _series_order(datasets)
+    frames, sources = [], []
+    for file_index in order:
+        file_frames = _dicom_frames(files[file_index][0], datasets[file_index])
+        frames.extend(file_frames)
+        sources.extend((file_index, frame_index) for frame_index in range(len(file_frames)))
+    in_order = [datasets[i] for i in order]
+    spacing, thickness = _dicom_pixel_spacing(in_order[0]), _dicom_slice_thickness(in_order)
+    return _volume("dicom", files, frames, sources, spacing, thickness, in_order)
+
+
+def _read_dicom(name: str, data: bytes, limits: Limits) -> Dataset:
+    has_preamble = data[128:132] == b"DICM"
+    if has_preamble:
+        _check_inflated_size(name, data, limits)
+    with _decoder_errors(name, "not a readable DICOM file"):
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: the pixel decoder needs to know
+        ds.file_meta.TransferSyntaxUID = _SYNTAX_BY_ENCODING.get(
+            ds.original_encoding, ImplicitVRLittleEndian
+        )
+    return ds
+
+
+def _check_inflated_size(name: str, data: bytes, limits: Limits) -> None:
+    """pydicom inflates a deflated dataset without a cap; measure it under ours first."""
+    stream = io.BytesIO(data)
+    with _decoder_errors(name, "corrupt DICOM file meta information"):
+        read_preamble(stream, False)
+        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
+    if syntax == DeflatedExplicitVRLittleEndian:
+        _inflate(name, data[stream.tell():], -zlib.MAX_WBITS, limits.max_inflated_bytes)
+
+
+def _check_dicom_image(name: str, ds: Dataset, budget: _Budget) -> None:
+    """Refuse from the header alone what cannot or should not be decoded."""
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise _error(name, "DICOM file has no pixel data")
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise _error(name, f"unsupported transfer syntax {syntax.name!r}") from None
+    if not decoder.is_available:
+        raise _error(name, f"no decoder installed for transfer syntax {syntax.name!r}")
+    with _decoder_errors(name, "invalid DICOM image header"):
+        frames, rows, cols = _dicom_geometry(ds)
+    budget.reserve(name, frames, rows, cols)
+
+
+def _dicom_geometry(ds: Dataset) -> tuple[int, int, int]:
+    """(frames, rows, columns) as declared; NumberOfFrames absent or 0 means one frame."""
+    return int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns)
+
+
+def _check_one_series(files: list[tuple[str, bytes]], datasets: list[Dataset]) -> None:
+    """Several files must be slices of one series: one frame size, one SeriesInstanceUID."""
+    first_name, first = str(files[0][0])[:100], datasets[0]
+    for (name, _), ds in zip(files[1:], datasets[1:]):
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            size, first_size = f"{ds.Rows}x{ds.Columns}", f"{first.Rows}x{first.Columns}"
+            raise _error(name, f"slice of {size} differs from {first_name!r}, {first_size}")
+        series, first_series = ds.get("SeriesInstanceUID"), first.get("SeriesInstanceUID")
+        if series and first_series and series != first_series:
+            raise _error(name, f"belongs to another series than {first_name!r}")
+
+
+def _numbers(item: Dataset, keyword: str, count: int) -> np.ndarray | None:
+    """A numeric tag as `count` finite floats, or None when absent or malformed (it is optional)."""
+    try:
+        values = np.asarray(item.get(keyword), dtype=float).ravel()
+    except Exception:  # pydicom's value conversion raises various errors on malformed values
+        return None
+    if values.size != count or not np.isfinite(values).all():
+        return None
+    return values
+
+
+def _frame_macro(ds: Dataset, frame: int, keyword: str) -> Dataset:
+    """Where a frame's attributes live: Enhanced DICOM has per-frame or shared functional groups,
+    classic DICOM the top level. Malformed groups count as absent."""
+    for groups_keyword, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        try:
+            groups = ds.get(groups_keyword) or ()
+            if index < len(groups) and groups[index].get(keyword):
+                return groups[index].get(keyword)[0]
+        except Exception:  # pydicom parses sequences lazily and may fail on malformed ones
+            continue
+    return ds
+
+
+def _positions_along_normal(datasets: list[Dataset]) -> list[float] | None:
+    """Each file's ImagePositionPatient along the first file's slice normal, or None."""
+    orientation = _numbers(datasets[0], "ImageOrientationPatient", 6)
+    if orientation is None:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    if not np.linalg.norm(normal) > 0:
+        return None
+    positions = [_numbers(ds, "ImagePositionPatient", 3) for ds in datasets]
+    if any(position is None for position in positions):
+        return None
+    return [float(position @ normal) for position in positions]
+
+
+def _series_order(datasets: list[Dataset]) -> list[int]:
+    """Slices come in any order: sort along the slice normal, else by InstanceNumber, else keep."""
+    numbers = [_numbers(ds, "InstanceNumber", 1) for ds in datasets]
+    instance_numbers = None if any(n is None for n in numbers) else [float(n[0]) for n in numbers]
+    for key in (_positions_along_normal(datasets), instance_numbers):
+        if key is not None:
+            return sorted(range(len(datasets)), key=key.__getitem__)
+    return list(range(len(datasets)))
+
+
+def _dicom_pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """PixelSpacing (in PixelMeasuresSequence for Enhanced DICOM), else ImagerPixelSpacing."""
+    for item, keyword in (
+        (_frame_macro(ds, 0, "PixelMeasuresSequence"), "PixelSpacing"),
+        (ds, "ImagerPixelSpacing"),
+    ):
+        spacing = _numbers(item, keyword, 2)
+        if spacing is not None and (spacing > 0).all():
+            return float(spacing[0]), float(spacing[1])
+    return None
+
+
+def _dicom_slice_thickness(datasets: list[Dataset]) -> float | None:
+    """SliceThickness, else the median distance between the sorted slice positions."""
+    measures = _frame_macro(datasets[0], 0, "PixelMeasuresSequence")
+    thickness = _numbers(measures, "SliceThickness", 1)
+    if thickness is not None and thickness[0] > 0:
+        return float(thickness[0])
+    positions = _positions_along_normal(datasets)
+    if positions is None or len(positions) < 2:
+        return None
+    gap = float(np.median(np.abs(np.diff(positions))))
+    return gap if gap > 0 else None
+
+
+def _dicom_frames(name: str, ds: Dataset) -> list[np.ndarray]:
+    """All frames of one file as 2D float32 modality values, in MONOCHROME2 sense."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    frame_count, rows, cols = _dicom_geometry(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    with _decoder_errors(name, f"cannot decode {syntax.name} pixel data"):
+        pixels, _ = get_decoder(syntax).as_array(ds, as_rgb=True)  # YBR -> RGB
+        if photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
+        stack = pixels.reshape(frame_count, rows, cols, -1)
+    frames = []
+    for index, frame in enumerate(stack):
+        values = _one_channel(name, frame)
+        if frame.shape[-1] == 1:  # the Modality LUT applies to grayscale only
+            with _decoder_errors(name, "invalid Modality LUT or rescale"):
+                values = _modality_values(ds, index, values, photometric)
+        frames.append(_finite_float32(name, values))
+    return frames
+
+
+def _modality_values(ds: Dataset, frame: int, pixels: np.ndarray, photometric: str) -> np.ndarray:
+    """Apply the Modality LUT/rescale; mirror MONOCHROME1 over the modality range of its stored
+    bits (not the data range, so that all slices of a series map alike)."""
+    source = _frame_macro(ds, frame, "PixelValueTransformationSequence")
+    values = apply_modality_lut(pixels, source)
+    if photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+        signed = ds.get("PixelRepresentation") == 1
+        stored = [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1]
+        ends = apply_modality_lut(np.array(stored), source)
+        values = ends.min() + ends.max() - values.astype(np.float64)
+    return values
+
+
+# --- NIfTI ------------------------------------------------------------------------------------
+
+_MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "micron": 1e-3, "meter": 1e3}
+
+
+def _decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
+    """One NIfTI-1 image (.nii or .nii.gz, 2D or 3D) as axial slices (see the module docstring)."""
+    if len(files) > 1:
+        raise UserError(f"upload one NIfTI file at a time ({len(files)} were uploaded)")
+    name, data = files[0]
+    if data.startswith(_GZIP_MAGIC):
+        data = _inflate(name, data, _GZIP_WBITS, limits.max_inflated_bytes)
+    header, shape, needed = _nifti_header(name, data)
+    _Budget(limits).reserve(name, shape[2], shape[1], shape[0])
+    if len(data) < needed:
+        raise _error(name, f"NIfTI image is truncated ({len(data)} of {needed} bytes)")
+    with _decoder_errors(name, "corrupt NIfTI image"):
+        image = nib.Nifti1Image.from_bytes(data)
+        voxels = image.get_fdata(dtype=np.float32).reshape(shape)
+        orientation = nib.orientations.io_orientation(image.affine)
+    zooms = _nifti_zooms_mm(header)
+    if not np.isnan(orientation).any():  # a degenerate affine leaves the data as stored
+        voxels = nib.orientations.apply_orientation(voxels, orientation)
+        zooms = tuple(zooms[i] for i in np.argsort(orientation[:, 0]))
+    voxels = _finite_float32(name, voxels)
+    frames = [np.ascontiguousarray(voxels[:, :, k].T[::-1, ::-1]) for k in range(voxels.shape[2])]
+    sources = [(0, k) for k in range(len(frames))]
+    spacing = (zooms[1], zooms[0]) if None not in zooms[:2] else None
+    return _volume("nifti", files, frames, sources, spacing, zooms[2])
+
+
+def _nifti_header(name: str, data: bytes) -> tuple[nib.Nifti1Header, tuple[int, int, int], int]:
+    """The header, the (x, y, z) shape and the bytes the image needs, read before any voxel."""
+    with _decoder_errors(name, "invalid NIfTI header"):
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(data), check=True)
+        shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        needed = int(header["vox_offset"]) + math.prod(shape) * dtype.itemsize
+    if dtype.kind not in "biuf":
+        raise _error(name, f"unsupported NIfTI data type {dtype}")
+    if len(shape) < 2:
+        raise _error(name, f"NIfTI image has {len(shape)} dimension(s), need 2 or 3")
+    volumes = math.prod(shape[3:])
+    if volumes != 1:
+        problem = f"NIfTI image of shape {shape} holds {volumes} volumes; upload one 3D volume"
+        raise _error(name, problem)
+    return header, (shape + (1,))[:3], needed
+
+
+def _nifti_zooms_mm(header: nib.Nifti1Header) -> tuple[float | None, float | None, float | None]:
+    """Voxel size along x, y, z in mm; None where the header gives no usable size."""
+    mm = _MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+    pixdim = header["pixdim"][1:4]
+    return tuple(float(z) * mm if np.isfinite(z) and z > 0 else None for z in pixdim)

@@ -1,0 +1,612 @@
+"""metaseg.imageio: every format decodes to the right frames; bad uploads raise UserError."""
+
+import dataclasses
+import gzip
+import io
+import logging
+import struct
+import zlib
+
+import imagecodecs
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from PIL import Image, ImageOps
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+from metaseg.errors import UserError
+from metaseg.imageio import Limits, Volume, decode, to_png_bytes
+
+SERIES_UID = generate_uid()
+
+
+# --- builders ---------------------------------------------------------------------------------
+
+
+def pattern(dtype=np.uint16, high=200) -> np.ndarray:
+    """A non-symmetric test image: 24x32 with a bright 4x6 block near the top-left corner."""
+    image = np.full((24, 32), 10, dtype)
+    image[2:6, 3:9] = high
+    return image
+
+
+def pil_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    return pil_bytes(Image.fromarray(array))
+
+
+def tiff(*pages: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        for page in pages:
+            writer.write(page, **kwargs)
+    return buffer.getvalue()
+
+
+def dicom_dataset(pixels: np.ndarray, syntax=ExplicitVRLittleEndian, **attrs) -> Dataset:
+    """An MR image of uint16 `pixels` (2D, or 3D for multi-frame); `attrs` override anything."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = SERIES_UID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def dicom_bytes(ds: Dataset, **write_args) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, **({"enforce_file_format": True} | write_args))
+    return buffer.getvalue()
+
+
+def dicom(pixels: np.ndarray, **attrs) -> bytes:
+    return dicom_bytes(dicom_dataset(pixels, **attrs))
+
+
+def nifti(data: np.ndarray, affine=None, gz=False, zooms=None) -> bytes:
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    if zooms:
+        image.header.set_zooms(zooms)
+    raw = image.to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def shipped(name: str) -> bytes:
+    with open(get_testdata_file(name), "rb") as file:
+        return file.read()
+
+
+def one(name: str, data: bytes) -> Volume:
+    return decode([(name, data)])
+
+
+MR_SMALL = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+
+
+def check_volume(volume: Volume, count: int) -> None:
+    assert len(volume.frames) == len(volume.source_frame) == count
+    for frame in volume.frames:
+        assert frame.ndim == 2 and frame.dtype == np.float32 and frame.flags.c_contiguous
+
+
+# --- PNG, JPEG, TIFF --------------------------------------------------------------------------
+
+GRAY16 = (np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)  # up to 61360: needs 16 bits
+GRAY8 = pattern(np.uint8)
+ONES = np.ones((24, 32), np.uint8)
+PALETTE = [(i, 255 - i, i // 2) for i in range(256)]
+
+
+def palette_png() -> bytes:
+    image = Image.fromarray(pattern(np.uint8, 200), mode="P")
+    image.putpalette([value for rgb in PALETTE for value in rgb])
+    return pil_bytes(image)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(png(pattern(np.uint8, 200)), pattern(np.uint8, 200), id="gray8"),
+        pytest.param(png(GRAY16), GRAY16, id="gray16"),
+        pytest.param(png(np.dstack([GRAY8, ONES * 7])), GRAY8, id="gray+alpha"),
+        pytest.param(png(np.dstack([ONES, GRAY8, ONES * 3])), GRAY8, id="rgb-channel1"),
+        pytest.param(png(np.dstack([ONES, GRAY8, ONES * 3, ONES])), GRAY8, id="rgba-channel1"),
+        pytest.param(palette_png(), np.array([p[1] for p in PALETTE])[pattern(np.uint8, 200)],
+                     id="palette"),
+        pytest.param(imagecodecs.png_encode(np.dstack([GRAY16 // 2, GRAY16, GRAY16 // 3])), GRAY16,
+                     id="rgb16-native-depth"),
+        pytest.param(imagecodecs.png_encode(np.dstack([GRAY16, GRAY16 // 3])), GRAY16,
+                     id="gray16+alpha-native-depth"),
+    ],
+)
+def test_png_variants_decode_to_native_values(data, expected):
+    volume = one("scan.png", data)
+    assert volume.kind == "png" and volume.pixel_spacing_mm is None and volume.datasets == ()
+    check_volume(volume, 1)
+    np.testing.assert_array_equal(volume.frames[0], expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_jpeg_decodes_close_to_original(mode):
+    image = Image.fromarray(pattern(np.uint8, 200)).convert(mode)
+    volume = one("photo.jpg", pil_bytes(image, "JPEG", quality=95))
+    assert volume.kind == "jpeg"
+    check_volume(volume, 1)
+    assert np.abs(volume.frames[0] - pattern(np.uint8, 200)).max() < 30
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied_like_pillow(fmt, orientation):
+    image = Image.fromarray(pattern(np.uint8, 200))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    data = pil_bytes(image, fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), dtype=np.float32)
+    np.testing.assert_array_equal(one("x", data).frames[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("pages", "kwargs"),
+    [
+        pytest.param([GRAY16], {}, id="uint16"),
+        pytest.param([GRAY16 / np.float32(7)], {"compression": "zlib"}, id="float32-deflate"),
+        pytest.param([pattern(np.uint8, 200)], {"compression": "lzw"}, id="uint8-lzw"),
+        pytest.param([GRAY16, GRAY16 + 1, GRAY16 + 2], {"compression": "zlib"}, id="multipage"),
+    ],
+)
+def test_tiff_gray_pages_become_frames(pages, kwargs):
+    volume = one("stack.tif", tiff(*pages, **kwargs))
+    assert volume.kind == "tiff"
+    check_volume(volume, len(pages))
+    assert volume.source_frame == [(0, i) for i in range(len(pages))]
+    for frame, page in zip(volume.frames, pages):
+        np.testing.assert_array_equal(frame, page.astype(np.float32))
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_three_channel_tiff_yields_flair_channel(planar):
+    rng = np.random.default_rng(0)
+    pre, flair, post = rng.integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    stacked = np.stack([pre, flair, post], axis=-1 if planar == "contig" else 0)
+    volume = one("slice.tif", tiff(stacked, photometric="rgb", planarconfig=planar))
+    check_volume(volume, 1)
+    np.testing.assert_array_equal(volume.frames[0], flair.astype(np.float32))
+
+
+def test_tiff_orientation_tag_is_applied():
+    data = tiff(pattern(), extratags=[(0x0112, "H", 1, 6, True)])  # 6: rotate 90 clockwise
+    np.testing.assert_array_equal(one("x.tif", data).frames[0], np.rot90(pattern(), -1))
+
+
+def test_several_pictures_keep_upload_order():
+    files = [(f"{i}.png", png(pattern(np.uint8) + i)) for i in (3, 1, 2)]
+    volume = decode(files)
+    assert [frame[0, 0] for frame in volume.frames] == [13, 11, 12]
+    assert volume.source_frame == [(0, 0), (1, 0), (2, 0)]
+
+
+# --- orientation across formats ---------------------------------------------------------------
+
+
+def as_nifti_ras(image: np.ndarray) -> bytes:
+    """The inverse of the documented NIfTI display rule, frame = slice.T[::-1, ::-1]."""
+    return nifti(image[::-1, ::-1].T[:, :, None].astype(np.int16))
+
+
+def as_nifti_lps(image: np.ndarray) -> bytes:
+    """How a DICOM-to-NIfTI converter may store an axial slice: i -> left, j -> posterior."""
+    return nifti(image.T[:, :, None].astype(np.int16), affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
+
+
+def three_channel_tiff(image: np.ndarray) -> bytes:
+    noise = np.random.default_rng(1).integers(0, 255, image.shape, dtype=np.uint8)
+    return tiff(np.dstack([noise, image.astype(np.uint8), noise]), photometric="rgb")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(lambda a: png(a.astype(np.uint8)), id="png"),
+        pytest.param(lambda a: tiff(a), id="tiff"),
+        pytest.param(three_channel_tiff, id="tiff-3-channel"),
+        pytest.param(lambda a: dicom(a, ImageOrientationPatient=[1, 0, 0, 0, 1, 0]), id="dicom"),
+        pytest.param(as_nifti_ras, id="nifti-ras"),
+        pytest.param(as_nifti_lps, id="nifti-lps"),
+    ],
+)
+def test_bright_corner_stays_top_left_in_every_format(encode):
+    image = pattern(np.uint16, 200)
+    frame = one("pattern", encode(image)).frames[0]
+    np.testing.assert_array_equal(frame, image.astype(np.float32))
+    assert np.unravel_index(frame.argmax(), frame.shape) == (2, 3)
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_padded.dcm",
+    ],
+)
+@pytest.mark.filterwarnings("ignore:The pixel data is .* excess padding")
+def test_dicom_transfer_syntaxes_match_uncompressed_pixels(name):
+    volume = one(name, shipped(name))
+    assert volume.kind == "dicom" and len(volume.datasets) == 1
+    check_volume(volume, 1)
+    np.testing.assert_array_equal(volume.frames[0], MR_SMALL)
+    assert volume.pixel_spacing_mm == (0.3125, 0.3125) and volume.slice_thickness_mm == 0.8
+
+
+@pytest.mark.parametrize(
+    "name", ["image_dfl.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "CT_small.dcm"]
+)
+def test_dicom_matches_pydicom_modality_values(name):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    np.testing.assert_array_equal(one(name, shipped(name)).frames[0], expected)
+
+
+def test_built_deflated_dicom_decodes():
+    data = dicom(GRAY16, syntax=DeflatedExplicitVRLittleEndian)
+    np.testing.assert_array_equal(one("d.dcm", data).frames[0], GRAY16.astype(np.float32))
+
+
+def test_rgb_dicom_yields_channel_1_per_frame():
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    volume = one("rgb.dcm", shipped("SC_rgb_rle_2frame.dcm"))
+    check_volume(volume, 2)
+    assert volume.source_frame == [(0, 0), (0, 1)]
+    for frame, expected in zip(volume.frames, ds.pixel_array[..., 1]):
+        np.testing.assert_array_equal(frame, expected.astype(np.float32))
+
+
+def test_palette_color_dicom_yields_channel_1_of_its_lut():
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    expected = apply_color_lut(ds.pixel_array, ds)[..., 1].astype(np.float32)
+    np.testing.assert_array_equal(one("p.dcm", shipped("examples_palette.dcm")).frames[0], expected)
+
+
+def test_rescale_slope_and_intercept_are_applied():
+    data = dicom(GRAY16, RescaleSlope=2, RescaleIntercept=-100)
+    np.testing.assert_array_equal(one("r.dcm", data).frames[0], GRAY16 * 2.0 - 100)
+
+
+def test_monochrome1_is_mirrored_over_its_stored_range():
+    stored = np.minimum(GRAY16, 4095)
+    data = dicom(stored, PhotometricInterpretation="MONOCHROME1", BitsStored=12, HighBit=11,
+                 RescaleSlope=2, RescaleIntercept=5)
+    # modality range is [2*0+5, 2*4095+5]; mirrored: 5 + 8195 - (2*p + 5) = 8195 - 2*p
+    np.testing.assert_array_equal(one("m1.dcm", data).frames[0], 8195 - 2.0 * stored)
+
+
+def test_multiframe_dicom_gives_frames_in_order():
+    stack = np.stack([GRAY16 + i for i in range(3)])
+    volume = one("mf.dcm", dicom(stack))
+    check_volume(volume, 3)
+    assert volume.source_frame == [(0, 0), (0, 1), (0, 2)] and len(volume.datasets) == 1
+    for i, frame in enumerate(volume.frames):
+        np.testing.assert_array_equal(frame, (GRAY16 + i).astype(np.float32))
+
+
+def test_enhanced_dicom_functional_groups_give_spacing_and_rescale():
+    measures, transform, shared = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.9, 0.8], 3.0
+    transform.RescaleSlope, transform.RescaleIntercept = 3, 1
+    shared.PixelMeasuresSequence = [measures]
+    shared.PixelValueTransformationSequence = [transform]
+    data = dicom(np.stack([GRAY16, GRAY16]), SharedFunctionalGroupsSequence=[shared])
+    volume = one("e.dcm", data)
+    assert volume.pixel_spacing_mm == (0.9, 0.8) and volume.slice_thickness_mm == 3.0
+    np.testing.assert_array_equal(volume.frames[1], GRAY16 * 3.0 + 1)
+
+
+def series_slice(value: int, **attrs) -> bytes:
+    return dicom(np.full((8, 6), value, np.uint16), **attrs)
+
+
+def test_shuffled_series_is_sorted_along_the_slice_normal():
+    axial = [1, 0, 0, 0, 1, 0]
+    files = [
+        (f"z{z}.dcm", series_slice(z, ImagePositionPatient=[0, 0, z], ImageOrientationPatient=axial,
+                                   InstanceNumber=10 - z, PixelSpacing=[0.5, 0.7]))
+        for z in (10, 0, 5)
+    ]
+    volume = decode(files)
+    check_volume(volume, 3)
+    assert [frame[0, 0] for frame in volume.frames] == [0, 5, 10]
+    assert volume.source_frame == [(1, 0), (2, 0), (0, 0)]
+    assert [ds.ImagePositionPatient[2] for ds in volume.datasets] == [0, 5, 10]
+    assert volume.pixel_spacing_mm == (0.5, 0.7)
+    assert volume.slice_thickness_mm == 5.0  # no SliceThickness: the spacing of the positions
+
+
+def test_series_sort_follows_an_oblique_normal():
+    sagittal = [0, 1, 0, 0, 0, -1]  # normal = -x: increasing projection means decreasing x
+    files = [
+        (f"x{x}.dcm",
+         series_slice(x, ImagePositionPatient=[x, 0, 0], ImageOrientationPatient=sagittal))
+        for x in (1, 3, 2)
+    ]
+    assert [frame[0, 0] for frame in decode(files).frames] == [3, 2, 1]
+
+
+def test_series_without_positions_sorts_by_instance_number_else_keeps_upload_order():
+    numbered = [(f"{n}.dcm", series_slice(n, InstanceNumber=n)) for n in (2, 3, 1)]
+    assert [frame[0, 0] for frame in decode(numbered).frames] == [1, 2, 3]
+    unnumbered = [(f"{n}.dcm", series_slice(n)) for n in (2, 3, 1)]
+    assert [frame[0, 0] for frame in decode(unnumbered).frames] == [2, 3, 1]
+
+
+def test_imager_pixel_spacing_is_the_fallback():
+    assert one("c.dcm", dicom(GRAY16, ImagerPixelSpacing=[0.2, 0.3])).pixel_spacing_mm == (0.2, 0.3)
+
+
+def test_dicom_without_preamble_is_read():
+    ds = dicom_dataset(GRAY16)
+    del ds.file_meta
+    data = dicom_bytes(ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert data[128:132] != b"DICM"
+    np.testing.assert_array_equal(one("bare", data).frames[0], GRAY16.astype(np.float32))
+
+
+def test_volume_repr_and_logs_hold_no_pixels_or_patient_data(caplog):
+    caplog.set_level(logging.DEBUG)
+    data = dicom(GRAY16, PatientName="Doe^Jane", PatientID="Doe-1234", PatientBirthDate="19700101")
+    volume = one("study.dcm", data)
+    assert "Doe" not in caplog.text and "Doe" not in repr(volume)
+    assert "PixelData" not in repr(volume) and len(repr(volume)) < 200
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        volume.kind = "png"
+    ds = dicom_dataset(GRAY16, PatientName="Doe^Jane")
+    del ds.PixelData
+    with pytest.raises(UserError) as error:
+        one("study.dcm", dicom_bytes(ds))
+    assert "Doe" not in str(error.value) and "Doe" not in caplog.text
+
+
+# --- NIfTI ------------------------------------------------------------------------------------
+
+VOXELS = np.arange(5 * 4 * 3, dtype=np.int16).reshape(5, 4, 3)  # x=5, y=4, z=3
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["nii", "nii.gz"])
+def test_nifti_3d_gives_axial_slices_along_last_axis(gz):
+    volume = one("brain.nii", nifti(VOXELS, gz=gz, zooms=(0.9, 0.8, 2.5)))
+    assert volume.kind == "nifti"
+    check_volume(volume, 3)
+    assert volume.source_frame == [(0, 0), (0, 1), (0, 2)]
+    for k, frame in enumerate(volume.frames):
+        assert frame.shape == (4, 5)
+        np.testing.assert_array_equal(frame, VOXELS[:, :, k].T[::-1, ::-1])
+    assert volume.pixel_spacing_mm == pytest.approx((0.8, 0.9))
+    assert volume.slice_thickness_mm == pytest.approx(2.5)
+
+
+def test_nifti_2d_and_single_volume_4d_are_accepted():
+    assert len(one("a.nii", nifti(VOXELS[:, :, 0])).frames) == 1
+    assert len(one("b.nii", nifti(VOXELS[..., None])).frames) == 3
+
+
+def test_nifti_scaling_and_units_are_applied():
+    data = nib.Nifti1Image(VOXELS, np.eye(4))
+    data.header.set_slope_inter(2, 1)
+    data.header.set_zooms((500, 500, 1000))
+    data.header.set_xyzt_units("micron")
+    volume = one("s.nii", data.to_bytes())
+    np.testing.assert_array_equal(volume.frames[0], VOXELS[:, :, 0].T[::-1, ::-1] * 2.0 + 1)
+    assert volume.pixel_spacing_mm == (0.5, 0.5) and volume.slice_thickness_mm == 1.0
+
+
+def test_non_finite_values_become_zero_with_a_warning(caplog):
+    data = VOXELS.astype(np.float32)
+    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    with caplog.at_level(logging.WARNING, logger="metaseg.imageio"):
+        volume = one("nan.nii", nifti(data))
+    assert all(np.isfinite(frame).all() for frame in volume.frames)
+    assert volume.frames[0][-1, -1] == 0 and "2 non-finite" in caplog.text
+
+
+# --- to_png_bytes -----------------------------------------------------------------------------
+
+
+def test_to_png_bytes_round_trips_a_mask():
+    mask = (pattern(np.uint8, 1) == 1).astype(np.uint8) * 255
+    data = to_png_bytes(mask)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), mask)
+    assert to_png_bytes(mask > 0) == data
+    with pytest.raises(ValueError):
+        to_png_bytes(np.zeros((2, 2, 2), np.uint8))
+
+
+# --- bad uploads ------------------------------------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR (with a valid CRC) claims another size."""
+    data = png(np.zeros((1, 1), np.uint8))
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    return data[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + data[33:]
+
+
+def tiff_declaring(width: int, height: int) -> bytes:
+    """An 8x8 TIFF whose first directory claims another size."""
+    data = bytearray(tiff(np.zeros((8, 8), np.uint8)))
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        tag = struct.unpack_from("<H", data, entry)[0]
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
+    return bytes(data)
+
+
+def nifti_declaring(shape) -> bytes:
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\0" * 4 + b"\0" * 64
+
+
+def with_pixel_data(name: str, pixel_data: bytes) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.PixelData = pixel_data
+    return dicom_bytes(ds)
+
+
+def with_syntax(syntax: str, encapsulated: bool) -> bytes:
+    ds = dicom_dataset(GRAY16, syntax=syntax)
+    if encapsulated:
+        ds.PixelData = encapsulate([b"\0" * 64])
+        ds["PixelData"].VR = "OB"
+        return dicom_bytes(ds)
+    return dicom_bytes(ds, implicit_vr=False, little_endian=True)
+
+
+def without_pixel_data() -> bytes:
+    ds = dicom_dataset(GRAY16)
+    del ds.PixelData
+    return dicom_bytes(ds)
+
+
+RANDOM = np.random.default_rng(7).bytes(4000)
+PNG = png(pattern(np.uint8))
+JPEG = pil_bytes(Image.fromarray(pattern(np.uint8)), "JPEG")
+TIF = tiff(GRAY16)
+DCM = dicom(GRAY16)
+NII = nifti(VOXELS)
+SMALL_INFLATE = Limits(max_inflated_bytes=2**20)
+MPEG2 = "1.2.840.10008.1.2.4.100"
+
+
+def single(case_id, make, match, limits=Limits()):
+    """A one-file upload named 'scan'; its error must name the file."""
+    return pytest.param(lambda: [("scan", make())], limits, [match, "'scan'"], id=case_id)
+
+
+def several(case_id, make, match, limits=Limits()):
+    return pytest.param(make, limits, [match], id=case_id)
+
+
+BAD_UPLOADS = [
+    several("no-files", lambda: [], "no files"),
+    single("empty", lambda: b"", "empty"),
+    single("random-bytes", lambda: RANDOM, "not a recognised image"),
+    single("text", lambda: b"patient list\nline 2\n" * 20, "not a recognised image"),
+    single("json", lambda: b'{"image": [1, 2, 3]}', "not a recognised image"),
+    single("png-truncated", lambda: PNG[: len(PNG) // 2], "truncated"),
+    single("png-signature-only", lambda: PNG[:8], "PNG"),
+    single("png-corrupt-idat", lambda: PNG[:60] + bytes(40) + PNG[100:], "PNG"),
+    single("png-zero-size", lambda: png_declaring(0, 10), "PNG"),
+    single("png-bomb-error", lambda: png_declaring(100_000, 100_000), "decompression bomb"),
+    single("png-bomb-warning", lambda: png_declaring(10_000, 10_000), "decompression bomb"),
+    single("png-over-max-pixels", lambda: png_declaring(5000, 5000), "exceeds the limit"),
+    single("jpeg-truncated", lambda: JPEG[:300], "JPEG"),
+    single("jpeg-soi-only", lambda: b"\xff\xd8\xff", "JPEG"),
+    single("tiff-header-only", lambda: b"II*\x00\x08\x00\x00\x00", "TIFF"),
+    single("tiff-truncated", lambda: TIF[: len(TIF) // 2], "TIFF"),
+    single("tiff-bomb", lambda: tiff_declaring(100_000, 100_000), "exceeds the limit"),
+    single("tiff-too-many-pages", lambda: tiff(GRAY16, GRAY16, GRAY16), "more than 2 frames",
+           Limits(max_frames=2)),
+    single("tiff-five-samples",
+           lambda: tiff(np.zeros((8, 8, 5), np.uint8), photometric="minisblack",
+                        planarconfig="contig"),
+           "pixel layout"),
+    single("dicom-preamble-only", lambda: bytes(128) + b"DICM", "no pixel data"),
+    single("dicom-truncated", lambda: DCM[: len(DCM) - 300], "less than expected"),
+    single("dicom-shipped-truncated", lambda: shipped("MR_truncated.dcm"), "less than expected"),
+    single("dicom-bare-garbage", lambda: b"\x08\x00" + RANDOM, "DICOM"),
+    single("dicom-no-pixel-data", without_pixel_data, "no pixel data"),
+    single("dicom-bogus-syntax", lambda: with_syntax("1.2.3.4", False), "1.2.3.4"),
+    single("dicom-mpeg2-syntax", lambda: with_syntax(MPEG2, True), "MPEG2 Main Profile"),
+    single("dicom-12bit-jpeg", lambda: shipped("JPEG-lossy.dcm"), "JPEG Extended"),
+    single("dicom-corrupt-rle",
+           lambda: with_pixel_data("MR_small_RLE.dcm", encapsulate([RANDOM])), "RLE"),
+    single("dicom-corrupt-jpeg-ls",
+           lambda: with_pixel_data("MR_small_jpeg_ls_lossless.dcm",
+                                   encapsulate([b"\xff\xd8" + RANDOM])), "JPEG-LS"),
+    single("dicom-corrupt-j2k",
+           lambda: with_pixel_data("MR_small_jp2klossless.dcm", encapsulate([RANDOM])),
+           "JPEG 2000"),
+    single("dicom-bomb-dimensions", lambda: dicom(GRAY16, Rows=60000, Columns=60000), "exceeds"),
+    single("dicom-too-many-frames", lambda: dicom(GRAY16, NumberOfFrames=100_000), "frames"),
+    single("dicom-zero-rows", lambda: dicom(GRAY16, Rows=0), "no pixels"),
+    single("dicom-deflate-bomb",
+           lambda: dicom(np.zeros((1024, 1024), np.uint16), syntax=DeflatedExplicitVRLittleEndian),
+           "more than 1048576 bytes", SMALL_INFLATE),
+    single("gzip-bomb", lambda: gzip.compress(NII + bytes(8 * 2**20)), "more than", SMALL_INFLATE),
+    single("gzip-not-nifti", lambda: gzip.compress(b"hello" * 100), "NIfTI"),
+    single("gzip-corrupt", lambda: b"\x1f\x8b" + RANDOM, "gzip"),
+    single("gzip-truncated", lambda: gzip.compress(NII)[:-40], "truncated"),
+    single("nifti-truncated", lambda: NII[:400], "truncated"),
+    single("nifti-huge-dimensions", lambda: nifti_declaring((30000, 30000, 30000)), "exceeds"),
+    single("nifti-gz-huge-dimensions", lambda: gzip.compress(nifti_declaring((9000, 9000, 500))),
+           "exceeds"),
+    single("nifti-4d", lambda: nifti(np.zeros((4, 4, 2, 3), np.int16)), "3 volumes"),
+    single("nifti-complex", lambda: nifti(np.zeros((4, 4, 2), np.complex64)), "data type"),
+    single("file-too-large", lambda: TIF, "more than 100", Limits(max_bytes=100)),
+    several("nifti-two-files", lambda: [("a.nii", NII), ("b.nii", NII)], "one NIfTI"),
+    several("too-many-files", lambda: [(f"{i}.png", PNG) for i in range(3)], "too many files",
+            Limits(max_files=2)),
+    several("too-many-pixels-in-all", lambda: [("a.png", PNG), ("b.png", PNG)], "'b.png'",
+            Limits(max_total_pixels=1000)),
+    several("mixed-kinds", lambda: [("a.png", PNG), ("b.dcm", DCM)], "'b.dcm': is dicom"),
+    several("dicom-series-sizes-differ", lambda: [("a.dcm", DCM), ("b.dcm", dicom(GRAY16[:8]))],
+            "'b.dcm': slice of 8x32"),
+    several("dicom-series-uids-differ",
+            lambda: [("a.dcm", DCM), ("b.dcm", dicom(GRAY16, SeriesInstanceUID="1.2.3"))],
+            "another series"),
+    several("picture-sizes-differ",
+            lambda: [("a.png", PNG), ("b.png", png(np.zeros((5, 5), np.uint8)))], "'b.png'"),
+]
+
+
+@pytest.mark.parametrize(("make_files", "limits", "expected"), BAD_UPLOADS)
+def test_bad_upload_raises_a_one_line_user_error(make_files, limits, expected):
+    with pytest.raises(UserError) as error:
+        decode(make_files(), limits)
+    message = str(error.value)
+    assert message and "\n" not in message
+    for part in expected:
+        assert part in message
