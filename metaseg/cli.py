@@ -57,6 +57,29 @@ def cmd_datalist(args) -> None:
     print(f"datalist written to {args.out}")
 
 
+def _overrides(args) -> dict:
+    return {k: v for k, v in {"epochs": args.epochs, "spatial_size": args.spatial_size}.items() if v is not None}
+
+
+def cmd_train(args) -> None:
+    from metaseg.bundles import bundle_dir
+    from metaseg.pipeline import train
+
+    run = args.out or Path("runs") / Path(args.bundle).name
+    model = train(bundle_dir(args.bundle), args.data, run, seed=args.seed, **_overrides(args))
+    print(f"best model: {model}")
+
+
+def cmd_evaluate(args) -> None:
+    from metaseg.bundles import bundle_dir
+    from metaseg.pipeline import evaluate
+
+    if not (args.run / "datalist.json").is_file():
+        raise UserError(f"no datalist.json in {args.run}: train into it first (metaseg train --out {args.run})")
+    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, **_overrides(args))
+    print(f"test metrics: {metrics}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -75,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=_fraction, default=0.2, help="share of patients for test (0.2)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of patients for validation (0.1)")
     p.set_defaults(func=cmd_datalist)
+
+    for name, func, text in (
+        ("train", cmd_train, "split the data by patient and train a bundle (python -m monai.bundle run training)"),
+        ("evaluate", cmd_evaluate, "score a trained run on its test patients (python -m monai.bundle run evaluating)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")
+        p.add_argument("--data", type=Path, required=True, help="a Data folder or Data.zip")
+        p.add_argument("--epochs", type=_positive_int, help="override the bundle's epochs")
+        p.add_argument("--spatial-size", type=_positive_int, help="override the bundle's input size (a multiple of 16)")
+        p.set_defaults(func=func)
+    sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
+    sub.choices["train"].add_argument("--seed", type=int, default=0)
+    sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
     return parser
 
 

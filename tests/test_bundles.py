@@ -1,0 +1,336 @@
+"""Both MONAI Bundles, run the way a MONAI user runs them: `python -m monai.bundle ...` on a copy of the bundle
+outside the repo, with `metaseg` blocked from import, on a small phantom set."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pydicom
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigParser
+from monai.handlers import CheckpointLoader
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from conftest import REPO
+
+BUNDLES = REPO / "bundles"
+NAMES = ("unetpp", "attention_unet")
+SIZE = "32"  # the network input for tests: small, a multiple of 16
+
+
+@dataclass
+class Trained:
+    name: str
+    bundle: Path  # the copy outside the repo
+    out: Path  # its ckpt_dir
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory) -> Path:
+    from metaseg.synth import synthesize
+
+    root = tmp_path_factory.mktemp("phantom") / "Data"
+    synthesize(root, patients=6, slices=6, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def blocker(tmp_path_factory) -> Path:
+    """A PYTHONPATH entry whose `metaseg` fails to import: the bundles must not need it."""
+    root = tmp_path_factory.mktemp("block")
+    (root / "metaseg").mkdir()
+    (root / "metaseg" / "__init__.py").write_text("raise ImportError('metaseg is blocked in bundle tests')\n")
+    return root
+
+
+def monai_bundle(*args, cwd: Path, blocker: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+def config_files(bundle: Path, *names: str) -> str:
+    return repr([str(bundle / "configs" / n) for n in names])
+
+
+def copy_bundle(name: str, dest: Path) -> Path:
+    return Path(shutil.copytree(BUNDLES / name, dest / name, ignore=shutil.ignore_patterns("*.pt", "eval", "__pycache__")))
+
+
+def train_args(bundle: Path, data: Path, out: Path, epochs: int) -> list:
+    return [
+        "run", "training", "--meta_file", bundle / "configs/metadata.json", "--config_file", bundle / "configs/train.json",
+        "--bundle_root", bundle, "--dataset_dir", data, "--epochs", epochs, "--ckpt_dir", out,
+        "--output_dir", out / "eval", "--spatial_size", SIZE,
+    ]
+
+
+@pytest.fixture(scope="session", params=NAMES)
+def trained(request, phantom, blocker, tmp_path_factory) -> Trained:
+    """One epoch of the documented training command, run from a folder outside the bundle."""
+    work = tmp_path_factory.mktemp(request.param)
+    bundle = copy_bundle(request.param, work)
+    ok(monai_bundle(*train_args(bundle, phantom, work / "out", 1), cwd=work, blocker=blocker))
+    return Trained(request.param, bundle, work / "out")
+
+
+def saved_epoch(checkpoint: Path) -> int:
+    trainer = torch.load(checkpoint, weights_only=True)["trainer"]  # ignite keeps iterations, not epochs
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+def network_def(bundle: Path) -> torch.nn.Module:
+    """The bundle's own network_def, with the bundle root importable as MONAI's workflow would make it."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]  # every bundle's package is called `scripts`
+    sys.path.insert(0, str(bundle))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "train.json"))
+        return parser.get_parsed_content("network_def")
+    finally:
+        sys.path.remove(str(bundle))
+
+
+def test_metaseg_really_is_blocked(blocker, tmp_path):
+    result = subprocess.run([sys.executable, "-c", "import metaseg"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(blocker)))
+    assert result.returncode != 0
+
+
+def test_training_keeps_best_single_output_state_dict_and_resume_state(trained):
+    state = torch.load(trained.out / "model.pt", weights_only=True)
+    net = network_def(trained.bundle)
+    net.load_state_dict(state, strict=True)  # a plain state dict of the served network
+    resume = torch.load(trained.out / "checkpoint.pt", weights_only=True)
+    assert set(resume) == {"network", "optimizer", "lr_scheduler", "trainer", "best"}
+    assert saved_epoch(trained.out / "checkpoint.pt") == 1 and resume["best"]["_saved"][0][1] == "model.pt"
+    assert not list(trained.out.glob("*.tmp")) and not list(trained.out.glob("tmp*"))
+
+
+def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, phantom, blocker):
+    out = trained.out / "test"
+    ok(monai_bundle(
+        "run", "evaluating", "--meta_file", trained.bundle / "configs/metadata.json",
+        "--config_file", config_files(trained.bundle, "train.json", "evaluate.json"), "--bundle_root", trained.bundle,
+        "--dataset_dir", phantom, "--ckpt_dir", trained.out, "--output_dir", out, "--spatial_size", SIZE,
+        cwd=trained.out, blocker=blocker,
+    ))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"val_mean_dice", "val_lesion_dice"} and 0 <= metrics["val_mean_dice"] <= 1
+    masks = sorted((out / "masks").rglob("*_seg.png"))
+    assert len(masks) == 6  # one test patient x 6 slices: 6 patients -> 4 train / 1 val / 1 test
+    for mask in masks:
+        array = np.asarray(PIL.Image.open(mask))
+        assert array.shape == (256, 256) and set(np.unique(array)) <= {0, 255}
+    assert (out / "val_mean_dice_raw.csv").read_text().count("\n") == 7  # header + one row per slice
+
+
+def blob_image(shape, top_left, size=(8, 6)) -> np.ndarray:
+    image = np.full(shape, 20, np.uint16)
+    image[top_left[0]:top_left[0] + size[0], top_left[1]:top_left[1] + size[1]] = 200
+    return image
+
+
+def write_dicom(path: Path, pixels: np.ndarray) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def geometry_inputs(tmp_path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Non-square inputs with a bright blob off-centre, as PNG, 3-channel TIFF (blob in FLAIR) and DICOM."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    png = blob_image((80, 60), (10, 40))
+    PIL.Image.fromarray(png.astype(np.uint8)).save(folder / "gray.png")
+    tif = np.zeros((70, 90, 3), np.uint8) + 20
+    tif[..., 1] = blob_image((70, 90), (50, 5)).astype(np.uint8)
+    tifffile.imwrite(folder / "slice.tif", tif, photometric="rgb")
+    dcm = blob_image((64, 96), (5, 70)) * 10
+    write_dicom(folder / "mr.dcm", dcm)
+    return {"gray": (folder / "gray.png", png), "slice": (folder / "slice.tif", tif[..., 1]), "mr": (folder / "mr.dcm", dcm)}
+
+
+def run_inference(bundle: Path, inputs: Path, ckpt: Path, out: Path, blocker: Path, extra: tuple = ()) -> None:
+    ok(monai_bundle(
+        "run", "--meta_file", bundle / "configs/metadata.json",
+        "--config_file", config_files(bundle, "train.json", "inference.json", *extra), "--bundle_root", bundle,
+        "--input_dir", inputs, "--ckpt_dir", ckpt, "--output_dir", out, "--spatial_size", SIZE,
+        cwd=out.parent, blocker=blocker,
+    ))
+
+
+def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_inputs, blocker, tmp_path):
+    """Geometry of the whole inference path (readers, resize, inverse, writer) for PNG, TIFF and DICOM.
+
+    The trained 1-epoch network proves the bundle's own net runs; a fixed 1x1-conv threshold network (lesion where
+    the normalised intensity > 1) proves each bright blob comes back where it was, in each input's orientation.
+    """
+    inputs = geometry_inputs["gray"][0].parent
+    run_inference(trained.bundle, inputs, trained.out, tmp_path / "trained", blocker)
+    for stem, (_, image) in geometry_inputs.items():
+        assert np.asarray(PIL.Image.open(tmp_path / "trained" / f"{stem}_seg.png")).shape == image.shape
+
+    threshold = tmp_path / "threshold"
+    threshold.mkdir()
+    torch.save({"weight": torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1), "bias": torch.tensor([0.0, -1.0])}, threshold / "model.pt")
+    (threshold / "net.json").write_text(json.dumps(
+        {"network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}}
+    ))
+    shutil.copy(threshold / "net.json", trained.bundle / "configs" / "threshold_net.json")
+    try:
+        run_inference(trained.bundle, inputs, threshold, tmp_path / "fixed", blocker, extra=("threshold_net.json",))
+    finally:
+        (trained.bundle / "configs" / "threshold_net.json").unlink()
+    for stem, (_, image) in geometry_inputs.items():
+        mask = np.asarray(PIL.Image.open(tmp_path / "fixed" / f"{stem}_seg.png"))
+        expected = image > (int(image.min()) + int(image.max())) / 2
+        assert mask.shape == image.shape and set(np.unique(mask)) == {0, 255}
+        rows, cols = np.nonzero(mask)
+        exp_rows, exp_cols = np.nonzero(expected)
+        assert abs(rows.mean() - exp_rows.mean()) < 1.5 and abs(cols.mean() - exp_cols.mean()) < 1.5, stem
+        overlap = np.logical_and(mask > 0, expected).sum() / expected.sum()
+        assert overlap > 0.7, (stem, overlap)
+
+
+def test_unetpp_trains_on_every_head_and_serves_the_last():
+    net = network_def(BUNDLES / "unetpp")
+    x = torch.randn(2, 1, 32, 32)
+    net.train()
+    heads = net(x)
+    assert isinstance(heads, list) and len(heads) == 4
+    net.eval()
+    with torch.no_grad():
+        served, heads = net(x), super(type(net), net).forward(x)  # MONAI's own list, shallowest head first
+    assert torch.equal(served, heads[-1]) and not torch.allclose(served, heads[0])
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "unetpp" / "configs" / "train.json"))
+    loss = parser.get_parsed_content("loss")
+    assert list(loss.weights) == [0.125, 0.25, 0.5, 1.0]  # the full-depth head weighs most
+
+
+def test_killed_training_resumes_from_its_last_epoch(phantom, blocker, tmp_path):
+    bundle = copy_bundle("attention_unet", tmp_path)
+    out, epochs = tmp_path / "out", 6
+    cmd = [sys.executable, "-m", "monai.bundle", *map(str, train_args(bundle, phantom, out, epochs))]
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    child = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    saved = saved_epoch(out / "checkpoint.pt")
+    assert 1 <= saved < epochs, "the run was not killed mid-training"
+    torch.load(out / "model.pt", weights_only=True)  # complete, never half-written
+    log = ok(subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600))
+    ran = sorted({int(line.split("Epoch: ")[1].split("/")[0]) for line in log.splitlines() if "Epoch: " in line})
+    assert ran == list(range(saved + 1, epochs + 1))
+    assert saved_epoch(out / "checkpoint.pt") == epochs
+
+
+def test_multi_gpu_config_runs_two_processes_with_gloo(phantom, blocker, tmp_path):
+    bundle = copy_bundle("unetpp", tmp_path)
+    out = tmp_path / "out"
+    args = train_args(bundle, phantom, out, 1)
+    args[args.index("--config_file") + 1] = config_files(bundle, "train.json", "multi_gpu_train.json")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle"]
+    env = dict(os.environ, PYTHONPATH=str(blocker), OMP_NUM_THREADS="1")
+    result = subprocess.run([*torchrun, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = ok(result)
+    assert log.count("Epoch[1] Metrics") == 1  # validation metrics are gathered and logged by rank 0 only
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DistributedDataParallel
+    network_def(bundle).load_state_dict(state, strict=True)
+
+
+def test_torchscript_and_onnx_exports_match_the_eager_network(trained, blocker):
+    import onnxruntime
+
+    meta, train = trained.bundle / "configs/metadata.json", trained.bundle / "configs/train.json"
+    common = ["--net_id", "network_def", "--ckpt_file", trained.out / "model.pt", "--meta_file", meta, "--config_file", train]
+    shape = "[1, 1, 64, 64]"
+    trace = ["--use_trace", "True", "--input_shape", shape] if trained.name == "unetpp" else []
+    ok(monai_bundle("ckpt_export", "--filepath", trained.out / "model.ts", *common, *trace, cwd=trained.bundle, blocker=blocker))
+    ok(monai_bundle("onnx_export", "--filepath", trained.out / "model.onnx", *common, "--input_shape", shape, cwd=trained.bundle, blocker=blocker))
+    net = network_def(trained.bundle)
+    net.load_state_dict(torch.load(trained.out / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = net(x).numpy()
+        scripted = torch.jit.load(str(trained.out / "model.ts"))(x).numpy()
+    session = onnxruntime.InferenceSession(str(trained.out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert eager.shape == (1, 2, 64, 64)
+    assert np.abs(scripted - eager).max() <= 1e-4
+    assert np.abs(onnx_out - eager).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_verifies_offline_and_network_matches_it(name, blocker, tmp_path):
+    bundle = copy_bundle(name, tmp_path)
+    meta = bundle / "configs/metadata.json"
+    log = ok(monai_bundle("verify_metadata", "--meta_file", meta, "--filepath", BUNDLES / "meta_schema.json", cwd=bundle, blocker=blocker))
+    assert "skipped downloading" in log and "verified with no error" in log
+    log = ok(monai_bundle(
+        "verify_net_in_out", "--net_id", "network_def", "--meta_file", meta,
+        "--config_file", config_files(bundle, "train.json", "inference.json"), "--n", 4, cwd=bundle, blocker=blocker,
+    ))
+    assert "verified with no error" in log
+
+
+def test_the_bundles_differ_only_in_network_and_loss():
+    def load(name, file):
+        return json.loads((BUNDLES / name / "configs" / file).read_text())
+
+    for file in ("evaluate.json", "inference.json", "multi_gpu_train.json"):
+        assert load("unetpp", file) == load("attention_unet", file), file
+    a, b = load("unetpp", "train.json"), load("attention_unet", "train.json")
+    assert {k for k in a if a[k] != b.get(k)} == {"network_def", "loss"}
+    assert (BUNDLES / "unetpp/configs/logging.conf").read_text() == (BUNDLES / "attention_unet/configs/logging.conf").read_text()
+    for name in NAMES:
+        metadata = load(name, "metadata.json")
+        assert metadata["version"] in metadata["changelog"]
+
+
+def test_every_torch_load_is_weights_only():
+    assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)  # what the configs use
+    offenders = []
+    for path in [*REPO.glob("metaseg/**/*.py"), *REPO.glob("bundles/**/*.py"), *REPO.glob("serve/**/*.py"), *REPO.glob("tests/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "load") and "torch" in ast.unparse(node.func):
+                if not any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders
