@@ -14,6 +14,7 @@ from metaseg.errors import UserError
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ("unetpp", "attention_unet")
+BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
 
 # stage -> (run id inside the configs, config files merged left to right)
 STAGES = {
@@ -55,3 +56,18 @@ def run_stage(bundle: Path, stage: str, log_file: Path, **overrides) -> None:
                 log.write(line)
     if child.returncode != 0:
         raise UserError(f"{stage} of bundle {bundle.name} failed (exit {child.returncode}); full log: {log_file}")
+
+
+def best_model(record: Path = BEST_FILE) -> tuple[Path, Path]:
+    """The (bundle folder, weights file) a best-model record names; relative paths are relative to the record."""
+    import json
+
+    if not record.is_file():
+        raise UserError(f"no best-model record at {record}: run `metaseg compare` or pass --bundle")
+    try:
+        best = json.loads(record.read_text())
+        bundle, weights = Path(best["bundle"]), Path(best["weights"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"unreadable best-model record {record}: {err}") from None
+    bundle = bundle_dir(bundle if bundle.is_absolute() or str(bundle) in NAMES else record.parent / bundle)
+    return bundle, weights if weights.is_absolute() else (record.parent / weights).resolve()

@@ -76,8 +76,8 @@ def cmd_evaluate(args) -> None:
 
     if not (args.run / "datalist.json").is_file():
         raise UserError(f"no datalist.json in {args.run}: train into it first (metaseg train --out {args.run})")
-    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, **_overrides(args))
-    print(f"test metrics: {metrics}")
+    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, split=args.split, **_overrides(args))
+    print(f"{args.split} metrics: {metrics}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (
         ("train", cmd_train, "split the data by patient and train a bundle (python -m monai.bundle run training)"),
-        ("evaluate", cmd_evaluate, "score a trained run on its test patients (python -m monai.bundle run evaluating)"),
+        ("evaluate", cmd_evaluate, "predict and score a run's test or validation patients (monai.bundle run evaluating)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
     sub.choices["train"].add_argument("--seed", type=int, default=0)
     sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
+    sub.choices["evaluate"].add_argument("--split", choices=("validation", "test"), default="test")
     return parser
 
 

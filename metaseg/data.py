@@ -55,7 +55,7 @@ def discover(source: str | Path) -> Discovery:
     source = Path(source)
     if not source.exists():
         raise UserError(f"data not found: {source}")
-    with _open_source(source) as files:
+    with open_source(source) as files:
         names = sorted(files.names())
         images, masks = {}, {}
         for name in names:
@@ -168,7 +168,8 @@ class _Zip:
         return False
 
 
-def _open_source(source: Path):
+def open_source(source: Path):
+    """A folder or a zip, read the same way: `.names()` lists files (POSIX, relative), `.read(name)` gives bytes."""
     if source.is_dir():
         return _Folder(source)
     if zipfile.is_zipfile(source):

@@ -3,7 +3,8 @@
     <run>/datalist.json      the patient split the run used (written by `train`, read by `evaluate`)
     <run>/models/model.pt    the best network by validation Dice; <run>/models/checkpoint.pt to resume
     <run>/train.log          the bundle's training log (+ TensorBoard events in <run>/eval)
-    <run>/test/metrics.json  test-split metrics, per-slice CSVs and the predicted masks in <run>/test/masks
+    <run>/<split>/metrics.json  slice metrics of a split (validation or test), per-slice CSVs, and the predicted
+                             masks in <run>/<split>/masks/<patient>/<stem>_seg.png
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, **overrides) -> Pa
     return run / "models" / "model.pt"
 
 
-def evaluate(bundle: Path, data: Path, run: Path, **overrides) -> Path:
-    """Score the run's best model on its test patients; returns the metrics file."""
+def evaluate(bundle: Path, data: Path, run: Path, split: str = "test", **overrides) -> Path:
+    """Predict and score one split of the run's patients with its best model; returns the metrics file."""
     run_stage(
         bundle,
         "evaluating",
-        run / "test.log",
+        run / f"{split}.log",
         dataset_dir=data.resolve(),
         datalist=(run / "datalist.json").resolve(),
         ckpt_dir=(run / "models").resolve(),
-        output_dir=(run / "test").resolve(),
+        output_dir=(run / split).resolve(),
+        **{"validate#data": f"$@split_data('{split}')"},
         **overrides,
     )
-    return run / "test" / "metrics.json"
+    return run / split / "metrics.json"
