@@ -14,7 +14,6 @@ Writes benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

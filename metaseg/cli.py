@@ -80,6 +80,30 @@ def cmd_evaluate(args) -> None:
     print(f"{args.split} metrics: {metrics}")
 
 
+def _probability(text: str) -> float:
+    value = _fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be in (0, 1)")
+    return value
+
+
+def cmd_predict(args) -> None:
+    from metaseg.bundles import best_model, bundle_dir
+    from metaseg.engine import Engine
+    from metaseg.predict import predict
+
+    if args.bundle:
+        bundle, weights = bundle_dir(args.bundle), args.weights
+    else:
+        bundle, weights = best_model(args.best) if args.best else best_model()
+    engine = Engine(bundle, weights=weights)
+    print(f"model: {engine.name} ({engine.weights})", flush=True)
+    report = predict(args.input, args.out, engine, threshold=args.threshold)
+    print(f"wrote {len(report.written)} masks to {args.out}; skipped {len(report.skipped)} files")
+    for name, why in report.skipped.items():
+        print(f"  skipped {name}: {why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -113,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--seed", type=int, default=0)
     sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
     sub.choices["evaluate"].add_argument("--split", choices=("validation", "test"), default="test")
+
+    p = sub.add_parser("predict", help="segment a Data folder/zip or a folder of PNG/TIFF/DICOM images into 0/255 PNG masks")
+    p.add_argument("input", type=Path, help="a Data folder or Data.zip, or a folder of images")
+    p.add_argument("--out", type=Path, required=True, help="folder for the <stem>_seg.png masks")
+    p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")
+    p.add_argument("--weights", type=Path, help="model.pt to use with --bundle (default: the bundle's models/model.pt)")
+    p.add_argument("--best", type=Path, help="a best-model record written by `metaseg compare` (default: bundles/best.json)")
+    p.add_argument("--threshold", type=_probability, default=0.5, help="lesion probability threshold (0.5)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import tifffile
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 LGG = REPO.parent / "shared" / "data" / "lgg" / "Data"
@@ -40,3 +43,38 @@ def lgg() -> Path:
     if not LGG.is_dir():
         pytest.skip(f"real development set not found at {LGG}")
     return LGG
+
+
+def blob_image(shape, top_left, size=(8, 6)) -> np.ndarray:
+    image = np.full(shape, 20, np.uint16)
+    image[top_left[0]:top_left[0] + size[0], top_left[1]:top_left[1] + size[1]] = 200
+    return image
+
+
+def write_dicom(path: Path, pixels: np.ndarray) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def geometry_inputs(tmp_path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Non-square inputs with a bright blob off-centre, as PNG, 3-channel TIFF (blob in FLAIR) and DICOM."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    png = blob_image((80, 60), (10, 40))
+    PIL.Image.fromarray(png.astype(np.uint8)).save(folder / "gray.png")
+    tif = np.zeros((70, 90, 3), np.uint8) + 20
+    tif[..., 1] = blob_image((70, 90), (50, 5)).astype(np.uint8)
+    tifffile.imwrite(folder / "slice.tif", tif, photometric="rgb")
+    dcm = blob_image((64, 96), (5, 70)) * 10
+    write_dicom(folder / "mr.dcm", dcm)
+    return {"gray": (folder / "gray.png", png), "slice": (folder / "slice.tif", tif[..., 1]), "mr": (folder / "mr.dcm", dcm)}

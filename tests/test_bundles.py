@@ -17,14 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pydicom
 import pytest
-import tifffile
 import torch
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from conftest import REPO
 
@@ -145,41 +141,6 @@ def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, p
         array = np.asarray(PIL.Image.open(mask))
         assert array.shape == (256, 256) and set(np.unique(array)) <= {0, 255}
     assert (out / "val_mean_dice_raw.csv").read_text().count("\n") == 7  # header + one row per slice
-
-
-def blob_image(shape, top_left, size=(8, 6)) -> np.ndarray:
-    image = np.full(shape, 20, np.uint16)
-    image[top_left[0]:top_left[0] + size[0], top_left[1]:top_left[1] + size[1]] = 200
-    return image
-
-
-def write_dicom(path: Path, pixels: np.ndarray) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-@pytest.fixture
-def geometry_inputs(tmp_path) -> dict[str, tuple[Path, np.ndarray]]:
-    """Non-square inputs with a bright blob off-centre, as PNG, 3-channel TIFF (blob in FLAIR) and DICOM."""
-    folder = tmp_path / "inputs"
-    folder.mkdir()
-    png = blob_image((80, 60), (10, 40))
-    PIL.Image.fromarray(png.astype(np.uint8)).save(folder / "gray.png")
-    tif = np.zeros((70, 90, 3), np.uint8) + 20
-    tif[..., 1] = blob_image((70, 90), (50, 5)).astype(np.uint8)
-    tifffile.imwrite(folder / "slice.tif", tif, photometric="rgb")
-    dcm = blob_image((64, 96), (5, 70)) * 10
-    write_dicom(folder / "mr.dcm", dcm)
-    return {"gray": (folder / "gray.png", png), "slice": (folder / "slice.tif", tif[..., 1]), "mr": (folder / "mr.dcm", dcm)}
 
 
 def run_inference(bundle: Path, inputs: Path, ckpt: Path, out: Path, blocker: Path, extra: tuple = ()) -> None:

@@ -1,0 +1,77 @@
+"""The in-memory engine gives what the bundle's own `inference.json` gives, for both bundles in one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import REPO
+from metaseg.engine import Engine, bundle_imports
+from metaseg.errors import UserError
+from metaseg.imageio import decode
+from test_bundles import NAMES
+
+SIZE = {"spatial_size": 32}
+
+
+def random_weights(name: str, folder: Path, seed: int = 0) -> Path:
+    """A model.pt of the bundle's own network_def with seeded random weights (no training needed)."""
+    bundle = REPO / "bundles" / name
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    torch.manual_seed(seed)
+    with bundle_imports(bundle):
+        net = parser.get_parsed_content("network_def")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    return folder / "model.pt"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_path):
+    weights = random_weights(name, tmp_path / "ckpt")
+    inputs = next(iter(geometry_inputs.values()))[0].parent
+    bundle = REPO / "bundles" / name
+    configs = repr([str(bundle / "configs" / f) for f in ("train.json", "inference.json")])
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs/metadata.json"),
+         "--config_file", configs, "--bundle_root", str(bundle), "--input_dir", str(inputs),
+         "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--spatial_size", "32"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = Engine(bundle, weights=weights, overrides=SIZE)
+    for stem, (path, _) in geometry_inputs.items():
+        frames = decode([(path.name, path.read_bytes())]).frames
+        ours = engine.probabilities(frames)[0] > 0.5
+        theirs = np.asarray(PIL.Image.open(tmp_path / "out" / f"{stem}_seg.png")) > 0
+        assert ours.shape == theirs.shape
+        assert (ours == theirs).mean() > 0.99, stem  # same pipeline; only float ties at p = 0.5 may differ
+
+
+def test_two_bundles_in_one_process_keep_their_own_networks(tmp_path):
+    frame = np.random.default_rng(0).integers(0, 255, (48, 40)).astype(np.float32)
+    alone = {}
+    for name in NAMES:
+        alone[name] = Engine(REPO / "bundles" / name, random_weights(name, tmp_path / name), overrides=SIZE)
+    for name in reversed(NAMES):  # the other order: a stale `scripts` module must not leak between bundles
+        again = Engine(REPO / "bundles" / name, tmp_path / name / "model.pt", overrides=SIZE)
+        assert type(again.network).__name__ == type(alone[name].network).__name__
+        np.testing.assert_allclose(again.probabilities([frame])[0], alone[name].probabilities([frame])[0], atol=1e-6)
+    assert type(alone["unetpp"].network).__name__ == "UNetPlusPlus"
+    assert alone["unetpp"].probabilities([frame])[0].shape == (48, 40)
+
+
+def test_engine_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no trained weights"):
+        Engine(REPO / "bundles" / "attention_unet", weights=tmp_path / "missing.pt")
+    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    with pytest.raises(UserError, match="2D slice"):
+        engine.probabilities([np.zeros((4, 4, 4), np.float32)])

@@ -1,0 +1,83 @@
+"""`metaseg predict`: one 0/255 mask per slice, mirroring the input, bad files skipped and reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pydicom
+import pytest
+import torch
+
+from conftest import REPO, write_dicom, write_pair
+from metaseg.engine import Engine
+from metaseg.errors import UserError
+from metaseg.predict import predict
+
+THRESHOLD_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    """The attention_unet bundle's pipeline around a 1x1-conv 'lesion where normalised intensity > 0.5' net."""
+    weights = tmp_path_factory.mktemp("net") / "model.pt"
+    torch.save({"weight": torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1), "bias": torch.tensor([0.0, -1.0])}, weights)
+    return Engine(REPO / "bundles" / "attention_unet", weights, overrides={"spatial_size": 32, "network_def": THRESHOLD_NET})
+
+
+def test_data_layout_zip_gives_one_mask_per_slice_in_patient_folders(engine, tiny_data, tmp_path):
+    archive = tmp_path / "Data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(tiny_data.rglob("*.tif")):
+            zf.write(path, f"Data/{path.relative_to(tiny_data).as_posix()}")
+    report = predict(archive, tmp_path / "out", engine)
+    masks = sorted((tmp_path / "out").rglob("*_seg.png"))
+    assert len(masks) == len(report.written) == 30 and not report.skipped
+    assert (tmp_path / "out" / "P03" / "P03_10_seg.png").is_file()
+    assert np.asarray(PIL.Image.open(masks[0])).shape == (32, 32)
+
+
+def test_loose_images_multiframe_and_bad_files(engine, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    image = np.full((50, 70), 10, np.uint8)
+    image[5:15, 50:60] = 250  # a bright blob near the top right
+    PIL.Image.fromarray(image).save(folder / "sub" / "scan.png")
+    write_dicom(folder / "mr.dcm", image.astype(np.uint16))
+    frames = pydicom.dcmread(folder / "mr.dcm")
+    frames.NumberOfFrames, frames.PixelData = 2, image.astype(np.uint16).tobytes() * 2
+    frames.save_as(folder / "multi.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    report = predict(folder, tmp_path / "out", engine)
+    assert sorted(report.skipped) == ["broken.png", "notes.txt"]
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in report.written)
+    assert written == ["mr_seg.png", "multi_0_seg.png", "multi_1_seg.png", "sub/scan_seg.png"]
+    for path in report.written:  # each mask at its input's size, blob where it was
+        mask = np.asarray(PIL.Image.open(path))
+        assert mask.shape == (50, 70) and mask[10, 55] == 255 and mask[40, 10] == 0
+
+
+def test_nothing_to_segment_is_a_user_error(engine, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        predict(tmp_path / "empty", tmp_path / "out", engine)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="could be segmented"):
+        predict(tmp_path / "junk", tmp_path / "out", engine)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    write_pair(tmp_path / "Data", "P1", 1)
+    for args, fragment in (
+        (["predict", tmp_path / "missing", "--out", tmp_path / "o", "--bundle", "attention_unet", "--weights", tmp_path / "w.pt"], "no trained weights"),
+        (["predict", tmp_path / "Data", "--out", tmp_path / "o", "--best", tmp_path / "none.json"], "no best-model record"),
+        (["predict", tmp_path / "Data", "--out", tmp_path / "o", "--threshold", "2"], "must be in"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "metaseg.cli", *map(str, args)], capture_output=True, text=True)
+        assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
