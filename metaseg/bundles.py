@@ -6,8 +6,10 @@ package and its config never meet another bundle's in one interpreter, and a sta
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metaseg.errors import UserError
@@ -58,16 +60,23 @@ def run_stage(bundle: Path, stage: str, log_file: Path, **overrides) -> None:
         raise UserError(f"{stage} of bundle {bundle.name} failed (exit {child.returncode}); full log: {log_file}")
 
 
-def best_model(record: Path = BEST_FILE) -> tuple[Path, Path]:
-    """The (bundle folder, weights file) a best-model record names; relative paths are relative to the record."""
-    import json
+@dataclass(frozen=True)
+class Model:
+    """A trained model: its bundle, its weights, and the config overrides it was trained with (e.g. spatial_size)."""
 
+    bundle: Path
+    weights: Path
+    overrides: dict = field(default_factory=dict)
+
+
+def best_model(record: Path = BEST_FILE) -> Model:
+    """The model a best-model record names; relative paths in it are relative to the record's folder."""
     if not record.is_file():
         raise UserError(f"no best-model record at {record}: run `metaseg compare` or pass --bundle")
     try:
         best = json.loads(record.read_text())
-        bundle, weights = Path(best["bundle"]), Path(best["weights"])
+        bundle, weights, overrides = Path(best["bundle"]), Path(best["weights"]), dict(best.get("overrides", {}))
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"unreadable best-model record {record}: {err}") from None
     bundle = bundle_dir(bundle if bundle.is_absolute() or str(bundle) in NAMES else record.parent / bundle)
-    return bundle, weights if weights.is_absolute() else (record.parent / weights).resolve()
+    return Model(bundle, weights if weights.is_absolute() else (record.parent / weights).resolve(), overrides)

@@ -76,7 +76,7 @@ def cmd_evaluate(args) -> None:
 
     if not (args.run / "datalist.json").is_file():
         raise UserError(f"no datalist.json in {args.run}: train into it first (metaseg train --out {args.run})")
-    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, split=args.split, **_overrides(args))
+    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, split=args.split)
     print(f"{args.split} metrics: {metrics}")
 
 
@@ -88,20 +88,32 @@ def _probability(text: str) -> float:
 
 
 def cmd_predict(args) -> None:
-    from metaseg.bundles import best_model, bundle_dir
+    from metaseg.bundles import Model, best_model, bundle_dir
     from metaseg.engine import Engine
     from metaseg.predict import predict
 
     if args.bundle:
-        bundle, weights = bundle_dir(args.bundle), args.weights
+        model = Model(bundle_dir(args.bundle), args.weights or bundle_dir(args.bundle) / "models" / "model.pt")
     else:
-        bundle, weights = best_model(args.best) if args.best else best_model()
-    engine = Engine(bundle, weights=weights)
+        model = best_model(args.best) if args.best else best_model()
+    engine = Engine(model.bundle, weights=model.weights, overrides=model.overrides)
     print(f"model: {engine.name} ({engine.weights})", flush=True)
     report = predict(args.input, args.out, engine, threshold=args.threshold)
     print(f"wrote {len(report.written)} masks to {args.out}; skipped {len(report.skipped)} files")
     for name, why in report.skipped.items():
         print(f"  skipped {name}: {why}")
+
+
+def cmd_compare(args) -> None:
+    from metaseg.compare import compare, parse_run
+
+    report = compare(args.data, [parse_run(r) for r in args.run], args.split, args.out, args.best_out,
+                     args.bootstrap, args.seed)
+    for name, model in report["models"].items():
+        low, high = model["ci95"]["dice_3d"]
+        print(f"{name}: {args.split} per-patient 3D Dice {model['mean']['dice_3d']:.3f} [{low:.3f}, {high:.3f}], "
+              f"validation {report['validation'][name]['dice_3d_mean']:.3f}")
+    print(f"best on validation: {report['best']}; reports in {args.out}, record in {args.best_out or args.out / 'best.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")
         p.add_argument("--data", type=Path, required=True, help="a Data folder or Data.zip")
-        p.add_argument("--epochs", type=_positive_int, help="override the bundle's epochs")
-        p.add_argument("--spatial-size", type=_positive_int, help="override the bundle's input size (a multiple of 16)")
         p.set_defaults(func=func)
+    sub.choices["train"].add_argument("--epochs", type=_positive_int, help="override the bundle's epochs")
+    sub.choices["train"].add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
     sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
     sub.choices["train"].add_argument("--seed", type=int, default=0)
     sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
@@ -146,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", type=Path, help="a best-model record written by `metaseg compare` (default: bundles/best.json)")
     p.add_argument("--threshold", type=_probability, default=0.5, help="lesion probability threshold (0.5)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("compare", help="score two runs on the same patients; pick the better bundle on validation")
+    p.add_argument("--data", type=Path, required=True, help="the Data folder or Data.zip the runs were trained on")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="bundle name and run folder, twice")
+    p.add_argument("--split", choices=("validation", "test"), default="test", help="patients to report on (test)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report folder (reports)")
+    p.add_argument("--best-out", type=Path, help="best-model record to write (default OUT/best.json)")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

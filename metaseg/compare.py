@@ -1,0 +1,473 @@
+"""`metaseg compare`: two trained bundles scored on the same patients, nnU-Net style, and the better one recorded.
+
+Reads, per run, `<run>/datalist.json` and the predicted masks `<run>/<split>/masks/<patient>/<stem>_seg.png` of the
+compared split and of `validation`; the ground truth and FLAIR come from the data source. Writes, each atomically:
+
+    OUT/comparison.json   per-patient metrics, means with 95% bootstrap CIs, paired test, patient lists, command
+    OUT/comparison.md     the same as a table, with the conventions and links to the figures
+    OUT/qualitative.png   best, median and worst lesion slice of the compared split, every model side by side
+    OUT/training_curves.png  per-epoch training loss and validation Dice of each run
+    best-out (OUT/best.json) the bundle with the higher *validation* mean 3D Dice, readable by bundles.best_model
+
+Model selection never looks at the compared (test) patients; the test numbers only report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from metaseg.bundles import NAMES
+from metaseg.data import open_source, read_tiff
+from metaseg.errors import UserError
+from metaseg.files import write_bytes_atomic, write_json_atomic
+from metaseg.metrics import METRICS, bootstrap_ci, paired_difference, patient_metrics, slice_dice
+
+SELECTED_BY = "validation mean per-patient 3D Dice"
+RANKING = "lesion slices of the compared split ranked by the mean slice Dice of the two models"
+CONVENTIONS = {
+    "dice_3d": "all slices of a patient pooled (one TP/FP/FN sum); no lesion and no prediction = 1, no lesion but "
+    "any prediction = 0, so false positives on lesion-free slices lower it",
+    "lesion_slice_dice": "Dice of each lesion slice (non-empty ground truth), averaged per patient, then over "
+    "patients; lesion-free slices are not in it",
+    "lesion_slice_iou": "as lesion_slice_dice, with IoU",
+    "hd95_px": "95th-percentile Hausdorff distance in pixels (MONAI) of each lesion slice with a non-empty "
+    "prediction, averaged per patient; a lesion slice with an empty prediction has no distance: it is left out "
+    "and counted in hd95_empty_prediction_slices (its miss shows in Dice and sensitivity)",
+    "lesion_sensitivity": "ground-truth lesions (2D 8-connected components per slice) touched by any predicted "
+    "pixel / ground-truth lesions",
+    "lesion_precision": "predicted components (2D, 8-connected) touching any ground-truth pixel / predicted "
+    "components; undefined (null) for a patient with no predicted component",
+    "fp_slice_rate": "lesion-free slices with any predicted pixel / lesion-free slices",
+    "means": "over patients with a defined value (null = undefined, e.g. no lesion slice); 95% CI: percentile "
+    "bootstrap over patients",
+    "qualitative": RANKING,
+}
+EMPTY_SLICES = (
+    "Empty slices: lesion-free slices count only in the 3D Dice (a false positive there adds FP pixels), in lesion "
+    "precision (each false blob is a predicted component) and in the FP slice rate (their share with any "
+    "prediction); lesion-slice Dice, IoU and HD95 use lesion slices only, and HD95 leaves out lesion slices the "
+    "model left empty (counted in the last column)."
+)
+_LOSS_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([-+.\deE]+|nan)")
+_METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- ([^\r\n]*)")
+_METRIC_PAIR = re.compile(r"(\w+): ([-+.\deE]+|nan)")
+
+
+@dataclass
+class Run:
+    """One `metaseg train` run folder under the bundle name it is compared as."""
+
+    name: str
+    path: Path
+    datalist: dict
+
+    def mask_path(self, split: str, item: dict) -> Path:
+        image = PurePosixPath(item["image"])
+        return self.path / split / "masks" / image.parent / f"{image.stem}_seg.png"
+
+
+def parse_run(text: str) -> tuple[str, Path]:
+    """`NAME=DIR` from the command line, NAME a shipped bundle so that the best-model record can name it."""
+    name, sep, folder = text.partition("=")
+    if not sep or not folder or name not in NAMES:
+        raise UserError(f"--run must be NAME=RUN_DIR with NAME one of {', '.join(NAMES)}, got {text!r}")
+    return name, Path(folder)
+
+
+def load_run(name: str, path: Path) -> Run:
+    file = path / "datalist.json"
+    if not file.is_file():
+        raise UserError(f"no datalist.json in run folder {path} ({name}): train into it first (metaseg train --out)")
+    try:
+        return Run(name, path, json.loads(file.read_text()))
+    except ValueError as err:
+        raise UserError(f"unreadable {file}: {err}") from None
+
+
+def comparable_items(runs: list[Run], split: str) -> list[dict]:
+    """The split's slices, identical in every run: models are only compared on the same patients and slices."""
+    first = runs[0]
+    for run in runs[1:]:
+        ours, theirs = first.datalist["patients"][split], run.datalist["patients"][split]
+        if sorted(ours) != sorted(theirs):
+            raise UserError(
+                f"runs not comparable: {first.name} and {run.name} have different {split} patients "
+                f"({len(set(ours) ^ set(theirs))} differ); train both with the same data and --seed"
+            )
+        if sorted(i["image"] for i in first.datalist[split]) != sorted(i["image"] for i in run.datalist[split]):
+            raise UserError(f"runs not comparable: {first.name} and {run.name} list different {split} slices")
+    return first.datalist[split]
+
+
+def check_masks(run: Run, split: str, items: list[dict]) -> None:
+    """Every slice of the split needs its predicted mask; say which patients lack how many, and how to fix it."""
+    again = f"metaseg evaluate --bundle {run.name} --run {run.path} --split {split}"
+    if not (run.path / split / "masks").is_dir():
+        raise UserError(f"no {split} masks in {run.path / split / 'masks'} ({run.name}): run `{again}` first")
+    missing: dict[str, int] = {}
+    for item in items:
+        if not run.mask_path(split, item).is_file():
+            missing[item["patient"]] = missing.get(item["patient"], 0) + 1
+    if missing:
+        which = ", ".join(f"{patient}: {n}" for patient, n in sorted(missing.items()))
+        raise UserError(
+            f"{sum(missing.values())} of {len(items)} {split} masks missing in {run.path} ({run.name}; by patient: "
+            f"{which}); rerun `{again}`"
+        )
+
+
+def by_patient(items: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for item in sorted(items, key=lambda i: (i["patient"], i["slice"])):
+        groups.setdefault(item["patient"], []).append(item)
+    return groups
+
+
+def _stack(masks: list[np.ndarray], what: str) -> np.ndarray:
+    if len({m.shape for m in masks}) > 1:
+        raise UserError(f"slices of {what} differ in size: {sorted({m.shape for m in masks})}")
+    return np.stack(masks)
+
+
+def read_ground_truth(data: Path, root: str, groups: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Boolean ground-truth stack per patient, read from the folder or zip the runs were trained on."""
+    with open_source(data) as files:
+        names = set(files.names())
+        stacks = {}
+        for patient, items in groups.items():
+            masks = []
+            for item in items:
+                name = f"{root}/{item['label']}" if root else item["label"]
+                if name not in names:
+                    raise UserError(f"ground truth {name} not in {data}: is this the data the runs were trained on?")
+                masks.append(read_tiff(files.read(name)) > 0)
+            stacks[patient] = _stack(masks, f"patient {patient}")
+    return stacks
+
+
+def read_predictions(run: Run, split: str, groups: dict[str, list[dict]], truth: dict) -> dict[str, np.ndarray]:
+    """Boolean predicted stack per patient, each slice checked against its ground truth's size."""
+    stacks = {}
+    for patient, items in groups.items():
+        masks = []
+        for item, gt in zip(items, truth[patient]):
+            path = run.mask_path(split, item)
+            mask = np.asarray(Image.open(path)) > 0
+            if mask.shape != gt.shape:
+                raise UserError(f"{path} is {mask.shape}, its ground truth {gt.shape}: masks of another data set?")
+            masks.append(mask)
+        stacks[patient] = np.stack(masks)
+    return stacks
+
+
+def score(run: Run, split: str, truth: dict, preds: dict) -> list[dict]:
+    """nnU-Net's metric_per_case, one entry per patient, naming the folder its masks came from."""
+    return [
+        {"patient": patient, **patient_metrics(truth[patient], preds[patient]),
+         "prediction_dir": str(run.path / split / "masks" / patient)}
+        for patient in truth
+    ]
+
+
+def summarize(per_patient: list[dict], n_resamples: int, seed: int) -> dict:
+    """Mean, 95% bootstrap CI and number of defined values of every metric over patients."""
+    summary: dict = {"mean": {}, "ci95": {}, "n": {}}
+    for metric in METRICS:
+        values = np.array([p[metric] for p in per_patient], float)
+        defined = ~np.isnan(values)
+        summary["mean"][metric] = float(values[defined].mean()) if defined.any() else math.nan
+        summary["ci95"][metric] = list(bootstrap_ci(values, n_resamples, seed))
+        summary["n"][metric] = int(defined.sum())
+    summary["hd95_empty_prediction_slices"] = sum(p["hd95_empty_prediction_slices"] for p in per_patient)
+    return summary
+
+
+def rank_slices(groups: dict, truth: dict, preds: dict[str, dict]) -> list[tuple[float, str, int]]:
+    """(mean slice Dice of the models, patient, index in the patient's stack) of every lesion slice, worst first.
+
+    The mean of both models ranks slices by how hard they are, not by how one model did. Without any lesion slice,
+    every slice is ranked (both masks empty counts as Dice 1).
+    """
+    ranked, lesion = [], []
+    for patient in groups:
+        dices = np.mean([np.nan_to_num(slice_dice(truth[patient], p[patient]), nan=1.0) for p in preds.values()], 0)
+        ranked += [(float(d), patient, i) for i, d in enumerate(dices)]
+        lesion += truth[patient].any(axis=(1, 2)).tolist()
+    return sorted(r for r, keep in zip(ranked, lesion) if keep or not any(lesion))
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, picks) -> bytes:
+    """A row per picked slice: FLAIR, ground truth, and each model's prediction with its slice Dice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(picks), 2 + len(preds), figsize=(3 * (2 + len(preds)), 3.2 * len(picks)),
+                             squeeze=False)
+    with open_source(data) as files:
+        for row, (label, (mean_dice, patient, index)) in zip(axes, picks):
+            item = groups[patient][index]
+            flair = read_tiff(files.read(f"{root}/{item['image']}" if root else item["image"]))[..., 1]
+            gt = truth[patient][index]
+            panels = [("FLAIR", None, None), ("ground truth", gt, "lime")]
+            panels += [(name, pred[patient][index], "red") for name, pred in preds.items()]
+            for ax, (title, mask, color) in zip(row, panels):
+                ax.imshow(flair, cmap="gray")
+                if mask is not None:
+                    ax.imshow(np.ma.masked_where(~mask, mask), cmap=matplotlib.colors.ListedColormap([color]),
+                              alpha=0.45, interpolation="nearest")
+                if color == "red":
+                    ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.7)
+                    title += f"\nslice Dice {float(np.nan_to_num(slice_dice(gt[None], mask[None])[0], nan=1.0)):.3f}"
+                ax.set_title(title, fontsize=9)
+                ax.set_axis_off()
+            row[0].set_title(f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR", fontsize=9)
+    fig.suptitle(f"{split}: {RANKING} (green outline = ground truth)", fontsize=10)
+    data_png = _png(fig)
+    plt.close(fig)
+    return data_png
+
+
+def _epoch_means(epochs, values) -> tuple[list[int], list[float]]:
+    epochs, values = np.asarray(epochs, int), np.asarray(values, float)
+    unique, index = np.unique(epochs, return_inverse=True)
+    return unique.tolist(), (np.bincount(index, values) / np.bincount(index)).tolist()
+
+
+def curves_from_events(folder: Path) -> dict | None:
+    """Per-epoch curves from TensorBoard events; None without events.
+
+    `train_loss` is logged per iteration: an iteration belongs to the epoch of the first validation logged after it
+    (both bundles validate every epoch; with a longer val_interval a point averages the epochs since the last one).
+    """
+    if not any(folder.glob("events.out.tfevents.*")):
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    curves = {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+              for tag in tags if tag.startswith("val_")}
+    if "train_loss" in tags:
+        loss = events.Scalars("train_loss")
+        closing = events.Scalars("val_mean_dice") if "val_mean_dice" in tags else []
+        steps = [e.step for e in closing] + [closing[-1].step + 1 if closing else 1]  # the epoch still running
+        index = np.searchsorted([e.wall_time for e in closing], [e.wall_time for e in loss])
+        curves["train_loss"] = _epoch_means(np.asarray(steps)[index], [e.value for e in loss])
+    return curves
+
+
+def curves_from_log(log: Path) -> dict:
+    """Per-epoch curves from the StatsHandler lines of train.log, for runs without TensorBoard events."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    losses = [(int(e), float(v)) for e, v in _LOSS_LINE.findall(text)]
+    curves = {"train_loss": _epoch_means(*zip(*losses))} if losses else {}
+    for epoch, pairs in _METRICS_LINE.findall(text):
+        for tag, value in _METRIC_PAIR.findall(pairs):
+            curves.setdefault(tag, ([], []))
+            curves[tag][0].append(int(epoch))
+            curves[tag][1].append(float(value))
+    return curves
+
+
+def training_curves_figure(runs: list[Run]) -> bytes:
+    """Training loss and validation Dice per epoch, every run on the same two panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for color, run in zip(("tab:blue", "tab:orange", "tab:green"), runs):
+        curves = curves_from_events(run.path / "eval") or curves_from_log(run.path / "train.log")
+        if "train_loss" in curves:
+            loss_ax.plot(*curves["train_loss"], "o-", color=color, label=run.name, markersize=3)
+        for tag, style in (("val_mean_dice", "o-"), ("val_lesion_dice", "s--")):
+            if tag in curves:
+                dice_ax.plot(*curves[tag], style, color=color, label=f"{run.name} {tag}", markersize=3)
+    loss_ax.set(title="training loss (mean per epoch)", xlabel="epoch", ylabel="loss")
+    dice_ax.set(title="validation Dice per epoch", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+    for ax in (loss_ax, dice_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    data_png = _png(fig)
+    plt.close(fig)
+    return data_png
+
+
+def _null_nan(obj):
+    """JSON has no NaN: undefined values are written as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _null_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_null_nan(v) for v in obj]
+    return obj
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:  # another drive on Windows
+        return str(path.resolve())
+
+
+def _cell(summary: dict, metric: str, digits: int = 3) -> str:
+    mean, (low, high) = summary["mean"][metric], summary["ci95"][metric]
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def markdown(report: dict) -> str:
+    """comparison.md: the table, the paired test, the choice on validation, the conventions and the figures."""
+    split, models, paired = report["split"], report["models"], report["paired_test"]
+    a, b = paired["models"]
+    n = len(report["patients"][split])
+    lines = [
+        f"# Model comparison on {n} {split} patients",
+        "",
+        f"Produced by `{report['command']}`. Every cell: mean over patients [95% bootstrap CI].",
+        "",
+        "| model | per-patient 3D Dice | lesion-slice Dice | lesion-slice IoU | HD95 (px) | lesion sensitivity "
+        "| lesion precision | FP slice rate | lesion slices without prediction |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in models.items():
+        cells = [_cell(summary, m, 2 if m == "hd95_px" else 3) for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['hd95_empty_prediction_slices']} |")
+    low, high = paired["ci95"]
+    p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
+    best = report["best"]
+    validation = ", ".join(f"{name} {v['dice_3d_mean']:.3f}" for name, v in report["validation"].items())
+    lines += [
+        "",
+        f"Paired test, per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: mean difference "
+        f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}.",
+        "",
+        f"Best model: **{best}**, selected by {SELECTED_BY} ({validation}; "
+        f"{len(report['patients']['validation'])} validation patients). Test patients never enter the choice.",
+        "",
+        EMPTY_SLICES,
+        "",
+        "Patients (split by patient, never by slice):",
+        "",
+    ]
+    lines += [f"- {name} ({len(ids)}): {', '.join(ids)}" for name, ids in report["patients"].items()]
+    lines += [
+        "",
+        f"## Qualitative: best, median and worst slice ({RANKING})",
+        "",
+        "![qualitative](qualitative.png)",
+        "",
+        "## Training curves",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def command_line(data: Path, named: list[tuple[str, Path]], split: str, out: Path, best_out: Path,
+                 n_resamples: int, seed: int) -> str:
+    runs = [arg for name, path in named for arg in ("--run", f"{name}={path}")]
+    return shlex.join(["metaseg", "compare", "--data", str(data), *runs, "--split", split, "--out", str(out),
+                       "--best-out", str(best_out), "--bootstrap", str(n_resamples), "--seed", str(seed)])
+
+
+def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out: Path = Path("reports"),
+            best_out: Path | None = None, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Score both runs on `split` and on validation, write the reports and the best-model record; return the report."""
+    if len(named) != 2 or named[0][0] == named[1][0]:
+        raise UserError(f"compare takes two --run NAME=DIR with different names ({', '.join(NAMES)}), got "
+                        f"{[name for name, _ in named]}")
+    if not Path(data).exists():
+        raise UserError(f"data not found: {data}")
+    best_out = best_out or out / "best.json"
+    runs = [load_run(name, path) for name, path in named]
+    splits = list(dict.fromkeys([split, "validation"]))
+    groups = {}
+    for s in splits:
+        groups[s] = by_patient(comparable_items(runs, s))
+        for run in runs:
+            check_masks(run, s, [i for items in groups[s].values() for i in items])
+    root = runs[0].datalist["root"]
+    truth = {s: read_ground_truth(data, root, groups[s]) for s in splits}
+    preds = {s: {run.name: read_predictions(run, s, groups[s], truth[s]) for run in runs} for s in splits}
+    scores = {s: {run.name: score(run, s, truth[s], preds[s][run.name]) for run in runs} for s in splits}
+    validation = {
+        name: {"dice_3d_mean": float(np.mean([p["dice_3d"] for p in per_patient])), "n_patients": len(per_patient),
+               "metric_per_patient": [{"patient": p["patient"], "dice_3d": p["dice_3d"]} for p in per_patient]}
+        for name, per_patient in scores["validation"].items()
+    }
+    best = max(validation, key=lambda name: validation[name]["dice_3d_mean"])  # max keeps the first of a tie
+    a, b = (run.name for run in runs)
+    dice = {name: [p["dice_3d"] for p in scores[split][name]] for name in (a, b)}
+    report = {
+        "command": command_line(data, named, split, out, best_out, n_resamples, seed),
+        "data": str(data),
+        "split": split,
+        "conventions": CONVENTIONS,
+        "models": {
+            run.name: {"run": str(run.path), **summarize(scores[split][run.name], n_resamples, seed),
+                       "metric_per_patient": scores[split][run.name]}
+            for run in runs
+        },
+        "validation": validation,
+        "paired_test": {"metric": "dice_3d", "models": [a, b], "difference": f"{a} - {b}",
+                        **paired_difference(dice[a], dice[b], n_resamples, seed)},
+        "best": best,
+        "selected_by": SELECTED_BY,
+        "patients": {s: runs[0].datalist["patients"][s] for s in ("test", "validation", "training")},
+    }
+    ranked = rank_slices(groups[split], truth[split], preds[split])
+    picks = [("best", ranked[-1]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[0])]
+    write_bytes_atomic(out / "qualitative.png",
+                       qualitative_figure(data, root, split, groups[split], truth[split], preds[split], picks))
+    write_bytes_atomic(out / "training_curves.png", training_curves_figure(runs))
+    write_json_atomic(out / "comparison.json", _null_nan(report))
+    write_bytes_atomic(out / "comparison.md", markdown(report).encode())
+    write_best(best_out, runs, best, report, out / "comparison.md")
+    return report
+
+
+def _model_overrides(run: Run) -> dict:
+    """The config overrides inference must repeat (input size), from run.json; {} for runs older than run.json."""
+    from metaseg.pipeline import model_overrides  # imported here: pipeline imports monai, which takes seconds
+
+    return model_overrides(run.path) if (run.path / "run.json").is_file() else {}
+
+
+def write_best(file: Path, runs: list[Run], best: str, report: dict, md: Path) -> Path:
+    """The best-model record `metaseg.bundles.best_model` reads; paths relative to the record's folder."""
+    run = next(r for r in runs if r.name == best)
+    split = report["split"]
+    return write_json_atomic(file, _null_nan({
+        "bundle": best,
+        "weights": _relative(run.path / "models" / "model.pt", file.parent),
+        "overrides": _model_overrides(run),
+        "selected_by": SELECTED_BY,
+        "validation_dice_3d": {name: v["dice_3d_mean"] for name, v in report["validation"].items()},
+        f"{split}_dice_3d": {name: m["mean"]["dice_3d"] for name, m in report["models"].items()},
+        "report": _relative(md, file.parent),
+    }))
