@@ -139,20 +139,38 @@ def _stack(masks: list[np.ndarray], what: str) -> np.ndarray:
     return np.stack(masks)
 
 
-def read_ground_truth(data: Path, root: str, groups: dict[str, list[dict]]) -> dict[str, np.ndarray]:
-    """Boolean ground-truth stack per patient, read from the folder or zip the runs were trained on."""
+def _member(root: str, path: str) -> str:
+    return f"{root}/{path}" if root else path
+
+
+def patients_root(names: set[str], recorded: str, label: str) -> str:
+    """Where the patient folders sit in this source: the run's recorded root, else wherever `label` is found.
+
+    So a Data folder and its Data.zip (with or without a top folder) both serve a run trained on either.
+    """
+    found = sorted(name[: -len(label) - 1] for name in names if name.endswith(f"/{label}"))
+    for root in (recorded, "", *found):
+        if _member(root, label) in names:
+            return root
+    raise UserError(f"ground truth {label} not in the data source: is this the data the runs were trained on?")
+
+
+def read_ground_truth(data: Path, recorded_root: str, groups: dict[str, list[dict]]) -> tuple[str, dict]:
+    """(patients root in `data`, boolean ground-truth stack per patient) from the folder or zip of the runs."""
     with open_source(data) as files:
         names = set(files.names())
+        first = next(iter(groups.values()))[0]["label"]
+        root = patients_root(names, recorded_root, first)
         stacks = {}
         for patient, items in groups.items():
             masks = []
             for item in items:
-                name = f"{root}/{item['label']}" if root else item["label"]
+                name = _member(root, item["label"])
                 if name not in names:
                     raise UserError(f"ground truth {name} not in {data}: is this the data the runs were trained on?")
                 masks.append(read_tiff(files.read(name)) > 0)
             stacks[patient] = _stack(masks, f"patient {patient}")
-    return stacks
+    return root, stacks
 
 
 def read_predictions(run: Run, split: str, groups: dict[str, list[dict]], truth: dict) -> dict[str, np.ndarray]:
@@ -162,7 +180,10 @@ def read_predictions(run: Run, split: str, groups: dict[str, list[dict]], truth:
         masks = []
         for item, gt in zip(items, truth[patient]):
             path = run.mask_path(split, item)
-            mask = np.asarray(Image.open(path)) > 0
+            try:
+                mask = np.asarray(Image.open(path)) > 0
+            except OSError as err:
+                raise UserError(f"unreadable mask {path}: {err}") from None
             if mask.shape != gt.shape:
                 raise UserError(f"{path} is {mask.shape}, its ground truth {gt.shape}: masks of another data set?")
             masks.append(mask)
@@ -224,9 +245,10 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
     with open_source(data) as files:
         for row, (label, (mean_dice, patient, index)) in zip(axes, picks):
             item = groups[patient][index]
-            flair = read_tiff(files.read(f"{root}/{item['image']}" if root else item["image"]))[..., 1]
+            flair = read_tiff(files.read(_member(root, item["image"])))[..., 1]
             gt = truth[patient][index]
-            panels = [("FLAIR", None, None), ("ground truth", gt, "lime")]
+            header = f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR"
+            panels = [(header, None, None), ("ground truth", gt, "lime")]
             panels += [(name, pred[patient][index], "red") for name, pred in preds.items()]
             for ax, (title, mask, color) in zip(row, panels):
                 ax.imshow(flair, cmap="gray")
@@ -238,7 +260,6 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
                     title += f"\nslice Dice {float(np.nan_to_num(slice_dice(gt[None], mask[None])[0], nan=1.0)):.3f}"
                 ax.set_title(title, fontsize=9)
                 ax.set_axis_off()
-            row[0].set_title(f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR", fontsize=9)
     fig.suptitle(f"{split}: {RANKING} (green outline = ground truth)", fontsize=10)
     data_png = _png(fig)
     plt.close(fig)
@@ -294,9 +315,10 @@ def training_curves_figure(runs: list[Run]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for color, run in zip(("tab:blue", "tab:orange", "tab:green"), runs):
+    for color, run in zip(("tab:blue", "tab:orange"), runs):
         curves = curves_from_events(run.path / "eval") or curves_from_log(run.path / "train.log")
         if "train_loss" in curves:
             loss_ax.plot(*curves["train_loss"], "o-", color=color, label=run.name, markersize=3)
@@ -307,6 +329,7 @@ def training_curves_figure(runs: list[Run]) -> bytes:
     dice_ax.set(title="validation Dice per epoch", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     for ax in (loss_ax, dice_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     data_png = _png(fig)
@@ -366,7 +389,7 @@ def markdown(report: dict) -> str:
         f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}.",
         "",
         f"Best model: **{best}**, selected by {SELECTED_BY} ({validation}; "
-        f"{len(report['patients']['validation'])} validation patients). Test patients never enter the choice.",
+        f"validation patients: {len(report['patients']['validation'])}). Test patients never enter the choice.",
         "",
         EMPTY_SLICES,
         "",
@@ -395,6 +418,15 @@ def command_line(data: Path, named: list[tuple[str, Path]], split: str, out: Pat
                        "--best-out", str(best_out), "--bootstrap", str(n_resamples), "--seed", str(seed)])
 
 
+def validation_summary(scores: dict[str, list[dict]]) -> dict:
+    """Per model, the validation patients' 3D Dice and its mean: the only numbers model selection sees."""
+    return {
+        name: {"dice_3d_mean": float(np.mean([p["dice_3d"] for p in per_patient])), "n_patients": len(per_patient),
+               "metric_per_patient": [{"patient": p["patient"], "dice_3d": p["dice_3d"]} for p in per_patient]}
+        for name, per_patient in scores.items()
+    }
+
+
 def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out: Path = Path("reports"),
             best_out: Path | None = None, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Score both runs on `split` and on validation, write the reports and the best-model record; return the report."""
@@ -411,15 +443,11 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
         groups[s] = by_patient(comparable_items(runs, s))
         for run in runs:
             check_masks(run, s, [i for items in groups[s].values() for i in items])
-    root = runs[0].datalist["root"]
-    truth = {s: read_ground_truth(data, root, groups[s]) for s in splits}
+    read = {s: read_ground_truth(data, runs[0].datalist["root"], groups[s]) for s in splits}
+    root, truth = read[split][0], {s: read[s][1] for s in splits}
     preds = {s: {run.name: read_predictions(run, s, groups[s], truth[s]) for run in runs} for s in splits}
     scores = {s: {run.name: score(run, s, truth[s], preds[s][run.name]) for run in runs} for s in splits}
-    validation = {
-        name: {"dice_3d_mean": float(np.mean([p["dice_3d"] for p in per_patient])), "n_patients": len(per_patient),
-               "metric_per_patient": [{"patient": p["patient"], "dice_3d": p["dice_3d"]} for p in per_patient]}
-        for name, per_patient in scores["validation"].items()
-    }
+    validation = validation_summary(scores["validation"])
     best = max(validation, key=lambda name: validation[name]["dice_3d_mean"])  # max keeps the first of a tie
     a, b = (run.name for run in runs)
     dice = {name: [p["dice_3d"] for p in scores[split][name]] for name in (a, b)}
@@ -461,13 +489,13 @@ def _model_overrides(run: Run) -> dict:
 def write_best(file: Path, runs: list[Run], best: str, report: dict, md: Path) -> Path:
     """The best-model record `metaseg.bundles.best_model` reads; paths relative to the record's folder."""
     run = next(r for r in runs if r.name == best)
-    split = report["split"]
-    return write_json_atomic(file, _null_nan({
+    return write_json_atomic(file, {
         "bundle": best,
         "weights": _relative(run.path / "models" / "model.pt", file.parent),
         "overrides": _model_overrides(run),
         "selected_by": SELECTED_BY,
         "validation_dice_3d": {name: v["dice_3d_mean"] for name, v in report["validation"].items()},
-        f"{split}_dice_3d": {name: m["mean"]["dice_3d"] for name, m in report["models"].items()},
+        **({"test_dice_3d": {name: m["mean"]["dice_3d"] for name, m in report["models"].items()}}
+           if report["split"] == "test" else {}),
         "report": _relative(md, file.parent),
-    }))
+    })

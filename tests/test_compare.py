@@ -1,0 +1,323 @@
+"""`metaseg compare` and its metrics: known answers on hand-made masks, then the CLI on synthetic runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metaseg.bundles import best_model, bundle_dir
+from metaseg.compare import compare, curves_from_events, curves_from_log
+from metaseg.data import discover, read_tiff
+from metaseg.datalist import build_datalist
+from metaseg.files import write_json_atomic
+from metaseg.metrics import (
+    bootstrap_ci,
+    dice_3d,
+    fp_slice_rate,
+    hd95_per_slice,
+    lesion_detection,
+    lesion_slice_dice_iou,
+    paired_difference,
+    patient_metrics,
+    slice_dice,
+)
+
+SHIFT = 3  # px the imperfect model's masks are moved by
+
+
+def square(slices: int = 1, size: int = 16, at=(4, 4), side: int = 4, on=(0,)) -> np.ndarray:
+    masks = np.zeros((slices, size, size), bool)
+    for n in on:
+        masks[n, at[0] : at[0] + side, at[1] : at[1] + side] = True
+    return masks
+
+
+# --- metrics: known answers ---
+
+
+def test_perfect_prediction_scores_perfectly():
+    gt = square(3, on=(0, 1))
+    m = patient_metrics(gt, gt)
+    assert m["dice_3d"] == m["lesion_slice_dice"] == m["lesion_slice_iou"] == 1.0
+    assert m["hd95_px"] == 0.0 and m["hd95_empty_prediction_slices"] == 0
+    assert m["lesion_sensitivity"] == m["lesion_precision"] == 1.0 and m["fp_slice_rate"] == 0.0
+    assert (m["n_slices"], m["n_lesion_slices"], m["n_gt_lesions"]) == (3, 2, 2)
+
+
+def test_empty_versus_empty_is_perfect_3d_and_undefined_per_slice():
+    empty = np.zeros((2, 8, 8), bool)
+    assert dice_3d(empty, empty) == 1.0
+    assert np.isnan(slice_dice(empty, empty)).all()
+    assert all(np.isnan(lesion_slice_dice_iou(empty, empty)))
+    m = patient_metrics(empty, empty)
+    assert np.isnan(m["lesion_sensitivity"]) and np.isnan(m["lesion_precision"]) and np.isnan(m["hd95_px"])
+    assert m["fp_slice_rate"] == 0.0
+
+
+def test_false_positive_on_lesion_free_slices():
+    gt = np.zeros((4, 8, 8), bool)
+    pred = gt.copy()
+    pred[2, 3, 3] = True
+    assert dice_3d(gt, pred) == 0.0
+    assert fp_slice_rate(gt, pred) == 0.25
+    assert slice_dice(gt, pred)[2] == 0.0 and np.isnan(slice_dice(gt, pred)[0])
+    # on a patient with a lesion the false positive slice lowers the pooled Dice but not the lesion-slice Dice
+    gt, pred = square(2, on=(0,)), square(2, on=(0, 1))
+    assert dice_3d(gt, pred) == pytest.approx(2 * 16 / (2 * 16 + 16))
+    assert lesion_slice_dice_iou(gt, pred) == (1.0, 1.0) and fp_slice_rate(gt, pred) == 1.0
+
+
+def test_half_overlap_dice_and_iou_are_exact():
+    gt, pred = square(), square(at=(4, 6))  # 16 px each, 8 shared
+    assert dice_3d(gt, pred) == 0.5
+    dice, iou = lesion_slice_dice_iou(gt, pred)
+    assert dice == 0.5 and iou == pytest.approx(1 / 3)
+
+
+def test_lesion_slice_means_are_per_slice_then_per_patient():
+    gt = square(3, on=(0, 1))
+    pred = gt.copy()
+    pred[1] = square(at=(4, 6))[0]  # slice 1 at Dice 0.5, slice 0 perfect, slice 2 lesion-free and empty
+    assert lesion_slice_dice_iou(gt, pred) == (0.75, pytest.approx((1 + 1 / 3) / 2))
+
+
+def test_lesion_detection_counts_2d_components_with_8_connectivity():
+    gt = np.zeros((2, 16, 16), bool)
+    gt[0, 1:3, 1:3] = gt[0, 10:12, 10:12] = True  # two lesions on slice 0
+    gt[1, 1:3, 1:3] = True  # the same spot on slice 1 is a third lesion (components are 2D)
+    pred = np.zeros_like(gt)
+    pred[0, 2, 2] = pred[0, 3, 3] = True  # one component (diagonal neighbours) touching the first lesion
+    pred[1, 12, 12] = True  # a false component on slice 1
+    assert lesion_detection(gt, pred) == (3, 1, 2, 1)
+    m = patient_metrics(gt, pred)
+    assert m["lesion_sensitivity"] == pytest.approx(1 / 3) and m["lesion_precision"] == 0.5
+
+
+def test_hd95_of_a_shifted_square_is_the_shift_and_empty_predictions_are_counted():
+    gt = square(3, size=32, side=8, on=(0, 1, 2))
+    pred = np.zeros_like(gt)
+    pred[0] = square(size=32, at=(4, 7), side=8)[0]  # shifted by 3 columns
+    pred[1] = gt[1]
+    assert hd95_per_slice(gt, pred)[:2].tolist() == [3.0, 0.0] and np.isnan(hd95_per_slice(gt, pred)[2])
+    m = patient_metrics(gt, pred)
+    assert m["hd95_px"] == 1.5 and m["hd95_empty_prediction_slices"] == 1
+
+
+def test_bootstrap_ci_contains_the_mean_and_is_reproducible():
+    values = np.random.default_rng(3).uniform(0.4, 0.9, 20)
+    low, high = bootstrap_ci(values, 1000, seed=7)
+    assert low < values.mean() < high
+    assert bootstrap_ci(values, 1000, seed=7) == (low, high) and bootstrap_ci(values, 1000, seed=8) != (low, high)
+    assert bootstrap_ci([0.5, np.nan, 0.5]) == (0.5, 0.5)
+    assert all(np.isnan(bootstrap_ci([np.nan])))
+
+
+def test_paired_difference_sign_and_untestable_cases():
+    better = np.linspace(0.6, 0.9, 10)
+    result = paired_difference(better, better - np.linspace(0.05, 0.1, 10), 500, 0)
+    assert result["mean_difference"] > 0 and result["ci95"][0] > 0 and result["wilcoxon_p"] < 0.05
+    assert paired_difference(better - 0.1, better, 500, 0)["mean_difference"] == pytest.approx(-0.1)
+    same = paired_difference(better, better)
+    assert same["wilcoxon_p"] is None and "all per-patient differences are zero" in same["note"]
+    few = paired_difference([0.9, 0.8], [0.7, 0.8])
+    assert few["wilcoxon_p"] is None and "only 1 non-zero" in few["note"]
+    assert few["mean_difference"] == pytest.approx(0.1)
+
+
+def test_training_curves_from_tensorboard_events_and_from_train_log(tmp_path):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(tmp_path))
+    events = [(1, 1, "train_loss", 1.0), (2, 2, "train_loss", 0.8), (3, 1, "val_mean_dice", 0.5),
+              (4, 3, "train_loss", 0.6), (5, 4, "train_loss", 0.4), (6, 2, "val_mean_dice", 0.7),
+              (7, 5, "train_loss", 0.3)]
+    for wall, step, tag, value in events:
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        writer.add_event(Event(wall_time=wall, step=step, summary=summary))
+    writer.close()
+    curves = curves_from_events(tmp_path)
+    assert curves["train_loss"][0] == [1, 2, 3] and curves["train_loss"][1] == pytest.approx([0.9, 0.5, 0.3])
+    assert curves["val_mean_dice"] == ([1, 2], pytest.approx([0.5, 0.7]))
+    assert curves_from_events(tmp_path / "none") is None
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        "Epoch [1/2]: [1/2]  50%|#####  [00:01<00:01]2026-01-01 - INFO - Epoch: 1/2, Iter: 1/2 -- train_loss: 1.0000 \n"
+        "\rEpoch: 1/2, Iter: 2/2 -- train_loss: 0.5000 \n"
+        "2026-01-01 - INFO - Epoch[1] Metrics -- val_lesion_dice: 0.2500 val_mean_dice: 0.6000\n"
+        "Epoch: 2/2, Iter: 1/2 -- train_loss: 0.2500 \n"
+    )
+    curves = curves_from_log(log)
+    assert curves["train_loss"] == ([1, 2], pytest.approx([0.75, 0.25]))
+    assert curves["val_mean_dice"] == ([1], [0.6]) and curves["val_lesion_dice"] == ([1], [0.25])
+
+
+# --- the command on synthetic runs ---
+
+
+def metaseg(*args):
+    return subprocess.run([sys.executable, "-m", "metaseg.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_user_error(result, fragment: str):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metaseg: error:"), result.stderr
+    assert fragment in lines[0] and "Traceback" not in result.stderr
+
+
+def imperfect(gt: np.ndarray) -> np.ndarray:
+    """A patient's ground truth moved SHIFT columns right, plus a 5x5 false blob on its first lesion-free slice."""
+    pred = np.roll(gt, SHIFT, axis=2)
+    pred[np.flatnonzero(~gt.any(axis=(1, 2)))[0], 40:45, 40:45] = True
+    return pred
+
+
+def truth_of(data: Path, datalist: dict, split: str) -> dict[str, np.ndarray]:
+    return {
+        patient: np.stack([read_tiff((data / i["label"]).read_bytes()) > 0 for i in datalist[split]
+                           if i["patient"] == patient])
+        for patient in datalist["patients"][split]
+    }
+
+
+def write_run(run: Path, data: Path, datalist: dict, perfect_on: str) -> None:
+    """A run folder as `metaseg train` + `evaluate` leave it, with masks derived from the ground truth."""
+    write_json_atomic(run / "datalist.json", datalist)
+    for split in ("validation", "test"):
+        for patient, gt in truth_of(data, datalist, split).items():
+            items = [i for i in datalist[split] if i["patient"] == patient]
+            for item, mask in zip(items, gt if split == perfect_on else imperfect(gt)):
+                out = run / split / "masks" / patient / f"{Path(item['image']).stem}_seg.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+    (run / "models").mkdir()
+    (run / "models" / "model.pt").write_bytes(b"weights")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Synthetic data and two runs: unetpp is perfect on test and worse on validation, attention_unet the reverse."""
+    from metaseg.synth import synthesize
+
+    root = tmp_path_factory.mktemp("compare")
+    data = root / "SYN"
+    synthesize(data, patients=6, slices=6, seed=1)
+    datalist = build_datalist(discover(data), seed=0)
+    write_run(root / "unetpp", data, datalist, perfect_on="test")
+    write_run(root / "attention_unet", data, datalist, perfect_on="validation")
+    write_json_atomic(root / "attention_unet" / "run.json", {"overrides": {"spatial_size": 64, "epochs": 2}})
+    (root / "unetpp" / "train.log").write_text(
+        "Epoch: 1/2, Iter: 1/1 -- train_loss: 0.9000 \nEpoch[1] Metrics -- val_lesion_dice: 0.4 val_mean_dice: 0.6\n"
+        "Epoch: 2/2, Iter: 1/1 -- train_loss: 0.7000 \nEpoch[2] Metrics -- val_lesion_dice: 0.5 val_mean_dice: 0.7\n"
+    )
+    return {"root": root, "data": data, "datalist": datalist}
+
+
+def test_compare_end_to_end_picks_the_model_better_on_validation(runs, tmp_path):
+    root, out = runs["root"], tmp_path / "reports"
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={root / 'unetpp'}",
+                     "--run", f"attention_unet={root / 'attention_unet'}", "--out", out, "--bootstrap", 200)
+    assert result.returncode == 0, result.stderr
+    assert "best on validation: attention_unet" in result.stdout
+    for name in ("comparison.json", "comparison.md", "qualitative.png", "training_curves.png", "best.json"):
+        assert (out / name).stat().st_size > 0
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["best"] == "attention_unet" and report["split"] == "test"
+    assert report["patients"] == {s: runs["datalist"]["patients"][s] for s in ("test", "validation", "training")}
+    assert report["command"].startswith("metaseg compare --data")
+
+    perfect, shifted = report["models"]["unetpp"], report["models"]["attention_unet"]
+    assert perfect["mean"]["dice_3d"] == perfect["mean"]["lesion_sensitivity"] == 1.0
+    assert perfect["mean"]["hd95_px"] == 0.0 and perfect["mean"]["fp_slice_rate"] == 0.0
+    truth = truth_of(runs["data"], runs["datalist"], "test")
+    expected = [2 * (gt & p).sum() / (gt.sum() + p.sum()) for gt, p in ((gt, imperfect(gt)) for gt in truth.values())]
+    assert [p["dice_3d"] for p in shifted["metric_per_patient"]] == pytest.approx(expected)
+    assert shifted["mean"]["fp_slice_rate"] == pytest.approx(np.mean([1 / (~gt.any(axis=(1, 2))).sum()
+                                                                      for gt in truth.values()]))
+    entry = shifted["metric_per_patient"][0]
+    assert entry["prediction_dir"].endswith(f"test/masks/{entry['patient']}") and entry["n_slices"] == 6
+    validation = report["validation"]
+    assert validation["attention_unet"]["dice_3d_mean"] == 1.0 > validation["unetpp"]["dice_3d_mean"]
+    paired = report["paired_test"]
+    assert paired["models"] == ["unetpp", "attention_unet"] and paired["mean_difference"] > 0
+    assert paired["wilcoxon_p"] is None and paired["note"]  # one test patient: untestable, said so
+
+    md = (out / "comparison.md").read_text()
+    assert "| unetpp | 1.000 [1.000, 1.000]" in md and "Best model: **attention_unet**" in md
+    assert "Empty slices:" in md and "(qualitative.png)" in md and "(training_curves.png)" in md
+
+    best = json.loads((out / "best.json").read_text())
+    assert best["selected_by"] == "validation mean per-patient 3D Dice" and best["report"] == "comparison.md"
+    assert best["test_dice_3d"]["unetpp"] > best["test_dice_3d"]["attention_unet"]
+    model = best_model(out / "best.json")
+    assert model.bundle == bundle_dir("attention_unet")
+    assert model.weights == (root / "attention_unet/models/model.pt").resolve()
+    assert model.overrides == {"spatial_size": 64}  # from run.json: inference must repeat the training input size
+
+
+def test_a_tie_on_validation_goes_to_the_first_run(runs, tmp_path):
+    root = runs["root"]
+    perfect_twice = tmp_path / "attention_unet"
+    shutil.copytree(root / "attention_unet", perfect_twice)
+    zipped = shutil.make_archive(str(tmp_path / "Data"), "zip", root, "SYN")  # the zip, with a top folder, serves too
+    report = compare(Path(zipped), [("unetpp", perfect_twice), ("attention_unet", root / "attention_unet")],
+                     out=tmp_path / "r", best_out=tmp_path / "elsewhere" / "best.json", n_resamples=50)
+    assert report["best"] == "unetpp"
+    assert best_model(tmp_path / "elsewhere" / "best.json").weights == (perfect_twice / "models/model.pt").resolve()
+
+
+def copy_run(runs: dict, name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(runs["root"] / name, tmp_path / name))
+
+
+def test_bad_run_argument_is_one_line(runs, tmp_path):
+    assert_user_error(metaseg("compare", "--data", runs["data"], "--run", "unetpp", "--run", "attention_unet=x"),
+                      "--run must be NAME=RUN_DIR")
+
+
+def test_run_without_datalist_is_one_line(runs, tmp_path):
+    run = copy_run(runs, "unetpp", tmp_path)
+    (run / "datalist.json").unlink()
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={run}",
+                     "--run", f"attention_unet={runs['root'] / 'attention_unet'}", "--out", tmp_path / "r")
+    assert_user_error(result, "no datalist.json")
+
+
+def test_run_without_masks_of_the_split_is_one_line(runs, tmp_path):
+    run = copy_run(runs, "attention_unet", tmp_path)
+    shutil.rmtree(run / "test")
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={runs['root'] / 'unetpp'}",
+                     "--run", f"attention_unet={run}", "--out", tmp_path / "r")
+    assert_user_error(result, "no test masks")
+
+
+def test_missing_masks_are_counted_by_patient(runs, tmp_path):
+    run = copy_run(runs, "attention_unet", tmp_path)
+    patient = runs["datalist"]["patients"]["test"][0]
+    for png in sorted((run / "test" / "masks" / patient).glob("*.png"))[:2]:
+        png.unlink()
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={runs['root'] / 'unetpp'}",
+                     "--run", f"attention_unet={run}", "--out", tmp_path / "r")
+    assert_user_error(result, f"2 of 6 test masks missing in {run} (attention_unet; by patient: {patient}: 2)")
+
+
+def test_runs_with_different_test_patients_are_not_comparable(runs, tmp_path):
+    run = copy_run(runs, "attention_unet", tmp_path)
+    datalist = json.loads((run / "datalist.json").read_text())
+    datalist["patients"]["test"], datalist["patients"]["training"][0] = (
+        datalist["patients"]["training"][:1], datalist["patients"]["test"][0])
+    write_json_atomic(run / "datalist.json", datalist)
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={runs['root'] / 'unetpp'}",
+                     "--run", f"attention_unet={run}", "--out", tmp_path / "r")
+    assert_user_error(result, "runs not comparable")
