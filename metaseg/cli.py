@@ -113,7 +113,48 @@ def cmd_compare(args) -> None:
         low, high = model["ci95"]["dice_3d"]
         print(f"{name}: {args.split} per-patient 3D Dice {model['mean']['dice_3d']:.3f} [{low:.3f}, {high:.3f}], "
               f"validation {report['validation'][name]['dice_3d_mean']:.3f}")
-    print(f"best on validation: {report['best']}; reports in {args.out}, record in {args.best_out or args.out / 'best.json'}")
+    print(f"best on validation: {report['best']}; reports in {args.out}, "
+          f"best-model record {args.best_out or args.out / 'best.json'}")
+
+
+def cmd_serve(args) -> None:
+    import copy
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from serve.config import Settings
+    from serve.model import resolve
+
+    chosen = {"METASEG_BUNDLE": args.bundle, "METASEG_WEIGHTS": args.weights, "METASEG_BEST_RECORD": args.best}
+    os.environ.update({key: str(value) for key, value in chosen.items() if value is not None})  # for every worker
+    try:
+        model = resolve(Settings())  # a missing model is one line here, not a traceback from every worker
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"bad METASEG_{str(first['loc'][0]).upper()} setting: {first['msg']}") from None
+    print(f"serving {model.bundle.name} ({model.weights}) on http://{args.host}:{args.port}/docs", flush=True)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's, plus the request log of serve/metaseg
+    for name in ("serve", "metaseg"):
+        log_config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run("serve.main:app", host=args.host, port=args.port, workers=args.workers, log_config=log_config)
+
+
+def cmd_ui(args) -> None:
+    import os
+    import subprocess
+
+    from ui import APP
+    from ui.client import DEFAULT_SERVER
+
+    server = args.server or os.environ.get("METASEG_SERVER") or DEFAULT_SERVER
+    print(f"viewer on http://{args.host}:{args.port}, a client of the metaseg server at {server}", flush=True)
+    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
+               "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    exit_code = subprocess.run(command, env={**os.environ, "METASEG_SERVER": server}).returncode
+    if exit_code:
+        raise UserError(f"streamlit stopped with exit code {exit_code}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")
+    p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")
+    p.add_argument("--weights", type=Path, help="model.pt to serve (default: the bundle's or the record's)")
+    p.add_argument("--best", type=Path, help="a best-model record written by `metaseg compare` (default: bundles/best.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=_positive_int, default=1, help="server processes, each loading the model (1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="open the Streamlit viewer, a client of a running `metaseg serve`")
+    p.add_argument("--server", help="the server's URL (default: METASEG_SERVER, else http://127.0.0.1:8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address the viewer listens on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

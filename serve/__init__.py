@@ -1,0 +1,1 @@
+"""metaseg's HTTP server: a FastAPI app that segments uploaded MRI slices with one MONAI bundle, loaded once."""

@@ -1,0 +1,42 @@
+"""What the loaded model is and what it expects, so that clients need not read the bundle."""
+
+from fastapi import APIRouter
+
+from serve.deps import EngineDep, ReportMetricsDep, SettingsDep
+from serve.schemas import InputSpec, ModelInfo, UploadLimits
+
+router = APIRouter(prefix="/info", tags=["info"])
+
+FORMATS = ["PNG", "JPEG", "TIFF", "DICOM", "NIfTI-1"]
+CHANNEL_RULE = (
+    "gray images as they are; of a 3- or 4-channel image (RGB, RGBA, RGB DICOM/TIFF) channel 1, which is FLAIR "
+    "in the (pre-contrast, FLAIR, post-contrast) training slices"
+)
+
+
+@router.get("", response_model=ModelInfo)
+def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDep) -> ModelInfo:
+    """The model's identity (from the bundle's metadata.json), its input expectations and the server's limits."""
+    meta = engine.metadata
+    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    return ModelInfo(
+        model=engine.name,
+        title=meta.get("name", engine.name),
+        architecture=type(engine.network).__name__,
+        version=str(meta.get("version", "")),
+        description=meta.get("description", ""),
+        intended_use=meta.get("intended_use", ""),
+        input=InputSpec(
+            channels=image.get("num_channels", 1),
+            channel_def=image.get("channel_def", {}),
+            spatial_size=engine.spatial_size,
+            channel_rule=CHANNEL_RULE,
+            formats=FORMATS,
+            limits=UploadLimits(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_pixels,
+                max_frames=settings.max_frames,
+            ),
+        ),
+        test_metrics=test_metrics,
+    )

@@ -1,0 +1,153 @@
+"""Segment an upload: lesion findings as JSON, one slice's mask or overlay as PNG, or all slices as DICOM SEG.
+
+Each route reads the upload in memory (serve.uploads), then decodes, runs the model and encodes the answer on
+an inference-pool thread, so the event loop keeps answering /health while the CPU works.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Response
+
+from metaseg.engine import Engine
+from metaseg.imageio import Limits, Volume, decode, to_png_bytes
+from serve import dicomseg, findings
+from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, Upload
+from serve.errors import ERROR_RESPONSES
+from serve.overlay import overlay_png
+from serve.schemas import SegmentationReport
+from serve.uploads import REQUEST_BODY, Files
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/segment", tags=["segment"], responses=ERROR_RESPONSES)
+
+
+class PNGResponse(Response):
+    media_type = "image/png"
+
+
+class DICOMResponse(Response):
+    media_type = "application/dicom"
+
+
+@router.post("", response_model=SegmentationReport, openapi_extra=REQUEST_BODY)
+async def segment(
+    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = 0.5
+) -> SegmentationReport:
+    """Lesions in every slice: count, and per lesion its slice, area (pixels, mm²), centroid and bounding box;
+    totals, and the volume in mL when pixel spacing and slice thickness are known."""
+    return await pool.run(_report, engine, files, settings.limits(), threshold)
+
+
+@router.post("/mask", response_class=PNGResponse, openapi_extra=REQUEST_BODY)
+async def mask(
+    files: Upload,
+    engine: EngineDep,
+    pool: PoolDep,
+    settings: SettingsDep,
+    threshold: Threshold = 0.5,
+    slice_index: SliceIndex = 0,
+) -> PNGResponse:
+    """The 0/255 lesion mask of one slice as a gray PNG, at the input's own size and orientation.
+
+    A PNG holds one slice, so for a series, a multi-frame DICOM or a NIfTI volume the `slice` query picks it:
+    0-based, in series order (the `slice_index` of POST /segment), default 0; past the last slice is a 422.
+    All slices at once: POST /segment/seg (DICOM input).
+    """
+    return PNGResponse(await pool.run(_mask_png, engine, files, settings.limits(), threshold, slice_index))
+
+
+@router.post("/overlay", response_class=PNGResponse, openapi_extra=REQUEST_BODY)
+async def overlay(
+    files: Upload,
+    engine: EngineDep,
+    pool: PoolDep,
+    settings: SettingsDep,
+    threshold: Threshold = 0.5,
+    slice_index: SliceIndex = 0,
+) -> PNGResponse:
+    """One slice as an RGB PNG: gray, windowed to its 1st-99th percentile, with the lesion in semi-transparent
+    red and a red contour. `slice` picks the slice as for /segment/mask."""
+    return PNGResponse(await pool.run(_overlay_png, engine, files, settings.limits(), threshold, slice_index))
+
+
+@router.post("/seg", response_class=DICOMResponse, openapi_extra=REQUEST_BODY)
+async def seg(
+    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = 0.5
+) -> DICOMResponse:
+    """A DICOM Segmentation (BINARY, one segment: SNOMED CT 14799000 "Neoplasm, metastatic") with one frame per
+    uploaded slice, referencing the uploaded instances. DICOM input only (else 415).
+
+    Geometry is the source's: plane positions where it has a frame of reference and positions. A single frame
+    without them (e.g. Secondary Capture) gets a SEG without plane positions, aligned pixel for pixel. Several
+    frames without them, or an image lacking the FrameOfReferenceUID its IOD requires, is a 422: the frames
+    could not be told apart, or geometry would have to be invented.
+    """
+    return DICOMResponse(await pool.run(_seg_bytes, engine, files, settings.limits(), threshold))
+
+
+# --- the blocking work, run on a pool thread ----------------------------------------------------------------
+
+
+def _infer(engine: Engine, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    start = time.perf_counter()
+    probabilities = engine.probabilities(frames)
+    return probabilities, (time.perf_counter() - start) * 1000
+
+
+def _log(route: str, files: Files, volume: Volume, inference_ms: float) -> None:
+    """Sizes, kind and timing only: file names and DICOM attributes may identify the patient."""
+    rows, cols = volume.frames[0].shape
+    size = sum(len(data) for _, data in files)
+    log.info(
+        "%s: %s, %d file(s), %d bytes, %d slice(s) of %dx%d, inference %.0f ms",
+        route, volume.kind, len(files), size, len(volume.frames), rows, cols, inference_ms,
+    )
+
+
+def _report(engine: Engine, files: Files, limits: Limits, threshold: float) -> SegmentationReport:
+    volume = decode(files, limits)
+    probabilities, ms = _infer(engine, volume.frames)
+    _log("segment", files, volume, ms)
+    return findings.report(volume, probabilities, threshold, engine.name, ms)
+
+
+def _one_slice(
+    engine: Engine, files: Files, limits: Limits, threshold: float, index: int, route: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(frame, mask) of the slice `index`, computing only that slice."""
+    volume = decode(files, limits)
+    if index >= len(volume.frames):
+        count = len(volume.frames)
+        raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
+    frame = volume.frames[index]
+    (probability,), ms = _infer(engine, [frame])
+    _log(route, files, volume, ms)
+    return frame, findings.lesion_mask(probability, threshold)
+
+
+def _mask_png(engine: Engine, files: Files, limits: Limits, threshold: float, index: int) -> bytes:
+    _, lesion = _one_slice(engine, files, limits, threshold, index, "segment/mask")
+    return to_png_bytes(lesion)
+
+
+def _overlay_png(engine: Engine, files: Files, limits: Limits, threshold: float, index: int) -> bytes:
+    return overlay_png(*_one_slice(engine, files, limits, threshold, index, "segment/overlay"))
+
+
+def _seg_bytes(engine: Engine, files: Files, limits: Limits, threshold: float) -> bytes:
+    volume = decode(files, limits)
+    if volume.kind != "dicom":
+        raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
+    probabilities, ms = _infer(engine, volume.frames)
+    _log("segment/seg", files, volume, ms)
+    masks = np.stack([findings.lesion_mask(p, threshold) for p in probabilities])
+    version = str(engine.metadata.get("version", ""))
+    try:
+        return dicomseg.segmentation(volume, masks, engine.name, version)
+    except dicomseg.UnreferenceableSource as err:
+        raise HTTPException(422, f"cannot build a DICOM SEG for this upload: {err}") from None

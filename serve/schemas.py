@@ -1,0 +1,92 @@
+"""Response models: what each route returns, as documented in OpenAPI at /docs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="what is wrong with the request, in one line")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str = Field(description="bundle folder name of the loaded model")
+    version: str = Field(description="bundle version (metadata.json)")
+    busy: int = Field(description="requests running or waiting for an inference thread")
+    capacity: int = Field(description="most requests accepted at once; beyond it the server answers 503")
+
+
+class UploadLimits(BaseModel):
+    max_upload_bytes: int
+    max_pixels: int = Field(description="per frame (rows x columns)")
+    max_frames: int = Field(description="per upload, all files together")
+
+
+class InputSpec(BaseModel):
+    channels: int = Field(description="network input channels")
+    channel_def: dict[str, str] = Field(description="what each input channel holds, e.g. {'0': 'FLAIR'}")
+    spatial_size: int = Field(description="every slice is resized to spatial_size x spatial_size for the network")
+    channel_rule: str = Field(description="which channel of a colour image is used")
+    formats: list[str]
+    limits: UploadLimits
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="bundle folder name")
+    title: str = Field(description="bundle name in metadata.json")
+    architecture: str = Field(description="network class the bundle instantiates")
+    version: str
+    description: str
+    intended_use: str
+    input: InputSpec
+    test_metrics: dict[str, float] | None = Field(
+        description="test-split metrics from the comparison report the best-model record names; null if none"
+    )
+
+
+class ImageSize(BaseModel):
+    rows: int
+    cols: int
+
+
+class Point(BaseModel):
+    row: float
+    col: float
+
+
+class BoundingBox(BaseModel):
+    """Pixel rows and columns, both ends inclusive."""
+
+    row_min: int
+    col_min: int
+    row_max: int
+    col_max: int
+
+
+class Lesion(BaseModel):
+    slice_index: int = Field(description="0-based index of the slice in series order")
+    area_px: int
+    area_mm2: float | None = Field(description="from PixelSpacing; null when the input has none")
+    centroid: Point
+    bbox: BoundingBox
+    max_probability: float
+
+
+class SegmentationReport(BaseModel):
+    model: str
+    kind: str = Field(description="input format: png, jpeg, tiff, dicom or nifti")
+    image_size: ImageSize
+    slices: int
+    threshold: float
+    pixel_spacing_mm: tuple[float, float] | None = Field(description="(row, column) spacing; null when unknown")
+    slice_thickness_mm: float | None
+    lesion_count: int = Field(description="connected components (8-connected), counted per slice")
+    lesions: list[Lesion]
+    total_area_px: int
+    total_area_mm2: float | None
+    volume_ml: float | None = Field(description="total area x slice thickness; null when either is unknown")
+    max_probability: float = Field(description="highest lesion probability over all slices")
+    inference_ms: float = Field(description="time spent in the network and its pre/postprocessing")

@@ -1,0 +1,632 @@
+"""The HTTP server: every input format, findings in pixels and mm, DICOM SEG, limits and errors (always a 4xx,
+never a 5xx), a saturated pool, logs without patient data, and a real uvicorn under 50 concurrent clients.
+
+The model is the attention_unet bundle with seeded random weights at spatial_size 32 (fast, no training);
+where exact masks matter, an "echo" engine whose probability is the slice's own brightness stands in for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import gzip
+import io
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import highdicom as hd
+import httpx
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import starlette.formparsers
+import tifffile
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from starlette.requests import Request
+
+from conftest import REPO
+from metaseg.cli import main
+from metaseg.errors import UserError
+from serve.config import Settings, get_settings
+from serve.deps import get_engine
+from serve.main import create_app
+from serve.uploads import read_files
+from test_engine import random_weights
+
+MiB = 2**20
+SHIPPED = Path(pydicom.__file__).parent / "data" / "test_files"  # files on disk only: nothing is downloaded
+
+
+# --- the model and the app ----------------------------------------------------------------------------------
+
+
+class EchoEngine:
+    """Probability = the slice's brightness scaled to 0..1, so a mask is wherever the picture is bright."""
+
+    name = "echo"
+    metadata = {"version": "0.0.0"}
+    spatial_size = 32
+
+    def probabilities(self, frames):
+        return [(f / f.max() if f.max() > 0 else np.zeros_like(f)).astype(np.float32) for f in frames]
+
+
+class SlowEngine(EchoEngine):
+    """Holds its pool thread until released, to saturate a pool of one."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def probabilities(self, frames):
+        self.started.set()
+        self.release.wait(30)
+        return super().probabilities(frames)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return random_weights("attention_unet", tmp_path_factory.mktemp("model"))
+
+
+def settings_for(weights: Path, **changes) -> Settings:
+    return Settings(bundle="attention_unet", weights=weights, spatial_size=32, max_upload_bytes=2 * MiB, **changes)
+
+
+@contextmanager
+def serving(settings: Settings, engine=None):
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+    if engine is not None:
+        app.dependency_overrides[get_engine] = lambda: engine
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(weights):
+    with serving(settings_for(weights)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def echo(weights):
+    with serving(settings_for(weights), EchoEngine()) as c:
+        yield c
+
+
+def post(client, path="/segment", *files, **params):
+    return client.post(path, files=[("file", f) for f in files], params=params)
+
+
+def read_png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+STUDY, SERIES, FRAME_OF_REFERENCE = generate_uid(), generate_uid(), generate_uid()
+
+
+def blobs(shape=(40, 56), boxes=((5, 30, 6, 8),), dtype=np.uint8, high=200) -> np.ndarray:
+    """Background 20 with bright boxes (row, col, height, width): an asymmetric picture with known lesions."""
+    image = np.full(shape, 20, dtype)
+    for row, col, height, width in boxes:
+        image[row : row + height, col : col + width] = high
+    return image
+
+
+def encode(image, fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def tiff(image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image, **kwargs)
+    return buffer.getvalue()
+
+
+def nifti(data, gz=False) -> bytes:
+    raw = nib.Nifti1Image(data, np.eye(4)).to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def mr(pixels: np.ndarray, z: float = 0.0, **attrs) -> Dataset:
+    """An MR Image Storage instance with everything a SEG needs; `attrs` set or (None) delete attributes."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "T-1", "19700101", "O"
+    ds.StudyInstanceUID, ds.StudyID, ds.StudyDate, ds.StudyTime = STUDY, "1", "20240101", "120000"
+    ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality, ds.InstanceNumber = SERIES, 1, "MR", int(z) + 1
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = FRAME_OF_REFERENCE, ""
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, z], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [0.5, 0.8], 3.0
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    for keyword, value in attrs.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def dcm(ds: Dataset, **write_args) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, **write_args)
+    return buffer.getvalue()
+
+
+def shipped(name: str) -> bytes:
+    return (SHIPPED / name).read_bytes()
+
+
+def shipped_size(name: str) -> tuple[int, int]:
+    ds = pydicom.dcmread(SHIPPED / name, stop_before_pixels=True)
+    return int(ds.Rows), int(ds.Columns)
+
+
+SLICE = blobs()
+RGB = np.dstack([SLICE // 2, SLICE, SLICE // 3])  # channel 1 (FLAIR) is the slice
+SERIES_SLICES = [blobs((24, 32), ((2 + 4 * z, 3, 4, 5),)) for z in range(3)]
+VOXELS = np.random.default_rng(0).integers(0, 900, (24, 20, 3)).astype(np.int16)
+
+
+def series_files(order=(2, 0, 1)) -> list[tuple[str, bytes]]:
+    return [(f"s{z}.dcm", dcm(mr(SERIES_SLICES[z], z=float(z)))) for z in order]
+
+
+FORMATS = [  # id, files, (rows, cols), slices
+    ("png-gray8", lambda: [("a.png", encode(SLICE))], SLICE.shape, 1),
+    ("png-gray16", lambda: [("a.png", encode(SLICE.astype(np.uint16) * 300))], SLICE.shape, 1),
+    ("png-rgb", lambda: [("a.png", encode(RGB))], SLICE.shape, 1),
+    ("png-rgba", lambda: [("a.png", encode(np.dstack([RGB, np.full(SLICE.shape, 255, np.uint8)])))], SLICE.shape, 1),
+    ("jpeg", lambda: [("a.jpg", encode(SLICE, "JPEG"))], SLICE.shape, 1),
+    ("tiff-gray", lambda: [("a.tif", tiff(SLICE))], SLICE.shape, 1),
+    ("tiff-dataset-slice-256x256x3",
+     lambda: [("TCGA_X_1.tif", tiff(np.random.default_rng(1).integers(0, 255, (256, 256, 3), np.uint8),
+                                    photometric="rgb"))], (256, 256), 1),
+    ("dicom-explicit-le", lambda: [("a.dcm", shipped("MR_small.dcm"))], shipped_size("MR_small.dcm"), 1),
+    ("dicom-implicit-le", lambda: [("a.dcm", shipped("MR_small_implicit.dcm"))], (64, 64), 1),
+    ("dicom-big-endian", lambda: [("a.dcm", shipped("MR_small_bigendian.dcm"))], (64, 64), 1),
+    ("dicom-deflate", lambda: [("a.dcm", shipped("image_dfl.dcm"))], shipped_size("image_dfl.dcm"), 1),
+    ("dicom-jpeg-baseline", lambda: [("a.dcm", shipped("SC_rgb_jpeg_dcmtk.dcm"))], (100, 100), 1),
+    ("dicom-jpeg-lossless", lambda: [("a.dcm", shipped("SC_rgb_jpeg_gdcm.dcm"))], (100, 100), 1),
+    ("dicom-jpeg-ls", lambda: [("a.dcm", shipped("MR_small_jpeg_ls_lossless.dcm"))], (64, 64), 1),
+    ("dicom-jpeg-2000", lambda: [("a.dcm", shipped("MR_small_jp2klossless.dcm"))], (64, 64), 1),
+    ("dicom-rle", lambda: [("a.dcm", shipped("MR_small_RLE.dcm"))], (64, 64), 1),
+    ("dicom-multiframe-rgb-rle", lambda: [("a.dcm", shipped("SC_rgb_rle_2frame.dcm"))], (100, 100), 2),
+    ("dicom-multiframe-mr", lambda: [("a.dcm", dcm(mr(np.stack(SERIES_SLICES))))], (24, 32), 3),
+    ("dicom-series", series_files, (24, 32), 3),
+    ("nifti", lambda: [("a.nii", nifti(VOXELS))], (20, 24), 3),
+    ("nifti-gz", lambda: [("a.nii.gz", nifti(VOXELS, gz=True))], (20, 24), 3),
+    ("png-1x1", lambda: [("a.png", encode(np.full((1, 1), 255, np.uint8)))], (1, 1), 1),
+    ("png-1x3000-strip", lambda: [("a.png", encode(np.tile(SLICE[:1], (1, 60))[:, :3000]))], (1, 3000), 1),
+    ("png-constant", lambda: [("a.png", encode(np.full((50, 50), 7, np.uint8)))], (50, 50), 1),
+]
+
+
+# --- every format -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Divide by zero:Warning")  # MONAI, on a slice without intensity range
+@pytest.mark.parametrize(("make", "size", "slices"), [f[1:] for f in FORMATS], ids=[f[0] for f in FORMATS])
+def test_every_format_is_segmented_at_its_own_size(client, make, size, slices):
+    files = make()
+    report = post(client, "/segment", *files)
+    assert report.status_code == 200, report.text
+    body = report.json()
+    assert (body["image_size"], body["slices"]) == ({"rows": size[0], "cols": size[1]}, slices)
+    assert body["model"] == "attention_unet" and 0 <= body["max_probability"] <= 1 and body["inference_ms"] > 0
+    last = post(client, "/segment/mask", *files, slice=slices - 1)
+    mask = read_png(last)
+    assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
+
+
+def test_same_slice_as_png_and_dicom_gives_the_same_mask(client, echo):
+    as_png, as_dicom = ("a.png", encode(SLICE)), ("a.dcm", dcm(mr(SLICE)))
+    np.testing.assert_array_equal(read_png(post(client, "/segment/mask", as_png)),
+                                  read_png(post(client, "/segment/mask", as_dicom)))
+    expected = np.where(SLICE > 100, 255, 0)  # the bright box, where the picture has it: orientation is kept
+    for upload in (as_png, as_dicom, ("a.tif", tiff(RGB, photometric="rgb"))):
+        np.testing.assert_array_equal(read_png(post(echo, "/segment/mask", upload)), expected)
+
+
+def test_lesions_are_counted_per_slice_and_measured_with_pixel_spacing(echo):
+    slice0 = blobs((30, 40), ((2, 3, 4, 5), (20, 30, 3, 3)), np.uint16)
+    slice1 = blobs((30, 40), (), np.uint16)
+    slice1[10, 10] = slice1[11, 11] = 200  # diagonal neighbours: one lesion (8-connected)
+    files = [("b.dcm", dcm(mr(slice1, z=3.0))), ("a.dcm", dcm(mr(slice0, z=0.0)))]
+    body = post(echo, "/segment", *files).json()
+    assert (body["slices"], body["lesion_count"], body["pixel_spacing_mm"]) == (2, 3, [0.5, 0.8])
+    first, second, third = body["lesions"]
+    assert first == {"slice_index": 0, "area_px": 20, "area_mm2": pytest.approx(8.0),
+                     "centroid": {"row": 3.5, "col": 5.0},
+                     "bbox": {"row_min": 2, "col_min": 3, "row_max": 5, "col_max": 7}, "max_probability": 1.0}
+    assert (second["slice_index"], second["area_px"], second["bbox"]["row_min"]) == (0, 9, 20)
+    assert (third["slice_index"], third["area_px"], third["centroid"]) == (1, 2, {"row": 10.5, "col": 10.5})
+    assert body["total_area_px"] == 31 and body["total_area_mm2"] == pytest.approx(31 * 0.4)
+    assert body["volume_ml"] == pytest.approx(31 * 0.4 * 3.0 / 1000)
+    as_png = post(echo, "/segment", ("a.png", encode(slice0.astype(np.uint8)))).json()
+    assert as_png["lesion_count"] == 2 and as_png["total_area_px"] == 29
+    assert as_png["lesions"][0]["area_mm2"] is None and as_png["total_area_mm2"] is None and as_png["volume_ml"] is None
+    assert post(echo, "/segment", ("a.png", encode(SLICE)), threshold=1).json()["lesion_count"] == 0
+
+
+def test_mask_and_overlay_of_one_series_slice(echo):
+    files = series_files()
+    for z in range(3):
+        expected = np.where(SERIES_SLICES[z] > 100, 255, 0)
+        np.testing.assert_array_equal(read_png(post(echo, "/segment/mask", *files, slice=z)), expected)
+    overlay = read_png(post(echo, "/segment/overlay", *files, slice=1))
+    assert overlay.shape == (24, 32, 3)
+    lesion = SERIES_SLICES[1] > 100
+    assert (overlay[lesion][:, 0] == 255).all() and (overlay[lesion][:, 1] < 255).all()
+    assert (overlay[~lesion][:, 0] == overlay[~lesion][:, 1]).all()  # gray outside the lesion
+
+
+# --- DICOM SEG ------------------------------------------------------------------------------------------------
+
+
+def read_seg(response) -> hd.seg.Segmentation:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    return hd.seg.segread(io.BytesIO(response.content))
+
+
+def test_dicom_seg_references_every_slice_of_the_series(echo):
+    files = series_files(order=(1, 2, 0))
+    seg = read_seg(post(echo, "/segment/seg", *files))
+    uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, data in files]
+    assert sorted(uid for _, _, uid in seg.get_source_image_uids()) == sorted(uids)
+    assert seg.SegmentationType == "BINARY" and seg.number_of_frames == 3
+    assert seg.StudyInstanceUID == STUDY and seg.FrameOfReferenceUID == FRAME_OF_REFERENCE
+    description = seg.get_segment_description(1)
+    assert description.segmented_property_type.value == "14799000"
+    assert description.segmented_property_category.value == "49755003"
+    by_z = {float(z): uid for z, uid in zip((1, 2, 0), uids)}
+    pixels = seg.get_pixels_by_source_instance([by_z[z] for z in (0.0, 1.0, 2.0)], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), np.stack(SERIES_SLICES) > 100)
+
+
+def test_dicom_seg_of_a_series_without_slice_thickness_uses_the_slice_spacing(echo):
+    files = [(f"{z}.dcm", dcm(mr(s, z=2.5 * z, SliceThickness=None))) for z, s in enumerate(SERIES_SLICES)]
+    seg = read_seg(post(echo, "/segment/seg", *files))
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 2.5
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_dicom_seg_of_shipped_files(client, name):
+    seg = read_seg(post(client, "/segment/seg", ("a.dcm", shipped(name))))
+    source = pydicom.dcmread(SHIPPED / name, stop_before_pixels=True)
+    assert [uid for _, _, uid in seg.get_source_image_uids()] == [source.SOPInstanceUID]
+    assert seg.number_of_frames == int(source.get("NumberOfFrames") or 1)
+
+
+def test_dicom_seg_without_geometry_only_where_nothing_is_invented(echo):
+    """One frame without position/orientation or frame of reference: a SEG aligned pixel for pixel, without plane
+    positions. Several without them, or an MR image without the FrameOfReferenceUID its IOD requires: 422."""
+    flat = mr(SLICE, ImagePositionPatient=None, ImageOrientationPatient=None, PatientBirthDate=None,
+              StudyID=None, AccessionNumber=None)  # also missing type 2 attributes
+    seg = read_seg(post(echo, "/segment/seg", ("a.dcm", dcm(flat))))
+    assert "PlanePositionSequence" not in seg.PerFrameFunctionalGroupsSequence[0]
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance([flat.SOPInstanceUID])[0, ..., 0], SLICE > 100)
+    unpositioned = [(f"{z}.dcm", dcm(mr(s, ImagePositionPatient=None))) for z, s in enumerate(SERIES_SLICES)]
+    refused = post(echo, "/segment/seg", *unpositioned)
+    assert refused.status_code == 422 and "cannot build a DICOM SEG" in refused.json()["detail"]
+    refused = post(echo, "/segment/seg", ("a.dcm", dcm(mr(SLICE, FrameOfReferenceUID=None))))
+    assert refused.status_code == 422 and "Frame Of Reference" in refused.json()["detail"]
+    refused = post(echo, "/segment/seg", ("a.dcm", shipped("SC_rgb_rle_2frame.dcm")))  # two frames, no geometry
+    assert refused.status_code == 422 and "cannot be told apart" in refused.json()["detail"]
+    capture = post(echo, "/segment/seg", ("a.dcm", shipped("SC_rgb_jpeg_dcmtk.dcm")))  # no frame of reference
+    assert capture.status_code == 200 and capture.headers["content-type"] == "application/dicom"
+    seg = pydicom.dcmread(io.BytesIO(capture.content))  # highdicom's reader wants a SliceThickness it need not have
+    source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert source.ReferencedSOPInstanceUID == pydicom.dcmread(SHIPPED / "SC_rgb_jpeg_dcmtk.dcm").SOPInstanceUID
+    assert (seg.Modality, seg.NumberOfFrames, "FrameOfReferenceUID" in seg) == ("SEG", 1, False)
+    assert post(echo, "/segment", ("a.dcm", dcm(mr(SLICE, FrameOfReferenceUID=None)))).status_code == 200
+
+
+# --- bad uploads: always a 4xx with a detail ------------------------------------------------------------------
+
+PNG = encode(SLICE)
+JPEG = encode(SLICE, "JPEG")
+TIF = tiff(SLICE)
+DCM = dcm(mr(SLICE))
+NII = nifti(VOXELS)
+RANDOM = np.random.default_rng(7).bytes(4000)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR (with a valid CRC) claims another size."""
+    data = encode(np.zeros((1, 1), np.uint8))
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    return data[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + data[33:]
+
+
+def dicom_with(**attrs) -> bytes:
+    return dcm(mr(SLICE, **attrs))
+
+
+def with_syntax(syntax: str) -> bytes:
+    ds = mr(SLICE)
+    ds.file_meta.TransferSyntaxUID = syntax
+    return dcm(ds, implicit_vr=False, little_endian=True)
+
+
+def corrupt_rle() -> bytes:
+    ds = pydicom.dcmread(SHIPPED / "MR_small_RLE.dcm")
+    ds.PixelData = encapsulate([RANDOM])
+    return dcm(ds)
+
+
+def one(data: bytes, name="scan"):
+    return lambda c: post(c, "/segment", (name, data))
+
+
+def raw(content: bytes, content_type: str | None, **headers):
+    if content_type:
+        headers["content-type"] = content_type
+    return lambda c: c.post("/segment", content=content, headers=headers)
+
+
+MULTIPART = "multipart/form-data; boundary=xyz"
+PART = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + PNG
+
+BAD_UPLOADS = [  # id, request, expected status
+    ("no-body", lambda c: c.post("/segment"), 415),
+    ("json-body", lambda c: c.post("/segment", json={"file": "a.png"}), 415),
+    ("text-body", raw(b"hello", "text/plain"), 415),
+    ("urlencoded-form", lambda c: c.post("/segment", data={"file": "abc"}), 415),
+    ("multipart-without-boundary", raw(PART, "multipart/form-data"), 400),
+    ("multipart-garbage", raw(RANDOM, MULTIPART), 400),
+    ("multipart-truncated", raw(PART, MULTIPART), 400),
+    ("field-not-named-file", lambda c: c.post("/segment", files={"image": ("a.png", PNG)}), 422),
+    ("only-other-fields", lambda c: c.post("/segment", data={"note": "x"}, files={"other": ("a", PNG)}), 422),
+    ("empty-file", one(b""), 400),
+    ("random-bytes", one(RANDOM), 415),
+    ("text-file", one(b"patient list\nline 2\n" * 20), 415),
+    ("json-file", one(b'{"image": [1, 2, 3]}'), 415),
+    ("png-truncated", one(PNG[: len(PNG) // 2]), 400),
+    ("png-signature-only", one(PNG[:8]), 400),
+    ("png-corrupt-data", one(PNG[:60] + bytes(40) + PNG[100:]), 400),
+    ("png-zero-sized", one(png_declaring(0, 10)), 400),
+    ("png-decompression-bomb", one(png_declaring(100_000, 100_000)), 413),
+    ("png-over-max-pixels", one(png_declaring(5000, 5000)), 413),
+    ("jpeg-truncated", one(JPEG[:300]), 400),
+    ("jpeg-soi-only", one(b"\xff\xd8\xff"), 400),
+    ("tiff-header-only", one(b"II*\x00\x08\x00\x00\x00"), 400),
+    ("tiff-truncated", one(TIF[: len(TIF) // 2]), 400),
+    ("dicom-preamble-only", one(bytes(128) + b"DICM"), 400),
+    ("dicom-truncated", one(DCM[:-300]), 400),
+    ("dicom-shipped-truncated", one(shipped("MR_truncated.dcm")), 400),
+    ("dicom-no-pixel-data", one(dicom_with(PixelData=None)), 400),
+    ("dicom-unknown-transfer-syntax", one(with_syntax("1.2.3.4")), 415),
+    ("dicom-12-bit-jpeg", one(shipped("JPEG-lossy.dcm")), 400),
+    ("dicom-corrupt-rle", one(corrupt_rle()), 400),
+    ("dicom-zero-rows", one(dicom_with(Rows=0)), 400),
+    ("dicom-too-many-frames", one(dicom_with(NumberOfFrames=100_000)), 413),
+    ("gzip-not-nifti", one(gzip.compress(b"hello" * 100)), 415),
+    ("gzip-corrupt", one(b"\x1f\x8b" + RANDOM), 400),
+    ("nifti-truncated", one(NII[:400]), 400),
+    ("nifti-4d", one(nifti(np.zeros((4, 4, 2, 3), np.int16))), 400),
+    ("two-nifti-files", lambda c: post(c, "/segment", ("a.nii", NII), ("b.nii", NII)), 400),
+    ("mixed-kinds", lambda c: post(c, "/segment", ("a.png", PNG), ("b.dcm", DCM)), 400),
+    ("series-sizes-differ", lambda c: post(c, "/segment", ("a.dcm", DCM), ("b.dcm", dcm(mr(SLICE[:8])))), 400),
+    ("body-over-limit", one(bytes(128) + b"DICM" + bytes(3 * MiB)), 413),
+    ("content-length-understated", lambda c: c.post("/segment", files={"file": ("a", bytes(3 * MiB))},
+                                                     headers={"content-length": "300"}), 413),
+    ("content-length-over-limit", raw(PART, MULTIPART, **{"content-length": str(10**9)}), 413),
+    ("threshold-above-1", lambda c: post(c, "/segment", ("a.png", PNG), threshold=1.5), 422),
+    ("threshold-negative", lambda c: post(c, "/segment", ("a.png", PNG), threshold=-0.1), 422),
+    ("threshold-nan", lambda c: post(c, "/segment", ("a.png", PNG), threshold="nan"), 422),
+    ("threshold-not-a-number", lambda c: post(c, "/segment", ("a.png", PNG), threshold="high"), 422),
+    ("slice-past-the-end", lambda c: post(c, "/segment/mask", ("a.png", PNG), slice=1), 422),
+    ("slice-negative", lambda c: post(c, "/segment/overlay", ("a.png", PNG), slice=-1), 422),
+    ("series-slice-past-the-end", lambda c: post(c, "/segment/overlay", *series_files(), slice=3), 422),
+    ("seg-of-a-png", lambda c: post(c, "/segment/seg", ("a.png", PNG)), 415),
+]
+
+
+@pytest.mark.parametrize(("send", "status"), [b[1:] for b in BAD_UPLOADS], ids=[b[0] for b in BAD_UPLOADS])
+def test_bad_upload_is_a_4xx_with_a_detail(client, send, status):
+    response = send(client)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_corpus_is_large_enough():
+    assert len(BAD_UPLOADS) >= 30
+
+
+def test_upload_limit_is_checked_while_the_body_arrives():
+    """No Content-Length, a 64 KiB chunk at a time: refused after the limit's worth, not after all 6 MiB."""
+    chunks = [PART[: 64 * 1024]] + [bytes(64 * 1024)] * 95
+    received = []
+
+    async def receive():
+        received.append(chunks[len(received)])
+        return {"type": "http.request", "body": received[-1], "more_body": len(received) < len(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/segment", "headers": [(b"content-type", MULTIPART.encode())]}
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(read_files(Request(scope, receive), max_bytes=256 * 1024))
+    assert refused.value.status_code == 413 and len(received) == 5
+
+
+def test_uploads_never_touch_the_disk(echo, monkeypatch):
+    """A 1.5 MiB upload (Starlette's form parser would spool it to a temporary file) with every temporary file,
+    and every file opened for writing, forbidden."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an upload was written to disk")
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            forbidden()
+        return real_open(file, mode, *args, **kwargs)
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", forbidden)
+    for name in ("mkstemp", "TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile"):
+        monkeypatch.setattr(tempfile, name, forbidden)
+    big = blobs((900, 860), dtype=np.uint16)
+    assert post(echo, "/segment", ("big.dcm", dcm(mr(big)))).json()["image_size"] == {"rows": 900, "cols": 860}
+
+
+# --- the service ----------------------------------------------------------------------------------------------
+
+
+def test_openapi_lists_every_endpoint_with_its_models(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {path: set(ops) for path, ops in paths.items()} == {
+        "/health": {"get"}, "/info": {"get"}, "/segment": {"post"}, "/segment/mask": {"post"},
+        "/segment/overlay": {"post"}, "/segment/seg": {"post"},
+    }
+    assert set(schema["components"]["schemas"]) >= {"Health", "ModelInfo", "SegmentationReport", "Lesion"}
+    for path in ("/segment", "/segment/mask", "/segment/overlay", "/segment/seg"):
+        body = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["required"] == ["file"]
+        assert {"400", "413", "415", "422", "503"} <= set(paths[path]["post"]["responses"])
+    assert "image/png" in paths["/segment/mask"]["post"]["responses"]["200"]["content"]
+    assert "application/dicom" in paths["/segment/seg"]["post"]["responses"]["200"]["content"]
+    assert {p["name"] for p in paths["/segment/mask"]["post"]["parameters"]} == {"threshold", "slice"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_health_and_info_without_a_recorded_report(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "attention_unet", "version": "0.1.0",
+                                             "busy": 0, "capacity": 34}
+    info = client.get("/info").json()
+    assert (info["model"], info["architecture"], info["test_metrics"]) == ("attention_unet", "AttentionUnet", None)
+    assert info["input"]["channels"] == 1 and info["input"]["channel_def"] == {"0": "FLAIR"}
+    assert info["input"]["spatial_size"] == 32 and "DICOM" in info["input"]["formats"]
+    assert info["input"]["limits"]["max_upload_bytes"] == 2 * MiB
+
+
+def test_best_model_record_is_the_default_and_its_report_gives_test_metrics(weights, tmp_path):
+    record = tmp_path / "best.json"
+    record.write_text(json.dumps({"bundle": "attention_unet", "weights": str(weights),
+                                  "overrides": {"spatial_size": 32}, "report": "reports/comparison.md"}))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "comparison.json").write_text(json.dumps(
+        {"split": "test", "models": {"attention_unet": {"mean": {"dice_3d": 0.81, "hd95_px": None}}}}))
+    with serving(Settings(best_record=record)) as c:
+        info = c.get("/info").json()
+    assert (info["model"], info["input"]["spatial_size"], info["test_metrics"]) == ("attention_unet", 32,
+                                                                                   {"dice_3d": 0.81})
+
+
+def test_missing_best_model_record_is_a_clear_startup_error(tmp_path, capsys, monkeypatch):
+    with pytest.raises(UserError, match=r"run `metaseg compare` or pass --bundle"):
+        with serving(Settings(best_record=tmp_path / "best.json")):
+            pass
+    monkeypatch.setenv("METASEG_BEST_RECORD", "restored after the test")  # `metaseg serve` exports its choice
+    assert main(["serve", "--best", str(tmp_path / "best.json")]) == 2
+    assert "run `metaseg compare` or pass --bundle" in capsys.readouterr().err
+
+
+def test_saturated_pool_answers_503_with_retry_after(weights):
+    engine = SlowEngine()
+    with serving(settings_for(weights, pool_size=1, queue_limit=0), engine) as c:
+        with ThreadPoolExecutor(1) as background:
+            first = background.submit(post, c, "/segment", ("a.png", PNG))
+            assert engine.started.wait(30)
+            busy = post(c, "/segment", ("b.png", PNG))
+            assert c.get("/health").json()["busy"] == 1
+            engine.release.set()
+            assert first.result().status_code == 200
+    assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0 and busy.json()["detail"]
+
+
+def test_logs_hold_no_patient_data(echo, caplog):
+    caplog.set_level(logging.DEBUG)
+    doe = dcm(mr(SLICE, PatientName="Doe^Jane", PatientID="DOE-4711", InstitutionName="Doe Clinic"))
+    assert post(echo, "/segment", ("Doe_Jane.dcm", doe)).status_code == 200
+    assert post(echo, "/segment/seg", ("Doe_Jane.dcm", doe)).status_code == 200
+    assert post(echo, "/segment", ("Doe_Jane.dcm", doe[:-300])).status_code == 400
+    assert "segment: dicom, 1 file(s)" in caplog.text  # the request was logged: sizes and kinds only
+    assert "Doe" not in caplog.text and "DOE" not in caplog.text
+    assert pydicom.dcmread(io.BytesIO(doe)).SOPInstanceUID not in caplog.text  # highdicom logs UIDs at INFO
+
+
+# --- a real server ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uvicorn_answers_50_concurrent_clients(weights):
+    port = free_port()
+    env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights),
+           "METASEG_SPATIAL_SIZE": "32", "METASEG_POOL_SIZE": "2", "METASEG_QUEUE_LIMIT": "64"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        start = threading.Barrier(50)
+
+        def client(n: int) -> httpx.Response:
+            image = blobs((32, 32), ((n % 20, 4, 6, 6),))
+            start.wait()
+            return httpx.post(f"{url}/segment", files={"file": (f"{n}.png", encode(image))}, timeout=120)
+
+        with ThreadPoolExecutor(50) as pool:
+            responses = list(pool.map(client, range(50)))
+        assert [r.status_code for r in responses] == [200] * 50
+        assert all(r.json()["image_size"] == {"rows": 32, "cols": 32} for r in responses)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+    assert server.returncode is not None
