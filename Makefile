@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-setup
+BROWSER_STAMP := $(VENV)/.stamp-browser
 DEMO   := runs/demo
 DEMO_TRAIN := --epochs 12 --spatial-size 64
 
@@ -10,14 +11,22 @@ DEMO_TRAIN := --epochs 12 --spatial-size 64
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 268435456
 
-.PHONY: setup test demo train clean
+.PHONY: setup test demo train serve-ui clean
 
-setup: $(STAMP)
+# The browser test drives Debian's Chromium; apt needs root, so sudo is used when not root and sudo exists.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo sudo)
+
+setup: $(STAMP) $(BROWSER_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(BROWSER_STAMP): | $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
 	touch $@
 
 test: setup
@@ -43,6 +52,15 @@ train: setup
 	done
 	$(BIN)/metaseg compare --data $(DATA) --run attention_unet=$(RUNS)/attention_unet --run unetpp=$(RUNS)/unetpp \
 	  --out $(RUNS)/report --best-out $(RUNS)/best.json
+
+# The server in the background, then the viewer in front; Ctrl-C stops both.
+#   make serve-ui [SERVE_ARGS="--best runs/demo/best.json"] [SERVER_PORT=8000] [UI_PORT=8501]
+SERVER_PORT ?= 8000
+UI_PORT ?= 8501
+serve-ui: setup
+	$(BIN)/metaseg serve --port $(SERVER_PORT) $(SERVE_ARGS) & server=$$!; \
+	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/metaseg ui --server http://127.0.0.1:$(SERVER_PORT) --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -151,7 +151,8 @@ def cmd_ui(args) -> None:
     server = args.server or os.environ.get("METASEG_SERVER") or DEFAULT_SERVER
     print(f"viewer on http://{args.host}:{args.port}, a client of the metaseg server at {server}", flush=True)
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
-               "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+               "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "viewer"]
     exit_code = subprocess.run(command, env={**os.environ, "METASEG_SERVER": server}).returncode
     if exit_code:
         raise UserError(f"streamlit stopped with exit code {exit_code}")

@@ -1,0 +1,146 @@
+"""The viewer end to end in a real browser: the metaseg server and `metaseg ui` as subprocesses, Debian's headless
+Chromium driven by Selenium, a PNG and then a DICOM series dropped on the uploader.
+
+The server runs the attention_unet bundle with seeded random weights at spatial_size 32 (as in test_serve): what
+matters here is that the overlay, the lesion table and the downloads reach the page, not what the model finds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import REPO
+from test_engine import random_weights
+from test_ui import SERIES, blobs, dicom_series, free_port, png
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+    reason="Debian's chromium and chromium-driver are not installed (`make setup` installs them)",
+)
+
+
+@contextmanager
+def running(command: list[str], env: dict, ready_url: str, log: Path):
+    """A subprocess in its own process group, up once `ready_url` answers 200; the whole group is stopped after."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"{command[2:5]} exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{ready_url} did not answer:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # `metaseg ui` runs streamlit as a child: stop the group
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
+def viewer(tmp_path: Path, weights: Path, server_args: dict[str, str]):
+    """URL of the viewer, a client of a server that serves `weights` with METASEG_* `server_args`."""
+    server_port, ui_port = free_port(), free_port()
+    server = f"http://127.0.0.1:{server_port}"
+    env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights), **server_args}
+    with (
+        running([sys.executable, "-m", "uvicorn", "serve.main:app", "--host", "127.0.0.1", "--port",
+                 str(server_port), "--log-level", "warning"], env, f"{server}/health", tmp_path / "server.log"),
+        running([sys.executable, "-m", "metaseg.cli", "ui", "--server", server, "--port", str(ui_port)],
+                dict(os.environ), f"http://127.0.0.1:{ui_port}/_stcore/health", tmp_path / "viewer.log"),
+    ):
+        yield f"http://127.0.0.1:{ui_port}"
+
+
+@contextmanager
+def chromium(tmp_path: Path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1600,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()  # also ends chromedriver and every chromium process it started
+
+
+def shown(driver, css: str, count: int = 1, text: str = "", timeout: float = 120) -> list:
+    """Wait until at least `count` elements match `css` (and one of them contains `text`), and return them."""
+
+    def found(d):
+        elements = d.find_elements(By.CSS_SELECTOR, css)
+        return elements if len(elements) >= count and any(text in e.text for e in elements) else False
+
+    try:
+        return WebDriverWait(driver, timeout).until(found)
+    except TimeoutException:
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')]
+        pytest.fail(f"no {count} x {css} containing {text!r} within {timeout} s; alerts on the page: {errors}")
+
+
+def drop(driver, url: str, paths: list[Path]) -> None:
+    """Open a fresh session of the viewer and drop the files on its uploader."""
+    driver.get(url)
+    shown(driver, '[data-testid="stSidebar"] [data-testid="stAlert"]', text="Up, model loaded")
+    shown(driver, 'input[type="file"]')[0].send_keys("\n".join(str(p) for p in paths))
+
+
+def segmented(driver) -> dict[str, str]:
+    """Wait for the input, the overlay, the lesion table and the downloads; return the metrics shown."""
+    shown(driver, '[data-testid="stMainBlockContainer"] [data-testid="stImage"] img', count=2)
+    shown(driver, '[data-testid="stDataFrame"]')
+    shown(driver, '[data-testid="stDownloadButton"]', count=2, text="Overlay PNG")
+    metrics = shown(driver, '[data-testid="stMetric"]', count=3, text="Inference")
+    return dict(m.text.split("\n", 1) for m in metrics)
+
+
+def test_a_png_and_a_dicom_series_are_segmented_in_the_browser(tmp_path):
+    weights = random_weights("attention_unet", tmp_path / "model")
+    slice_png = tmp_path / "slice.png"
+    slice_png.write_bytes(png(blobs((96, 128), ((30, 70, 12, 16),))))
+    series = []
+    for name, data in dicom_series([image.astype(np.uint16) * 4 for image in SERIES]):
+        series.append(tmp_path / name)
+        series[-1].write_bytes(data)
+
+    with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32"}) as url, chromium(tmp_path) as driver:
+        drop(driver, url, [slice_png])
+        metrics = segmented(driver)
+        assert metrics["Total area"].endswith("px")  # a PNG has no pixel size
+        driver.save_screenshot(str(tmp_path / "viewer-png.png"))
+
+        drop(driver, url, series)
+        metrics = segmented(driver)
+        assert metrics["Total area"].endswith("mm²") and metrics["Volume"].endswith("mL")
+        shown(driver, '[data-testid="stSlider"]', text="Slice")
+        shown(driver, '[data-testid="stDownloadButton"]', count=3, text="DICOM SEG")
+        assert driver.save_screenshot(str(tmp_path / "viewer-dicom.png"))
