@@ -289,7 +289,8 @@ def curves_from_events(folder: Path) -> dict | None:
               for tag in tags if tag.startswith("val_")}
     if "train_loss" in tags:
         loss = events.Scalars("train_loss")
-        closing = events.Scalars("val_mean_dice") if "val_mean_dice" in tags else []
+        key = next((t for t in ("val_dice", "val_mean_dice") if t in tags), None)  # logged once per validation
+        closing = events.Scalars(key) if key else []
         steps = [e.step for e in closing] + [closing[-1].step + 1 if closing else 1]  # the epoch still running
         index = np.searchsorted([e.wall_time for e in closing], [e.wall_time for e in loss])
         curves["train_loss"] = _epoch_means(np.asarray(steps)[index], [e.value for e in loss])
@@ -322,7 +323,7 @@ def training_curves_figure(runs: list[Run]) -> bytes:
         curves = curves_from_events(run.path / "eval") or curves_from_log(run.path / "train.log")
         if "train_loss" in curves:
             loss_ax.plot(*curves["train_loss"], "o-", color=color, label=run.name, markersize=3)
-        for tag, style in (("val_mean_dice", "o-"), ("val_lesion_dice", "s--")):
+        for tag, style in (("val_dice", "o-"), ("val_lesion_dice", "s--")):
             if tag in curves:
                 dice_ax.plot(*curves[tag], style, color=color, label=f"{run.name} {tag}", markersize=3)
     loss_ax.set(title="training loss (mean per epoch)", xlabel="epoch", ylabel="loss")

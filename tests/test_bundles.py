@@ -134,7 +134,7 @@ def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, p
         cwd=trained.out, blocker=blocker,
     ))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"val_mean_dice", "val_lesion_dice"} and 0 <= metrics["val_mean_dice"] <= 1
+    assert set(metrics) == {"val_dice", "val_mean_dice", "val_lesion_dice"} and 0 <= metrics["val_dice"] <= 1
     masks = sorted((out / "masks").rglob("*_seg.png"))
     assert len(masks) == 6  # one test patient x 6 slices: 6 patients -> 4 train / 1 val / 1 test
     for mask in masks:
