@@ -75,3 +75,13 @@ def test_engine_errors_are_user_errors(tmp_path):
     engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
     with pytest.raises(UserError, match="2D slice"):
         engine.probabilities([np.zeros((4, 4, 4), np.float32)])
+
+
+def test_near_constant_slice_is_segmented_not_crashed(tmp_path):
+    """A slice at the top of the head: a few bright pixels on black make the 0.5/99.5 percentiles equal, and MONAI's
+    percentile scaling then returns without clipping; CLAHE must still get values in [0, 1] (a real test slice did this)."""
+    frame = np.zeros((256, 256), np.float32)
+    frame[100:104, 100:105] = 3.0
+    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    prob = engine.probabilities([frame])[0]
+    assert prob.shape == (256, 256) and np.isfinite(prob).all()
