@@ -1,7 +1,9 @@
 """Server latency: a real uvicorn on 127.0.0.1, a bounded number of /segment requests, then it is stopped.
 
 For a 256x256 PNG (a data-set-like RGB slice) and a 256x256 DICOM MR slice: N sequential requests, then N more
-at a concurrency of 8; p50/p95 latency, throughput, and the server's peak RSS (VmHWM). The model is the recorded
+at a concurrency of 8; p50/p95 latency, throughput, and the server's peak RSS (VmHWM). In the same run, before the
+server starts: the raw cost of the same PNG in this process (decode + the engine's forward pass), the baseline the
+HTTP latency is compared with (goal <= 1.2x); and a 40-slice DICOM series sent as one request (goal <= 2 s). The model is the recorded
 best (bundles/best.json) when there is one, else attention_unet with seeded random weights at its own input size
 (same network, same cost; the results file says which).
 
@@ -36,8 +38,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.bundles import BEST_FILE  # noqa: E402
-from metaseg.engine import bundle_imports  # noqa: E402
+from metaseg.bundles import BEST_FILE, best_model  # noqa: E402
+from metaseg.engine import Engine, bundle_imports  # noqa: E402
+from metaseg.imageio import decode  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
 
 CONCURRENCY = 8
@@ -53,6 +56,54 @@ def random_weights(folder: Path) -> Path:
         net = parser.get_parsed_content("network_def")
     torch.save(net.state_dict(), folder / "model.pt")
     return folder / "model.pt"
+
+
+def dicom_series(slices: int = 40) -> list[tuple[str, bytes]]:
+    """One MR series of `slices` 256x256 DICOM files (positions 5 mm apart), as a viewer or PACS exports it."""
+    rng = np.random.default_rng(1)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    files = []
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.Modality = study, series, frame, "MR"
+        ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, 5.0 * k]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = 256, 256, [0.94, 0.94], 5.0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (256, 256), dtype="<u2").tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files.append((f"IM{k:04d}.dcm", buffer.getvalue()))
+    return files
+
+
+def raw_latency(engine: Engine, upload: tuple[str, bytes], requests: int) -> dict:
+    """The same work without HTTP: decode the bytes and run the engine, in this process."""
+    engine.probabilities(decode([upload]).frames)  # warm-up
+    times = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        engine.probabilities(decode([upload]).frames)
+        times.append(time.perf_counter() - start)
+    return {"requests": requests, "p50_ms": round(float(np.percentile(times, 50)) * 1000, 1),
+            "p95_ms": round(float(np.percentile(times, 95)) * 1000, 1)}
+
+
+def series_latency(url: str, files: list[tuple[str, bytes]], repeats: int = 5) -> dict:
+    with httpx.Client() as client:
+        client.post(f"{url}/segment", files=[("file", f) for f in files], timeout=120).raise_for_status()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            client.post(f"{url}/segment", files=[("file", f) for f in files], timeout=120).raise_for_status()
+            times.append(time.perf_counter() - start)
+    return {"slices": len(files), "repeats": repeats, "p50_s": round(float(np.median(times)), 3),
+            "max_s": round(float(max(times)), 3), "goal_s": 2.0}
 
 
 def payloads() -> dict[str, tuple[str, bytes]]:
@@ -152,9 +203,16 @@ def main() -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")}
         if BEST_FILE.is_file():
             model = f"recorded best model ({BEST_FILE.relative_to(REPO)})"
+            chosen = best_model()
+            engine = Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides)
         else:
             model = "attention_unet with seeded random weights (no bundles/best.json yet): same network and cost"
-            env |= {"METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(random_weights(Path(tmp)))}
+            weights = random_weights(Path(tmp))
+            env |= {"METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights)}
+            engine = Engine(REPO / "bundles" / "attention_unet", weights)
+        raw = raw_latency(engine, payloads()["png_256x256_rgb"], args.requests)
+        del engine
+        print("raw decode + forward", raw, flush=True)
         port = free_port()
         url = f"http://{HOST}:{port}"
         command = [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", HOST, "--port", str(port),
@@ -173,6 +231,11 @@ def main() -> None:
                     f"concurrency_{CONCURRENCY}": run(url, upload, args.requests, CONCURRENCY),
                 }
                 print(name, results[name], flush=True)
+            results["png_256x256_rgb"]["raw_decode_forward_in_process"] = raw
+            results["png_256x256_rgb"]["http_vs_raw_p50"] = round(
+                results["png_256x256_rgb"]["sequential"]["p50_ms"] / raw["p50_ms"], 3)
+            results["dicom_series_40x256x256"] = series_latency(url, dicom_series(40))
+            print("series", results["dicom_series_40x256x256"], flush=True)
             rss = peak_rss_mib(server.pid)
         finally:
             server.terminate()

@@ -1,0 +1,34 @@
+"""The shipped weights: plain state dicts that load with weights_only=True and segment real slices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import REPO
+from metaseg.bundles import NAMES, best_model
+from metaseg.engine import Engine
+from metaseg.metrics import dice_3d
+
+
+def test_best_record_names_a_shipped_bundle():
+    model = best_model()
+    assert model.bundle.name in NAMES and model.weights == REPO / "bundles" / model.bundle.name / "models" / "model.pt"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_weights_segment_real_test_slices(name, lgg):
+    bundle = REPO / "bundles" / name
+    weights = bundle / "models" / "model.pt"
+    assert weights.stat().st_size <= 10 * 2**20
+    assert isinstance(torch.load(weights, weights_only=True), dict)
+    datalist = json.loads((bundle / "docs" / "datalist_lgg.json").read_text())
+    items = [item for item in datalist["test"] if item["lesion_pixels"] > 1000][::4][:6]  # test patients only
+    images = [tifffile.imread(lgg / item["image"])[..., 1] for item in items]
+    truth = np.stack([tifffile.imread(lgg / item["label"]) > 0 for item in items])
+    probs = Engine(bundle, weights).probabilities(images)
+    assert dice_3d(truth, np.stack(probs) > 0.5) > 0.5  # pooled over the slices; the report has the full numbers
