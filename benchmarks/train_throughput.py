@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
@@ -31,15 +32,13 @@ from torch.utils.data import WeightedRandomSampler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from metaseg.engine import bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
 from metaseg.synth import synthesize  # noqa: E402
 
 
 def bundle_parser(name: str, data: Path, work: Path, epochs: int) -> ConfigParser:
     bundle = REPO / "bundles" / name
-    for module in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[module]
-    sys.path.insert(0, str(bundle))
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser.update({
@@ -51,11 +50,9 @@ def bundle_parser(name: str, data: Path, work: Path, epochs: int) -> ConfigParse
 
 def bundle_epochs(parser: ConfigParser, epochs: int) -> list[float]:
     trainer = parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(
-        __import__("ignite").engine.Events.EPOCH_COMPLETED, parser.get_parsed_content("train#checkpoint")
-    )
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, parser.get_parsed_content("train#checkpoint"))
     times = []
-    trainer.add_event_handler(__import__("ignite").engine.Events.EPOCH_STARTED, lambda e: times.append(time.perf_counter()))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: times.append(time.perf_counter()))
     trainer.run()
     times.append(time.perf_counter())
     return [b - a for a, b in zip(times, times[1:])]
@@ -135,8 +132,9 @@ def main() -> None:
         for name in ("attention_unet", "unetpp"):
             parser = bundle_parser(name, data, work / name, opts.epochs)
             n_train = len(parser.get_parsed_content("train#data"))
-            bundle_t = bundle_epochs(parser, opts.epochs)
-            plain_t = plain_epochs(bundle_parser(name, data, work / f"{name}_plain", opts.epochs), opts.epochs)
+            with bundle_imports(REPO / "bundles" / name):  # networks are built inside the epoch runners
+                bundle_t = bundle_epochs(parser, opts.epochs)
+                plain_t = plain_epochs(bundle_parser(name, data, work / f"{name}_plain", opts.epochs), opts.epochs)
             bundle_ips, plain_ips = images_per_second(bundle_t, n_train), images_per_second(plain_t, n_train)
             results["bundles"][name] = {
                 "train_images_per_epoch": n_train,

@@ -60,7 +60,7 @@ def discover(source: str | Path) -> Discovery:
         images, masks = {}, {}
         for name in names:
             path = PurePosixPath(name)
-            if path.suffix.lower() not in (".tif", ".tiff") or _is_hidden(path):
+            if path.suffix.lower() not in (".tif", ".tiff") or is_hidden(path):
                 continue
             stem = str(path.with_suffix(""))
             if stem.endswith(MASK_SUFFIX):
@@ -123,7 +123,8 @@ def _check_pair(image_bytes: bytes, mask_bytes: bytes) -> int:
     return int(np.count_nonzero(mask))
 
 
-def _is_hidden(path: PurePosixPath) -> bool:
+def is_hidden(path: PurePosixPath) -> bool:
+    """Dot files and macOS zip debris, which no data set means to include."""
     return any(part.startswith((".", "__MACOSX")) for part in path.parts)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from metaseg.data import MASK_SUFFIX, open_source
+from metaseg.data import MASK_SUFFIX, is_hidden, open_source
 from metaseg.engine import Engine
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic
@@ -42,7 +42,7 @@ def inputs(names: list[str]) -> list[str]:
     return sorted(
         n for n in names
         if not PurePosixPath(n).stem.endswith(MASK_SUFFIX)
-        and not any(part.startswith((".", "__MACOSX")) for part in PurePosixPath(n).parts)
+        and not is_hidden(PurePosixPath(n))
     )
 
 

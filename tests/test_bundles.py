@@ -23,6 +23,7 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
 from conftest import REPO
+from metaseg.engine import bundle_imports
 
 BUNDLES = REPO / "bundles"
 NAMES = ("unetpp", "attention_unet")
@@ -99,15 +100,10 @@ def saved_epoch(checkpoint: Path) -> int:
 
 def network_def(bundle: Path) -> torch.nn.Module:
     """The bundle's own network_def, with the bundle root importable as MONAI's workflow would make it."""
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]  # every bundle's package is called `scripts`
-    sys.path.insert(0, str(bundle))
-    try:
-        parser = ConfigParser()
-        parser.read_config(str(bundle / "configs" / "train.json"))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    with bundle_imports(bundle):
         return parser.get_parsed_content("network_def")
-    finally:
-        sys.path.remove(str(bundle))
 
 
 def test_metaseg_really_is_blocked(blocker, tmp_path):

@@ -10,25 +10,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from conftest import REPO
-from metaseg.engine import Engine, bundle_imports
+from metaseg.engine import Engine
 from metaseg.errors import UserError
 from metaseg.imageio import decode
-from test_bundles import NAMES
+from test_bundles import NAMES, network_def
 
 SIZE = {"spatial_size": 32}
 
 
 def random_weights(name: str, folder: Path, seed: int = 0) -> Path:
     """A model.pt of the bundle's own network_def with seeded random weights (no training needed)."""
-    bundle = REPO / "bundles" / name
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
     torch.manual_seed(seed)
-    with bundle_imports(bundle):
-        net = parser.get_parsed_content("network_def")
+    net = network_def(REPO / "bundles" / name)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), folder / "model.pt")
     return folder / "model.pt"
