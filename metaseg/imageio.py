@@ -34,8 +34,13 @@ Non-finite values
     NaN and +/-inf (e.g. NIfTI background written by registration tools) are replaced by 0 and
     the count is logged as a warning; they would otherwise poison intensity normalisation.
 Limits
-    See ``Limits``; sizes come from headers and are checked before any pixel is decoded;
-    gzip/deflate streams are inflated under a cap.
+    See ``Limits``. Sizes come from headers (PNG/JPEG header, TIFF tags, DICOM Rows/Columns/
+    NumberOfFrames/SamplesPerPixel/BitsAllocated, NIfTI dim/datatype, also of a .nii.gz before
+    the rest is inflated) and are checked before any pixel is decoded, as a memory budget in
+    bytes: frames x rows x columns x (samples x bytes per sample + two float32 copies, the frame
+    and its probability map). gzip/deflate streams are inflated under a cap; JPEG/JPEG-LS/JPEG
+    2000 codestreams inside DICOM must declare the Rows/Columns of their header; a DICOM file is
+    parsed under an upload-wide cap on data elements, with values over 1 MiB read on use only.
 Privacy and safety
     Nothing is written to disk. Only pixel, geometry and series-identity DICOM tags are read; no
     tag value is ever logged or put into an error message. Every problem with the input raises
@@ -50,6 +55,8 @@ import io
 import logging
 import math
 import re
+import struct
+import time
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -61,11 +68,13 @@ import numpy as np
 import pydicom
 import tifffile
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import generate_frames
 
-# Private, but the only way to learn where a deflated dataset starts without inflating it.
-from pydicom.filereader import _read_file_meta_info, read_preamble
+# Private, but the only way to read a deflated dataset's file meta without inflating it.
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.pixels.utils import _get_jpg_parameters  # private too: the JPEG/JPEG-LS SOF parser
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -74,7 +83,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from metaseg.errors import UserError
+from metaseg.errors import TooLarge, Unsupported, UserError
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +98,10 @@ class Limits:
     max_pixels: int = 4096 * 4096  # per frame (rows * cols)
     max_frames: int = 512  # per upload, all files together
     max_files: int = 512  # per upload
-    max_total_pixels: int = 2**28  # per upload, all frames together: 1 GiB as float32
+    max_decoded_bytes: int = 2**30  # per upload: decoded samples + 2 float32 copies, all frames together
     max_inflated_bytes: int = 2**30  # most a .nii.gz or a deflated DICOM may inflate to
+    max_dicom_elements: int = 200_000  # per upload, all DICOM files together (a flood costs ~0.4 KiB each)
+    max_seconds: float | None = None  # decoding time, checked between frames; None: no limit
 
 
 @dataclass(frozen=True)
@@ -136,9 +147,9 @@ def to_png_bytes(mask: np.ndarray) -> bytes:
 # --- errors and limits ------------------------------------------------------------------------
 
 
-def _error(name: str, problem: str) -> UserError:
-    """A UserError naming the file; the name is quoted so that it cannot break the line."""
-    return UserError(f"{str(name)[:100]!r}: {problem}")
+def _error(name: str, problem: str, category: type[UserError] = UserError) -> UserError:
+    """A UserError (or subclass) naming the file; the name is quoted so that it cannot break the line."""
+    return category(f"{str(name)[:100]!r}: {problem}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -158,39 +169,52 @@ def _decoder_errors(name: str, what: str) -> Iterator[None]:
         raise _error(name, f"{what}: {_reason(exc)}") from exc
 
 
+_WORKING_BYTES_PER_PIXEL = 2 * 4  # two float32 copies: the frame, and its probability map in the server
+
+
 class _Budget:
-    """Declared sizes of an upload, checked against the limits before any pixel is decoded."""
+    """Declared sizes of an upload, checked against the limits before any pixel is decoded, and the time spent."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self.frames = 0
-        self.pixels = 0
+        self.bytes = 0
+        self.elements = 0  # DICOM data elements parsed so far
+        self._end = None if limits.max_seconds is None else time.monotonic() + limits.max_seconds
 
-    def reserve(self, name: str, frames: int, rows: int, cols: int) -> None:
+    def reserve(self, name: str, frames: int, rows: int, cols: int, samples: int = 1, sample_bytes: int = 1) -> None:
+        """Count `frames` of rows x cols pixels of `samples` samples of `sample_bytes` bytes each."""
         limits = self.limits
         if frames <= 0 or rows <= 0 or cols <= 0:
             raise _error(name, f"image has no pixels ({frames} frame(s) of {rows}x{cols})")
         if rows * cols > limits.max_pixels:
             limit = limits.max_pixels
-            raise _error(name, f"frame of {rows}x{cols} pixels exceeds the limit of {limit}")
+            raise _error(name, f"frame of {rows}x{cols} pixels exceeds the limit of {limit}", TooLarge)
         self.frames += frames
-        self.pixels += frames * rows * cols
+        self.bytes += frames * rows * cols * (max(samples, 1) * max(sample_bytes, 1) + _WORKING_BYTES_PER_PIXEL)
         if self.frames > limits.max_frames:
-            raise _error(name, f"upload has more than {limits.max_frames} frames")
-        if self.pixels > limits.max_total_pixels:
-            raise _error(name, f"upload has more than {limits.max_total_pixels} pixels in all")
+            raise _error(name, f"upload has more than {limits.max_frames} frames", TooLarge)
+        if self.bytes > limits.max_decoded_bytes:
+            problem = f"decoding the upload needs more than the limit of {limits.max_decoded_bytes} bytes of memory"
+            raise _error(name, problem, TooLarge)
+        self.tick(name)
+
+    def tick(self, name: str) -> None:
+        """Called between frames: refuse once decoding has taken longer than its limit."""
+        if self._end is not None and time.monotonic() > self._end:
+            raise _error(name, f"decoding takes more than the limit of {self.limits.max_seconds:g} s", TooLarge)
 
 
 def _check_upload(files: list[tuple[str, bytes]], limits: Limits) -> None:
     if not files:
         raise UserError("no files were uploaded")
     if len(files) > limits.max_files:
-        raise UserError(f"too many files: {len(files)} uploaded, at most {limits.max_files}")
+        raise TooLarge(f"too many files: {len(files)} uploaded, at most {limits.max_files}")
     for name, data in files:
         if not data:
             raise _error(name, "file is empty")
         if len(data) > limits.max_bytes:
-            raise _error(name, f"file has {len(data)} bytes, more than {limits.max_bytes}")
+            raise _error(name, f"file has {len(data)} bytes, more than {limits.max_bytes}", TooLarge)
 
 
 def _inflate(name: str, blob: bytes, wbits: int, cap: int) -> bytes:
@@ -201,7 +225,7 @@ def _inflate(name: str, blob: bytes, wbits: int, cap: int) -> bytes:
     except zlib.error as exc:
         raise _error(name, f"corrupt compressed stream ({exc})") from exc
     if len(out) > cap:
-        raise _error(name, f"decompresses to more than {cap} bytes")
+        raise _error(name, f"decompresses to more than {cap} bytes", TooLarge)
     if not inflater.eof:
         raise _error(name, "compressed stream is truncated")
     return out
@@ -210,9 +234,14 @@ def _inflate(name: str, blob: bytes, wbits: int, cap: int) -> bytes:
 def _finite_float32(name: str, pixels: np.ndarray) -> np.ndarray:
     """A float32 C-contiguous copy in which NaN/inf became 0 (see the module docstring)."""
     if pixels.dtype.kind not in "biuf":
-        raise _error(name, f"unsupported pixel type {pixels.dtype}")
+        raise _error(name, f"unsupported pixel type {pixels.dtype}", Unsupported)
     with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf
         values = np.array(pixels, dtype=np.float32, order="C")
+    return _zero_non_finite(values)
+
+
+def _zero_non_finite(values: np.ndarray) -> np.ndarray:
+    """Replace NaN/inf by 0 in place (see the module docstring)."""
     non_finite = ~np.isfinite(values)
     if non_finite.any():
         log.warning("replaced %d non-finite pixel values with 0", int(non_finite.sum()))
@@ -259,6 +288,14 @@ def _is_nifti1(head: bytes) -> bool:
     return head[344:348] == b"n+1\x00"
 
 
+def _gunzip_head(name: str, data: bytes) -> bytes:
+    """The first bytes of a gzip stream, enough for a NIfTI-1 header, without inflating the rest."""
+    try:
+        return zlib.decompressobj(_GZIP_WBITS).decompress(data, _NIFTI1_HEADER_SIZE)
+    except zlib.error as exc:
+        raise _error(name, f"corrupt gzip stream ({exc})") from exc
+
+
 def _detect_kind(name: str, data: bytes) -> str | None:
     """The format from magic numbers alone; the file name is user-chosen and often wrong."""
     if data[128:132] == b"DICM":  # first: a DICOM preamble may itself hold a TIFF header
@@ -269,12 +306,8 @@ def _detect_kind(name: str, data: bytes) -> str | None:
     if _is_nifti1(data):
         return "nifti"
     if data.startswith(_GZIP_MAGIC):
-        try:
-            head = zlib.decompressobj(_GZIP_WBITS).decompress(data, _NIFTI1_HEADER_SIZE)
-        except zlib.error as exc:
-            raise _error(name, f"corrupt gzip stream ({exc})") from exc
-        if not _is_nifti1(head):
-            raise _error(name, "gzip file does not hold a NIfTI-1 image")
+        if not _is_nifti1(_gunzip_head(name, data)):
+            raise _error(name, "gzip file does not hold a NIfTI-1 image", Unsupported)
         return "nifti"
     if data.startswith(_BARE_DICOM_STARTS):  # a dataset without preamble; read with force
         return "dicom"
@@ -285,7 +318,7 @@ def _common_kind(files: list[tuple[str, bytes]]) -> str:
     kinds = [_detect_kind(name, data) for name, data in files]
     for (name, _), kind in zip(files, kinds):
         if kind is None:
-            raise _error(name, "not a recognised image (expected PNG, JPEG, TIFF, DICOM, NIfTI-1)")
+            raise _error(name, "not a recognised image (expected PNG, JPEG, TIFF, DICOM, NIfTI-1)", Unsupported)
     first_name = str(files[0][0])[:100]
     for (name, _), kind in zip(files, kinds):
         if kind != kinds[0]:
@@ -308,6 +341,7 @@ _ORIENTATIONS = {  # EXIF/TIFF orientation -> how to turn the stored array into 
     8: lambda a: np.rot90(a, 1),
 }
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+_PIL_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}  # other modes: 1 byte per sample
 _TIFF_AXES = set("YXS")
 
 
@@ -317,7 +351,7 @@ def _one_channel(name: str, pixels: np.ndarray) -> np.ndarray:
         return pixels
     if pixels.ndim == 3 and pixels.shape[2] in _CHANNEL_BY_COUNT:
         return pixels[:, :, _CHANNEL_BY_COUNT[pixels.shape[2]]]
-    raise _error(name, f"unsupported pixel layout {pixels.shape}")
+    raise _error(name, f"unsupported pixel layout {pixels.shape}", Unsupported)
 
 
 def _orient(pixels: np.ndarray, orientation) -> np.ndarray:
@@ -332,19 +366,23 @@ def _decode_pictures(files: list[tuple[str, bytes]], kind: str, limits: Limits) 
     frames, sources = [], []
     for file_index, (name, data) in enumerate(files):
         for frame_index, pixels in read(name, data, kind, budget):
+            budget.tick(name)
             frames.append(_finite_float32(name, pixels))
             sources.append((file_index, frame_index))
     return _volume(kind, files, frames, sources)
 
 
-def _open_pil(data: bytes, fmt: str) -> Image.Image:
+def _open_pil(name: str, data: bytes, fmt: str) -> Image.Image:
     """Read the header only; PIL's decompression-bomb warning becomes an error like the bomb error.
 
     (warnings.catch_warnings is process-wide; a concurrent decode at worst also sees the filter.)
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data), formats=[fmt])
+        try:
+            return Image.open(io.BytesIO(data), formats=[fmt])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _error(name, f"cannot read {fmt} header: {_reason(exc)}", TooLarge) from None
 
 
 def _is_16bit_color_png(data: bytes) -> bool:
@@ -356,10 +394,12 @@ def _read_pil(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple[
     """A PNG or JPEG as [(0, pixels)]; of an animated PNG only the first frame."""
     fmt = _PIL_FORMATS[kind]
     with _decoder_errors(name, f"cannot read {fmt} header"):
-        image = _open_pil(data, fmt)
-    budget.reserve(name, 1, image.height, image.width)
+        image = _open_pil(name, data, fmt)
+        samples = 4 if image.mode in ("P", "PA") else len(image.getbands())  # palette: expanded to RGBA
+        wide = kind == "png" and _is_16bit_color_png(data)
+    budget.reserve(name, 1, image.height, image.width, samples, 2 if wide else _PIL_SAMPLE_BYTES.get(image.mode, 1))
     with _decoder_errors(name, f"corrupt or truncated {fmt} image"):
-        if kind == "png" and _is_16bit_color_png(data):
+        if wide:
             pixels = imagecodecs.png_decode(data)
         elif image.mode in ("P", "PA"):
             pixels = np.asarray(image.convert("RGBA"))
@@ -376,6 +416,7 @@ def _read_tiff(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple
     with tiff:
         frames = []
         for page in _tiff_image_pages(name, tiff, budget):
+            budget.tick(name)
             with _decoder_errors(name, f"corrupt TIFF page {page.index}"):
                 pixels = page.asarray()
             if "S" in page.axes:
@@ -398,8 +439,9 @@ def _tiff_image_pages(name: str, tiff: tifffile.TiffFile, budget: _Budget) -> li
             if page.is_reduced:
                 continue
             if not set(page.axes) <= _TIFF_AXES:
-                raise _error(name, f"TIFF page {page.index} has unsupported axes {page.axes!r}")
-            budget.reserve(name, 1, page.imagelength, page.imagewidth)
+                raise _error(name, f"TIFF page {page.index} has unsupported axes {page.axes!r}", Unsupported)
+            sample_bytes = -(-int(page.bitspersample) // 8)  # 1..8 bits: 1 byte, 12: 2, 64: 8
+            budget.reserve(name, 1, page.imagelength, page.imagewidth, page.samplesperpixel, sample_bytes)
             pages.append(page)
     if not pages:
         raise _error(name, "TIFF holds no image")
@@ -419,14 +461,14 @@ _SYNTAX_BY_ENCODING = {  # (implicit VR, little endian) of a bare dataset -> its
 def _decode_dicom(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     """DICOM files (a single or multi-frame image, or the slices of a series) in series order."""
     budget = _Budget(limits)
-    datasets = [_read_dicom(name, data, limits) for name, data in files]
+    datasets = [_read_dicom(name, data, budget) for name, data in files]
     for (name, _), ds in zip(files, datasets):
         _check_dicom_image(name, ds, budget)
     _check_one_series(files, datasets)
     order = _series_order(datasets)
     frames, sources = [], []
     for file_index in order:
-        file_frames = _dicom_frames(files[file_index][0], datasets[file_index])
+        file_frames = _dicom_frames(files[file_index][0], datasets[file_index], budget)
         frames.extend(file_frames)
         sources.extend((file_index, frame_index) for frame_index in range(len(file_frames)))
     in_order = [datasets[i] for i in order]
@@ -434,12 +476,40 @@ def _decode_dicom(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     return _volume("dicom", files, frames, sources, spacing, thickness, in_order)
 
 
-def _read_dicom(name: str, data: bytes, limits: Limits) -> Dataset:
+_DEFER_BYTES = _MiB  # element values larger than this are read from the buffer only when used
+
+
+class _CountedReads(io.BytesIO):
+    """The bytes of one DICOM file for pydicom, refusing once the upload's parsing has read too many elements.
+
+    pydicom reads each data element with two reads (header, value), so a flood of tiny private elements, which
+    costs ~0.4 KiB of Python objects per element, stops at the limit instead of exhausting memory.
+    """
+
+    def __init__(self, data: bytes, name: str, budget: _Budget):
+        super().__init__(data)
+        self.name, self.budget, self.counting = name, budget, True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.counting:
+            self.budget.elements += 0.5
+            if self.budget.elements > self.budget.limits.max_dicom_elements:
+                limit = self.budget.limits.max_dicom_elements
+                raise _error(self.name, f"upload has more than {limit} DICOM data elements", TooLarge)
+        return super().read(size)
+
+
+def _read_dicom(name: str, data: bytes, budget: _Budget) -> Dataset:
+    """The dataset, parsed under the element budget; large values (pixel data, blobs) stay in the buffer until
+    used. A deflated dataset is inflated here, under the cap, since pydicom would inflate it without one."""
     has_preamble = data[128:132] == b"DICM"
-    if has_preamble:
-        _check_inflated_size(name, data, limits)
+    stream = _CountedReads(data, name, budget)
     with _decoder_errors(name, "not a readable DICOM file"):
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        if has_preamble and _file_meta(name, data).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            ds = _read_deflated(name, data, budget)
+        else:
+            ds = pydicom.dcmread(stream, force=not has_preamble, defer_size=_DEFER_BYTES)
+    stream.counting = False  # deferred values are read later, without counting
     if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset: the pixel decoder needs to know
         ds.file_meta.TransferSyntaxUID = _SYNTAX_BY_ENCODING.get(
             ds.original_encoding, ImplicitVRLittleEndian
@@ -447,14 +517,24 @@ def _read_dicom(name: str, data: bytes, limits: Limits) -> Dataset:
     return ds
 
 
-def _check_inflated_size(name: str, data: bytes, limits: Limits) -> None:
-    """pydicom inflates a deflated dataset without a cap; measure it under ours first."""
-    stream = io.BytesIO(data)
+def _file_meta(name: str, data: bytes) -> Dataset:
     with _decoder_errors(name, "corrupt DICOM file meta information"):
+        stream = io.BytesIO(data)
         read_preamble(stream, False)
-        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
-    if syntax == DeflatedExplicitVRLittleEndian:
-        _inflate(name, data[stream.tell():], -zlib.MAX_WBITS, limits.max_inflated_bytes)
+        return _read_file_meta_info(stream)
+
+
+def _read_deflated(name: str, data: bytes, budget: _Budget) -> Dataset:
+    """A Deflated Explicit VR Little Endian file: inflated under the cap, then parsed like any other."""
+    stream = io.BytesIO(data)
+    read_preamble(stream, False)
+    meta = _read_file_meta_info(stream)
+    inflated = _CountedReads(_inflate(name, data[stream.tell():], -zlib.MAX_WBITS, budget.limits.max_inflated_bytes),
+                             name, budget)
+    dataset = read_dataset(inflated, is_implicit_VR=False, is_little_endian=True, defer_size=_DEFER_BYTES)
+    inflated.counting = False
+    return FileDataset(inflated, dataset, preamble=data[:128], file_meta=meta, is_implicit_VR=False,
+                       is_little_endian=True)
 
 
 def _check_dicom_image(name: str, ds: Dataset, budget: _Budget) -> None:
@@ -465,17 +545,51 @@ def _check_dicom_image(name: str, ds: Dataset, budget: _Budget) -> None:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise _error(name, f"unsupported transfer syntax {syntax.name!r}") from None
+        raise _error(name, f"unsupported transfer syntax {syntax.name!r}", Unsupported) from None
     if not decoder.is_available:
-        raise _error(name, f"no decoder installed for transfer syntax {syntax.name!r}")
+        raise _error(name, f"no decoder installed for transfer syntax {syntax.name!r}", Unsupported)
     with _decoder_errors(name, "invalid DICOM image header"):
         frames, rows, cols = _dicom_geometry(ds)
-    budget.reserve(name, frames, rows, cols)
+        samples = 3 if _photometric(ds) == "PALETTE COLOR" else int(ds.get("SamplesPerPixel") or 1)
+        sample_bytes = 2 if _photometric(ds) == "PALETTE COLOR" else -(-int(ds.get("BitsAllocated") or 8) // 8)
+    budget.reserve(name, frames, rows, cols, samples, sample_bytes)
+    if syntax.is_encapsulated:
+        _check_codestreams(name, ds, syntax, frames, rows, cols)
 
 
 def _dicom_geometry(ds: Dataset) -> tuple[int, int, int]:
     """(frames, rows, columns) as declared; NumberOfFrames absent or 0 means one frame."""
     return int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns)
+
+
+def _photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).strip()
+
+
+def _check_codestreams(name: str, ds: Dataset, syntax: UID, frames: int, rows: int, cols: int) -> None:
+    """A JPEG, JPEG-LS or JPEG 2000 frame is decoded at the size its own codestream declares, which the
+    budget above never saw: every frame's codestream must declare the header's Rows and Columns."""
+    with _decoder_errors(name, f"invalid encapsulated {syntax.name} pixel data"):
+        for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            size = _codestream_size(frame)
+            if size == (0, 0):
+                raise _error(name, f"frame {index} of the {syntax.name} pixel data has no readable frame header")
+            if size is not None and size != (rows, cols):
+                declared = "x".join(map(str, size))
+                problem = f"frame {index} is a {declared} {syntax.name} codestream, but the header declares {rows}x{cols}"
+                raise _error(name, problem, TooLarge if size[0] * size[1] > rows * cols else UserError)
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG/JPEG-LS SOF or a JPEG 2000 SIZ marker segment; None for other codings (RLE)."""
+    if frame.startswith(b"\xff\xd8"):
+        info = _get_jpg_parameters(frame)
+        return (info["height"], info["width"]) if info else (0, 0)
+    start = frame.find(b"\xff\x4f\xff\x51")  # SOC + SIZ: a J2K codestream, bare or inside a JP2 box
+    if start < 0 or start > 4096:
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[start + 8 : start + 24])
+    return ysiz - y0, xsiz - x0
 
 
 def _check_one_series(files: list[tuple[str, bytes]], datasets: list[Dataset]) -> None:
@@ -566,11 +680,12 @@ def _dicom_slice_thickness(datasets: list[Dataset]) -> float | None:
     return gap if gap > 0 else None
 
 
-def _dicom_frames(name: str, ds: Dataset) -> list[np.ndarray]:
+def _dicom_frames(name: str, ds: Dataset, budget: _Budget) -> list[np.ndarray]:
     """All frames of one file as 2D float32 modality values, in MONOCHROME2 sense."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     frame_count, rows, cols = _dicom_geometry(ds)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    photometric = _photometric(ds)
+    budget.tick(name)
     with _decoder_errors(name, f"cannot decode {syntax.name} pixel data"):
         pixels, _ = get_decoder(syntax).as_array(ds, as_rgb=True)  # YBR -> RGB
         if photometric == "PALETTE COLOR":
@@ -578,6 +693,7 @@ def _dicom_frames(name: str, ds: Dataset) -> list[np.ndarray]:
         stack = pixels.reshape(frame_count, rows, cols, -1)
     frames = []
     for index, frame in enumerate(stack):
+        budget.tick(name)
         values = _one_channel(name, frame)
         if frame.shape[-1] == 1:  # the Modality LUT applies to grayscale only
             with _decoder_errors(name, "invalid Modality LUT or rescale"):
@@ -610,21 +726,23 @@ def _decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     if len(files) > 1:
         raise UserError(f"upload one NIfTI file at a time ({len(files)} were uploaded)")
     name, data = files[0]
-    if data.startswith(_GZIP_MAGIC):
+    gzipped = data.startswith(_GZIP_MAGIC)
+    header, shape, needed = _nifti_header(name, _gunzip_head(name, data) if gzipped else data)
+    _Budget(limits).reserve(name, shape[2], shape[1], shape[0], 1, header.get_data_dtype().itemsize)
+    if gzipped:  # only now that the header's size fits the budget
         data = _inflate(name, data, _GZIP_WBITS, limits.max_inflated_bytes)
-    header, shape, needed = _nifti_header(name, data)
-    _Budget(limits).reserve(name, shape[2], shape[1], shape[0])
     if len(data) < needed:
         raise _error(name, f"NIfTI image is truncated ({len(data)} of {needed} bytes)")
     with _decoder_errors(name, "corrupt NIfTI image"):
         image = nib.Nifti1Image.from_bytes(data)
         voxels = image.get_fdata(dtype=np.float32).reshape(shape)
         orientation = nib.orientations.io_orientation(image.affine)
+    del image, data  # the raw bytes are not needed beyond here
     zooms = _nifti_zooms_mm(header)
     if not np.isnan(orientation).any():  # a degenerate affine leaves the data as stored
         voxels = nib.orientations.apply_orientation(voxels, orientation)
         zooms = tuple(zooms[i] for i in np.argsort(orientation[:, 0]))
-    voxels = _finite_float32(name, voxels)
+    voxels = _zero_non_finite(voxels)  # in place (get_fdata made a float32 copy): one copy of the volume fewer
     frames = [np.ascontiguousarray(voxels[:, :, k].T[::-1, ::-1]) for k in range(voxels.shape[2])]
     sources = [(0, k) for k in range(len(frames))]
     spacing = (zooms[1], zooms[0]) if None not in zooms[:2] else None
@@ -639,7 +757,7 @@ def _nifti_header(name: str, data: bytes) -> tuple[nib.Nifti1Header, tuple[int, 
         dtype = header.get_data_dtype()
         needed = int(header["vox_offset"]) + math.prod(shape) * dtype.itemsize
     if dtype.kind not in "biuf":
-        raise _error(name, f"unsupported NIfTI data type {dtype}")
+        raise _error(name, f"unsupported NIfTI data type {dtype}", Unsupported)
     if len(shape) < 2:
         raise _error(name, f"NIfTI image has {len(shape)} dimension(s), need 2 or 3")
     volumes = math.prod(shape[3:])

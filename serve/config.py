@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metaseg.bundles import BEST_FILE
@@ -15,7 +15,7 @@ _MiB = 2**20
 
 
 class Settings(BaseSettings):
-    """Which model to serve and how much one request and the whole server may take on."""
+    """Which model to serve, who may use it, and how much one request and the whole server may take on."""
 
     model_config = SettingsConfigDict(env_prefix="METASEG_", env_ignore_empty=True, extra="ignore")
 
@@ -23,11 +23,33 @@ class Settings(BaseSettings):
     weights: Path | None = Field(None, description="model.pt to load instead of the bundle's or the record's")
     best_record: Path = Field(BEST_FILE, description="best-model record written by `metaseg compare`")
     spatial_size: int | None = Field(None, ge=16, description="network input size, for weights trained at another size")
+    # access
+    api_token: SecretStr | None = Field(None, description="bearer token every endpoint but /health requires")
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (behind the token when one is set)")
+    # one request: bytes, parts, decoded memory, time
     max_upload_bytes: int = Field(64 * _MiB, ge=1, description="request body limit, all files together")
+    max_parts: int = Field(1024, ge=1, description="multipart parts per request, counted while the body is parsed")
     max_pixels: int = Field(4096 * 4096, ge=1, description="pixels per frame")
     max_frames: int = Field(512, ge=1, description="frames per upload, all files together")
+    max_decoded_bytes: int = Field(
+        256 * _MiB, ge=1, description="memory budget per request, from the headers before decoding: frames x rows x "
+        "columns x (samples x bytes per sample + 8 for two float32 copies)"
+    )
+    inflate_factor: int = Field(4, ge=1, description="a .nii.gz or deflated DICOM may inflate to this x max_upload_bytes")
+    max_dicom_elements: int = Field(200_000, ge=100, description="DICOM data elements per request, all files together")
+    body_timeout_s: float = Field(60, gt=0, description="most seconds to receive a request body (else 408)")
+    min_body_rate: int = Field(
+        16 * 1024, ge=1, description="bytes per second a body must keep up after its first 2 s (else 408)"
+    )
+    decode_timeout_s: float = Field(30, gt=0, description="most seconds to decode an upload (else 413)")
+    inference_timeout_s: float = Field(120, gt=0, description="most seconds of inference per request (else 413)")
+    # the whole server
     pool_size: int = Field(2, ge=1, description="inference threads")
-    queue_limit: int = Field(32, ge=0, description="requests waiting for a thread before new ones get 503")
+    queue_limit: int = Field(64, ge=0, description="received requests waiting for a thread before new ones get 503")
+    queue_timeout_s: float = Field(30, gt=0, description="most seconds a received request waits for a thread (else 503)")
+    max_buffered_bytes: int = Field(
+        512 * _MiB, ge=1, description="request bodies held in memory at once, all requests together (beyond: 503)"
+    )
 
     def limits(self) -> Limits:
         """The decoder's limits; a single file may use the whole request budget."""
@@ -36,6 +58,10 @@ class Settings(BaseSettings):
             max_pixels=self.max_pixels,
             max_frames=self.max_frames,
             max_files=self.max_frames,
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_inflated_bytes=self.inflate_factor * self.max_upload_bytes,
+            max_dicom_elements=self.max_dicom_elements,
+            max_seconds=self.decode_timeout_s,
         )
 
 

@@ -1,16 +1,20 @@
-"""Dependencies as `Annotated` aliases: settings, the loaded engine, the inference pool, and the admitted upload."""
+"""Dependencies as `Annotated` aliases: settings, the loaded engine, the inference pool, the received upload, and
+the bearer-token guard."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from metaseg.engine import Engine
 from serve.config import Settings, get_settings
 from serve.pool import InferencePool
-from serve.uploads import Files, read_files
+from serve.uploads import BodyMemory, Files, read_files
 
 
 def get_engine(request: Request) -> Engine:
@@ -19,6 +23,10 @@ def get_engine(request: Request) -> Engine:
 
 def get_pool(request: Request) -> InferencePool:
     return request.app.state.pool
+
+
+def get_body_memory(request: Request) -> BodyMemory:
+    return request.app.state.body_memory
 
 
 def get_report_metrics(request: Request) -> dict[str, float] | None:
@@ -31,16 +39,33 @@ PoolDep = Annotated[InferencePool, Depends(get_pool)]
 ReportMetricsDep = Annotated[dict[str, float] | None, Depends(get_report_metrics)]
 
 
-async def admitted_files(request: Request, pool: PoolDep, settings: SettingsDep) -> AsyncIterator[Files]:
-    """The uploaded files, read only once the request holds a place in the pool (else 503 before any byte)."""
-    async with pool.admission():
-        yield await read_files(request, settings.max_upload_bytes)
+async def received_files(
+    request: Request, settings: SettingsDep, memory: Annotated[BodyMemory, Depends(get_body_memory)]
+) -> AsyncIterator[Files]:
+    """The uploaded files, read in full before the request asks for an inference thread; their bytes count
+    against the server-wide body memory until the response is sent."""
+    with memory.account() as take:
+        yield await read_files(request, settings, take)
 
 
-Upload = Annotated[Files, Depends(admitted_files)]
+Upload = Annotated[Files, Depends(received_files)]
 Threshold = Annotated[
     float, Query(ge=0, le=1, allow_inf_nan=False, description="lesion where the probability exceeds this")
 ]
 SliceIndex = Annotated[
     int, Query(alias="slice", ge=0, description="0-based slice of a series or multi-frame image, in series order")
 ]
+
+_bearer = HTTPBearer(auto_error=False, description="the server's METASEG_API_TOKEN")
+
+
+def token_guard(token: SecretStr) -> Callable:
+    """A dependency that lets a request through only with `Authorization: Bearer <token>` (constant-time compare)."""
+    expected = token.get_secret_value().encode()
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected):
+            raise HTTPException(401, "this server needs a bearer token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token

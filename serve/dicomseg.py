@@ -9,12 +9,15 @@ One SEG frame per source frame, lesion or not, in series order. Geometry only as
 - several frames or slices without frame of reference or positions, or an image lacking the
   FrameOfReferenceUID its IOD requires: refused (UnreferenceableSource, a 422), since the frames could not be
   told apart and geometry would have to be invented.
+Whatever else highdicom refuses or fails on becomes the same 422 with one fixed message: its own messages may
+quote attribute values of the source, and only the exception's type is logged.
 Type 2 patient/study attributes that a source omits are added empty, as type 2 allows.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 
 import highdicom as hd
 import numpy as np
@@ -24,6 +27,9 @@ from pydicom.uid import generate_uid
 import metaseg
 from metaseg.imageio import Volume
 
+log = logging.getLogger(__name__)
+
+REFUSED = "highdicom refused the source images (geometry, series or attributes a DICOM SEG requires)"
 METASTASIS = hd.sr.CodedConcept("14799000", "SCT", "Neoplasm, metastatic")
 ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 
@@ -49,6 +55,16 @@ def segmentation(volume: Volume, masks: np.ndarray, model: str, model_version: s
         missing = [keyword for keyword in _REQUIRED_UIDS if not ds.get(keyword)]
         if missing:
             raise UnreferenceableSource(f"the DICOM source has no {', '.join(missing)}")
+    try:
+        return _encode(volume, masks, model, model_version)
+    except Exception as err:  # any failure of highdicom or of writing: the source is what it could not handle
+        log.info("DICOM SEG refused: %s", type(err).__name__)
+        raise UnreferenceableSource(REFUSED) from None
+
+
+def _encode(volume: Volume, masks: np.ndarray, model: str, model_version: str) -> bytes:
+    datasets = volume.datasets
+    for ds in datasets:
         for keyword in _TYPE2_SOURCE_ATTRIBUTES:  # the request's own datasets, discarded after it
             if keyword not in ds:
                 setattr(ds, keyword, None)
@@ -64,25 +80,21 @@ def segmentation(volume: Volume, masks: np.ndarray, model: str, model_version: s
             name=model, family=codes.cid7162.ArtificialIntelligence, version=model_version
         ),
     )
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=list(datasets),
-            pixel_array=masks.astype(bool),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[segment],
-            series_instance_uid=generate_uid(),
-            series_number=1,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            manufacturer="metaseg",
-            manufacturer_model_name=model,
-            software_versions=metaseg.__version__,
-            device_serial_number="none",
-            omit_empty_frames=False,  # one SEG frame per source frame, lesion or not
-        )
-    except (ValueError, AttributeError) as err:  # how highdicom refuses a source: geometry, series, attributes
-        raise UnreferenceableSource(str(err)) from None
+    seg = hd.seg.Segmentation(
+        source_images=list(datasets),
+        pixel_array=masks.astype(bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=generate_uid(),
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="metaseg",
+        manufacturer_model_name=model,
+        software_versions=metaseg.__version__,
+        device_serial_number="none",
+        omit_empty_frames=False,  # one SEG frame per source frame, lesion or not
+    )
     buffer = io.BytesIO()
     seg.save_as(buffer)
     return buffer.getvalue()
-

@@ -1,6 +1,10 @@
 """The FastAPI app: loads the configured bundle once at startup and serves /health, /info and /segment.
 
     uvicorn serve.main:app          # settings from METASEG_* variables; or `metaseg serve --bundle ...`
+
+With METASEG_API_TOKEN set, every route but /health needs `Authorization: Bearer <token>`, the API documents
+(/openapi.json, /docs, /redoc) included, which a browser therefore cannot open: turn them off with
+METASEG_DOCS=false, or read /openapi.json with the header.
 """
 
 from __future__ import annotations
@@ -9,14 +13,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse
 
 import metaseg
 from serve import model
-from serve.config import get_settings
-from serve.errors import add_handlers
+from serve.config import Settings, get_settings
+from serve.deps import token_guard
+from serve.errors import UNAUTHORIZED, add_handlers
 from serve.pool import InferencePool
 from serve.routers import health, info, segment
+from serve.uploads import BodyMemory
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +38,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the model and start the inference pool once; settings honour `app.dependency_overrides`."""
     settings = app.dependency_overrides.get(get_settings, get_settings)()
     app.state.engine, app.state.test_metrics = model.load(settings)
-    app.state.pool = InferencePool(settings.pool_size, settings.queue_limit)
+    app.state.pool = InferencePool(settings.pool_size, settings.queue_limit, settings.queue_timeout_s)
+    app.state.body_memory = BodyMemory(settings.max_buffered_bytes)
     quieted = {name: logging.getLogger(name).level for name in _TAG_QUOTING_LOGGERS}
     for name in quieted:
         logging.getLogger(name).setLevel(logging.ERROR)
     log.info(
-        "serving %s with %d inference thread(s), queue of %d", app.state.engine.name, settings.pool_size,
-        settings.queue_limit,
+        "serving %s with %d inference thread(s), queue of %d, %s", app.state.engine.name, settings.pool_size,
+        settings.queue_limit, "bearer token required" if settings.api_token else "no token",
     )
     try:
         yield
@@ -46,7 +55,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: the METASEG_* environment); they also decide which routes need a token
+    and whether the API documents are served, so they are read here and not only per request."""
+    if settings is None:
+        settings = get_settings()
+    guard = [Depends(token_guard(settings.api_token))] if settings.api_token else []
+    public_docs = settings.docs and not guard
     app = FastAPI(
         title="metaseg",
         summary="Brain-MRI metastasis segmentation with a MONAI bundle",
@@ -55,11 +70,34 @@ def create_app() -> FastAPI:
         version=metaseg.__version__,
         lifespan=lifespan,
         generate_unique_id_function=lambda route: f"{route.tags[0]}-{route.name}",
+        openapi_url="/openapi.json" if public_docs else None,
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
     )
+    app.dependency_overrides[get_settings] = lambda: settings
     add_handlers(app)
-    for router in (health.router, info.router, segment.router):
-        app.include_router(router)
+    app.include_router(health.router)
+    for router in (info.router, segment.router):
+        app.include_router(router, dependencies=guard, responses=UNAUTHORIZED if guard else None)
+    if settings.docs and guard:
+        _add_guarded_docs(app, guard)
     return app
+
+
+def _add_guarded_docs(app: FastAPI, guard: list) -> None:
+    """/openapi.json, /docs and /redoc behind the token, as FastAPI would serve them without one."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 app = create_app()

@@ -1,19 +1,29 @@
-"""Read the `file` parts of a multipart upload into memory, counting bytes as they arrive.
+"""Read the `file` parts of a multipart upload into memory, counting bytes, parts and time as they arrive.
 
 Starlette's form parser spools files over 1 MiB to temporary files on disk and learns the size only at the
-end; uploads here never touch the disk, and a body over the limit is refused as soon as it crosses it,
-whatever Content-Length claimed.
+end; uploads here never touch the disk, and a body is refused as soon as it crosses a limit, whatever
+Content-Length claimed: over the byte limit (413), more parts than allowed (413), slower than the minimum rate
+or longer than the total time (408), or more bodies in memory server-wide than allowed (503).
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from fastapi import HTTPException, Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from serve.config import Settings
+from serve.pool import Busy
+
 FIELD = "file"
 Files = list[tuple[str, bytes]]  # (file name as uploaded, bytes), in upload order
+BODY_GRACE_S = 2.0  # the minimum body rate applies after this long: connection set-up, first packets
+MAX_PART_HEADER_BYTES = 16 * 1024  # all header lines of one part together
 
 # OpenAPI description of the body that `read_files` parses by hand (FastAPI cannot infer it).
 REQUEST_BODY = {
@@ -39,10 +49,37 @@ REQUEST_BODY = {
 }
 
 
-class _Parts:
-    """python-multipart callbacks that keep the bytes of every `file` part, in upload order."""
+class BodyMemory:
+    """Bytes of request bodies held in memory, all requests together, under one limit; beyond it, 503."""
 
-    def __init__(self):
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """A `take(n)` for one request's chunks; what it took is given back when the request ends."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held + n > self.limit:
+                raise Busy(f"the server holds {self.held} bytes of uploads, its limit is {self.limit}")
+            self.held += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
+
+
+class _Parts:
+    """python-multipart callbacks that keep the bytes of every `file` part, in upload order; at most `max_parts`
+    parts and MAX_PART_HEADER_BYTES of headers each, checked as the parser reaches them."""
+
+    def __init__(self, max_parts: int):
+        self.max_parts = max_parts
+        self.parts = 0
         self.files: list[tuple[str, bytearray]] = []
         self.complete = False
         self._headers: dict[bytes, bytes] = {}
@@ -62,9 +99,14 @@ class _Parts:
         }
 
     def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise HTTPException(413, f"the form has more than {self.max_parts} parts")
         self._headers, self._data = {}, None
 
     def _header_end(self) -> None:
+        if sum(map(len, self._headers.values())) + len(self._field) + len(self._value) > MAX_PART_HEADER_BYTES:
+            raise HTTPException(413, f"a form part has more than {MAX_PART_HEADER_BYTES} bytes of headers")
         self._headers[bytes(self._field).lower()] = bytes(self._value)
         self._field.clear()
         self._value.clear()
@@ -83,27 +125,43 @@ class _Parts:
         self.complete = True
 
 
-async def read_files(request: Request, max_bytes: int) -> Files:
-    """The uploaded files as (file name, bytes); HTTP 413/415/400/422 when the body is too big or not a form."""
+async def read_files(request: Request, settings: Settings, take: Callable[[int], None]) -> Files:
+    """The uploaded files as (file name, bytes); HTTP 400/408/413/415/422 when the body is too big, too slow or
+    not a form, 503 (Busy) when `take` refuses more memory for bodies."""
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data":
         raise HTTPException(415, f"send the image as multipart/form-data with the field '{FIELD}'")
     if not params.get(b"boundary"):
         raise HTTPException(400, "multipart/form-data without a boundary parameter")
+    max_bytes = settings.max_upload_bytes
     too_large = HTTPException(413, f"upload is larger than the limit of {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
-    parts = _Parts()
+    parts = _Parts(settings.max_parts)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())
-    received = 0
+    loop = asyncio.get_running_loop()
+    start, received = loop.time(), 0
+    end = start + settings.body_timeout_s
+
+    def next_deadline() -> float:  # the body keeps up min_body_rate after the grace time, within the total time
+        return min(end, start + BODY_GRACE_S + received / settings.min_body_rate)
+
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise too_large
-            parser.write(chunk)
+        async with asyncio.timeout_at(next_deadline()) as deadline:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_large
+                take(len(chunk))
+                parser.write(chunk)
+                deadline.reschedule(next_deadline())
         parser.finalize()
+    except TimeoutError:
+        rate = f"{received} bytes in {loop.time() - start:.0f} s"
+        detail = (f"the upload arrived too slowly ({rate}; at least {settings.min_body_rate} bytes/s and at most "
+                  f"{settings.body_timeout_s:g} s in all)")
+        raise HTTPException(408, detail, headers={"Connection": "close"}) from None
     except MultipartParseError as err:
         raise HTTPException(400, f"malformed multipart body: {err}") from None
     except ClientDisconnect:  # nobody reads the answer, but it is not a server error

@@ -45,7 +45,8 @@ from starlette.requests import Request
 from conftest import REPO
 from metaseg.cli import main
 from metaseg.errors import UserError
-from serve.config import Settings, get_settings
+from serve import dicomseg
+from serve.config import Settings
 from serve.deps import get_engine
 from serve.main import create_app
 from serve.uploads import read_files
@@ -92,8 +93,7 @@ def settings_for(weights: Path, **changes) -> Settings:
 
 @contextmanager
 def serving(settings: Settings, engine=None):
-    app = create_app()
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = create_app(settings)
     if engine is not None:
         app.dependency_overrides[get_engine] = lambda: engine
     with TestClient(app) as client:
@@ -344,7 +344,7 @@ def test_dicom_seg_without_geometry_only_where_nothing_is_invented(echo):
     refused = post(echo, "/segment/seg", *unpositioned)
     assert refused.status_code == 422 and "cannot build a DICOM SEG" in refused.json()["detail"]
     refused = post(echo, "/segment/seg", ("a.dcm", dcm(mr(SLICE, FrameOfReferenceUID=None))))
-    assert refused.status_code == 422 and "Frame Of Reference" in refused.json()["detail"]
+    assert refused.status_code == 422 and refused.json()["detail"].endswith(dicomseg.REFUSED)
     refused = post(echo, "/segment/seg", ("a.dcm", shipped("SC_rgb_rle_2frame.dcm")))  # two frames, no geometry
     assert refused.status_code == 422 and "cannot be told apart" in refused.json()["detail"]
     capture = post(echo, "/segment/seg", ("a.dcm", shipped("SC_rgb_jpeg_dcmtk.dcm")))  # no frame of reference
@@ -479,7 +479,7 @@ def test_upload_limit_is_checked_while_the_body_arrives():
 
     scope = {"type": "http", "method": "POST", "path": "/segment", "headers": [(b"content-type", MULTIPART.encode())]}
     with pytest.raises(HTTPException) as refused:
-        asyncio.run(read_files(Request(scope, receive), max_bytes=256 * 1024))
+        asyncio.run(read_files(Request(scope, receive), Settings(max_upload_bytes=256 * 1024), lambda n: None))
     assert refused.value.status_code == 413 and len(received) == 5
 
 
@@ -527,7 +527,7 @@ def test_openapi_lists_every_endpoint_with_its_models(client):
 
 def test_health_and_info_without_a_recorded_report(client):
     assert client.get("/health").json() == {"status": "ok", "model": "attention_unet", "version": "0.1.0",
-                                             "busy": 0, "capacity": 34}
+                                             "busy": 0, "capacity": 66}
     info = client.get("/info").json()
     assert (info["model"], info["architecture"], info["test_metrics"]) == ("attention_unet", "AttentionUnet", None)
     assert info["input"]["channels"] == 1 and info["input"]["channel_def"] == {"0": "FLAIR"}

@@ -1,7 +1,8 @@
 """Segment an upload: lesion findings as JSON, one slice's mask or overlay as PNG, or all slices as DICOM SEG.
 
-Each route reads the upload in memory (serve.uploads), then decodes, runs the model and encodes the answer on
-an inference-pool thread, so the event loop keeps answering /health while the CPU works.
+Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes,
+runs the model and encodes the answer on it, so the event loop keeps answering /health while the CPU works.
+Decoding and inference each have a time limit, checked between frames and between batches of slices.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Response
 
 from metaseg.engine import Engine
-from metaseg.imageio import Limits, Volume, decode, to_png_bytes
+from metaseg.errors import TooLarge
+from metaseg.imageio import Volume, decode, to_png_bytes
 from serve import dicomseg, findings
+from serve.config import Settings
 from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, Upload
 from serve.errors import ERROR_RESPONSES
 from serve.overlay import overlay_png
@@ -22,6 +25,8 @@ from serve.schemas import SegmentationReport
 from serve.uploads import REQUEST_BODY, Files
 
 log = logging.getLogger(__name__)
+
+SLICES_PER_STEP = 16  # inference runs this many slices between two checks of its time limit
 
 router = APIRouter(prefix="/segment", tags=["segment"], responses=ERROR_RESPONSES)
 
@@ -40,7 +45,7 @@ async def segment(
 ) -> SegmentationReport:
     """Lesions in every slice: count, and per lesion its slice, area (pixels, mm²), centroid and bounding box;
     totals, and the volume in mL when pixel spacing and slice thickness are known."""
-    return await pool.run(_report, engine, files, settings.limits(), threshold)
+    return await pool.run(_report, engine, files, settings, threshold)
 
 
 @router.post("/mask", response_class=PNGResponse, openapi_extra=REQUEST_BODY)
@@ -58,7 +63,7 @@ async def mask(
     0-based, in series order (the `slice_index` of POST /segment), default 0; past the last slice is a 422.
     All slices at once: POST /segment/seg (DICOM input).
     """
-    return PNGResponse(await pool.run(_mask_png, engine, files, settings.limits(), threshold, slice_index))
+    return PNGResponse(await pool.run(_mask_png, engine, files, settings, threshold, slice_index))
 
 
 @router.post("/overlay", response_class=PNGResponse, openapi_extra=REQUEST_BODY)
@@ -72,7 +77,7 @@ async def overlay(
 ) -> PNGResponse:
     """One slice as an RGB PNG: gray, windowed to its 1st-99th percentile, with the lesion in semi-transparent
     red and a red contour. `slice` picks the slice as for /segment/mask."""
-    return PNGResponse(await pool.run(_overlay_png, engine, files, settings.limits(), threshold, slice_index))
+    return PNGResponse(await pool.run(_overlay_png, engine, files, settings, threshold, slice_index))
 
 
 @router.post("/seg", response_class=DICOMResponse, openapi_extra=REQUEST_BODY)
@@ -87,15 +92,20 @@ async def seg(
     frames without them, or an image lacking the FrameOfReferenceUID its IOD requires, is a 422: the frames
     could not be told apart, or geometry would have to be invented.
     """
-    return DICOMResponse(await pool.run(_seg_bytes, engine, files, settings.limits(), threshold))
+    return DICOMResponse(await pool.run(_seg_bytes, engine, files, settings, threshold))
 
 
 # --- the blocking work, run on a pool thread ----------------------------------------------------------------
 
 
-def _infer(engine: Engine, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[list[np.ndarray], float]:
+    """Probabilities of all frames, and the milliseconds they took; TooLarge once past `limit_s`."""
     start = time.perf_counter()
-    probabilities = engine.probabilities(frames)
+    probabilities = []
+    for first in range(0, len(frames), SLICES_PER_STEP):
+        if time.perf_counter() - start > limit_s:
+            raise TooLarge(f"segmenting the upload takes more than the limit of {limit_s:g} s; send fewer slices")
+        probabilities += engine.probabilities(frames[first : first + SLICES_PER_STEP])
     return probabilities, (time.perf_counter() - start) * 1000
 
 
@@ -109,41 +119,41 @@ def _log(route: str, files: Files, volume: Volume, inference_ms: float) -> None:
     )
 
 
-def _report(engine: Engine, files: Files, limits: Limits, threshold: float) -> SegmentationReport:
-    volume = decode(files, limits)
-    probabilities, ms = _infer(engine, volume.frames)
+def _report(engine: Engine, files: Files, settings: Settings, threshold: float) -> SegmentationReport:
+    volume = decode(files, settings.limits())
+    probabilities, ms = _infer(engine, volume.frames, settings.inference_timeout_s)
     _log("segment", files, volume, ms)
     return findings.report(volume, probabilities, threshold, engine.name, ms)
 
 
 def _one_slice(
-    engine: Engine, files: Files, limits: Limits, threshold: float, index: int, route: str
+    engine: Engine, files: Files, settings: Settings, threshold: float, index: int, route: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(frame, mask) of the slice `index`, computing only that slice."""
-    volume = decode(files, limits)
+    volume = decode(files, settings.limits())
     if index >= len(volume.frames):
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
     frame = volume.frames[index]
-    (probability,), ms = _infer(engine, [frame])
+    (probability,), ms = _infer(engine, [frame], settings.inference_timeout_s)
     _log(route, files, volume, ms)
     return frame, findings.lesion_mask(probability, threshold)
 
 
-def _mask_png(engine: Engine, files: Files, limits: Limits, threshold: float, index: int) -> bytes:
-    _, lesion = _one_slice(engine, files, limits, threshold, index, "segment/mask")
+def _mask_png(engine: Engine, files: Files, settings: Settings, threshold: float, index: int) -> bytes:
+    _, lesion = _one_slice(engine, files, settings, threshold, index, "segment/mask")
     return to_png_bytes(lesion)
 
 
-def _overlay_png(engine: Engine, files: Files, limits: Limits, threshold: float, index: int) -> bytes:
-    return overlay_png(*_one_slice(engine, files, limits, threshold, index, "segment/overlay"))
+def _overlay_png(engine: Engine, files: Files, settings: Settings, threshold: float, index: int) -> bytes:
+    return overlay_png(*_one_slice(engine, files, settings, threshold, index, "segment/overlay"))
 
 
-def _seg_bytes(engine: Engine, files: Files, limits: Limits, threshold: float) -> bytes:
-    volume = decode(files, limits)
+def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: float) -> bytes:
+    volume = decode(files, settings.limits())
     if volume.kind != "dicom":
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
-    probabilities, ms = _infer(engine, volume.frames)
+    probabilities, ms = _infer(engine, volume.frames, settings.inference_timeout_s)
     _log("segment/seg", files, volume, ms)
     masks = np.stack([findings.lesion_mask(p, threshold) for p in probabilities])
     version = str(engine.metadata.get("version", ""))
