@@ -66,7 +66,7 @@ def cmd_train(args) -> None:
     from metaseg.pipeline import train
 
     run = args.out or Path("runs") / Path(args.bundle).name
-    model = train(bundle_dir(args.bundle), args.data, run, seed=args.seed, **_overrides(args))
+    model = train(bundle_dir(args.bundle), args.data, run, seed=args.seed, restart=args.restart, **_overrides(args))
     print(f"best model: {model}")
 
 
@@ -130,15 +130,29 @@ def cmd_serve(args) -> None:
     chosen = {"METASEG_BUNDLE": args.bundle, "METASEG_WEIGHTS": args.weights, "METASEG_BEST_RECORD": args.best}
     os.environ.update({key: str(value) for key, value in chosen.items() if value is not None})  # for every worker
     try:
-        model = resolve(Settings())  # a missing model is one line here, not a traceback from every worker
+        settings = Settings()
+        model = resolve(settings)  # a missing model is one line here, not a traceback from every worker
     except ValidationError as err:
         first = err.errors()[0]
         raise UserError(f"bad METASEG_{str(first['loc'][0]).upper()} setting: {first['msg']}") from None
+    if settings.api_token is None and not _is_loopback(args.host):
+        print(f"metaseg: warning: serving on {args.host} without METASEG_API_TOKEN: anyone who can reach this "
+              "address can use the model and send it images. Set METASEG_API_TOKEN (the viewer sends it too), or "
+              "bind to 127.0.0.1.", file=sys.stderr, flush=True)
     print(f"serving {model.bundle.name} ({model.weights}) on http://{args.host}:{args.port}/docs", flush=True)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's, plus the request log of serve/metaseg
     for name in ("serve", "metaseg"):
         log_config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run("serve.main:app", host=args.host, port=args.port, workers=args.workers, log_config=log_config)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def cmd_ui(args) -> None:
@@ -189,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
     sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
     sub.choices["train"].add_argument("--seed", type=int, default=0)
+    sub.choices["train"].add_argument("--restart", action="store_true",
+                                      help="delete the run folder's checkpoints instead of resuming them")
     sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
     sub.choices["evaluate"].add_argument("--split", choices=("validation", "test"), default="test")
 

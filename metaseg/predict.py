@@ -1,7 +1,8 @@
 """Segment every image of a Data folder/zip or of a plain image folder, writing one 0/255 PNG mask per slice.
 
 Masks mirror the input: `<patient>/<stem>_seg.png` for the Data layout, the same relative folders for loose images,
-and `<stem>_<k>_seg.png` per frame of a multi-frame file. A file that cannot be read is reported and skipped.
+and `<stem>_<k>_seg.png` per frame of a multi-frame file. A file that cannot be read is reported and skipped, and so
+is a zip member whose name would put its mask outside the output folder (an absolute path, or `..`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def mask_name(name: str, frame: int, n_frames: int) -> PurePosixPath:
     return folder / f"{stem}_seg.png"
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a member name must not become an output path (a zip may hold any name), or None when it is safe."""
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        return "absolute path in the archive: its mask would be written outside --out"
+    if ".." in path.parts:
+        return "'..' in the path: its mask would be written outside --out"
+    return None
+
+
 def inputs(names: list[str]) -> list[str]:
     """Image files to segment: everything but ground-truth masks and hidden files."""
     return sorted(
@@ -51,8 +62,13 @@ def predict(source: Path, out: Path, engine: Engine, threshold: float = 0.5) -> 
         raise UserError(f"input not found: {source}")
     report, pending = Report(), []  # pending: (mask path, frame), flushed one engine batch at a time
     with open_source(source) as files:
-        names = inputs(files.names())
-        if not names:
+        names = files.names()
+        for name in names:
+            if why := unsafe_name(name):
+                report.skipped[name] = why
+                log.warning("skipped %r: %s", name, why)
+        names = inputs([name for name in names if name not in report.skipped])
+        if not names and not report.skipped:
             raise UserError(f"no images found in {source}")
         for name in tqdm(names, desc="segmenting", unit="file"):
             try:

@@ -87,15 +87,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _add_guarded_docs(app: FastAPI, guard: list) -> None:
     """/openapi.json, /docs and /redoc behind the token, as FastAPI would serve them without one."""
 
-    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard, tags=["docs"])
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    @app.get("/docs", include_in_schema=False, dependencies=guard, tags=["docs"])
     def docs():
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
-    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    @app.get("/redoc", include_in_schema=False, dependencies=guard, tags=["docs"])
     def redoc():
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 

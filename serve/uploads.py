@@ -23,7 +23,6 @@ from serve.pool import Busy
 FIELD = "file"
 Files = list[tuple[str, bytes]]  # (file name as uploaded, bytes), in upload order
 BODY_GRACE_S = 2.0  # the minimum body rate applies after this long: connection set-up, first packets
-MAX_PART_HEADER_BYTES = 16 * 1024  # all header lines of one part together
 
 # OpenAPI description of the body that `read_files` parses by hand (FastAPI cannot infer it).
 REQUEST_BODY = {
@@ -75,7 +74,7 @@ class BodyMemory:
 
 class _Parts:
     """python-multipart callbacks that keep the bytes of every `file` part, in upload order; at most `max_parts`
-    parts and MAX_PART_HEADER_BYTES of headers each, checked as the parser reaches them."""
+    parts, counted as the parser reaches them (the parser itself allows 8 header lines of 4 KiB per part)."""
 
     def __init__(self, max_parts: int):
         self.max_parts = max_parts
@@ -105,8 +104,6 @@ class _Parts:
         self._headers, self._data = {}, None
 
     def _header_end(self) -> None:
-        if sum(map(len, self._headers.values())) + len(self._field) + len(self._value) > MAX_PART_HEADER_BYTES:
-            raise HTTPException(413, f"a form part has more than {MAX_PART_HEADER_BYTES} bytes of headers")
         self._headers[bytes(self._field).lower()] = bytes(self._value)
         self._field.clear()
         self._value.clear()

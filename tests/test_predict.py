@@ -61,6 +61,25 @@ def test_loose_images_multiframe_and_bad_files(engine, tmp_path):
         assert mask.shape == (50, 70) and mask[10, 55] == 255 and mask[40, 10] == 0
 
 
+def test_zip_members_that_point_outside_out_are_skipped(engine, tmp_path):
+    """Absolute and `..` member names (a zip may hold any) are reported, and nothing lands outside --out."""
+    picture = tmp_path / "scan.png"
+    PIL.Image.fromarray(np.full((20, 20), 100, np.uint8)).save(picture)
+    archive = tmp_path / "evil.zip"
+    outside = tmp_path / "outside"
+    hostile = [str(outside / "abs.png"), "../escape.png", "x/../../escape2.png", "Data/../../P1/P1_1.png"]
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in [*hostile, "ok/fine.png"]:
+            zf.writestr(zipfile.ZipInfo(name), picture.read_bytes())
+    out = tmp_path / "a" / "out"
+    report = predict(archive, out, engine)
+    assert sorted(report.skipped) == sorted(hostile)
+    assert all("outside --out" in why for why in report.skipped.values())
+    assert [p.relative_to(out).as_posix() for p in report.written] == ["ok/fine_seg.png"]
+    written = {p for p in tmp_path.rglob("*_seg.png")}
+    assert written == {out / "ok" / "fine_seg.png"} and not outside.exists()
+
+
 def test_nothing_to_segment_is_a_user_error(engine, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):

@@ -2,9 +2,12 @@
 
 The server answers problems with a status and a JSON `detail`; an unreachable server, a timeout or a dropped
 connection become a sentence that says what to do. Either way the app shows `str(error)`, never a traceback.
+A server started with METASEG_API_TOKEN wants it as a bearer token; the viewer sends the same variable's value.
 """
 
 from __future__ import annotations
+
+import os
 
 import httpx
 
@@ -21,11 +24,16 @@ class Unreachable(ServerError):
 
 
 class Client:
-    def __init__(self, url: str, transport: httpx.BaseTransport | None = None, timeout_s: float = 300):
+    def __init__(
+        self, url: str, transport: httpx.BaseTransport | None = None, timeout_s: float = 300, token: str | None = None
+    ):
+        """`token`: the server's bearer token; default METASEG_API_TOKEN, unset or empty: none is sent."""
         self.url = url.rstrip("/")
         # Segmenting a long series on a CPU takes a while; connecting must not.
         timeout = httpx.Timeout(timeout_s, connect=5)
-        self._http = httpx.Client(base_url=self.url, transport=transport, timeout=timeout)
+        token = os.environ.get("METASEG_API_TOKEN") if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, transport=transport, timeout=timeout, headers=headers)
 
     def health(self) -> dict:
         return self._request("GET", "/health", timeout=5).json()
@@ -78,6 +86,9 @@ def _refusal(response: httpx.Response) -> str:
         detail = response.text.strip()[:300] or response.reason_phrase
     if isinstance(detail, list):
         detail = "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail)
+    if response.status_code == 401:
+        return (f"The server asks for an API token (401): {detail} Start the viewer with METASEG_API_TOKEN set "
+                "to the server's token.")
     if response.status_code == 503:
         return f"The server is busy (503): {detail}"
     return f"The server refused the request ({response.status_code} {response.reason_phrase}): {detail}"
