@@ -58,28 +58,39 @@ def random_weights(folder: Path) -> Path:
     return folder / "model.pt"
 
 
+def mr_file(pixels: np.ndarray, **attrs) -> bytes:
+    """A 12-bit MR Image Storage file of `pixels` (2D, or 3D: multi-frame) with 0.94 mm pixels; `attrs` add to it."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "MR"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.PixelSpacing, ds.SliceThickness = [0.94, 0.94], 5.0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def dicom_series(slices: int = 40) -> list[tuple[str, bytes]]:
     """One MR series of `slices` 256x256 DICOM files (positions 5 mm apart), as a viewer or PACS exports it."""
     rng = np.random.default_rng(1)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = []
-    for k in range(slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.Modality = study, series, frame, "MR"
-        ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, 5.0 * k]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = 256, 256, [0.94, 0.94], 5.0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = rng.integers(0, 4096, (256, 256), dtype="<u2").tobytes()
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        files.append((f"IM{k:04d}.dcm", buffer.getvalue()))
-    return files
+    return [
+        (f"IM{k:04d}.dcm", mr_file(rng.integers(0, 4096, (256, 256)), StudyInstanceUID=study, SeriesInstanceUID=series,
+                                   FrameOfReferenceUID=frame, InstanceNumber=k + 1,
+                                   ImagePositionPatient=[0.0, 0.0, 5.0 * k],
+                                   ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+        for k in range(slices)
+    ]
 
 
 def raw_latency(engine: Engine, upload: tuple[str, bytes], requests: int) -> dict:
@@ -114,19 +125,8 @@ def payloads() -> dict[str, tuple[str, bytes]]:
     rgb = np.dstack([flair * 0.8, flair, flair * 0.6]).astype(np.uint8)
     png = io.BytesIO()
     Image.fromarray(rgb).save(png, format="PNG")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "MR"
-    ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = 256, 256, [0.94, 0.94], 5.0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (rgb[..., 1].astype("<u2") * 16).tobytes()
-    dicom = io.BytesIO()
-    ds.save_as(dicom, enforce_file_format=True)
-    return {"png_256x256_rgb": ("slice.png", png.getvalue()), "dicom_256x256_mr": ("slice.dcm", dicom.getvalue())}
+    dicom = mr_file(rgb[..., 1].astype(np.uint16) * 16)
+    return {"png_256x256_rgb": ("slice.png", png.getvalue()), "dicom_256x256_mr": ("slice.dcm", dicom)}
 
 
 def free_port() -> int:
@@ -146,6 +146,39 @@ def wait_until_up(server: subprocess.Popen, url: str, timeout_s: float = 300) ->
         except httpx.TransportError:
             time.sleep(0.5)
     raise SystemExit(f"server did not answer within {timeout_s} s")
+
+
+def server_model(folder: Path) -> tuple[str, dict[str, str]]:
+    """Which model the benchmark server runs, and the METASEG_* variables that choose it (none: the recorded best)."""
+    if BEST_FILE.is_file():
+        return f"recorded best model ({BEST_FILE.relative_to(REPO)})", {}
+    weights = random_weights(folder)
+    return ("attention_unet with seeded random weights (no bundles/best.json yet): same network and cost",
+            {"METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights)})
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """uvicorn serve.main:app on a free loopback port with exactly `env`; returns the process and its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", HOST, "--port", str(port),
+               "--log-level", "warning"]
+    server = subprocess.Popen(command, cwd=REPO, env=env)
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_until_up(server, url)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server, url
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def timed(client: httpx.Client, url: str, upload: tuple[str, bytes]) -> float:
@@ -200,26 +233,18 @@ def main() -> None:
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows in the latencies
     with tempfile.TemporaryDirectory() as tmp:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")}
-        if BEST_FILE.is_file():
-            model = f"recorded best model ({BEST_FILE.relative_to(REPO)})"
+        model, chosen_env = server_model(Path(tmp))
+        env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")} | chosen_env
+        if chosen_env:
+            engine = Engine(REPO / "bundles" / "attention_unet", Path(chosen_env["METASEG_WEIGHTS"]))
+        else:
             chosen = best_model()
             engine = Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides)
-        else:
-            model = "attention_unet with seeded random weights (no bundles/best.json yet): same network and cost"
-            weights = random_weights(Path(tmp))
-            env |= {"METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights)}
-            engine = Engine(REPO / "bundles" / "attention_unet", weights)
         raw = raw_latency(engine, payloads()["png_256x256_rgb"], args.requests)
         del engine
         print("raw decode + forward", raw, flush=True)
-        port = free_port()
-        url = f"http://{HOST}:{port}"
-        command = [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", HOST, "--port", str(port),
-                   "--log-level", "warning"]
-        server = subprocess.Popen(command, cwd=REPO, env=env)
+        server, url = start_server(env)
         try:
-            wait_until_up(server, url)
             info = httpx.get(f"{url}/info", timeout=10).json()
             health = httpx.get(f"{url}/health", timeout=10).json()
             results = {}
@@ -238,12 +263,7 @@ def main() -> None:
             print("series", results["dicom_series_40x256x256"], flush=True)
             rss = peak_rss_mib(server.pid)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server)
 
     write_json_atomic(args.out, {
         "command": " ".join(["python", "benchmarks/serve_latency.py", *sys.argv[1:]]),

@@ -469,9 +469,10 @@ def png_declaring(width: int, height: int) -> bytes:
     return data[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + data[33:]
 
 
-def tiff_declaring(width: int, height: int) -> bytes:
-    """An 8x8 TIFF whose first directory claims another size."""
-    data = bytearray(tiff(np.zeros((8, 8), np.uint8)))
+def tiff_declaring(width: int, height: int, dtype=np.uint8, samples: int = 1) -> bytes:
+    """An 8x8 TIFF of `samples` samples of `dtype` whose first directory claims another size."""
+    pixels = np.zeros((8, 8, samples) if samples > 1 else (8, 8), dtype)
+    data = bytearray(tiff(pixels, photometric="minisblack", planarconfig="contig"))
     (ifd,) = struct.unpack_from("<I", data, 4)
     (count,) = struct.unpack_from("<H", data, ifd)
     for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):

@@ -558,19 +558,6 @@ def test_missing_best_model_record_is_a_clear_startup_error(tmp_path, capsys, mo
     assert "run `metaseg compare` or pass --bundle" in capsys.readouterr().err
 
 
-def test_saturated_pool_answers_503_with_retry_after(weights):
-    engine = SlowEngine()
-    with serving(settings_for(weights, pool_size=1, queue_limit=0), engine) as c:
-        with ThreadPoolExecutor(1) as background:
-            first = background.submit(post, c, "/segment", ("a.png", PNG))
-            assert engine.started.wait(30)
-            busy = post(c, "/segment", ("b.png", PNG))
-            assert c.get("/health").json()["busy"] == 1
-            engine.release.set()
-            assert first.result().status_code == 200
-    assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0 and busy.json()["detail"]
-
-
 def test_logs_hold_no_patient_data(echo, caplog):
     caplog.set_level(logging.DEBUG)
     doe = dcm(mr(SLICE, PatientName="Doe^Jane", PatientID="DOE-4711", InstitutionName="Doe Clinic"))

@@ -7,7 +7,6 @@ Uploads that claim much and carry little are built here by patching the size fie
 
 from __future__ import annotations
 
-import gzip
 import io
 import socket
 import struct
@@ -21,14 +20,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import tifffile
 import uvicorn
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from metaseg.cli import main
-from serve.main import create_app
+from test_imageio import tiff_declaring
 from test_serve import (  # noqa: F401  (weights: a module fixture)
     MiB,
     PNG,
@@ -51,21 +49,6 @@ HOSTILE = {"max_upload_bytes": UPLOAD_LIMIT, "max_decoded_bytes": 64 * MiB, "max
 
 
 # --- bombs: small files whose headers claim much -------------------------------------------------------------
-
-
-def patched_tiff(width: int, height: int, dtype=np.uint8, samples: int = 1) -> bytes:
-    """An 8x8 TIFF of `samples` samples of `dtype` whose directory claims width x height."""
-    shape = (8, 8, samples) if samples > 1 else (8, 8)
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.zeros(shape, dtype), photometric="minisblack", planarconfig="contig")
-    data = bytearray(buffer.getvalue())
-    (ifd,) = struct.unpack_from("<I", data, 4)
-    (count,) = struct.unpack_from("<H", data, ifd)
-    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
-        tag = struct.unpack_from("<H", data, entry)[0]
-        if tag in (256, 257):
-            struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
-    return bytes(data)
 
 
 def png16_rgba_declaring(width: int, height: int) -> bytes:
@@ -158,8 +141,8 @@ def series_of(count: int) -> list[tuple[str, bytes]]:
 
 
 BOMBS = [  # id, files, status, words of the detail
-    ("tiff-4-samples-of-64-bits", lambda: [("a.tif", patched_tiff(2048, 2100, np.float64, 4))], 413, "memory"),
-    ("tiff-same-size-1-byte-is-no-bomb", lambda: [("a.tif", patched_tiff(2048, 2100))], 400, "TIFF"),
+    ("tiff-4-samples-of-64-bits", lambda: [("a.tif", tiff_declaring(2048, 2100, np.float64, 4))], 413, "memory"),
+    ("tiff-same-size-1-byte-is-no-bomb", lambda: [("a.tif", tiff_declaring(2048, 2100))], 400, "TIFF"),
     ("png-16-bit-rgba", lambda: [("a.png", png16_rgba_declaring(2048, 2100))], 413, "memory"),
     ("png-same-size-gray-is-no-bomb", lambda: [("a.png", png_declaring(2048, 2100))], 400, "PNG"),
     ("dicom-3-samples-of-32-bits",

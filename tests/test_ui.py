@@ -285,6 +285,23 @@ def test_client_turns_every_refusal_into_one_readable_line(client, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_client_sends_the_servers_token(monkeypatch):
+    seen = []
+
+    def record(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"status": "ok"})
+
+    monkeypatch.setenv("METASEG_API_TOKEN", "from-env")
+    Client("http://server.test", transport=httpx.MockTransport(record)).health()
+    Client("http://server.test", transport=httpx.MockTransport(record), token="given").health()
+    monkeypatch.setenv("METASEG_API_TOKEN", "")
+    Client("http://server.test", transport=httpx.MockTransport(record)).health()
+    assert seen == ["Bearer from-env", "Bearer given", None]
+    with pytest.raises(ServerError, match=r"asks for an API token \(401\).*METASEG_API_TOKEN"):
+        respond(401, json={"detail": "this server needs a bearer token"}).info()
+
+
 def test_client_says_how_to_start_an_absent_server():
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)
