@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import math
 import os
 import platform
@@ -169,7 +170,8 @@ def hostile_uploads() -> dict:
         "nifti_gz_bomb_4096x4096x16": ("bomb.nii.gz", nifti_gz_bomb()),
         "dicom_element_flood_250k": ("flood.dcm", element_flood(250_000)),
         "largest_accepted_nifti_256x256x409_int16": ("big.nii", nib.Nifti1Image(volume, np.eye(4)).to_bytes()),
-        "largest_accepted_frame_dicom_4096x4096_uint16": ("big.dcm", mr_file(rng.integers(0, 4096, (4096, 4096)))),
+        "largest_accepted_frame_dicom_2048x2048_uint16": ("big.dcm", mr_file(rng.integers(0, 4096, (2048, 2048)))),
+        "over_the_pixel_limit_dicom_4096x4096_uint16": ("huge.dcm", mr_file(rng.integers(0, 4096, (4096, 4096)))),
     }
 
 
@@ -192,39 +194,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase-requests", type=int, default=100, help="about this many requests per load phase")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
+    parser.add_argument("--hostile-only", action="store_true",
+                        help="only phase 3, merged into an existing --out (phases 1-2 kept from their run)")
     args = parser.parse_args()
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start}
+    command = " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]])
+    results = json.loads(args.out.read_text()) if args.hostile_only else {}
     with tempfile.TemporaryDirectory() as tmp:
         model, chosen_env = server_model(Path(tmp))
         env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")} | chosen_env
         server, url = start_server(env)
         try:
-            health = httpx.get(f"{url}/health", timeout=10).json()
-            upload = payloads()["png_256x256_rgb"]
-            httpx.post(f"{url}/segment", files={"file": upload}, timeout=60).raise_for_status()  # warm-up
-            load = {}
-            for clients in CLIENTS:
-                per_client = max(2, math.ceil(args.phase_requests / clients))
-                load[f"clients_{clients}"] = load_phase(url, server.pid, clients, per_client, upload)
-                print(load[f"clients_{clients}"], flush=True)
-            slow = slow_clients_phase(url, upload)
-            print("slow clients", slow, flush=True)
-            hostile = hostile_phase(url, server.pid)
+            if not args.hostile_only:
+                upload = payloads()["png_256x256_rgb"]
+                httpx.post(f"{url}/segment", files={"file": upload}, timeout=60).raise_for_status()  # warm-up
+                results = {
+                    "command": command, "machine": machine, "model": model,
+                    "server": {"host": "127.0.0.1", "uvicorn_workers": 1, "settings": "defaults (no METASEG_* limits)",
+                               "capacity": httpx.get(f"{url}/health", timeout=10).json()["capacity"]},
+                    "load": {},
+                }
+                for clients in CLIENTS:
+                    per_client = max(2, math.ceil(args.phase_requests / clients))
+                    results["load"][f"clients_{clients}"] = load_phase(url, server.pid, clients, per_client, upload)
+                    print(results["load"][f"clients_{clients}"], flush=True)
+                results["slow_clients"] = slow_clients_phase(url, upload)
+                print("slow clients", results["slow_clients"], flush=True)
+            results["hostile_and_largest_uploads"] = {"command": command, "machine": machine,
+                                                      **hostile_phase(url, server.pid)}
         finally:
             stop_server(server)
-
-    write_json_atomic(args.out, {
-        "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "load_average_at_start": load_at_start},
-        "model": model,
-        "server": {"host": "127.0.0.1", "uvicorn_workers": 1, "settings": "defaults (no METASEG_* limits set)",
-                   "capacity": health["capacity"]},
-        "load": load,
-        "slow_clients": slow,
-        "hostile_and_largest_uploads": hostile,
-    })
+    write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -81,6 +81,9 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from metaseg.errors import TooLarge, Unsupported, UserError
@@ -451,6 +454,7 @@ def _tiff_image_pages(name: str, tiff: tifffile.TiffFile, budget: _Budget) -> li
 # --- DICOM ------------------------------------------------------------------------------------
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_CODESTREAM_SYNTAXES = {*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes}
 _SYNTAX_BY_ENCODING = {  # (implicit VR, little endian) of a bare dataset -> its transfer syntax
     (True, True): ImplicitVRLittleEndian,
     (False, True): ExplicitVRLittleEndian,
@@ -553,7 +557,7 @@ def _check_dicom_image(name: str, ds: Dataset, budget: _Budget) -> None:
         samples = 3 if _photometric(ds) == "PALETTE COLOR" else int(ds.get("SamplesPerPixel") or 1)
         sample_bytes = 2 if _photometric(ds) == "PALETTE COLOR" else -(-int(ds.get("BitsAllocated") or 8) // 8)
     budget.reserve(name, frames, rows, cols, samples, sample_bytes)
-    if syntax.is_encapsulated:
+    if syntax in _CODESTREAM_SYNTAXES:
         _check_codestreams(name, ds, syntax, frames, rows, cols)
 
 
@@ -574,20 +578,20 @@ def _check_codestreams(name: str, ds: Dataset, syntax: UID, frames: int, rows: i
             size = _codestream_size(frame)
             if size == (0, 0):
                 raise _error(name, f"frame {index} of the {syntax.name} pixel data has no readable frame header")
-            if size is not None and size != (rows, cols):
+            if size != (rows, cols):
                 declared = "x".join(map(str, size))
                 problem = f"frame {index} is a {declared} {syntax.name} codestream, but the header declares {rows}x{cols}"
                 raise _error(name, problem, TooLarge if size[0] * size[1] > rows * cols else UserError)
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from a JPEG/JPEG-LS SOF or a JPEG 2000 SIZ marker segment; None for other codings (RLE)."""
+def _codestream_size(frame: bytes) -> tuple[int, int]:
+    """(rows, columns) from a JPEG/JPEG-LS SOF or a JPEG 2000 SIZ marker segment; (0, 0) when there is none."""
     if frame.startswith(b"\xff\xd8"):
         info = _get_jpg_parameters(frame)
         return (info["height"], info["width"]) if info else (0, 0)
-    start = frame.find(b"\xff\x4f\xff\x51")  # SOC + SIZ: a J2K codestream, bare or inside a JP2 box
-    if start < 0 or start > 4096:
-        return None
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ: a J2K codestream, bare or inside a JP2 box
+    if start < 0 or len(frame) < start + 24:
+        return 0, 0
     xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[start + 8 : start + 24])
     return ysiz - y0, xsiz - x0
 

@@ -15,14 +15,17 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str = Field(description="bundle folder name of the loaded model")
     version: str = Field(description="bundle version (metadata.json)")
-    busy: int = Field(description="requests running or waiting for an inference thread")
-    capacity: int = Field(description="most requests accepted at once; beyond it the server answers 503")
+    busy: int = Field(description="received requests running or waiting for an inference thread")
+    capacity: int = Field(description="inference threads + queue places; a received request beyond it gets 503")
 
 
 class UploadLimits(BaseModel):
     max_upload_bytes: int
     max_pixels: int = Field(description="per frame (rows x columns)")
     max_frames: int = Field(description="per upload, all files together")
+    max_decoded_bytes: int = Field(
+        description="memory budget per upload: frames x rows x columns x (samples x bytes per sample + 8)"
+    )
 
 
 class InputSpec(BaseModel):

@@ -45,7 +45,7 @@ from test_serve import (  # noqa: F401  (weights: a module fixture)
 )
 
 UPLOAD_LIMIT = 4 * MiB  # the inflate cap is 4 x this
-HOSTILE = {"max_upload_bytes": UPLOAD_LIMIT, "max_decoded_bytes": 64 * MiB, "max_dicom_elements": 50_000}
+HOSTILE = {"max_upload_bytes": UPLOAD_LIMIT, "max_decoded_bytes": 48 * MiB, "max_dicom_elements": 50_000}
 
 
 # --- bombs: small files whose headers claim much -------------------------------------------------------------
@@ -111,10 +111,10 @@ def deflate_bomb() -> bytes:
 
 
 def nifti_gz_bomb() -> bytes:
-    """The issue's case: ~254 KiB of gzip that declares (and holds) a 4096x4096x16 uint8 volume, 256 MiB."""
+    """As the issue's case: ~254 KiB of gzip that declares (and holds) a 2048x2048x64 uint8 volume, 256 MiB."""
     header = nib.Nifti1Header()
     header.set_data_dtype(np.uint8)
-    header.set_data_shape((4096, 4096, 16))
+    header.set_data_shape((2048, 2048, 64))
     header["vox_offset"] = 352
     packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     parts = [packer.compress(header.binaryblock + bytes(4))]
@@ -141,12 +141,12 @@ def series_of(count: int) -> list[tuple[str, bytes]]:
 
 
 BOMBS = [  # id, files, status, words of the detail
-    ("tiff-4-samples-of-64-bits", lambda: [("a.tif", tiff_declaring(2048, 2100, np.float64, 4))], 413, "memory"),
-    ("tiff-same-size-1-byte-is-no-bomb", lambda: [("a.tif", tiff_declaring(2048, 2100))], 400, "TIFF"),
-    ("png-16-bit-rgba", lambda: [("a.png", png16_rgba_declaring(2048, 2100))], 413, "memory"),
-    ("png-same-size-gray-is-no-bomb", lambda: [("a.png", png_declaring(2048, 2100))], 400, "PNG"),
+    ("tiff-4-samples-of-64-bits", lambda: [("a.tif", tiff_declaring(2000, 2000, np.float64, 4))], 413, "memory"),
+    ("tiff-same-size-1-byte-is-no-bomb", lambda: [("a.tif", tiff_declaring(2000, 2000))], 400, "TIFF"),
+    ("png-16-bit-rgba", lambda: [("a.png", png16_rgba_declaring(2000, 2000))], 413, "memory"),
+    ("png-same-size-gray-is-no-bomb", lambda: [("a.png", png_declaring(2000, 2000))], 400, "PNG"),
     ("dicom-3-samples-of-32-bits",
-     lambda: [("a.dcm", dicom_declaring(Rows=4096, Columns=4096, SamplesPerPixel=3, BitsAllocated=32,
+     lambda: [("a.dcm", dicom_declaring(Rows=2048, Columns=2048, SamplesPerPixel=3, BitsAllocated=32,
                                         BitsStored=32, HighBit=31, PhotometricInterpretation="RGB",
                                         PlanarConfiguration=0))], 413, "memory"),
     ("dicom-jpeg-codestream-larger-than-header", lambda: [("a.dcm", jpeg_claiming(60000, 60000))], 413,
@@ -162,7 +162,7 @@ BOMBS = [  # id, files, status, words of the detail
      "DICOM data elements"),
     ("dicom-513-series-files", lambda: series_of(513), 413, "too many files"),
     ("nifti-gz-bomb", lambda: [("a.nii.gz", nifti_gz_bomb())], 413, "memory"),
-    ("nifti-float64-declared", lambda: [("a.nii", nifti_declaring((4096, 4096, 2), np.float64))], 413, "memory"),
+    ("nifti-float64-declared", lambda: [("a.nii", nifti_declaring((2048, 2048, 4), np.float64))], 413, "memory"),
 ]
 
 

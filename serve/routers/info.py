@@ -36,6 +36,7 @@ def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDe
                 max_upload_bytes=settings.max_upload_bytes,
                 max_pixels=settings.max_pixels,
                 max_frames=settings.max_frames,
+                max_decoded_bytes=settings.max_decoded_bytes,
             ),
         ),
         test_metrics=test_metrics,
