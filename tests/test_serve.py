@@ -591,7 +591,7 @@ def uvicorn_server(weights: Path, **settings: str):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # loading torch and the model on a busy 2-core machine
         while True:
             assert server.poll() is None, server.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "server did not start"
