@@ -38,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.bundles import BEST_FILE, best_model  # noqa: E402
+from metaseg.conventions import BEST_FILE, read_best  # noqa: E402
 from metaseg.engine import Engine, bundle_imports  # noqa: E402
 from metaseg.imageio import decode  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
@@ -203,7 +203,7 @@ def main() -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")}
         if BEST_FILE.is_file():
             model = f"recorded best model ({BEST_FILE.relative_to(REPO)})"
-            chosen = best_model()
+            chosen = read_best()
             engine = Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides)
         else:
             model = "attention_unet with seeded random weights (no bundles/best.json yet): same network and cost"
