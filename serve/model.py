@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from metaseg.bundles import bundle_dir
 from metaseg.conventions import Model, default_weights, read_best
