@@ -61,11 +61,11 @@ def slices(tmp_path_factory) -> dict:
     tif = tifffile.imread(io.BytesIO(sample().files[0][1]))  # (rows, cols, 3)
     tifffile.imwrite(folder / "phantom.tif", tif, photometric="rgb")
     PIL.Image.fromarray(tif[..., 1]).save(folder / "flair.png")
-    write_dicom(folder / "flair.dcm", tif[..., 1].astype(np.uint16) * 16)
+    write_dicom(folder / "flair_dicom.dcm", tif[..., 1].astype(np.uint16) * 16)
     return {
         "phantom": np.moveaxis(tifffile.imread(folder / "phantom.tif"), -1, 0),
         "flair": np.asarray(PIL.Image.open(folder / "flair.png"))[None],
-        "flair.dcm": pydicom.dcmread(folder / "flair.dcm").pixel_array[None],
+        "flair_dicom": pydicom.dcmread(folder / "flair_dicom.dcm").pixel_array[None],
         "folder": folder,
     }
 
@@ -73,9 +73,9 @@ def slices(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 def test_in_memory_bundle_gives_the_masks_of_metaseg_predict(name, slices, tmp_path):
     assert main(["predict", str(slices["folder"]), "--out", str(tmp_path), "--bundle", name]) == 0
-    for stem in ("phantom", "flair", "flair.dcm"):
+    for stem in ("phantom", "flair", "flair_dicom"):
         ours = deploy(name, slices[stem])[0] > 0
-        written = np.asarray(PIL.Image.open(tmp_path / f"{stem.split('.')[0]}_seg.png")) > 0
+        written = np.asarray(PIL.Image.open(tmp_path / f"{stem}_seg.png")) > 0
         assert ours.shape == written.shape == slices[stem].shape[1:], stem
         assert ours.sum() > 50, stem  # the trained model finds the phantom's lesion: not two empty masks agreeing
         assert (ours != written).mean() < 1e-3, stem  # TorchScript vs eager: only pixels at p = 0.5 may differ
