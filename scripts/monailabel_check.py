@@ -58,8 +58,8 @@ def prepare(work: Path, python: str) -> tuple[Path, Path]:
         Image.fromarray(label).save(studies / "labels" / "final" / f"{stem}.png")
         if np.count_nonzero(label) > most:
             richest, most = rgb, np.count_nonzero(label)
-    Image.fromarray(richest[..., 1]).save(inputs / "flair.png")
-    write_dicom(inputs / "flair.dcm", richest[..., 1].astype(np.uint16) * 16)
+    Image.fromarray(richest[..., 1]).save(inputs / "slice.png")
+    write_dicom(inputs / "slice_dicom.dcm", richest[..., 1].astype(np.uint16) * 16)
     return studies, inputs
 
 
@@ -112,12 +112,12 @@ def check(python: str) -> dict:
         app = make_app(work / "app", studies)
         for name in NAMES:
             report = result["bundles"][name] = {"loaded": name in app.info()["models"], "infer": {}, "train": {}}
-            for file in ("flair.png", "flair.dcm"):
+            for file in ("slice.png", "slice_dicom.dcm"):
                 try:
                     start = time.perf_counter()
                     mask, _ = app._infers[name]({"model": name, "image": str(inputs / file), "device": "cpu",
                                                  "result_write_to_file": False})
-                    reference = np.asarray(Image.open(work / "reference" / name / "flair_seg.png"))
+                    reference = np.asarray(Image.open(work / "reference" / name / f"{Path(file).stem}_seg.png"))
                     report["infer"][file] = {**compare(mask, reference), "seconds": round(time.perf_counter() - start, 2)}
                 except Exception:  # the record says exactly what failed, and the other checks still run
                     report["infer"][file] = {"error": traceback.format_exc(limit=4)}
