@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.uid import MRImageStorage, generate_uid
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("unetpp", "attention_unet")
@@ -36,10 +36,20 @@ def metaseg(python: str, *args) -> None:
 
 
 def write_dicom(path: Path, pixels: np.ndarray) -> None:
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, generate_uid(), "MR"
-    ds.set_pixel_data(pixels.astype(np.uint16), "MONOCHROME2", 16)  # with its file meta: explicit VR little endian
-    ds.save_as(path, enforce_file_format=True)
+    """A 16-bit MR slice, written with pydicom 2 (monailabel's pydicom-seg needs pydicom < 3)."""
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=bytes(128))
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    rows, cols = pixels.shape
+    for keyword, value in dict(SOPClassUID=MRImageStorage, SOPInstanceUID=uid, Modality="MR", Rows=rows, Columns=cols,
+                               SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16,
+                               BitsStored=16, HighBit=15, PixelRepresentation=0,
+                               PixelData=pixels.astype("<u2").tobytes()).items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
 
 
 def prepare(work: Path, python: str) -> tuple[Path, Path]:
