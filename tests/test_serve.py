@@ -529,7 +529,8 @@ def test_openapi_lists_every_endpoint_with_its_models(client):
 
 
 def test_health_and_info_without_a_recorded_report(client):
-    assert client.get("/health").json() == {"status": "ok", "model": "attention_unet", "version": "0.1.0",
+    version = json.loads((REPO / "bundles/attention_unet/configs/metadata.json").read_text())["version"]
+    assert client.get("/health").json() == {"status": "ok", "model": "attention_unet", "version": version,
                                              "busy": 0, "capacity": 34}
     info = client.get("/info").json()
     assert (info["model"], info["architecture"], info["test_metrics"]) == ("attention_unet", "AttentionUnet", None)
