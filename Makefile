@@ -11,7 +11,7 @@ DEMO_TRAIN := --epochs 30 --spatial-size 64
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 268435456
 
-.PHONY: setup test demo train serve-ui clean
+.PHONY: setup test demo train serve-ui monailabel-check clean
 
 # The browser test drives Debian's Chromium; apt needs root, so sudo is used when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo sudo)
@@ -62,5 +62,23 @@ serve-ui: setup
 	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/metaseg ui --server http://127.0.0.1:$(SERVER_PORT) --port $(UI_PORT)
 
+# Both bundles in a real MONAI Label app (infer a PNG and a DICOM slice, train one epoch), in a venv of its own:
+# monailabel pulls torchvision, and PyPI's torchvision does not import beside our torch 2.13.0 CPU wheel, so this venv
+# has torch 2.14.1 + torchvision 0.29.1 (a CUDA build, about 8 GB). torch comes first so that monailabel's source-only
+# dependency (sam2) builds against it instead of fetching a second torch for an isolated build.
+# Result: benchmarks/results/monailabel.json (committed); tests/test_monailabel.py reruns it when the venv exists.
+ML_VENV  := .venv-monailabel
+ML_STAMP := $(ML_VENV)/.stamp-setup
+
+$(ML_STAMP): requirements-monailabel.txt
+	$(PYTHON) -m venv $(ML_VENV)
+	$(ML_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $$(grep -E '^(torch|setuptools|wheel)==' requirements-monailabel.txt)
+	$(ML_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-monailabel.txt
+	touch $@
+
+monailabel-check: setup $(ML_STAMP)
+	nice -n 10 $(ML_VENV)/bin/python scripts/monailabel_check.py --metaseg-python $(BIN)/python \
+	  --out benchmarks/results/monailabel.json
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(ML_VENV) runs

@@ -38,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.bundles import BEST_FILE, best_model  # noqa: E402
+from metaseg.conventions import BEST_FILE, read_best  # noqa: E402
 from metaseg.engine import Engine, bundle_imports  # noqa: E402
 from metaseg.imageio import decode  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
@@ -238,7 +238,7 @@ def main() -> None:
         if chosen_env:
             engine = Engine(REPO / "bundles" / "attention_unet", Path(chosen_env["METASEG_WEIGHTS"]))
         else:
-            chosen = best_model()
+            chosen = read_best()
             engine = Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides)
         raw = raw_latency(engine, payloads()["png_256x256_rgb"], args.requests)
         del engine

@@ -6,23 +6,21 @@ package and its config never meet another bundle's in one interpreter, and a sta
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from metaseg.errors import UserError
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ("unetpp", "attention_unet")
-BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
+RUN_ID = "run"  # MONAI's default: every stage runs it, as the model zoo, MONAI Label and MONAI Deploy expect
 
-# stage -> (run id inside the configs, config files merged left to right)
+# stage -> config files merged left to right; train.json and inference.json each load alone
 STAGES = {
-    "training": ("training", ["train.json"]),
-    "evaluating": ("evaluating", ["train.json", "evaluate.json"]),
-    "inference": ("run", ["train.json", "inference.json"]),
+    "training": ["train.json"],
+    "evaluating": ["train.json", "evaluate.json"],
+    "inference": ["inference.json"],
 }
 
 
@@ -36,9 +34,8 @@ def bundle_dir(name_or_path: str | Path) -> Path:
 
 def command(bundle: Path, stage: str, **overrides) -> list[str]:
     """The `python -m monai.bundle run ...` command line for one stage, with `--key value` overrides."""
-    run_id, files = STAGES[stage]
-    configs = [str(bundle / "configs" / f) for f in files]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--meta_file", str(bundle / "configs" / "metadata.json")]
+    configs = [str(bundle / "configs" / f) for f in STAGES[stage]]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", RUN_ID, "--meta_file", str(bundle / "configs" / "metadata.json")]
     cmd += ["--config_file", configs[0] if len(configs) == 1 else repr(configs), "--bundle_root", str(bundle)]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
@@ -58,25 +55,3 @@ def run_stage(bundle: Path, stage: str, log_file: Path, **overrides) -> None:
                 log.write(line)
     if child.returncode != 0:
         raise UserError(f"{stage} of bundle {bundle.name} failed (exit {child.returncode}); full log: {log_file}")
-
-
-@dataclass(frozen=True)
-class Model:
-    """A trained model: its bundle, its weights, and the config overrides it was trained with (e.g. spatial_size)."""
-
-    bundle: Path
-    weights: Path
-    overrides: dict = field(default_factory=dict)
-
-
-def best_model(record: Path = BEST_FILE) -> Model:
-    """The model a best-model record names; relative paths in it are relative to the record's folder."""
-    if not record.is_file():
-        raise UserError(f"no best-model record at {record}: run `metaseg compare` or pass --bundle")
-    try:
-        best = json.loads(record.read_text())
-        bundle, weights, overrides = Path(best["bundle"]), Path(best["weights"]), dict(best.get("overrides", {}))
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"unreadable best-model record {record}: {err}") from None
-    bundle = bundle_dir(bundle if bundle.is_absolute() or str(bundle) in NAMES else record.parent / bundle)
-    return Model(bundle, weights if weights.is_absolute() else (record.parent / weights).resolve(), overrides)

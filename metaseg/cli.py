@@ -88,14 +88,15 @@ def _probability(text: str) -> float:
 
 
 def cmd_predict(args) -> None:
-    from metaseg.bundles import Model, best_model, bundle_dir
+    from metaseg.bundles import bundle_dir
+    from metaseg.conventions import Model, default_weights, read_best
     from metaseg.engine import Engine
     from metaseg.predict import predict
 
     if args.bundle:
-        model = Model(bundle_dir(args.bundle), args.weights or bundle_dir(args.bundle) / "models" / "model.pt")
+        model = Model(bundle_dir(args.bundle), args.weights or default_weights(bundle_dir(args.bundle)))
     else:
-        model = best_model(args.best) if args.best else best_model()
+        model = read_best(args.best) if args.best else read_best()
     engine = Engine(model.bundle, weights=model.weights, overrides=model.overrides)
     print(f"model: {engine.name} ({engine.weights})", flush=True)
     report = predict(args.input, args.out, engine, threshold=args.threshold)
@@ -192,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_datalist)
 
     for name, func, text in (
-        ("train", cmd_train, "split the data by patient and train a bundle (python -m monai.bundle run training)"),
-        ("evaluate", cmd_evaluate, "predict and score a run's test or validation patients (monai.bundle run evaluating)"),
+        ("train", cmd_train, "split the data by patient and train a bundle (python -m monai.bundle run, train.json)"),
+        ("evaluate", cmd_evaluate, "predict and score a run's test or validation patients (monai.bundle run, + evaluate.json)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")

@@ -7,7 +7,7 @@ compared split and of `validation`; the ground truth and FLAIR come from the dat
     OUT/comparison.md     the same as a table, with the conventions and links to the figures
     OUT/qualitative.png   best, median and worst lesion slice of the compared split, every model side by side
     OUT/training_curves.png  per-epoch training loss and validation Dice of each run
-    best-out (OUT/best.json) the bundle with the higher *validation* mean 3D Dice, readable by bundles.best_model
+    best-out (OUT/best.json) the bundle with the higher *validation* mean 3D Dice, readable by conventions.read_best
 
 Model selection never looks at the compared (test) patients; the test numbers only report.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from metaseg import conventions
 from metaseg.bundles import NAMES
 from metaseg.data import open_source, read_tiff
 from metaseg.errors import UserError
@@ -73,7 +73,7 @@ class Run:
 
     def mask_path(self, split: str, item: dict) -> Path:
         image = PurePosixPath(item["image"])
-        return self.path / split / "masks" / image.parent / f"{image.stem}_seg.png"
+        return self.path / split / "masks" / image.parent / conventions.mask_file(image.stem)
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -245,7 +245,7 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
     with open_source(data) as files:
         for row, (label, (mean_dice, patient, index)) in zip(axes, picks):
             item = groups[patient][index]
-            flair = read_tiff(files.read(_member(root, item["image"])))[..., 1]
+            flair = read_tiff(files.read(_member(root, item["image"])))[..., conventions.FLAIR_CHANNEL]
             gt = truth[patient][index]
             header = f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR"
             panels = [(header, None, None), ("ground truth", gt, "lime")]
@@ -347,13 +347,6 @@ def _null_nan(obj):
     if isinstance(obj, (list, tuple)):
         return [_null_nan(v) for v in obj]
     return obj
-
-
-def _relative(path: Path, start: Path) -> str:
-    try:
-        return os.path.relpath(path.resolve(), start.resolve())
-    except ValueError:  # another drive on Windows
-        return str(path.resolve())
 
 
 def _cell(summary: dict, metric: str, digits: int = 3) -> str:
@@ -488,15 +481,12 @@ def _model_overrides(run: Run) -> dict:
 
 
 def write_best(file: Path, runs: list[Run], best: str, report: dict, md: Path) -> Path:
-    """The best-model record `metaseg.bundles.best_model` reads; paths relative to the record's folder."""
+    """The best-model record `metaseg.conventions.read_best` reads."""
     run = next(r for r in runs if r.name == best)
-    return write_json_atomic(file, {
-        "bundle": best,
-        "weights": _relative(run.path / "models" / "model.pt", file.parent),
-        "overrides": _model_overrides(run),
-        "selected_by": SELECTED_BY,
-        "validation_dice_3d": {name: v["dice_3d_mean"] for name, v in report["validation"].items()},
+    return conventions.write_best(
+        file, best, conventions.default_weights(run.path), _model_overrides(run), report=md,
+        selected_by=SELECTED_BY,
+        validation_dice_3d={name: v["dice_3d_mean"] for name, v in report["validation"].items()},
         **({"test_dice_3d": {name: m["mean"]["dice_3d"] for name, m in report["models"].items()}}
            if report["split"] == "test" else {}),
-        "report": _relative(md, file.parent),
-    })
+    )

@@ -1,9 +1,10 @@
 """Segment slices held in memory with a bundle's own network, weights and preprocessing.
 
-The engine reads the bundle exactly as `python -m monai.bundle run` does for inference (train.json merged with
-inference.json) and takes from it `network_def` and `preprocessing`. Only the file loader is left out, because the
-caller has already decoded the upload (metaseg.imageio gives arrays in the same row/column order as the bundle's
-readers); the resampling back to each slice's own size is the bundle's `Invertd`.
+The engine reads the bundle as MONAI Label and MONAI Deploy do: `configs/inference.json` alone, taking its
+`network_def`, `preprocessing` without the file loader (the caller has already decoded the upload, and
+metaseg.imageio gives arrays in the same row/column order as the bundle's readers), its `inferer`, and its
+`postprocessing` up to the probability map: the softmax and the `Invertd` back to each slice's own size. What follows
+in the bundle (the mask and the writer) is left to the caller, who picks the threshold.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, LoadImaged
+from monai.transforms import AsDiscreted, Compose, LoadImaged
 
 from metaseg.bundles import STAGES
+from metaseg.conventions import default_weights
 from metaseg.errors import UserError
 
 
@@ -48,23 +50,25 @@ class Engine:
 
     def __init__(self, bundle: Path, weights: Path | None = None, batch_size: int = 16, overrides: dict | None = None):
         bundle = Path(bundle).resolve()
-        weights = Path(weights) if weights else bundle / "models" / "model.pt"
+        weights = Path(weights) if weights else default_weights(bundle)
         if not weights.is_file():
             raise UserError(f"no trained weights at {weights}: train the bundle or pass its model.pt")
         parser = ConfigParser()
         parser.read_meta(str(bundle / "configs" / "metadata.json"))
-        parser.read_config([str(bundle / "configs" / name) for name in STAGES["inference"][1]])
+        parser.read_config([str(bundle / "configs" / name) for name in STAGES["inference"]])
         parser["bundle_root"] = str(bundle)
         for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
             parser[key] = value
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
+            self.inferer = parser.get_parsed_content("inferer")
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
         steps = parser.get_parsed_content("preprocessing").transforms
         self.preprocess = Compose([t for t in steps if not isinstance(t, LoadImaged)])
-        self.restore = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
+        post = parser.get_parsed_content("postprocessing").transforms
+        self.restore = Compose(post[: next(i for i, t in enumerate(post) if isinstance(t, AsDiscreted))])
         self.bundle = bundle
         self.weights = weights
         self.metadata = parser["_meta_"]
@@ -82,9 +86,9 @@ class Engine:
             items = [self._prepare(frame) for frame in frames[start : start + self.batch_size]]
             batch = torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
             with torch.inference_mode():
-                probs = torch.softmax(self.network(batch).float(), dim=1).cpu()
-            for item, prob in zip(items, probs):
-                restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
+                logits = self.inferer(batch, self.network).float().cpu()
+            for item, logit in zip(items, logits):
+                restored = self.restore({"image": item["image"], "pred": MetaTensor(logit)})["pred"]
                 maps.append(np.clip(restored[1].numpy(), 0.0, 1.0).astype(np.float32))
         return maps
 

@@ -86,6 +86,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
+from metaseg.conventions import FLAIR_CHANNEL
 from metaseg.errors import TooLarge, Unsupported, UserError
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ def _common_kind(files: list[tuple[str, bytes]]) -> str:
 
 # --- PNG, JPEG, TIFF --------------------------------------------------------------------------
 
-_CHANNEL_BY_COUNT = {1: 0, 2: 0, 3: 1, 4: 1}  # gray(+alpha): gray; RGB(A): channel 1 = FLAIR
+_CHANNEL_BY_COUNT = {1: 0, 2: 0, 3: FLAIR_CHANNEL, 4: FLAIR_CHANNEL}  # gray(+alpha): gray; RGB(A): FLAIR
 _EXIF_ORIENTATION = 0x0112  # also the TIFF Orientation tag
 _ORIENTATIONS = {  # EXIF/TIFF orientation -> how to turn the stored array into the displayed one
     2: lambda a: a[:, ::-1],

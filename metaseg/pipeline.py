@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 
 from metaseg.bundles import run_stage
+from metaseg.conventions import MODEL_OVERRIDES, default_weights
 from metaseg.data import discover
 from metaseg.datalist import build_datalist, summary, write_datalist
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
 
-# Overrides that change the network's input, so inference and evaluation of the run must repeat them.
-MODEL_OVERRIDES = ("spatial_size",)
 FINGERPRINT = "fingerprint.json"
 CHECKPOINTS = ("models/checkpoint.pt", "models/model.pt")  # what the bundle's training resumes from or keeps
 
@@ -51,7 +50,7 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
         seed=seed,
         **overrides,
     )
-    return run / "models" / "model.pt"
+    return default_weights(run)
 
 
 def fingerprint(bundle: Path, datalist: dict, overrides: dict) -> dict:

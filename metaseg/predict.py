@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from metaseg.conventions import mask_file
 from metaseg.data import MASK_SUFFIX, is_hidden, open_source
 from metaseg.engine import Engine
 from metaseg.errors import UserError
@@ -35,7 +36,7 @@ def mask_name(name: str, frame: int, n_frames: int) -> PurePosixPath:
     stem = path.stem if n_frames == 1 else f"{path.stem}_{frame}"
     in_data_layout = len(path.parts) >= 2 and path.stem.startswith(path.parent.name + "_")
     folder = PurePosixPath(path.parent.name) if in_data_layout else path.parent
-    return folder / f"{stem}_seg.png"
+    return folder / mask_file(stem)
 
 
 def unsafe_name(name: str) -> str | None:

@@ -1,10 +1,12 @@
 """Ship trained runs as the bundles' weights: the last step after `make train` on the real data.
 
 For each bundle run in RUNS it copies `models/model.pt` to `bundles/<name>/models/model.pt` and the evidence that made
-it (run.json, datalist.json, train.log) to `bundles/<name>/docs/`; then it writes `bundles/best.json` naming the
-model that `metaseg compare` chose on validation patients, pointing at the shipped copy.
+it (run.json, datalist.json, train.log) to `bundles/<name>/docs/`, exports `models/model.ts` (TorchScript, with MONAI's
+`ckpt_export`, as the model zoo ships it); then it writes `bundles/best.json` naming the model that `metaseg compare`
+chose on validation patients, pointing at the shipped copy.
 
     python scripts/ship_weights.py runs/lgg --report reports/comparison.md
+    python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,38 +22,58 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.bundles import BEST_FILE, BUNDLES_DIR, NAMES, best_model  # noqa: E402
-from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
+from metaseg.bundles import BUNDLES_DIR, NAMES  # noqa: E402
+from metaseg.conventions import BEST_FILE, default_weights, read_best, write_best  # noqa: E402
+from metaseg.files import write_bytes_atomic  # noqa: E402
 
 MAX_BYTES = 10 * 2**20  # committed weights stay small
+# BasicUNetPlusPlus cannot be scripted once its forward picks a head: it is traced at the network's input size.
+TRACE = {"unetpp": ["--use_trace", "True", "--input_shape", "[1, 1, 128, 128]"]}
+
+
+def export_torchscript(bundle: Path) -> Path:
+    """models/model.ts from models/model.pt by MONAI's ckpt_export (it embeds metadata.json and inference.json)."""
+    target = bundle / "models" / "model.ts"
+    configs = bundle / "configs"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", str(target),
+         "--ckpt_file", str(default_weights(bundle)), "--meta_file", str(configs / "metadata.json"),
+         "--config_file", str(configs / "inference.json"), *TRACE.get(bundle.name, [])],
+        cwd=bundle, check=True,
+    )
+    if target.stat().st_size > MAX_BYTES:
+        raise SystemExit(f"{target} is over {MAX_BYTES} bytes")
+    return target
 
 
 def ship(runs: Path, report: Path) -> None:
     chosen = json.loads((runs / "best.json").read_text())
     for name in NAMES:
         run, bundle = runs / name, BUNDLES_DIR / name
-        weights = run / "models" / "model.pt"
+        weights = default_weights(run)
         torch.load(weights, weights_only=True)  # a complete, plain state dict
         if weights.stat().st_size > MAX_BYTES:
             raise SystemExit(f"{weights} is over {MAX_BYTES} bytes")
-        write_bytes_atomic(bundle / "models" / "model.pt", weights.read_bytes())
+        write_bytes_atomic(default_weights(bundle), weights.read_bytes())
+        export_torchscript(bundle)
         for evidence, target in (("run.json", "run.json"), ("datalist.json", "datalist_lgg.json"), ("train.log", "train.log")):
             shutil.copyfile(run / evidence, bundle / "docs" / target)
-    write_json_atomic(BEST_FILE, {
-        "bundle": chosen["bundle"],
-        "weights": f"{chosen['bundle']}/models/model.pt",
-        "overrides": chosen.get("overrides", {}),
-        "selected_by": chosen["selected_by"],
-        "validation_dice_3d": chosen["validation_dice_3d"],
-        "test_dice_3d": chosen.get("test_dice_3d"),
-        "report": str(Path("..") / report.relative_to(REPO)),
-    })
-    print(f"shipped both bundles' weights; best: {best_model().bundle.name}")
+    write_best(BEST_FILE, chosen["bundle"], default_weights(BUNDLES_DIR / chosen["bundle"]), chosen.get("overrides", {}),
+               report=report, selected_by=chosen["selected_by"], validation_dice_3d=chosen["validation_dice_3d"],
+               test_dice_3d=chosen.get("test_dice_3d"))
+    print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="folder holding <bundle>/ runs and the best.json of `metaseg compare`")
+    parser.add_argument("runs", type=Path, nargs="?", help="folder holding <bundle>/ runs and the best.json of `metaseg compare`")
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "comparison.md")
+    parser.add_argument("--torchscript-only", action="store_true", help="only re-export each bundle's model.ts")
     args = parser.parse_args()
-    ship(args.runs, args.report.resolve())
+    if args.torchscript_only:
+        for name in NAMES:
+            print(f"exported {export_torchscript(BUNDLES_DIR / name)}")
+    elif args.runs:
+        ship(args.runs, args.report.resolve())
+    else:
+        parser.error("give RUNS, or --torchscript-only")

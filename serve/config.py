@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from metaseg.bundles import BEST_FILE
+from metaseg.conventions import BEST_FILE
 from metaseg.imageio import Limits
 
 _MiB = 2**20

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,34 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 LGG = REPO.parent / "shared" / "data" / "lgg" / "Data"
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def metaseg(*args) -> CliResult:
+    """`metaseg ARGS` run in this process (its `main`), with what it prints captured."""
+    from metaseg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's --help
+            code = exit_.code
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(result: CliResult, fragment: str) -> None:
+    """Exit 2 and one readable line naming the mistake, never a traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metaseg: error:"), result.stderr
+    assert fragment in lines[0] and "Traceback" not in result.stderr
 
 
 def write_pair(folder: Path, patient: str, n: int, lesion: bool = False, compress: bool = False) -> None:

@@ -78,7 +78,7 @@ def copy_bundle(name: str, dest: Path) -> Path:
 
 def train_args(bundle: Path, data: Path, out: Path, epochs: int) -> list:
     return [
-        "run", "training", "--meta_file", bundle / "configs/metadata.json", "--config_file", bundle / "configs/train.json",
+        "run", "--meta_file", bundle / "configs/metadata.json", "--config_file", bundle / "configs/train.json",
         "--bundle_root", bundle, "--dataset_dir", data, "--epochs", epochs, "--ckpt_dir", out,
         "--output_dir", out / "eval", "--spatial_size", SIZE,
     ]
@@ -86,7 +86,7 @@ def train_args(bundle: Path, data: Path, out: Path, epochs: int) -> list:
 
 @pytest.fixture(scope="session", params=NAMES)
 def trained(request, phantom, blocker, tmp_path_factory) -> Trained:
-    """One epoch of the documented training command, run from a folder outside the bundle."""
+    """One epoch of the documented training command (MONAI's default run id), run from a folder outside the bundle."""
     work = tmp_path_factory.mktemp(request.param)
     bundle = copy_bundle(request.param, work)
     ok(monai_bundle(*train_args(bundle, phantom, work / "out", 1), cwd=work, blocker=blocker))
@@ -101,7 +101,7 @@ def saved_epoch(checkpoint: Path) -> int:
 def network_def(bundle: Path) -> torch.nn.Module:
     """The bundle's own network_def, with the bundle root importable as MONAI's workflow would make it."""
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config(str(bundle / "configs" / "inference.json"))
     with bundle_imports(bundle):
         return parser.get_parsed_content("network_def")
 
@@ -124,7 +124,7 @@ def test_training_keeps_best_single_output_state_dict_and_resume_state(trained):
 def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, phantom, blocker):
     out = trained.out / "test"
     ok(monai_bundle(
-        "run", "evaluating", "--meta_file", trained.bundle / "configs/metadata.json",
+        "run", "--meta_file", trained.bundle / "configs/metadata.json",
         "--config_file", config_files(trained.bundle, "train.json", "evaluate.json"), "--bundle_root", trained.bundle,
         "--dataset_dir", phantom, "--ckpt_dir", trained.out, "--output_dir", out, "--spatial_size", SIZE,
         cwd=trained.out, blocker=blocker,
@@ -142,7 +142,7 @@ def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, p
 def run_inference(bundle: Path, inputs: Path, ckpt: Path, out: Path, blocker: Path, extra: tuple = ()) -> None:
     ok(monai_bundle(
         "run", "--meta_file", bundle / "configs/metadata.json",
-        "--config_file", config_files(bundle, "train.json", "inference.json", *extra), "--bundle_root", bundle,
+        "--config_file", config_files(bundle, "inference.json", *extra), "--bundle_root", bundle,
         "--input_dir", inputs, "--ckpt_dir", ckpt, "--output_dir", out, "--spatial_size", SIZE,
         cwd=out.parent, blocker=blocker,
     ))
@@ -263,7 +263,7 @@ def test_metadata_verifies_offline_and_network_matches_it(name, blocker, tmp_pat
     assert "skipped downloading" in log and "verified with no error" in log
     log = ok(monai_bundle(
         "verify_net_in_out", "--net_id", "network_def", "--meta_file", meta,
-        "--config_file", config_files(bundle, "train.json", "inference.json"), "--n", 4, cwd=bundle, blocker=blocker,
+        "--config_file", bundle / "configs/inference.json", "--n", 4, cwd=bundle, blocker=blocker,
     ))
     assert "verified with no error" in log
 
@@ -272,10 +272,12 @@ def test_the_bundles_differ_only_in_network_and_loss():
     def load(name, file):
         return json.loads((BUNDLES / name / "configs" / file).read_text())
 
-    for file in ("evaluate.json", "inference.json", "multi_gpu_train.json"):
+    for file in ("evaluate.json", "multi_gpu_train.json"):
         assert load("unetpp", file) == load("attention_unet", file), file
     a, b = load("unetpp", "train.json"), load("attention_unet", "train.json")
-    assert {k for k in a if a[k] != b.get(k)} == {"network_def", "loss"}
+    assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} == {"network_def", "loss"}
+    a, b = load("unetpp", "inference.json"), load("attention_unet", "inference.json")
+    assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} == {"network_def"}
     assert (BUNDLES / "unetpp/configs/logging.conf").read_text() == (BUNDLES / "attention_unet/configs/logging.conf").read_text()
     for name in NAMES:
         metadata = load(name, "metadata.json")

@@ -9,24 +9,16 @@ import zipfile
 
 import pytest
 
-
-def metaseg(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "metaseg.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+from conftest import assert_user_error, metaseg
 
 
-def assert_user_error(result, fragment: str):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metaseg: error:"), result.stderr
-    assert fragment in lines[0] and "Traceback" not in result.stderr
-
-
-def test_help_lists_every_subcommand():
-    out = metaseg("--help").stdout
+def test_the_installed_entry_point_lists_every_subcommand_and_fails_in_one_line():
+    """The one test through a real process: `python -m metaseg.cli`; the others call its `main` in-process."""
+    run = [sys.executable, "-m", "metaseg.cli"]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120).stdout
     for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "serve", "ui"):
         assert command in out
+    assert_user_error(subprocess.run([*run, "frobnicate"], capture_output=True, text=True, timeout=120), "invalid choice")
 
 
 def test_datalist_writes_json_and_summary(tiny_data, tmp_path):

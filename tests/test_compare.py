@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from metaseg.bundles import best_model, bundle_dir
+from conftest import assert_user_error, metaseg
+from metaseg.bundles import bundle_dir
 from metaseg.compare import compare, curves_from_events, curves_from_log
 from metaseg.data import discover, read_tiff
+from metaseg.conventions import read_best
 from metaseg.datalist import build_datalist
 from metaseg.files import write_json_atomic
 from metaseg.metrics import (
@@ -164,18 +164,6 @@ def test_training_curves_from_tensorboard_events_and_from_train_log(tmp_path):
 # --- the command on synthetic runs ---
 
 
-def metaseg(*args):
-    return subprocess.run([sys.executable, "-m", "metaseg.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_user_error(result, fragment: str):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metaseg: error:"), result.stderr
-    assert fragment in lines[0] and "Traceback" not in result.stderr
-
-
 def imperfect(gt: np.ndarray) -> np.ndarray:
     """A patient's ground truth moved SHIFT columns right, plus a 5x5 false blob on its first lesion-free slice."""
     pred = np.roll(gt, SHIFT, axis=2)
@@ -260,7 +248,7 @@ def test_compare_end_to_end_picks_the_model_better_on_validation(runs, tmp_path)
     best = json.loads((out / "best.json").read_text())
     assert best["selected_by"] == "validation mean per-patient 3D Dice" and best["report"] == "comparison.md"
     assert best["test_dice_3d"]["unetpp"] > best["test_dice_3d"]["attention_unet"]
-    model = best_model(out / "best.json")
+    model = read_best(out / "best.json")
     assert model.bundle == bundle_dir("attention_unet")
     assert model.weights == (root / "attention_unet/models/model.pt").resolve()
     assert model.overrides == {"spatial_size": 64}  # from run.json: inference must repeat the training input size
@@ -274,7 +262,7 @@ def test_a_tie_on_validation_goes_to_the_first_run(runs, tmp_path):
     report = compare(Path(zipped), [("unetpp", perfect_twice), ("attention_unet", root / "attention_unet")],
                      out=tmp_path / "r", best_out=tmp_path / "elsewhere" / "best.json", n_resamples=50)
     assert report["best"] == "unetpp"
-    assert best_model(tmp_path / "elsewhere" / "best.json").weights == (perfect_twice / "models/model.pt").resolve()
+    assert read_best(tmp_path / "elsewhere" / "best.json").weights == (perfect_twice / "models/model.pt").resolve()
 
 
 def copy_run(runs: dict, name: str, tmp_path: Path) -> Path:

@@ -34,10 +34,9 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
     weights = random_weights(name, tmp_path / "ckpt")
     inputs = next(iter(geometry_inputs.values()))[0].parent
     bundle = REPO / "bundles" / name
-    configs = repr([str(bundle / "configs" / f) for f in ("train.json", "inference.json")])
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs/metadata.json"),
-         "--config_file", configs, "--bundle_root", str(bundle), "--input_dir", str(inputs),
+         "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle), "--input_dir", str(inputs),
          "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--spatial_size", "32"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

@@ -10,13 +10,14 @@ import tifffile
 import torch
 
 from conftest import REPO
-from metaseg.bundles import NAMES, best_model
+from metaseg.bundles import NAMES
+from metaseg.conventions import read_best
 from metaseg.engine import Engine
 from metaseg.metrics import dice_3d
 
 
 def test_best_record_names_a_shipped_bundle():
-    model = best_model()
+    model = read_best()
     assert model.bundle.name in NAMES and model.weights == REPO / "bundles" / model.bundle.name / "models" / "model.pt"
 
 

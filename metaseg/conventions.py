@@ -1,0 +1,106 @@
+"""The conventions every part of metaseg shares, each written once: where weights live, the best-model record,
+mask file names and the input channel.
+
+The bundles cannot import this module (a bundle copied out of the repo runs in plain MONAI), so they state the same
+facts in their configs (`flair_channel`, the writer's `output_postfix`/`output_ext`, `models/model.pt`) and
+tests/test_conventions.py holds them equal to what is written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metaseg.bundles import BUNDLES_DIR, NAMES, bundle_dir
+from metaseg.errors import UserError
+from metaseg.files import write_json_atomic
+
+FLAIR_CHANNEL = 1  # the data set's slices are (pre-contrast, FLAIR, post-contrast); the models see FLAIR only
+MASK_POSTFIX, MASK_EXT = "seg", ".png"  # <stem>_seg.png, 0/255
+WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best network, a plain state dict
+BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
+
+# Config overrides a model needs again at inference (it was trained with them), and the only ones a best-model
+# record may carry: a record is a file on disk, and a string reaching ConfigParser could be a `$` expression.
+MODEL_OVERRIDES = {"spatial_size": int}
+SPATIAL_MULTIPLE = 16  # the networks halve the input four times
+
+
+def mask_file(stem: str) -> str:
+    """The mask's file name for an input file (or frame) with this stem."""
+    return f"{stem}_{MASK_POSTFIX}{MASK_EXT}"
+
+
+def default_weights(bundle: Path) -> Path:
+    return Path(bundle) / WEIGHTS
+
+
+@dataclass(frozen=True)
+class Model:
+    """A trained model: its bundle, its weights, and the config overrides it was trained with (e.g. spatial_size)."""
+
+    bundle: Path
+    weights: Path
+    overrides: dict = field(default_factory=dict)
+    report: Path | None = None  # the comparison report that chose it, if a record names one
+
+
+def checked_overrides(overrides) -> dict:
+    """`overrides` if it holds only known keys with values of their type, else UserError saying what is wrong."""
+    if not isinstance(overrides, dict):
+        raise UserError(f"overrides must be an object, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        kind = MODEL_OVERRIDES.get(key)
+        if kind is None:
+            raise UserError(f"override {key!r} not allowed (allowed: {', '.join(MODEL_OVERRIDES)})")
+        if type(value) is not kind:
+            raise UserError(f"override {key} must be {kind.__name__}, got {type(value).__name__}")
+    size = overrides.get("spatial_size")
+    if size is not None and not (SPATIAL_MULTIPLE <= size <= 4096 and size % SPATIAL_MULTIPLE == 0):
+        raise UserError(f"override spatial_size must be a multiple of {SPATIAL_MULTIPLE} in [16, 4096], got {size}")
+    return dict(overrides)
+
+
+def read_best(record: Path = BEST_FILE) -> Model:
+    """The model a best-model record names; relative paths in it are relative to the record's folder."""
+    if not record.is_file():
+        raise UserError(f"no best-model record at {record}: run `metaseg compare` or pass --bundle")
+    try:
+        best = json.loads(record.read_text())
+        if not isinstance(best, dict) or not isinstance(best["bundle"], str) or not isinstance(best["weights"], str):
+            raise TypeError("bundle and weights must be strings")
+        bundle, weights = Path(best["bundle"]), Path(best["weights"])
+        overrides = checked_overrides(best.get("overrides", {}))
+        report = best.get("report")
+        if report is not None and not isinstance(report, str):
+            raise TypeError("report must be a string")
+    except (ValueError, KeyError, TypeError, UserError) as err:
+        raise UserError(f"unreadable best-model record {record}: {err}") from None
+    bundle = bundle_dir(bundle if bundle.is_absolute() or str(bundle) in NAMES else record.parent / bundle)
+    weights = weights if weights.is_absolute() else (record.parent / weights).resolve()
+    return Model(bundle, weights, overrides, record.parent / report if report else None)
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(start).resolve())
+    except ValueError:  # another drive on Windows
+        return str(Path(path).resolve())
+
+
+def write_best(record: Path, bundle: str, weights: Path, overrides: dict, report: Path | None = None,
+               **evidence) -> Path:
+    """Write a best-model record that `read_best` reads back: `bundle` a shipped name, paths stored relative to the
+    record's folder; `evidence` (scores, how the model was selected) is kept as given."""
+    if bundle not in NAMES:
+        raise UserError(f"a best-model record names a shipped bundle ({', '.join(NAMES)}), got {bundle!r}")
+    record = Path(record)
+    return write_json_atomic(record, {
+        "bundle": bundle,
+        "weights": _relative(weights, record.parent),
+        "overrides": checked_overrides(overrides),
+        **evidence,
+        **({"report": _relative(report, record.parent)} if report else {}),
+    })

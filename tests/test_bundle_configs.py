@@ -1,0 +1,135 @@
+"""The bundles' configs as other MONAI tools read them: train.json and inference.json each load alone and run under
+MONAI's default ids, and what inference.json repeats from train.json (network, image preprocessing, the scalars
+they use) stays identical to it.
+
+Why repeated rather than defined once: MONAI Label, MONAI Deploy and the model zoo read `configs/inference.json`
+alone, so it cannot reference train.json; MONAI 1.6.1's only cross-file reference, the file macro
+(`%configs/train.json#network_def`), resolves its path against the working directory, not the bundle (checked in
+test_a_file_macro_would_not_load_from_elsewhere), so it breaks for a copied bundle run from another folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImaged
+
+from conftest import REPO
+from metaseg.engine import bundle_imports
+from test_bundles import NAMES, phantom  # noqa: F401 (a fixture)
+
+BUNDLES = REPO / "bundles"
+PER_KEY_ARGS = {"mode", "anti_aliasing", "padding_mode", "align_corners"}  # lists with one entry per key
+SHARED_SCALARS = ("seed", "batch_size", "num_workers", "spatial_size", "flair_channel", "clahe_clip_limit", "device")
+
+
+def raw(name: str, file: str) -> dict:
+    return json.loads((BUNDLES / name / "configs" / file).read_text())
+
+
+def image_only(transform: dict) -> dict | None:
+    """A dictionary transform's config restricted to the `image` key, without descriptions; None if it skips image."""
+    keys = transform["keys"] if isinstance(transform["keys"], list) else [transform["keys"]]
+    if "image" not in keys:
+        return None
+    at = keys.index("image")
+    out = {}
+    for arg, value in transform.items():
+        if arg in ("_desc_", "allow_missing_keys"):
+            continue
+        if arg == "keys":
+            value = "image"
+        elif arg in PER_KEY_ARGS and isinstance(value, list) and len(keys) > 1:
+            value = value[at]
+        out[arg] = value
+    return out
+
+
+def workflow(name: str, file: str, kind: str, **override) -> ConfigWorkflow:
+    configs = BUNDLES / name / "configs"
+    return ConfigWorkflow(config_file=str(configs / file), meta_file=str(configs / "metadata.json"),
+                          logging_file=False, workflow_type=kind, bundle_root=str(BUNDLES / name), **override)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("file", "kind"), [("train.json", "train"), ("inference.json", "infer")])
+def test_each_config_loads_alone_with_the_default_run_id(name, file, kind, phantom, tmp_path):
+    flow = workflow(name, file, kind, dataset_dir=str(phantom), output_dir=str(tmp_path), spatial_size=32)
+    flow.initialize()
+    with bundle_imports(BUNDLES / name):  # what MONAI's `run` does before it builds the network
+        assert flow.check_properties() == []  # MONAI's own table of required ids for a train / infer workflow
+    assert flow.run_id == "run" and isinstance(flow.parser["run"], list) and flow.parser["run"]
+    assert "initialize" in flow.parser and "finalize" not in flow.parser  # the zoo's: finalize only for multi-GPU
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_old_run_ids_are_aliases_of_run(name):
+    for files, alias in ((["train.json"], "training"), (["train.json", "evaluate.json"], "evaluating")):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES / name / "configs" / f) for f in files])
+        parser.parse()
+        assert parser[alias] == parser["run"] and parser["run"], (files, alias)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_repeats_the_training_network_and_scalars_exactly(name):
+    train, infer = raw(name, "train.json"), raw(name, "inference.json")
+    assert infer["network_def"] == train["network_def"]
+    for key in SHARED_SCALARS:
+        assert infer[key] == train[key], key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_preprocessing_is_the_training_chain_for_the_image_alone(name):
+    train, infer = raw(name, "train.json"), raw(name, "inference.json")
+    expected = [t for t in map(image_only, train["train"]["deterministic_transforms"]) if t is not None]
+    ours = [image_only(t) for t in infer["preprocessing"]["transforms"]]
+    assert ours == expected
+    assert all("label" not in json.dumps(t) for t in infer["preprocessing"]["transforms"])  # MONAI Label's loader
+
+
+def chains(name: str) -> tuple[Compose, Compose]:
+    """Both preprocessing chains without their loaders: training's deterministic one, and inference's."""
+    built = []
+    for file, key in (("train.json", "validate#preprocessing"), ("inference.json", "preprocessing")):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / name / "configs" / file))
+        parser["spatial_size"] = 32
+        steps = parser.get_parsed_content(key).transforms
+        built.append(Compose([t for t in steps if not isinstance(t, LoadImaged)]))
+    return built[0], built[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_chains_give_the_same_network_input(name):
+    """Behaviour, not only config text: a 3-channel slice, a gray one and a near-constant one."""
+    training, inference = chains(name)
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 255, (3, 40, 56)), rng.normal(300, 80, (1, 64, 64)), np.pad([[[5.0]]], ((0, 0), (9, 9), (9, 9)))):
+        image = MetaTensor(torch.as_tensor(image, dtype=torch.float32))
+        a = training({"image": image.clone()})["image"]
+        b = inference({"image": image.clone()})["image"]
+        assert a.shape == (1, 32, 32) and torch.equal(a.as_tensor(), b.as_tensor())
+
+
+def test_a_file_macro_would_not_load_from_elsewhere(tmp_path, monkeypatch):
+    """The reason network_def is repeated: a macro naming train.json by a relative path fails from another folder."""
+    bundle = BUNDLES / "attention_unet"
+    config = copy.deepcopy(raw("attention_unet", "inference.json"))
+    config["network_def"] = "%configs/train.json#network_def"
+    (tmp_path / "inference.json").write_text(json.dumps(config))
+    monkeypatch.chdir(bundle)
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "inference.json"))
+    assert parser.get_parsed_content("network_def").__class__.__name__ == "AttentionUnet"  # from the bundle root
+    monkeypatch.chdir(tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "inference.json"))
+    with pytest.raises(FileNotFoundError):
+        parser.get_parsed_content("network_def")
