@@ -23,9 +23,10 @@ from metaseg.files import write_json_atomic
 MODEL_OVERRIDES = ("spatial_size",)
 
 
-def train(bundle: Path, data: Path, run: Path, seed: int = 0, **overrides) -> Path:
-    """Split `data` by patient, then run the bundle's training into `run`; returns the best model's path."""
-    datalist = build_datalist(discover(data), seed=seed)
+def train(bundle: Path, data: Path, run: Path, seed: int = 0, datalist: dict | None = None, **overrides) -> Path:
+    """Split `data` by patient (unless given a `datalist`), then run the bundle's training into `run`; returns the
+    best model's path. A run folder that holds a checkpoint resumes from it (the bundle's `resume`)."""
+    datalist = datalist or build_datalist(discover(data), seed=seed)
     write_datalist(datalist, run / "datalist.json")
     write_json_atomic(run / "run.json", {"bundle": str(bundle), "data": str(data.resolve()), "seed": seed, "overrides": overrides})
     print(summary(datalist), flush=True)
