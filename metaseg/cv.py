@@ -128,14 +128,11 @@ def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndar
 
 
 def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
-    """Train fold k of one bundle (or resume it), then save its out-of-fold probabilities; skip a finished fold."""
+    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
     from metaseg.datalist import build_datalist
     from metaseg.pipeline import train
 
     fold_dir = runs / name / f"fold_{k}"
-    if (fold_dir / "fold.json").is_file():
-        print(f"cv: {name} fold {k} already done, skipped", flush=True)
-        return
     split = plan["splits"][k]
     monitor = monitor_patients(split["train"], k, plan["seed"])
     datalist = build_datalist(found, split={"training": split["train"], "validation": monitor, "test": split["val"]})
@@ -349,6 +346,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     for k in range(folds):
         for name, bundle in resolved.items():
             if (runs / name / f"fold_{k}" / "fold.json").is_file():
+                print(f"cv: {name} fold {k} already done, skipped", flush=True)
                 continue
             run_fold(bundle, name, data, found, plan, k, runs, fold_overrides)
             result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
