@@ -25,7 +25,7 @@ def assert_user_error(result, fragment: str):
 
 def test_help_lists_every_subcommand():
     out = metaseg("--help").stdout
-    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "serve", "ui"):
+    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "cv", "serve", "ui"):
         assert command in out
 
 
