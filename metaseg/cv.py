@@ -112,10 +112,8 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
             for item in slices:
                 name = f"{root}/{item['image']}" if root else item["image"]
                 frames.append(decode([(name, files.read(name))]).frames[0])
-            prob = np.stack(engine.probabilities(frames))
-            mirrored = engine.probabilities([np.ascontiguousarray(f[:, ::-1]) for f in frames])
-            prob_flip = np.stack([m[:, ::-1] for m in mirrored])
-            write_npz(out, prob=as_uint8(prob), prob_flip=as_uint8(prob_flip),
+            maps = postprocess.network_maps(engine, frames, flip=True)
+            write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
                       slices=np.array([i["slice"] for i in slices]))
 
 

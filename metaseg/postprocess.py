@@ -19,7 +19,7 @@ is not its 3D size, and a second metastasis on the same slice must not be droppe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,23 @@ SLICE_STEPS = ("models", "flip_tta", "threshold")  # what a single 2D slice gets
 
 # lesion probabilities of one patient: {"prob": (slices, rows, cols), "prob_flip": the mirrored input's, mirrored back}
 Probs = Mapping[str, np.ndarray]
+
+
+def network_maps(engine, frames: Sequence[np.ndarray], flip: bool = True) -> dict[str, np.ndarray]:
+    """An engine's lesion probabilities of same-sized frames, and (with `flip`) of the left-right mirrored frames,
+    mirrored back: `{"prob": (slices, rows, cols)[, "prob_flip": ...]}`. The mirror is the training's RandFlipd axis."""
+    maps = {"prob": np.stack(engine.probabilities(frames))}
+    if flip:
+        mirrored = engine.probabilities([np.ascontiguousarray(f[:, ::-1]) for f in frames])
+        maps["prob_flip"] = np.stack([m[:, ::-1] for m in mirrored])
+    return maps
+
+
+def segment(engines: Mapping[str, object], frames: Sequence[np.ndarray], config: dict, volume: bool) -> np.ndarray:
+    """The configuration's boolean mask of same-sized frames (a patient's slices, or one slice with volume=False);
+    `engines` maps each bundle name of config["models"] to its metaseg.engine.Engine."""
+    maps = {name: network_maps(engines[name], frames, config["flip_tta"]) for name in config["models"]}
+    return mask(probability(maps, config), config, volume)
 
 
 def probability(per_model: Mapping[str, Probs], config: dict) -> np.ndarray:

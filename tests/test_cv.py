@@ -130,6 +130,25 @@ def test_ensemble_and_flip_average_probabilities_and_read_uint8():
     assert postprocess.probability({"a": a}, {**config, "models": ["a"]}).max() == 1.0
 
 
+class LeftBiased:
+    """A fake engine that is not mirror-symmetric: probability 1 where a pixel is brighter than its right neighbour."""
+
+    def probabilities(self, frames):
+        return [np.pad(f[:, :-1] > f[:, 1:], ((0, 0), (0, 1))).astype(np.float32) for f in frames]
+
+
+def test_flip_tta_mirrors_the_input_and_the_prediction_back():
+    frame = np.zeros((2, 6), np.float32)
+    frame[1] = [0, 1, 2, 3, 2, 1]
+    maps = postprocess.network_maps(LeftBiased(), [frame])
+    assert np.argwhere(maps["prob"][0]).tolist() == [[1, 3], [1, 4]]
+    assert np.argwhere(maps["prob_flip"][0]).tolist() == [[1, 1], [1, 2], [1, 3]]  # "brighter than the left one"
+    config = {**postprocess.DEFAULT, "models": ["m"], "flip_tta": True, "threshold": 0.4}
+    assert postprocess.segment({"m": LeftBiased()}, [frame], config, volume=False).sum() == 4
+    assert postprocess.segment({"m": LeftBiased()}, [frame], {**config, "threshold": 0.5}, volume=False).sum() == 1
+    assert "prob_flip" not in postprocess.network_maps(LeftBiased(), [frame], flip=False)
+
+
 # --- the command on a tiny phantom ---
 
 
