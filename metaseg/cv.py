@@ -5,7 +5,8 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
     RUNS/splits_final.json             [{"train": [...], "val": [...]}, ...]: folds over sorted patient ids, seeded
     RUNS/cv_plan.json                  data, folds, seed, recipe; a rerun with another plan is refused, not mixed
     RUNS/<bundle>/fold_<k>/            a `metaseg train` run folder (datalist.json, run.json, models/, train.log)
-        trained.json                   training finished (else a rerun resumes it from models/checkpoint.pt)
+        trained.json                   training finished (else a rerun resumes it from models/checkpoint.pt,
+                                       keeping the interrupted log as train.log.<n>)
         oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
                                        `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
@@ -137,15 +138,29 @@ def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, run
     datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
                     cv={"fold": k, "folds": plan["folds"], "validation": "training-fold patients, monitor only: "
                         + SELECTION, "splits": str((runs / "splits_final.json").resolve())})
-    started = time.time()
     if not (fold_dir / "trained.json").is_file():
-        print(f"cv: {name} fold {k}: training on {len(split['train'])} patients", flush=True)
+        resumed = (fold_dir / "models" / "checkpoint.pt").is_file()
+        print(f"cv: {name} fold {k}: {'resuming' if resumed else 'training'} on {len(split['train'])} patients",
+              flush=True)
+        keep_log(fold_dir / "train.log")
+        started = time.time()
         train(bundle, data, fold_dir, seed=plan["seed"], datalist=datalist, **overrides)
-        write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), **overrides})
+        write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
+                                                      **overrides})
     print(f"cv: {name} fold {k}: predicting {len(split['val'])} held-out patients", flush=True)
+    started = time.time()
     predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
     write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": split["val"],
                                                "predict_seconds": round(time.time() - started)})
+
+
+def keep_log(log: Path) -> None:
+    """An interrupted training's log becomes train.log.<n> (the resumed run writes a fresh train.log)."""
+    if log.is_file():
+        n = 1
+        while log.with_name(f"{log.name}.{n}").exists():
+            n += 1
+        log.rename(log.with_name(f"{log.name}.{n}"))
 
 
 # --- reports over the finished folds ---

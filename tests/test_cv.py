@@ -173,6 +173,32 @@ def phantom(tmp_path_factory) -> Path:
     return data
 
 
+def test_an_interrupted_fold_resumes_in_its_run_folder_and_keeps_its_log(phantom, tmp_path, monkeypatch):
+    """No trained.json: training runs again in the same folder (the bundle resumes from models/checkpoint.pt)."""
+    import metaseg.cv as cv
+    import metaseg.pipeline
+    from metaseg.data import discover
+
+    found = discover(phantom)
+    plan = {"folds": 2, "seed": 0, "splits": splits_final(assign_folds(found.patients, 2, 0))}
+    fold = tmp_path / "attention_unet" / "fold_1"
+    (fold / "models").mkdir(parents=True)
+    (fold / "models" / "checkpoint.pt").write_bytes(b"epoch 1 of 2")
+    (fold / "train.log").write_text("epoch 1 of 2\n")
+    calls = []
+    monkeypatch.setattr(metaseg.pipeline, "train", lambda bundle, data, run, **kw: calls.append((run, kw)))
+    monkeypatch.setattr(cv, "predict_fold", lambda *args: calls.append("predicted"))
+    cv.run_fold(Path("bundle"), "attention_unet", phantom, found, plan, 1, tmp_path, {"epochs": 2, "val_interval": 2})
+    (run, kwargs), predicted = calls
+    assert run == fold and predicted == "predicted" and (fold / "train.log.1").read_text() == "epoch 1 of 2\n"
+    assert kwargs["epochs"] == 2 and kwargs["datalist"]["patients"]["test"] == plan["splits"][1]["val"]
+    assert json.loads((fold / "trained.json").read_text())["resumed"] is True
+    assert json.loads((fold / "fold.json").read_text())["patients"] == plan["splits"][1]["val"]
+    calls.clear()
+    cv.run_fold(Path("bundle"), "attention_unet", phantom, found, plan, 1, tmp_path, {"epochs": 2, "val_interval": 2})
+    assert calls == ["predicted"]  # trained.json: training is not repeated, only the missing predictions
+
+
 def first_fold_reported(out: Path) -> bool:
     """The reports were rewritten after the first fold (written atomically: a file is complete or absent)."""
     try:
