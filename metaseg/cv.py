@@ -345,23 +345,24 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     if len(resolved) != len(set(bundles)):
         raise UserError(f"bundles must have different folder names, got {bundles}")
     found = discover(data)
-    epochs = overrides.get("epochs") or bundle_epochs(next(iter(resolved.values())))
-    recipe = {"epochs": epochs, **({"spatial_size": overrides["spatial_size"]} if "spatial_size" in overrides else {})}
+    epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
+    recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
+              **({"spatial_size": overrides["spatial_size"]} if "spatial_size" in overrides else {})}
     plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
             "patients": found.patients, "splits": splits_final(assign_folds(found.patients, folds, seed))}
     check_plan(runs, plan)
     command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
-    # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
-    fold_overrides = {**overrides, "epochs": epochs, "val_interval": epochs}
     result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
     for k in range(folds):
         for name, bundle in resolved.items():
             if (runs / name / f"fold_{k}" / "fold.json").is_file():
                 print(f"cv: {name} fold {k} already done, skipped", flush=True)
                 continue
-            run_fold(bundle, name, data, found, plan, k, runs, fold_overrides)
+            # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
+            run_fold(bundle, name, data, found, plan, k, runs,
+                     {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
             result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
     return result
 

@@ -155,7 +155,7 @@ def test_flip_tta_mirrors_the_input_and_the_prediction_back():
 def metaseg(*args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "metaseg.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, **kwargs)
+                          env=env, timeout=1800, **kwargs)  # a safety net: ~1 min on an idle 2-core machine
 
 
 def assert_user_error(result, fragment: str):
@@ -219,7 +219,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 900
         while not first_fold_reported(out) and child.poll() is None and time.time() < deadline:
             time.sleep(0.2)
     finally:
