@@ -124,7 +124,8 @@ def cmd_cv(args) -> None:
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
                             args.bootstrap, **_overrides(args))
     print("\n".join(summary_lines(result)))
-    print(f"{'all' if result['complete'] else 'NOT all'} folds done; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
+    done = "all folds done" if result["complete"] else "NOT all folds done (partial reports)"
+    print(f"{done}; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
 
 
 def cmd_serve(args) -> None:

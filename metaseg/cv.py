@@ -304,7 +304,7 @@ def markdown(result: dict) -> str:
     if paired:
         a, b = paired["models"]
         low, high = paired["ci95"]
-        p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
+        p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
         lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
                   f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
     post = result.get("postprocessing")
