@@ -118,6 +118,17 @@ def cmd_compare(args) -> None:
           f"best-model record {args.best_out or args.out / 'best.json'}")
 
 
+def cmd_cv(args) -> None:
+    from metaseg.bundles import NAMES
+    from metaseg.cv import cross_validate, summary_lines
+
+    result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
+                            args.bootstrap, **_overrides(args))
+    print("\n".join(summary_lines(result)))
+    done = "all folds done" if result["complete"] else "NOT all folds done (partial reports)"
+    print(f"{done}; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
+
+
 def cmd_serve(args) -> None:
     import copy
     import os
@@ -227,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("cv", help="patient k-fold cross-validation of the bundles; inference steps chosen out of fold")
+    p.add_argument("--data", type=Path, required=True, help="a Data folder or Data.zip")
+    p.add_argument("--folds", type=_positive_int, default=5, help="number of patient folds (5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment and of training (0)")
+    p.add_argument("--bundle", action="append", help="unetpp, attention_unet or a bundle folder; repeat (default: both)")
+    p.add_argument("--epochs", type=_positive_int, help="override the bundles' epochs")
+    p.add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="folder for cv.json, cv.md (reports)")
+    p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold runs (runs/cv); rerun to resume")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")
     p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")

@@ -37,9 +37,13 @@ def split_patients(
     return split
 
 
-def build_datalist(found: Discovery, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict:
-    """The datalist: MONAI's `training`/`validation`/`test` lists plus the record of how they were made."""
-    split = split_patients(found.patients, seed, test_fraction, val_fraction)
+def build_datalist(found: Discovery, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                   split: dict[str, list[str]] | None = None) -> dict:
+    """The datalist: MONAI's `training`/`validation`/`test` lists plus the record of how they were made.
+
+    `split` (patients per split name) replaces the seeded split, e.g. for a cross-validation fold.
+    """
+    split = split or split_patients(found.patients, seed, test_fraction, val_fraction)
     items = {name: [asdict(p) for p in found.pairs if p.patient in set(split[name])] for name in SPLITS}
     return {
         "description": "metaseg patient-level split; image/label paths are relative to the patients' root folder",

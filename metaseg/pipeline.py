@@ -27,12 +27,14 @@ FINGERPRINT = "fingerprint.json"
 CHECKPOINTS = ("models/checkpoint.pt", "models/model.pt")  # what the bundle's training resumes from or keeps
 
 
-def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = False, **overrides) -> Path:
-    """Split `data` by patient, then run the bundle's training into `run`; returns the best model's path.
+def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = False, datalist: dict | None = None,
+          **overrides) -> Path:
+    """Split `data` by patient (unless given a `datalist`), then run the bundle's training into `run`; returns the
+    best model's path.
 
     A checkpoint already in `run` is resumed only if it was trained from the same bundle configs, data, split
     and overrides; otherwise UserError, unless `restart`, which deletes the run's checkpoints first."""
-    datalist = build_datalist(discover(data), seed=seed)
+    datalist = datalist or build_datalist(discover(data), seed=seed)
     ours = fingerprint(bundle, datalist, overrides)
     _check_resume(run, ours, restart)
     write_json_atomic(run / FINGERPRINT, ours)

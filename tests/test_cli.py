@@ -16,7 +16,7 @@ def test_the_installed_entry_point_lists_every_subcommand_and_fails_in_one_line(
     """The one test through a real process: `python -m metaseg.cli`; the others call its `main` in-process."""
     run = [sys.executable, "-m", "metaseg.cli"]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120).stdout
-    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "serve", "ui"):
+    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "cv", "serve", "ui"):
         assert command in out
     assert_user_error(subprocess.run([*run, "frobnicate"], capture_output=True, text=True, timeout=120), "invalid choice")
 

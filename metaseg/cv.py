@@ -1,0 +1,377 @@
+"""`metaseg cv`: patient k-fold cross-validation of the bundles, with out-of-fold probabilities kept for selection.
+
+nnU-Net's layout, one file per stage, each written atomically so an interrupted run resumes where it stopped:
+
+    RUNS/splits_final.json             [{"train": [...], "val": [...]}, ...]: folds over sorted patient ids, seeded
+    RUNS/cv_plan.json                  data, folds, seed, recipe; a rerun with another plan is refused, not mixed
+    RUNS/<bundle>/fold_<k>/            a `metaseg train` run folder (datalist.json, run.json, models/, train.log)
+        trained.json                   training finished (else a rerun resumes it from models/checkpoint.pt,
+                                       keeping the interrupted log as train.log.<n>)
+        oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
+                                       `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA
+        fold.json                      the fold is done: its patients and their per-patient 3D Dice
+    OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
+                                       until all folds of all bundles are done), paired comparison, per-fold table
+    OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
+    OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
+
+Model selection inside a fold: none. Each fold's model is its final epoch (nnU-Net ships checkpoint_final too);
+a small validation on held-out patients picked the best epoch by noise in this project (issue 10). The bundle's
+validation key holds MONITOR_PATIENTS of the fold's own training patients and runs once, after the last epoch, so
+its `models/model.pt` is the final network and its log line only shows the fit on training patients.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shlex
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from metaseg import postprocess
+from metaseg.compare import _cell, _null_nan, by_patient, read_ground_truth, summarize
+from metaseg.data import discover, open_source
+from metaseg.errors import UserError
+from metaseg.files import write_bytes_atomic, write_json_atomic
+from metaseg.metrics import METRICS, paired_difference, patient_metrics
+
+MONITOR_PATIENTS = 3
+SELECTION = "final epoch of each fold (no early stopping); the bundle's validation runs once on training-fold patients"
+
+
+def assign_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]:
+    """Disjoint folds covering every patient once: MONAI's partition_dataset over the sorted ids, seeded shuffle."""
+    from monai.data import partition_dataset
+
+    patients = sorted(set(patients))
+    if folds < 2 or folds > len(patients):
+        raise UserError(f"--folds must be between 2 and the number of patients ({len(patients)}), got {folds}")
+    parts = partition_dataset(patients, num_partitions=folds, shuffle=True, seed=seed, even_divisible=False)
+    return [sorted(part) for part in parts]
+
+
+def splits_final(folds: list[list[str]]) -> list[dict]:
+    """nnU-Net's splits_final.json: per fold, the training patients (all other folds) and the held-out ones."""
+    return [{"train": sorted(p for j, f in enumerate(folds) if j != k for p in f), "val": fold}
+            for k, fold in enumerate(folds)]
+
+
+def monitor_patients(train: list[str], fold: int, seed: int) -> list[str]:
+    """The training-fold patients the bundle's one validation pass looks at (seeded per fold)."""
+    rng = np.random.default_rng([seed, fold])
+    return sorted(rng.choice(sorted(train), min(MONITOR_PATIENTS, len(train)), replace=False).tolist())
+
+
+def bundle_epochs(bundle: Path) -> int:
+    try:
+        return int(json.loads((bundle / "configs" / "train.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read epochs from {bundle}/configs/train.json: {err}") from None
+
+
+def check_plan(runs: Path, plan: dict) -> None:
+    """Write the plan, or refuse to resume a runs folder that was made with another one."""
+    file = runs / "cv_plan.json"
+    if file.is_file():
+        recorded = json.loads(file.read_text())
+        changed = sorted(k for k in plan if recorded.get(k) != plan[k])
+        if changed:
+            raise UserError(f"{runs} holds a cross-validation with other {', '.join(changed)} ({file}): "
+                            f"pass another --runs folder, or delete it to start over")
+    write_json_atomic(file, plan)
+    write_json_atomic(runs / "splits_final.json", plan["splits"])
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def as_uint8(prob: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
+def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: list[dict]) -> None:
+    """Save each held-out patient's lesion probabilities, plain and with the mirrored input (patients done are kept)."""
+    from metaseg.engine import Engine
+    from metaseg.imageio import decode
+    from metaseg.pipeline import model_overrides
+
+    engine = Engine(bundle, weights=fold_dir / "models" / "model.pt", overrides=model_overrides(fold_dir))
+    with open_source(data) as files:
+        for patient, slices in by_patient(items).items():
+            out = fold_dir / "oof" / f"{patient}.npz"
+            if out.is_file():
+                continue
+            frames = []
+            for item in slices:
+                name = f"{root}/{item['image']}" if root else item["image"]
+                frames.append(decode([(name, files.read(name))]).frames[0])
+            maps = postprocess.network_maps(engine, frames, flip=True)
+            write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
+                      slices=np.array([i["slice"] for i in slices]))
+
+
+def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    loaded = {}
+    for patient in patients:
+        with np.load(fold_dir / "oof" / f"{patient}.npz") as npz:
+            loaded[patient] = {"prob": npz["prob"], "prob_flip": npz["prob_flip"]}
+    return loaded
+
+
+def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
+    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
+    from metaseg.datalist import build_datalist
+    from metaseg.pipeline import train
+
+    fold_dir = runs / name / f"fold_{k}"
+    split = plan["splits"][k]
+    monitor = monitor_patients(split["train"], k, plan["seed"])
+    datalist = build_datalist(found, split={"training": split["train"], "validation": monitor, "test": split["val"]})
+    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
+                    cv={"fold": k, "folds": plan["folds"], "validation": "training-fold patients, monitor only: "
+                        + SELECTION, "splits": str((runs / "splits_final.json").resolve())})
+    if not (fold_dir / "trained.json").is_file():
+        resumed = (fold_dir / "models" / "checkpoint.pt").is_file()
+        print(f"cv: {name} fold {k}: {'resuming' if resumed else 'training'} on {len(split['train'])} patients",
+              flush=True)
+        keep_log(fold_dir / "train.log")
+        started = time.time()
+        train(bundle, data, fold_dir, seed=plan["seed"], datalist=datalist, **overrides)
+        write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
+                                                      **overrides})
+    print(f"cv: {name} fold {k}: predicting {len(split['val'])} held-out patients", flush=True)
+    started = time.time()
+    predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
+    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": split["val"],
+                                               "predict_seconds": round(time.time() - started)})
+
+
+def keep_log(log: Path) -> None:
+    """An interrupted training's log becomes train.log.<n> (the resumed run writes a fresh train.log)."""
+    if log.is_file():
+        n = 1
+        while log.with_name(f"{log.name}.{n}").exists():
+            n += 1
+        log.rename(log.with_name(f"{log.name}.{n}"))
+
+
+# --- reports over the finished folds ---
+
+
+def done_folds(runs: Path, name: str, folds: int) -> list[int]:
+    return [k for k in range(folds) if (runs / name / f"fold_{k}" / "fold.json").is_file()]
+
+
+def score_config(truth: dict, probs: dict, config: dict) -> list[dict]:
+    """nnU-Net's metric_per_case for one configuration: every metric of metaseg.metrics per patient."""
+    return [{"patient": p, **patient_metrics(gt, postprocess.mask(postprocess.probability(probs[p], config), config))}
+            for p, gt in truth.items()]
+
+
+def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resamples: int, seed: int) -> dict:
+    summary = summarize(per_patient, n_resamples, seed)
+    per_fold = {}
+    for entry in per_patient:
+        per_fold.setdefault(fold_of[entry["patient"]], []).append(entry["dice_3d"])
+    return {
+        "config": config,
+        "n_patients": len(per_patient),
+        "dice_3d_per_patient": {e["patient"]: e["dice_3d"] for e in per_patient},
+        "mean_dice_3d": summary["mean"]["dice_3d"],
+        "ci95_dice_3d": summary["ci95"]["dice_3d"],
+        **summary,
+        "per_fold": {str(k): {"mean_dice_3d": float(np.mean(v)), "n_patients": len(v)}
+                     for k, v in sorted(per_fold.items())},
+        "metric_per_patient": per_patient,
+    }
+
+
+def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str], command: str,
+           n_resamples: int = 2000) -> dict:
+    """cv.json, cv.md, cv_postprocessing.json and cv_folds.png over every finished fold of `names`."""
+    folds, seed = plan["folds"], plan["seed"]
+    fold_of = {p: k for k, split in enumerate(plan["splits"]) for p in split["val"]}
+    done = {name: done_folds(runs, name, folds) for name in names}
+    covered = {name: [p for k in done[name] for p in plan["splits"][k]["val"]] for name in names}
+    all_patients = sorted({p for ps in covered.values() for p in ps})
+    result = {
+        "complete": all(len(d) == folds for d in done.values()),
+        "folds": folds, "seed": seed, "command": command, "data": plan["data"], "recipe": plan["recipe"],
+        "model_selection": SELECTION,
+        "patients": {str(k): split["val"] for k, split in enumerate(plan["splits"])},
+        "folds_done": done,
+        "models": {},
+    }
+    if not all_patients:
+        return _write(out, result, None)
+    items = [asdict(p) for p in found.pairs if p.patient in set(all_patients)]
+    _, truth = read_ground_truth(data, found.root, by_patient(items))
+    probs: dict[str, dict] = {p: {} for p in all_patients}
+    for name in names:
+        for k in done[name]:
+            for patient, maps in load_oof(runs / name / f"fold_{k}", plan["splits"][k]["val"]).items():
+                probs[patient][name] = maps
+    for name in names:
+        if covered[name]:
+            config = {**postprocess.DEFAULT, "models": [name]}
+            per_patient = score_config({p: truth[p] for p in covered[name]}, probs, config)
+            result["models"][name] = model_entry(per_patient, fold_of, config, n_resamples, seed)
+    common = sorted(set.intersection(*(set(covered[name]) for name in names)))
+    selection = None
+    if common:
+        truth_common = {p: truth[p] for p in common}
+        selection = postprocess.select(truth_common, probs, names)
+        selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
+        per_patient = score_config(truth_common, probs, selection["config"])
+        result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
+        result["postprocessing"] = {k: selection[k] for k in ("config", "mean_dice_3d", "steps", "single_slice")}
+        if len(names) == 2:
+            a, b = names
+            dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
+            result["paired_test"] = {"metric": "dice_3d", "models": [a, b], "difference": f"{a} - {b}",
+                                     **paired_difference(dice[a], dice[b], n_resamples, seed)}
+    write_bytes_atomic(out / "cv_folds.png", folds_figure(result))
+    return _write(out, result, selection)
+
+
+def _write(out: Path, result: dict, selection: dict | None) -> dict:
+    if selection is not None:
+        write_json_atomic(out / "cv_postprocessing.json", _null_nan(selection))
+    write_json_atomic(out / "cv.json", _null_nan(result))
+    write_bytes_atomic(out / "cv.md", markdown(result).encode())
+    return result
+
+
+def folds_figure(result: dict) -> bytes:
+    """Per-patient 3D Dice of every fold, one colour per model, the fold mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metaseg.compare import _png
+
+    models = result["models"]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * result["folds"], 4))
+    width = 0.8 / max(len(models), 1)
+    fold_of = {p: int(k) for k, ids in result["patients"].items() for p in ids}
+    for i, (name, entry) in enumerate(models.items()):
+        x_of = {k: k - 0.4 + width * (i + 0.5) for k in range(result["folds"])}
+        xs = [x_of[fold_of[p]] for p in entry["dice_3d_per_patient"]]
+        ax.plot(xs, list(entry["dice_3d_per_patient"].values()), "o", color=f"C{i}", alpha=0.6, markersize=4,
+                label=f"{name} (mean {entry['mean_dice_3d']:.3f})")
+        for k, fold in entry["per_fold"].items():
+            ax.hlines(fold["mean_dice_3d"], x_of[int(k)] - width / 2, x_of[int(k)] + width / 2, color=f"C{i}")
+    ax.set(title="out-of-fold per-patient 3D Dice (lines: fold means)", xlabel="fold", ylabel="3D Dice",
+           ylim=(-0.02, 1.02), xticks=range(result["folds"]))
+    ax.grid(alpha=0.3)
+    if models:
+        ax.legend(fontsize=8, loc="lower left")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def markdown(result: dict) -> str:
+    folds, models = result["folds"], result["models"]
+    n_done = {name: len(d) for name, d in result["folds_done"].items()}
+    status = ("All folds done." if result["complete"] else
+              "**PARTIAL: not every fold is done** (" + ", ".join(f"{n}: {d} of {folds} folds" for n, d in
+                                                              n_done.items()) + "); every number below covers only "
+              "the patients of finished folds and will change.")
+    recipe = ", ".join(f"{k} {v}" for k, v in result["recipe"].items())
+    lines = [f"# Patient {folds}-fold cross-validation (seed {result['seed']})", "", status, "",
+             f"Produced by `{result['command']}`. Recipe: {recipe}. Model per fold: {result['model_selection']}.",
+             "Every cell: mean over patients [95% bootstrap CI over patients]; 3D Dice pools all slices of a "
+             "patient (false positives on lesion-free slices lower it).", ""]
+    if models:
+        lines += ["| model | patients | per-patient 3D Dice | lesion-slice Dice | HD95 (px) | lesion sensitivity "
+                  "| lesion precision | FP slice rate |", "|---|---|---|---|---|---|---|---|"]
+        for name, entry in models.items():
+            cells = [_cell(entry, m, 2 if m == "hd95_px" else 3) for m in METRICS if m != "lesion_slice_iou"]
+            lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
+        lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions (an "
+                  "optimistic figure: chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
+    paired = result.get("paired_test")
+    if paired:
+        a, b = paired["models"]
+        low, high = paired["ci95"]
+        p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
+        lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
+                  f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
+    post = result.get("postprocessing")
+    if post:
+        lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
+                  "Tried in this order; a step is kept only if it raises the mean per-patient 3D Dice.", "",
+                  "| step | value | without | with | gain | kept |", "|---|---|---|---|---|---|"]
+        for step in post["steps"][1:]:
+            lines.append(f"| {step['step']} | {step['value']} | {step['mean_dice_3d_without']:.4f} | "
+                         f"{step['mean_dice_3d_with']:.4f} | {step['gain']:+.4f} | {'yes' if step['kept'] else 'no'} |")
+        base = post["steps"][0]
+        lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
+                  f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}); also in cv_postprocessing.json.",
+                  f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
+                  "chosen on 3D components of a patient's stack and are not applied to one slice."]
+    if models:
+        lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
+                  "| model | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",
+                  "|---|" + "---|" * folds]
+        for name, entry in models.items():
+            cells = [f"{f['mean_dice_3d']:.3f} ({f['n_patients']})" if (f := entry["per_fold"].get(str(k))) else "—"
+                     for k in range(folds)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "![per-fold per-patient Dice](cv_folds.png)"]
+    lines += ["", "Patients per fold (split by patient over sorted ids, seeded):", ""]
+    lines += [f"- fold {k} ({len(ids)}): {', '.join(ids)}" for k, ids in result["patients"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
+                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, **overrides) -> dict:
+    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each."""
+    from metaseg.bundles import bundle_dir
+
+    if not Path(data).exists():
+        raise UserError(f"data not found: {data}")
+    resolved = {Path(str(b)).name: bundle_dir(b) for b in dict.fromkeys(bundles)}
+    if len(resolved) != len(set(bundles)):
+        raise UserError(f"bundles must have different folder names, got {bundles}")
+    found = discover(data)
+    epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
+    recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
+              **({"spatial_size": overrides["spatial_size"]} if "spatial_size" in overrides else {})}
+    plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
+            "patients": found.patients, "splits": splits_final(assign_folds(found.patients, folds, seed))}
+    check_plan(runs, plan)
+    command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
+                          *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
+                          *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
+    for k in range(folds):
+        for name, bundle in resolved.items():
+            if (runs / name / f"fold_{k}" / "fold.json").is_file():
+                print(f"cv: {name} fold {k} already done, skipped", flush=True)
+                continue
+            # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
+            run_fold(bundle, name, data, found, plan, k, runs,
+                     {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
+            result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    for name, entry in result["models"].items():
+        low, high = entry["ci95_dice_3d"]
+        mean = entry["mean_dice_3d"]
+        lines.append(f"{name}: out-of-fold per-patient 3D Dice {mean:.3f} [{low:.3f}, {high:.3f}] over "
+                     f"{entry['n_patients']} patients" if mean is not None and not math.isnan(mean) else name)
+    return lines

@@ -1,0 +1,128 @@
+"""Inference steps after the network, and their selection on out-of-fold predictions.
+
+nnU-Net's find_best_configuration + determine_postprocessing, on lesion probabilities saved by `metaseg cv`: each
+step is tried in a fixed order and kept only if it raises the out-of-fold mean per-patient 3D Dice; the gain of
+each is reported whether kept or not. A configuration is a plain dict (`DEFAULT` names every key):
+
+    models             the bundles whose lesion probabilities are averaged (one = no ensemble)
+    flip_tta           also predict the left-right mirrored input, mirror back, average (test-time augmentation)
+    threshold          lesion where the probability is above it
+    min_lesion_voxels  drop 3D connected components smaller than this (0 = off; MONAI RemoveSmallObjects)
+    largest_component  keep only the largest 3D connected component (MONAI KeepLargestConnectedComponent)
+
+The component steps see a patient's slice stack as one volume (full connectivity, so a lesion drawn on adjacent
+slices is one component). A single uploaded 2D slice is not a volume: it gets the ensemble, flip TTA and the
+threshold, and no component step, because both were chosen on 3D components (a lesion's in-plane area on one slice
+is not its 3D size, and a second metastasis on the same slice must not be dropped as "not the largest").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
+
+from metaseg.metrics import dice_3d
+
+DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+MIN_LESION_VOXELS = (10, 25, 50, 100, 200, 400)
+FULL_3D = 3  # connectivity: voxels sharing a face, an edge or a corner are neighbours
+SLICE_STEPS = ("models", "flip_tta", "threshold")  # what a single 2D slice gets (see module docstring)
+
+# lesion probabilities of one patient: {"prob": (slices, rows, cols), "prob_flip": the mirrored input's, mirrored back}
+Probs = Mapping[str, np.ndarray]
+
+
+def network_maps(engine, frames: Sequence[np.ndarray], flip: bool = True) -> dict[str, np.ndarray]:
+    """An engine's lesion probabilities of same-sized frames, and (with `flip`) of the left-right mirrored frames,
+    mirrored back: `{"prob": (slices, rows, cols)[, "prob_flip": ...]}`. The mirror is the training's RandFlipd axis."""
+    maps = {"prob": np.stack(engine.probabilities(frames))}
+    if flip:
+        mirrored = engine.probabilities([np.ascontiguousarray(f[:, ::-1]) for f in frames])
+        maps["prob_flip"] = np.stack([m[:, ::-1] for m in mirrored])
+    return maps
+
+
+def segment(engines: Mapping[str, object], frames: Sequence[np.ndarray], config: dict, volume: bool) -> np.ndarray:
+    """The configuration's boolean mask of same-sized frames (a patient's slices, or one slice with volume=False);
+    `engines` maps each bundle name of config["models"] to its metaseg.engine.Engine."""
+    maps = {name: network_maps(engines[name], frames, config["flip_tta"]) for name in config["models"]}
+    return mask(probability(maps, config), config, volume)
+
+
+def probability(per_model: Mapping[str, Probs], config: dict) -> np.ndarray:
+    """The configuration's lesion probability of one patient: mean over its models (and flips), float32 0..1."""
+    keys = ("prob", "prob_flip") if config["flip_tta"] else ("prob",)
+    maps = [as_float(per_model[name][key]) for name in config["models"] for key in keys]
+    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0, dtype=np.float32)
+
+
+def as_float(prob: np.ndarray) -> np.ndarray:
+    """Probabilities stored as uint8 (round(255 p)) or as floats, as float32 in 0..1."""
+    return prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob.astype(np.float32, copy=False)
+
+
+def mask(prob: np.ndarray, config: dict, volume: bool = True) -> np.ndarray:
+    """Boolean lesion mask of a (slices, rows, cols) probability stack; component steps only for a `volume`."""
+    lesion = prob > config["threshold"]
+    if not volume or not lesion.any():
+        return lesion
+    labels = torch.from_numpy(lesion[None].astype(np.uint8))  # (channel, slices, rows, cols), as MONAI expects
+    if config["min_lesion_voxels"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-image renames the argument MONAI passes
+            labels = RemoveSmallObjects(min_size=config["min_lesion_voxels"], connectivity=FULL_3D)(labels)
+    if config["largest_component"]:
+        labels = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=FULL_3D)(labels)
+    return np.asarray(labels[0]).astype(bool)
+
+
+def mean_dice(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], config: dict) -> float:
+    """Mean per-patient 3D Dice of a configuration over the patients of `truth` (probs: patient -> model -> maps)."""
+    return float(np.mean([dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()]))
+
+
+def _best(truth, probs, config: dict, key: str, values, score: Callable = mean_dice) -> tuple[object, float, dict]:
+    """The value of `key` with the highest mean Dice (the first of a tie), its score, and every value's score."""
+    scores = {value: score(truth, probs, {**config, key: value}) for value in values}
+    best = max(scores, key=scores.get)
+    return best, scores[best], scores
+
+
+def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str]) -> dict:
+    """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, largest component).
+
+    `truth`: patient -> boolean ground-truth stack; `probs`: patient -> model -> {"prob", "prob_flip"}, for every
+    patient of `truth` and every model of `models`. Returns the chosen configuration and, per step, the mean Dice
+    without and with it, the gain, and whether it was kept (only for a gain > 0).
+    """
+    single = {name: mean_dice(truth, probs, {**DEFAULT, "models": [name]}) for name in models}
+    start = max(single, key=single.get)
+    config, current = {**DEFAULT, "models": [start]}, single[start]
+    steps = [{"step": "baseline", "value": start, "mean_dice_3d": current,
+              "note": f"best single model at the default threshold {DEFAULT['threshold']}",
+              "candidates": single}]
+
+    def consider(step: str, key: str, value, score: float, candidates: dict | None = None) -> None:
+        nonlocal config, current
+        gain = score - current
+        steps.append({"step": step, "value": value, "mean_dice_3d_without": current, "mean_dice_3d_with": score,
+                      "gain": gain, "kept": gain > 0, **({"candidates": candidates} if candidates else {})})
+        if gain > 0:
+            config, current = {**config, key: value}, score
+
+    if len(models) > 1:
+        consider("ensemble", "models", list(models), mean_dice(truth, probs, {**config, "models": list(models)}))
+    consider("flip_tta", "flip_tta", True, mean_dice(truth, probs, {**config, "flip_tta": True}))
+    value, score, scores = _best(truth, probs, config, "threshold", THRESHOLDS)
+    consider("threshold", "threshold", value, score, {str(k): v for k, v in scores.items()})
+    value, score, scores = _best(truth, probs, config, "min_lesion_voxels", MIN_LESION_VOXELS)
+    consider("min_lesion_voxels", "min_lesion_voxels", value, score, {str(k): v for k, v in scores.items()})
+    consider("largest_component", "largest_component", True,
+             mean_dice(truth, probs, {**config, "largest_component": True}))
+    return {"config": config, "mean_dice_3d": current, "steps": steps, "n_patients": len(truth),
+            "single_slice": {key: config[key] for key in SLICE_STEPS}}

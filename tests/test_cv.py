@@ -1,0 +1,274 @@
+"""Cross-validation (`metaseg cv`) and the inference steps chosen on its out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_user_error, metaseg
+from metaseg import postprocess
+from metaseg.cv import assign_folds, monitor_patients, splits_final
+from metaseg.errors import UserError
+from metaseg.metrics import dice_3d
+
+
+# --- fold assignment ---
+
+
+def test_folds_are_by_patient_seeded_disjoint_and_cover_every_patient_once():
+    patients = [f"P{i:02d}" for i in range(11)]
+    folds = assign_folds(list(reversed(patients)), 3, seed=0)  # input order does not matter: ids are sorted first
+    assert sorted(p for fold in folds for p in fold) == patients  # every patient exactly once
+    assert sorted(len(f) for f in folds) == [3, 4, 4]
+    assert folds == assign_folds(patients, 3, seed=0) and folds != assign_folds(patients, 3, seed=1)
+    for k, split in enumerate(splits_final(folds)):
+        assert split["val"] == folds[k] and not set(split["train"]) & set(split["val"])
+        assert sorted(split["train"] + split["val"]) == patients
+        monitor = monitor_patients(split["train"], k, seed=0)
+        assert len(monitor) == 3 and set(monitor) <= set(split["train"])  # never a held-out patient
+    with pytest.raises(UserError, match="between 2 and the number of patients"):
+        assign_folds(patients, 1, 0)
+    with pytest.raises(UserError, match="between 2 and the number of patients"):
+        assign_folds(patients, 12, 0)
+
+
+# --- post-processing steps on hand-made volumes ---
+
+
+def blob(volume: np.ndarray, slices, rows, cols, value=1) -> np.ndarray:
+    volume[slices, rows, cols] = value
+    return volume
+
+
+def test_largest_component_is_3d_and_connects_diagonally_across_slices():
+    pred = np.zeros((4, 32, 32), np.float32)
+    blob(pred, slice(0, 1), slice(2, 6), slice(2, 6))  # 16 voxels on slice 0 ...
+    blob(pred, slice(1, 2), slice(6, 10), slice(6, 10))  # ... touching this one only at a corner: one 3D lesion
+    blob(pred, slice(3, 4), slice(15, 20), slice(15, 20))  # 25 voxels in one slice: larger in plane, smaller in 3D
+    config = {**postprocess.DEFAULT, "largest_component": True}
+    kept = postprocess.mask(pred, config)
+    assert kept.sum() == 32 and kept[0].sum() == kept[1].sum() == 16 and not kept[3].any()
+    assert postprocess.mask(pred, config, volume=False).sum() == 57  # a single slice gets no component step
+    assert not postprocess.mask(np.zeros_like(pred), config).any()
+
+
+def test_minimum_size_removes_only_components_below_it():
+    pred = np.zeros((3, 32, 32), np.float32)
+    blob(pred, slice(0, 2), slice(0, 3), slice(0, 3))  # 18 voxels over two slices
+    blob(pred, slice(2, 3), slice(20, 24), slice(20, 24))  # 16 voxels
+    blob(pred, slice(0, 1), slice(10, 12), slice(28, 30))  # 4 voxels
+    config = {**postprocess.DEFAULT, "min_lesion_voxels": 17}
+    assert postprocess.mask(pred, config).sum() == 18
+    assert postprocess.mask(pred, {**config, "min_lesion_voxels": 5}).sum() == 34
+    assert postprocess.mask(pred, {**config, "min_lesion_voxels": 0}).sum() == 38
+    assert postprocess.mask(pred, config, volume=False).sum() == 38
+
+
+def stack(*blobs) -> np.ndarray:
+    volume = np.zeros((4, 40, 40), np.float32)
+    for args in blobs:
+        blob(volume, *args)
+    return volume
+
+
+LESION = (slice(0, 4), slice(4, 16), slice(4, 16))  # 576 voxels
+SECOND = (slice(2, 4), slice(25, 40), slice(25, 40))  # 450 voxels, far away: smaller, but above every min size
+
+
+def test_selection_keeps_a_step_only_when_it_raises_the_mean_dice():
+    """Largest component helps patient A (a false blob), hurts nowhere; the threshold must drop below 0.5."""
+    truth = {"A": stack(LESION) > 0, "B": stack(LESION) > 0}
+    weak = 0.45  # the network is under-confident: everything at 0.45, so the default threshold finds nothing
+    probs = {
+        "A": {"net": {"prob": stack(LESION + (weak,), SECOND + (weak,))}},
+        "B": {"net": {"prob": stack(LESION + (weak,))}},
+    }
+    for maps in probs.values():
+        maps["net"]["prob_flip"] = maps["net"]["prob"]  # flipping changes nothing: no gain, not kept
+    chosen = postprocess.select(truth, probs, ["net"])
+    steps = {s["step"]: s for s in chosen["steps"]}
+    assert steps["baseline"]["mean_dice_3d"] == 0.0
+    assert not steps["flip_tta"]["kept"] and steps["flip_tta"]["gain"] == 0
+    assert steps["threshold"]["kept"] and steps["threshold"]["value"] == 0.3  # the first of the tied best values
+    assert steps["threshold"]["mean_dice_3d_with"] == pytest.approx((2 * 576 / (576 + 1026) + 1) / 2)
+    assert not steps["min_lesion_voxels"]["kept"]  # the false blob (450) is bigger than every candidate size
+    assert steps["largest_component"]["kept"] and steps["largest_component"]["gain"] > 0
+    assert chosen["config"] == {**postprocess.DEFAULT, "models": ["net"], "threshold": 0.3, "largest_component": True}
+    assert chosen["mean_dice_3d"] == 1.0 and chosen["single_slice"] == {"models": ["net"], "flip_tta": False,
+                                                                         "threshold": 0.3}
+
+
+def test_selection_rejects_steps_that_hurt():
+    """Two real lesions: keeping the largest one loses the other; averaging in a wrong model loses both."""
+    truth = {"A": stack(LESION, SECOND) > 0}
+    good = stack(LESION, SECOND)
+    wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
+    probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
+    chosen = postprocess.select(truth, probs, ["good", "wrong"])
+    steps = {s["step"]: s for s in chosen["steps"]}
+    assert steps["baseline"]["value"] == "good" and steps["baseline"]["mean_dice_3d"] == 1.0
+    assert not steps["ensemble"]["kept"] and steps["ensemble"]["gain"] < 0
+    assert not steps["largest_component"]["kept"] and steps["largest_component"]["gain"] < 0
+    assert not any(s["kept"] for s in chosen["steps"][1:])
+    assert chosen["config"] == {**postprocess.DEFAULT, "models": ["good"]}
+
+
+def test_ensemble_and_flip_average_probabilities_and_read_uint8():
+    a = {"prob": np.full((1, 2, 2), 255, np.uint8), "prob_flip": np.zeros((1, 2, 2), np.uint8)}
+    b = {"prob": np.zeros((1, 2, 2), np.float32), "prob_flip": np.zeros((1, 2, 2), np.float32)}
+    config = {**postprocess.DEFAULT, "models": ["a", "b"]}
+    assert postprocess.probability({"a": a, "b": b}, config).max() == 0.5
+    assert postprocess.probability({"a": a, "b": b}, {**config, "flip_tta": True}).max() == 0.25
+    assert postprocess.probability({"a": a}, {**config, "models": ["a"]}).max() == 1.0
+
+
+class LeftBiased:
+    """A fake engine that is not mirror-symmetric: probability 1 where a pixel is brighter than its right neighbour."""
+
+    def probabilities(self, frames):
+        return [np.pad(f[:, :-1] > f[:, 1:], ((0, 0), (0, 1))).astype(np.float32) for f in frames]
+
+
+def test_flip_tta_mirrors_the_input_and_the_prediction_back():
+    frame = np.zeros((2, 6), np.float32)
+    frame[1] = [0, 1, 2, 3, 2, 1]
+    maps = postprocess.network_maps(LeftBiased(), [frame])
+    assert np.argwhere(maps["prob"][0]).tolist() == [[1, 3], [1, 4]]
+    assert np.argwhere(maps["prob_flip"][0]).tolist() == [[1, 1], [1, 2], [1, 3]]  # "brighter than the left one"
+    config = {**postprocess.DEFAULT, "models": ["m"], "flip_tta": True, "threshold": 0.4}
+    assert postprocess.segment({"m": LeftBiased()}, [frame], config, volume=False).sum() == 4
+    assert postprocess.segment({"m": LeftBiased()}, [frame], {**config, "threshold": 0.5}, volume=False).sum() == 1
+    assert "prob_flip" not in postprocess.network_maps(LeftBiased(), [frame], flip=False)
+
+
+# --- the command on a tiny phantom ---
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from metaseg.synth import synthesize
+
+    data = tmp_path_factory.mktemp("cv") / "Data"
+    synthesize(data, patients=6, slices=4, seed=0)
+    return data
+
+
+def test_an_interrupted_fold_resumes_in_its_run_folder_and_keeps_its_log(phantom, tmp_path, monkeypatch):
+    """No trained.json: training runs again in the same folder (the bundle resumes from models/checkpoint.pt)."""
+    import metaseg.cv as cv
+    import metaseg.pipeline
+    from metaseg.data import discover
+
+    found = discover(phantom)
+    plan = {"folds": 2, "seed": 0, "splits": splits_final(assign_folds(found.patients, 2, 0))}
+    fold = tmp_path / "attention_unet" / "fold_1"
+    (fold / "models").mkdir(parents=True)
+    (fold / "models" / "checkpoint.pt").write_bytes(b"epoch 1 of 2")
+    (fold / "train.log").write_text("epoch 1 of 2\n")
+    calls = []
+    monkeypatch.setattr(metaseg.pipeline, "train", lambda bundle, data, run, **kw: calls.append((run, kw)))
+    monkeypatch.setattr(cv, "predict_fold", lambda *args: calls.append("predicted"))
+    cv.run_fold(Path("bundle"), "attention_unet", phantom, found, plan, 1, tmp_path, {"epochs": 2, "val_interval": 2})
+    (run, kwargs), predicted = calls
+    assert run == fold and predicted == "predicted" and (fold / "train.log.1").read_text() == "epoch 1 of 2\n"
+    assert kwargs["epochs"] == 2 and kwargs["datalist"]["patients"]["test"] == plan["splits"][1]["val"]
+    assert json.loads((fold / "trained.json").read_text())["resumed"] is True
+    assert json.loads((fold / "fold.json").read_text())["patients"] == plan["splits"][1]["val"]
+    calls.clear()
+    cv.run_fold(Path("bundle"), "attention_unet", phantom, found, plan, 1, tmp_path, {"epochs": 2, "val_interval": 2})
+    assert calls == ["predicted"]  # trained.json: training is not repeated, only the missing predictions
+
+
+def first_fold_reported(out: Path) -> bool:
+    """The reports were rewritten after the first fold (written atomically: a file is complete or absent)."""
+    try:
+        return json.loads((out / "cv.json").read_text())["folds_done"]["unetpp"] == [0]
+    except (OSError, KeyError):
+        return False
+
+
+def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
+    from metaseg.compare import read_ground_truth
+    from metaseg.data import discover
+
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    args = ["cv", "--data", phantom, "--folds", 2, "--epochs", 1, "--spatial-size", 32, "--out", out, "--runs", runs,
+            "--bootstrap", 100]
+    first = runs / "unetpp" / "fold_0"
+    child = subprocess.Popen([sys.executable, "-m", "metaseg.cli", *map(str, args)], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + 900
+        while not first_fold_reported(out) and child.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the whole group, the bundle's training child too
+        child.wait()
+    assert (first / "fold.json").is_file() and not (runs / "unetpp" / "fold_1" / "fold.json").exists()
+    partial = json.loads((out / "cv.json").read_text())
+    assert partial["complete"] is False and partial["folds_done"]["unetpp"] == [0]
+    assert "PARTIAL" in (out / "cv.md").read_text()
+    stamps = {f: f.stat().st_mtime_ns for f in (first / "models" / "model.pt", first / "train.log")}
+
+    result = metaseg(*args)
+    assert result.returncode == 0, result.stderr
+    assert "cv: unetpp fold 0 already done, skipped" in result.stdout
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # the finished fold was not trained again
+
+    report = json.loads((out / "cv.json").read_text())
+    patients = sorted(discover(phantom).patients)
+    assert report["complete"] is True and report["folds"] == 2 and report["seed"] == 0
+    assert sorted(p for ids in report["patients"].values() for p in ids) == patients
+    assert set(report["models"]) == {"unetpp", "attention_unet", "selected"}
+    plan = json.loads((runs / "splits_final.json").read_text())
+    assert [s["val"] for s in plan] == list(report["patients"].values())
+    for k, split in enumerate(plan):  # the bundle trained on the other folds, never on its held-out patients
+        datalist = json.loads((runs / "attention_unet" / f"fold_{k}" / "datalist.json").read_text())
+        assert datalist["patients"]["test"] == split["val"] and datalist["patients"]["training"] == split["train"]
+        assert set(datalist["patients"]["validation"]) <= set(split["train"])
+
+    # the reported Dice comes from the saved out-of-fold probabilities at the default threshold
+    found = discover(phantom)
+    from dataclasses import asdict
+
+    from metaseg.compare import by_patient
+
+    _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
+    model = report["models"]["attention_unet"]
+    assert sorted(model["dice_3d_per_patient"]) == patients
+    for k, ids in report["patients"].items():
+        for patient in ids:
+            with np.load(runs / "attention_unet" / f"fold_{k}" / "oof" / f"{patient}.npz") as npz:
+                assert npz["prob"].dtype == np.uint8 and npz["prob"].shape == npz["prob_flip"].shape == (4, 256, 256)
+                expected = dice_3d(truth[patient], npz["prob"] / 255 > 0.5)
+            assert model["dice_3d_per_patient"][patient] == pytest.approx(expected)
+    assert model["mean_dice_3d"] == pytest.approx(np.mean(list(model["dice_3d_per_patient"].values())))
+    assert report["paired_test"]["n_patients"] == 6 and report["paired_test"]["models"] == ["unetpp", "attention_unet"]
+
+    chosen = json.loads((out / "cv_postprocessing.json").read_text())
+    assert chosen["config"] == report["models"]["selected"]["config"] == report["postprocessing"]["config"]
+    assert [s["step"] for s in chosen["steps"]] == ["baseline", "ensemble", "flip_tta", "threshold",
+                                                    "min_lesion_voxels", "largest_component"]
+    assert report["models"]["selected"]["mean_dice_3d"] >= max(report["models"][n]["mean_dice_3d"]
+                                                               for n in ("unetpp", "attention_unet")) - 1e-9
+    md = (out / "cv.md").read_text()
+    assert "All folds done." in md and "| attention_unet | 6 |" in md and "A single uploaded 2D slice gets" in md
+    assert (out / "cv_folds.png").stat().st_size > 0
+
+    # a rerun with another plan is refused rather than mixed into these folds
+    assert_user_error(metaseg(*args[:-2], "--seed", 1), "holds a cross-validation with other")
+
+
+def test_cv_bad_arguments_are_one_line(phantom, tmp_path):
+    assert_user_error(metaseg("cv", "--data", phantom, "--folds", 7, "--runs", tmp_path), "--folds must be between")
+    assert_user_error(metaseg("cv", "--data", tmp_path / "none", "--runs", tmp_path), "data not found")
+    assert_user_error(metaseg("cv", "--data", phantom, "--bundle", "nope", "--runs", tmp_path), "not a bundle")
