@@ -227,7 +227,7 @@ def rank_slices(groups: dict, truth: dict, preds: dict[str, dict]) -> list[tuple
     return sorted(r for r, keep in zip(ranked, lesion) if keep or not any(lesion))
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -261,7 +261,7 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
                 ax.set_title(title, fontsize=9)
                 ax.set_axis_off()
     fig.suptitle(f"{split}: {RANKING} (green outline = ground truth)", fontsize=10)
-    data_png = _png(fig)
+    data_png = figure_png(fig)
     plt.close(fig)
     return data_png
 
@@ -333,23 +333,23 @@ def training_curves_figure(runs: list[Run]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    data_png = _png(fig)
+    data_png = figure_png(fig)
     plt.close(fig)
     return data_png
 
 
-def _null_nan(obj):
+def null_nan(obj):
     """JSON has no NaN: undefined values are written as null."""
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _null_nan(v) for k, v in obj.items()}
+        return {k: null_nan(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_null_nan(v) for v in obj]
+        return [null_nan(v) for v in obj]
     return obj
 
 
-def _cell(summary: dict, metric: str, digits: int = 3) -> str:
+def ci_cell(summary: dict, metric: str, digits: int = 3) -> str:
     mean, (low, high) = summary["mean"][metric], summary["ci95"][metric]
     if math.isnan(mean):
         return "n/a"
@@ -371,7 +371,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in models.items():
-        cells = [_cell(summary, m, 2 if m == "hd95_px" else 3) for m in METRICS]
+        cells = [ci_cell(summary, m, 2 if m == "hd95_px" else 3) for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['hd95_empty_prediction_slices']} |")
     low, high = paired["ci95"]
     p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
@@ -467,7 +467,7 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
     write_bytes_atomic(out / "qualitative.png",
                        qualitative_figure(data, root, split, groups[split], truth[split], preds[split], picks))
     write_bytes_atomic(out / "training_curves.png", training_curves_figure(runs))
-    write_json_atomic(out / "comparison.json", _null_nan(report))
+    write_json_atomic(out / "comparison.json", null_nan(report))
     write_bytes_atomic(out / "comparison.md", markdown(report).encode())
     write_best(best_out, runs, best, report, out / "comparison.md")
     return report

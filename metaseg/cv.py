@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg import postprocess
-from metaseg.compare import _cell, _null_nan, by_patient, read_ground_truth, summarize
+from metaseg.compare import by_patient, ci_cell, null_nan, read_ground_truth, summarize
 from metaseg.data import discover, open_source
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
@@ -244,8 +244,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
 
 def _write(out: Path, result: dict, selection: dict | None) -> dict:
     if selection is not None:
-        write_json_atomic(out / "cv_postprocessing.json", _null_nan(selection))
-    write_json_atomic(out / "cv.json", _null_nan(result))
+        write_json_atomic(out / "cv_postprocessing.json", null_nan(selection))
+    write_json_atomic(out / "cv.json", null_nan(result))
     write_bytes_atomic(out / "cv.md", markdown(result).encode())
     return result
 
@@ -257,7 +257,7 @@ def folds_figure(result: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from metaseg.compare import _png
+    from metaseg.compare import figure_png
 
     models = result["models"]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * result["folds"], 4))
@@ -275,7 +275,7 @@ def folds_figure(result: dict) -> bytes:
     ax.grid(alpha=0.3)
     if models:
         ax.legend(fontsize=8, loc="lower left")
-    data = _png(fig)
+    data = figure_png(fig)
     plt.close(fig)
     return data
 
@@ -296,7 +296,7 @@ def markdown(result: dict) -> str:
         lines += ["| model | patients | per-patient 3D Dice | lesion-slice Dice | HD95 (px) | lesion sensitivity "
                   "| lesion precision | FP slice rate |", "|---|---|---|---|---|---|---|---|"]
         for name, entry in models.items():
-            cells = [_cell(entry, m, 2 if m == "hd95_px" else 3) for m in METRICS if m != "lesion_slice_iou"]
+            cells = [ci_cell(entry, m, 2 if m == "hd95_px" else 3) for m in METRICS if m != "lesion_slice_iou"]
             lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
         lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions (an "
                   "optimistic figure: chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
