@@ -112,7 +112,7 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
             frames = []
             for item in slices:
                 name = f"{root}/{item['image']}" if root else item["image"]
-                frames.append(decode([(name, files.read(name))]).frames[0])
+                frames.append(decode([(name, files.read(name))]).inputs[0])
             maps = postprocess.network_maps(engine, frames, flip=True)
             write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
                       slices=np.array([i["slice"] for i in slices]))

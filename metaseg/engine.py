@@ -46,7 +46,11 @@ def bundle_imports(bundle: Path):
 
 
 class Engine:
-    """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame."""
+    """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
+
+    A frame is (rows, cols), one channel, or (channels, rows, cols), e.g. the three sequences of metaseg.imageio's
+    `Volume.inputs`; the bundle's own preprocessing makes the network's input channels from either.
+    """
 
     def __init__(self, bundle: Path, weights: Path | None = None, batch_size: int = 16, overrides: dict | None = None):
         bundle = Path(bundle).resolve()
@@ -73,6 +77,7 @@ class Engine:
         self.weights = weights
         self.metadata = parser["_meta_"]
         self.spatial_size = parser["spatial_size"]
+        self.in_channels = int(parser["network_def"]["in_channels"])
         self.batch_size = batch_size
 
     @property
@@ -93,7 +98,7 @@ class Engine:
         return maps
 
     def _prepare(self, frame: np.ndarray) -> dict:
-        if frame.ndim != 2 or min(frame.shape) < 1:
-            raise UserError(f"expected a 2D slice, got an array of shape {frame.shape}")
-        image = MetaTensor(torch.as_tensor(np.ascontiguousarray(frame), dtype=torch.float32)[None])
-        return self.preprocess({"image": image})
+        if frame.ndim not in (2, 3) or min(frame.shape) < 1 or (frame.ndim == 3 and frame.shape[0] > 4):
+            raise UserError(f"expected a 2D slice (rows, cols) or (channels, rows, cols), got shape {frame.shape}")
+        image = torch.as_tensor(np.ascontiguousarray(frame), dtype=torch.float32)
+        return self.preprocess({"image": MetaTensor(image if frame.ndim == 3 else image[None])})

@@ -20,10 +20,13 @@ Orientation
     i.e. ``slice.T[::-1, ::-1]``; frames run inferior to superior. An axial DICOM series and
     the NIfTI converted from it give the same frames.
 Channels
-    Any 3- or 4-channel image (RGB, RGBA, palette expanded to RGBA, RGB/YBR DICOM, PALETTE COLOR
-    DICOM, 3-sample TIFF) yields channel 1. The training slices are 256x256x3 with channels
-    (pre-contrast, FLAIR, post-contrast), so channel 1 is FLAIR; for a gray picture saved as
-    RGB all channels are equal, so channel 1 is its gray value. Gray+alpha yields channel 0.
+    ``frames`` are one channel: of any 3- or 4-channel image (RGB, RGBA, palette expanded to RGBA,
+    RGB/YBR DICOM, PALETTE COLOR DICOM, 3-sample TIFF) channel 1. The training slices are
+    256x256x3 with channels (pre-contrast, FLAIR, post-contrast), so channel 1 is FLAIR; for a
+    gray picture saved as RGB all channels are equal, so channel 1 is its gray value. Gray+alpha
+    yields channel 0. ``sequences`` keeps channels 0-2 of such an image, (3, rows, cols), for the
+    models that see all three sequences (None for a one-channel frame); ``inputs`` is what the
+    network gets: the sequences where there are three, else the frame.
 Intensities
     Native values as float32, never rescaled (the model's preprocessing normalises); 16-bit
     colour PNGs, which PIL would cut to 8 bits, are decoded with imagecodecs. DICOM gets
@@ -123,6 +126,19 @@ class Volume:
     pixel_spacing_mm: tuple[float, float] | None = None  # (row spacing, column spacing)
     slice_thickness_mm: float | None = None
     datasets: tuple[Dataset, ...] = field(default=(), repr=False)
+    sequences: list[np.ndarray | None] | None = field(default=None, repr=False)  # per frame (3, rows, cols) or None
+
+    @property
+    def inputs(self) -> list[np.ndarray]:
+        """The network input of each frame: its three sequences (3, rows, cols) if it has them, else the frame."""
+        if self.sequences is None:
+            return self.frames
+        return [frame if seq is None else seq for frame, seq in zip(self.frames, self.sequences)]
+
+    @property
+    def channels(self) -> int:
+        """3 when every frame brought three sequences, else 1 (frames that are one channel are used as FLAIR)."""
+        return 3 if self.sequences is not None and all(s is not None for s in self.sequences) else 1
 
 
 def decode(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> Volume:
@@ -174,6 +190,7 @@ def _decoder_errors(name: str, what: str) -> Iterator[None]:
 
 
 _WORKING_BYTES_PER_PIXEL = 2 * 4  # two float32 copies: the frame, and its probability map in the server
+_SEQUENCE_BYTES_PER_PIXEL = 3 * 4  # a 3+ channel image also keeps its three sequences as float32
 
 
 class _Budget:
@@ -195,7 +212,8 @@ class _Budget:
             limit = limits.max_pixels
             raise _error(name, f"frame of {rows}x{cols} pixels exceeds the limit of {limit}", TooLarge)
         self.frames += frames
-        self.bytes += frames * rows * cols * (max(samples, 1) * max(sample_bytes, 1) + _WORKING_BYTES_PER_PIXEL)
+        working = _WORKING_BYTES_PER_PIXEL + (_SEQUENCE_BYTES_PER_PIXEL if samples >= 3 else 0)
+        self.bytes += frames * rows * cols * (max(samples, 1) * max(sample_bytes, 1) + working)
         if self.frames > limits.max_frames:
             raise _error(name, f"upload has more than {limits.max_frames} frames", TooLarge)
         if self.bytes > limits.max_decoded_bytes:
@@ -261,6 +279,7 @@ def _volume(
     spacing: tuple[float, float] | None = None,
     thickness: float | None = None,
     datasets: Sequence[Dataset] = (),
+    sequences: list[np.ndarray | None] | None = None,
 ) -> Volume:
     """Assemble the result, insisting that all slices share one size, as slices of a series do."""
     rows, cols = frames[0].shape
@@ -269,7 +288,9 @@ def _volume(
             size = "x".join(map(str, frame.shape))
             problem = f"slice of {size} differs from the first, {rows}x{cols}"
             raise _error(files[file_index][0], problem)
-    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets))
+    if sequences is not None and all(s is None for s in sequences):
+        sequences = None
+    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets), sequences)
 
 
 # --- format detection -------------------------------------------------------------------------
@@ -339,7 +360,7 @@ _ORIENTATIONS = {  # EXIF/TIFF orientation -> how to turn the stored array into 
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
     4: lambda a: a[::-1],
-    5: lambda a: a.T,
+    5: lambda a: a.swapaxes(0, 1),
     6: lambda a: np.rot90(a, -1),
     7: lambda a: np.rot90(a, -1)[::-1],
     8: lambda a: np.rot90(a, 1),
@@ -358,7 +379,15 @@ def _one_channel(name: str, pixels: np.ndarray) -> np.ndarray:
     raise _error(name, f"unsupported pixel layout {pixels.shape}", Unsupported)
 
 
+def _sequences(name: str, pixels: np.ndarray) -> np.ndarray | None:
+    """(rows, cols, 3+) -> channels 0-2 as float32 (3, rows, cols); None for a one- or two-channel image."""
+    if pixels.ndim != 3 or pixels.shape[2] < 3:
+        return None
+    return _finite_float32(name, np.moveaxis(pixels[:, :, :3], -1, 0))
+
+
 def _orient(pixels: np.ndarray, orientation) -> np.ndarray:
+    """Apply an EXIF/TIFF orientation to the first two axes of (rows, cols[, channels])."""
     transform = _ORIENTATIONS.get(orientation)
     return transform(pixels) if transform else pixels
 
@@ -367,13 +396,14 @@ def _decode_pictures(files: list[tuple[str, bytes]], kind: str, limits: Limits) 
     """PNG, JPEG or TIFF files: their frames in upload order."""
     budget = _Budget(limits)
     read = _read_tiff if kind == "tiff" else _read_pil
-    frames, sources = [], []
+    frames, sequences, sources = [], [], []
     for file_index, (name, data) in enumerate(files):
         for frame_index, pixels in read(name, data, kind, budget):
             budget.tick(name)
-            frames.append(_finite_float32(name, pixels))
+            frames.append(_finite_float32(name, _one_channel(name, pixels)))
+            sequences.append(_sequences(name, pixels))
             sources.append((file_index, frame_index))
-    return _volume(kind, files, frames, sources)
+    return _volume(kind, files, frames, sources, sequences=sequences)
 
 
 def _open_pil(name: str, data: bytes, fmt: str) -> Image.Image:
@@ -410,7 +440,8 @@ def _read_pil(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple[
         else:
             pixels = np.asarray(image)
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return [(0, _orient(_one_channel(name, pixels), orientation))]
+    _one_channel(name, pixels)  # an unsupported layout fails here, before anything else is done with it
+    return [(0, _orient(pixels, orientation))]
 
 
 def _read_tiff(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple[int, np.ndarray]]:
@@ -425,7 +456,8 @@ def _read_tiff(name: str, data: bytes, kind: str, budget: _Budget) -> list[tuple
                 pixels = page.asarray()
             if "S" in page.axes:
                 pixels = np.moveaxis(pixels, page.axes.index("S"), -1)
-            pixels = _orient(_one_channel(name, pixels), _tiff_orientation(page))
+            _one_channel(name, pixels)
+            pixels = _orient(pixels, _tiff_orientation(page))
             frames.append((page.index, pixels))
     return frames
 
@@ -471,14 +503,15 @@ def _decode_dicom(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
         _check_dicom_image(name, ds, budget)
     _check_one_series(files, datasets)
     order = _series_order(datasets)
-    frames, sources = [], []
+    frames, sequences, sources = [], [], []
     for file_index in order:
         file_frames = _dicom_frames(files[file_index][0], datasets[file_index], budget)
-        frames.extend(file_frames)
+        frames.extend(frame for frame, _ in file_frames)
+        sequences.extend(seq for _, seq in file_frames)
         sources.extend((file_index, frame_index) for frame_index in range(len(file_frames)))
     in_order = [datasets[i] for i in order]
     spacing, thickness = _dicom_pixel_spacing(in_order[0]), _dicom_slice_thickness(in_order)
-    return _volume("dicom", files, frames, sources, spacing, thickness, in_order)
+    return _volume("dicom", files, frames, sources, spacing, thickness, in_order, sequences)
 
 
 _DEFER_BYTES = _MiB  # element values larger than this are read from the buffer only when used
@@ -685,8 +718,8 @@ def _dicom_slice_thickness(datasets: list[Dataset]) -> float | None:
     return gap if gap > 0 else None
 
 
-def _dicom_frames(name: str, ds: Dataset, budget: _Budget) -> list[np.ndarray]:
-    """All frames of one file as 2D float32 modality values, in MONOCHROME2 sense."""
+def _dicom_frames(name: str, ds: Dataset, budget: _Budget) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """All frames of one file as 2D float32 modality values, in MONOCHROME2 sense, each with its sequences."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     frame_count, rows, cols = _dicom_geometry(ds)
     photometric = _photometric(ds)
@@ -703,7 +736,7 @@ def _dicom_frames(name: str, ds: Dataset, budget: _Budget) -> list[np.ndarray]:
         if frame.shape[-1] == 1:  # the Modality LUT applies to grayscale only
             with _decoder_errors(name, "invalid Modality LUT or rescale"):
                 values = _modality_values(ds, index, values, photometric)
-        frames.append(_finite_float32(name, values))
+        frames.append((_finite_float32(name, values), _sequences(name, frame)))
     return frames
 
 

@@ -42,7 +42,7 @@ def network_maps(engine, frames: Sequence[np.ndarray], flip: bool = True) -> dic
     mirrored back: `{"prob": (slices, rows, cols)[, "prob_flip": ...]}`. The mirror is the training's RandFlipd axis."""
     maps = {"prob": np.stack(engine.probabilities(frames))}
     if flip:
-        mirrored = engine.probabilities([np.ascontiguousarray(f[:, ::-1]) for f in frames])
+        mirrored = engine.probabilities([np.ascontiguousarray(f[..., ::-1]) for f in frames])
         maps["prob_flip"] = np.stack([m[:, ::-1] for m in mirrored])
     return maps
 

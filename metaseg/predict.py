@@ -73,7 +73,7 @@ def predict(source: Path, out: Path, engine: Engine, threshold: float = 0.5) -> 
             raise UserError(f"no images found in {source}")
         for name in tqdm(names, desc="segmenting", unit="file"):
             try:
-                frames = decode([(name, files.read(name))]).frames
+                frames = decode([(name, files.read(name))]).inputs
             except (UserError, ValueError) as err:
                 report.skipped[name] = str(err)
                 log.warning("skipped %s: %s", name, err)

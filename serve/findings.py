@@ -48,6 +48,7 @@ def report(
         kind=volume.kind,
         image_size=ImageSize(rows=rows, cols=cols),
         slices=len(volume.frames),
+        input_channels=volume.channels,
         threshold=threshold,
         pixel_spacing_mm=spacing,
         slice_thickness_mm=thickness,

@@ -32,7 +32,7 @@ class InputSpec(BaseModel):
     channels: int = Field(description="network input channels")
     channel_def: dict[str, str] = Field(description="what each input channel holds, e.g. {'0': 'FLAIR'}")
     spatial_size: int = Field(description="every slice is resized to spatial_size x spatial_size for the network")
-    channel_rule: str = Field(description="which channel of a colour image is used")
+    channel_rule: str = Field(description="how an upload's channels become the network's input channels")
     formats: list[str]
     limits: UploadLimits
 
@@ -83,6 +83,10 @@ class SegmentationReport(BaseModel):
     kind: str = Field(description="input format: png, jpeg, tiff, dicom or nifti")
     image_size: ImageSize
     slices: int
+    input_channels: Literal[1, 3] = Field(
+        description="what the network was given: 3 = the upload's pre-contrast, FLAIR and post-contrast channels; "
+        "1 = one channel, taken as FLAIR (a model of three sequences gets it in all three)"
+    )
     threshold: float
     pixel_spacing_mm: tuple[float, float] | None = Field(description="(row, column) spacing; null when unknown")
     slice_thickness_mm: float | None

@@ -121,7 +121,7 @@ def _log(route: str, files: Files, volume: Volume, inference_ms: float) -> None:
 
 def _report(engine: Engine, files: Files, settings: Settings, threshold: float) -> SegmentationReport:
     volume = decode(files, settings.limits())
-    probabilities, ms = _infer(engine, volume.frames, settings.inference_timeout_s)
+    probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment", files, volume, ms)
     return findings.report(volume, probabilities, threshold, engine.name, ms)
 
@@ -135,7 +135,7 @@ def _one_slice(
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
     frame = volume.frames[index]
-    (probability,), ms = _infer(engine, [frame], settings.inference_timeout_s)
+    (probability,), ms = _infer(engine, [volume.inputs[index]], settings.inference_timeout_s)
     _log(route, files, volume, ms)
     return frame, findings.lesion_mask(probability, threshold)
 
@@ -153,7 +153,7 @@ def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: floa
     volume = decode(files, settings.limits())
     if volume.kind != "dicom":
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
-    probabilities, ms = _infer(engine, volume.frames, settings.inference_timeout_s)
+    probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment/seg", files, volume, ms)
     masks = np.stack([findings.lesion_mask(p, threshold) for p in probabilities])
     version = str(engine.metadata.get("version", ""))
