@@ -123,7 +123,7 @@ def cmd_cv(args) -> None:
     from metaseg.cv import cross_validate, summary_lines
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
-                            args.bootstrap, **_overrides(args))
+                            args.bootstrap, args.train_all, **_overrides(args))
     print("\n".join(summary_lines(result)))
     done = "all folds done" if result["complete"] else "NOT all folds done (partial reports)"
     print(f"{done}; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"), help="folder for cv.json, cv.md (reports)")
     p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold runs (runs/cv); rerun to resume")
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--train-all", action="store_true",
+                   help="after the folds, train each bundle's recipe on all patients (RUNS/<bundle>/all), to ship")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")

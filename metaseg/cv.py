@@ -10,6 +10,8 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
         oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
                                        `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
+    RUNS/<bundle>/all/                 with --train-all, after every fold: the same recipe on all patients (nnU-Net's
+                                       fold "all"), the model to ship; trained.json when done
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
                                        until all folds of all bundles are done), paired comparison, per-fold table
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
@@ -152,6 +154,31 @@ def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, run
     predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
     write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": split["val"],
                                                "predict_seconds": round(time.time() - started)})
+
+
+def train_all(bundle: Path, name: str, data: Path, found, plan: dict, runs: Path, overrides: dict) -> Path:
+    """The cross-validated recipe trained once more on every patient (monitor patients as in a fold); resumable."""
+    from metaseg.datalist import build_datalist
+    from metaseg.pipeline import train
+
+    run = runs / name / "all"
+    if (run / "trained.json").is_file():
+        print(f"cv: {name} on all patients already trained, skipped", flush=True)
+        return run
+    patients = sorted(found.patients)
+    monitor = monitor_patients(patients, plan["folds"], plan["seed"])
+    datalist = build_datalist(found, split={"training": patients, "validation": monitor, "test": []})
+    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
+                    cv={"fold": "all", "folds": plan["folds"], "validation": "training patients, monitor only: "
+                        + SELECTION, "splits": str((runs / "splits_final.json").resolve())})
+    resumed = (run / "models" / "checkpoint.pt").is_file()
+    print(f"cv: {name}: {'resuming' if resumed else 'training'} on all {len(patients)} patients", flush=True)
+    keep_log(run / "train.log")
+    started = time.time()
+    train(bundle, data, run, seed=plan["seed"], datalist=datalist, **overrides)
+    write_json_atomic(run / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
+                                             "patients": len(patients), **overrides})
+    return run
 
 
 def keep_log(log: Path) -> None:
@@ -335,8 +362,9 @@ def markdown(result: dict) -> str:
 
 
 def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
-                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, **overrides) -> dict:
-    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each."""
+                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, final: bool = False, **overrides) -> dict:
+    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each;
+    with `final`, then each bundle on all patients (train_all)."""
     from metaseg.bundles import bundle_dir
 
     if not Path(data).exists():
@@ -353,6 +381,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     check_plan(runs, plan)
     command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
+                          *(["--train-all"] if final else []),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
     result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
     for k in range(folds):
@@ -364,6 +393,10 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
             run_fold(bundle, name, data, found, plan, k, runs,
                      {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
             result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
+    if final:
+        for name, bundle in resolved.items():
+            train_all(bundle, name, data, found, plan, runs, {**overrides, "epochs": epochs[name],
+                                                               "val_interval": epochs[name]})
     return result
 
 
