@@ -6,6 +6,8 @@ it (run.json, datalist.json, train.log) to `bundles/<name>/docs/`, exports `mode
 chose on validation patients, pointing at the shipped copy.
 
     python scripts/ship_weights.py runs/lgg --report reports/comparison.md
+    python scripts/ship_weights.py --cv runs/cv --report reports/cv.md   # `metaseg cv --train-all`: the models
+        trained on all patients (RUNS/<bundle>/all), best = the higher out-of-fold mean per-patient 3D Dice
     python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
 """
 
@@ -46,18 +48,41 @@ def export_torchscript(bundle: Path) -> Path:
     return target
 
 
+def ship_cv(runs: Path, report: Path) -> None:
+    """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
+    cv = json.loads((report.parent / "cv.json").read_text())
+    if not cv["complete"]:
+        raise SystemExit(f"{report.parent / 'cv.json'} is partial: finish the cross-validation first")
+    dice = {name: cv["models"][name]["mean_dice_3d"] for name in NAMES}
+    for name in NAMES:
+        if not (runs / name / "all" / "trained.json").is_file():
+            raise SystemExit(f"{runs / name / 'all'} has not finished training on all patients")
+        copy_run(runs / name / "all", BUNDLES_DIR / name, extra=("trained.json",))
+    best = max(dice, key=dice.get)
+    write_best(BEST_FILE, best, default_weights(BUNDLES_DIR / best), {}, report=report,
+               selected_by=f"out-of-fold mean per-patient 3D Dice, {cv['folds']}-fold patient cross-validation "
+               f"(seed {cv['seed']}); shipped weights: the same recipe trained on all {len(cv['models'][best]['dice_3d_per_patient'])} patients",
+               cv_dice_3d=dice, cv_ci95_dice_3d={name: cv["models"][name]["ci95_dice_3d"] for name in NAMES})
+    print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
+
+
+def copy_run(run: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
+    """A run's model.pt as the bundle's weights (+ model.ts), and the evidence that made it into bundle/docs."""
+    weights = default_weights(run)
+    torch.load(weights, weights_only=True)  # a complete, plain state dict
+    if weights.stat().st_size > MAX_BYTES:
+        raise SystemExit(f"{weights} is over {MAX_BYTES} bytes")
+    write_bytes_atomic(default_weights(bundle), weights.read_bytes())
+    export_torchscript(bundle)
+    for evidence in ("run.json", "datalist.json", "train.log", *extra):
+        target = "datalist_lgg.json" if evidence == "datalist.json" else evidence
+        shutil.copyfile(run / evidence, bundle / "docs" / target)
+
+
 def ship(runs: Path, report: Path) -> None:
     chosen = json.loads((runs / "best.json").read_text())
     for name in NAMES:
-        run, bundle = runs / name, BUNDLES_DIR / name
-        weights = default_weights(run)
-        torch.load(weights, weights_only=True)  # a complete, plain state dict
-        if weights.stat().st_size > MAX_BYTES:
-            raise SystemExit(f"{weights} is over {MAX_BYTES} bytes")
-        write_bytes_atomic(default_weights(bundle), weights.read_bytes())
-        export_torchscript(bundle)
-        for evidence, target in (("run.json", "run.json"), ("datalist.json", "datalist_lgg.json"), ("train.log", "train.log")):
-            shutil.copyfile(run / evidence, bundle / "docs" / target)
+        copy_run(runs / name, BUNDLES_DIR / name)
     write_best(BEST_FILE, chosen["bundle"], default_weights(BUNDLES_DIR / chosen["bundle"]), chosen.get("overrides", {}),
                report=report, selected_by=chosen["selected_by"], validation_dice_3d=chosen["validation_dice_3d"],
                test_dice_3d=chosen.get("test_dice_3d"))
@@ -69,10 +94,13 @@ if __name__ == "__main__":
     parser.add_argument("runs", type=Path, nargs="?", help="folder holding <bundle>/ runs and the best.json of `metaseg compare`")
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "comparison.md")
     parser.add_argument("--torchscript-only", action="store_true", help="only re-export each bundle's model.ts")
+    parser.add_argument("--cv", type=Path, help="a `metaseg cv --train-all` runs folder (its report: --report cv.md)")
     args = parser.parse_args()
     if args.torchscript_only:
         for name in NAMES:
             print(f"exported {export_torchscript(BUNDLES_DIR / name)}")
+    elif args.cv:
+        ship_cv(args.cv, args.report.resolve())
     elif args.runs:
         ship(args.runs, args.report.resolve())
     else:
