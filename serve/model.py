@@ -42,17 +42,17 @@ def load(settings: Settings) -> tuple[Engine, dict[str, float] | None]:
 
 
 def report_metrics(model: Model) -> dict[str, float] | None:
-    """Test-split means of the recorded best model, from the comparison report its record names.
+    """Means on patients the model did not train on, from the report its record names.
 
-    The record's `report` names comparison.md (or .json) of `metaseg compare`; the numbers are in the
-    comparison.json beside it, under models.<bundle>.mean. No report, or an unreadable one, costs /info its
-    metrics only, so it is a warning, not a failed start.
+    The record's `report` names comparison.md (or .json) of `metaseg compare` (test-split means) or cv.md of
+    `metaseg cv` (out-of-fold means); the numbers are in the .json beside it, under models.<bundle>.mean. No report,
+    or an unreadable one, costs /info its metrics only, so it is a warning, not a failed start.
     """
     if model.report is None:
         return None
     try:
         report = json.loads(model.report.with_suffix(".json").read_text())
-        if report["split"] != "test":
+        if report.get("split") != "test" and not report.get("complete"):
             return None
         means = report["models"][model.bundle.name]["mean"]
         return {key: float(value) for key, value in means.items() if isinstance(value, int | float)}

@@ -46,7 +46,7 @@ class ModelInfo(BaseModel):
     intended_use: str
     input: InputSpec
     test_metrics: dict[str, float] | None = Field(
-        description="test-split metrics from the comparison report the best-model record names; null if none"
+        description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
     )
 
 
