@@ -8,7 +8,9 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
         trained.json                   training finished (else a rerun resumes it from models/checkpoint.pt,
                                        keeping the interrupted log as train.log.<n>)
         oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
-                                       `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA
+                                       `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA;
+                                       for a model of three sequences also `prob_one_channel`: FLAIR alone as
+                                       the input (what a one-channel upload gets)
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
     RUNS/<bundle>/all/                 with --train-all, after every fold: the same recipe on all patients (nnU-Net's
                                        fold "all"), the model to ship; trained.json when done
@@ -37,6 +39,7 @@ import numpy as np
 
 from metaseg import postprocess
 from metaseg.compare import by_patient, ci_cell, null_nan, read_ground_truth, summarize
+from metaseg.conventions import FLAIR_CHANNEL
 from metaseg.data import discover, open_source
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
@@ -116,6 +119,8 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
                 name = f"{root}/{item['image']}" if root else item["image"]
                 frames.append(decode([(name, files.read(name))]).inputs[0])
             maps = postprocess.network_maps(engine, frames, flip=True)
+            if engine.in_channels > 1 and frames[0].ndim == 3:
+                maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames]))
             write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
                       slices=np.array([i["slice"] for i in slices]))
 
@@ -124,8 +129,11 @@ def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndar
     loaded = {}
     for patient in patients:
         with np.load(fold_dir / "oof" / f"{patient}.npz") as npz:
-            loaded[patient] = {"prob": npz["prob"], "prob_flip": npz["prob_flip"]}
+            loaded[patient] = {key: npz[key] for key in ("prob", "prob_flip", "prob_one_channel") if key in npz}
     return loaded
+
+
+ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
 
 
 def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
@@ -246,11 +254,23 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         for k in done[name]:
             for patient, maps in load_oof(runs / name / f"fold_{k}", plan["splits"][k]["val"]).items():
                 probs[patient][name] = maps
+                if "prob_one_channel" in maps:
+                    probs[patient][ONE_CHANNEL.format(name=name)] = {"prob": maps["prob_one_channel"]}
     for name in names:
         if covered[name]:
             config = {**postprocess.DEFAULT, "models": [name]}
             per_patient = score_config({p: truth[p] for p in covered[name]}, probs, config)
             result["models"][name] = model_entry(per_patient, fold_of, config, n_resamples, seed)
+            one = ONE_CHANNEL.format(name=name)
+            if all(one in probs[p] for p in covered[name]):
+                per_patient = score_config({p: truth[p] for p in covered[name]}, probs, {**config, "models": [one]})
+                result["models"][one] = model_entry(per_patient, fold_of, {**config, "models": [one]}, n_resamples,
+                                                    seed)
+                result.setdefault("one_channel_loss", {})[name] = {
+                    "metric": "dice_3d", "difference": f"{name} - {one}",
+                    **paired_difference([result["models"][name]["dice_3d_per_patient"][p] for p in covered[name]],
+                                        [result["models"][one]["dice_3d_per_patient"][p] for p in covered[name]],
+                                        n_resamples, seed)}
     common = sorted(set.intersection(*(set(covered[name]) for name in names)))
     selection = None
     if common:
@@ -334,6 +354,11 @@ def markdown(result: dict) -> str:
         p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
         lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
                   f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
+    for name, loss in result.get("one_channel_loss", {}).items():
+        low, high = loss["ci95"]
+        lines += ["", f"One-channel input (FLAIR alone, as a gray PNG or DICOM upload arrives) costs {name} "
+                  f"{loss['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}] per-patient 3D Dice "
+                  f"({name} − one-channel, {loss['n_patients']} patients)."]
     post = result.get("postprocessing")
     if post:
         lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
