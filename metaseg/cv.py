@@ -280,6 +280,10 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
         result["postprocessing"] = {k: selection[k] for k in ("config", "mean_dice_3d", "steps", "single_slice")}
+        # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
+        result["postprocessing_per_model"] = {
+            name: {k: v for k, v in postprocess.select(truth_common, probs, [name]).items()
+                   if k in ("config", "mean_dice_3d", "steps", "single_slice")} for name in names}
         if len(names) == 2:
             a, b = names
             dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
@@ -370,6 +374,11 @@ def markdown(result: dict) -> str:
         base = post["steps"][0]
         lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
                   f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}); also in cv_postprocessing.json.",
+                  "", "Each bundle alone (what its configs/inference.json `inference_steps` records):", ""]
+        lines += [f"- {name}: `{json.dumps(own['config'])}`, mean per-patient 3D Dice "
+                  f"{own['steps'][0]['mean_dice_3d']:.4f} -> {own['mean_dice_3d']:.4f}"
+                  for name, own in result.get("postprocessing_per_model", {}).items()]
+        lines += ["",
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
                   "chosen on 3D components of a patient's stack and are not applied to one slice."]
     if models:

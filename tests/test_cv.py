@@ -219,7 +219,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert "PARTIAL" in (out / "cv.md").read_text()
     stamps = {f: f.stat().st_mtime_ns for f in (first / "models" / "model.pt", first / "train.log")}
 
-    result = metaseg(*args)
+    result = metaseg(*args, "--train-all")
     assert result.returncode == 0, result.stderr
     assert "cv: unetpp fold 0 already done, skipped" in result.stdout
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # the finished fold was not trained again
@@ -228,7 +228,9 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     patients = sorted(discover(phantom).patients)
     assert report["complete"] is True and report["folds"] == 2 and report["seed"] == 0
     assert sorted(p for ids in report["patients"].values() for p in ids) == patients
-    assert set(report["models"]) == {"unetpp", "attention_unet", "selected"}
+    one_channel = {f"{n} (one-channel input)" for n in ("unetpp", "attention_unet")}
+    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel}
+    assert set(report["one_channel_loss"]) == {"unetpp", "attention_unet"}
     plan = json.loads((runs / "splits_final.json").read_text())
     assert [s["val"] for s in plan] == list(report["patients"].values())
     for k, split in enumerate(plan):  # the bundle trained on the other folds, never on its held-out patients
@@ -249,6 +251,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
         for patient in ids:
             with np.load(runs / "attention_unet" / f"fold_{k}" / "oof" / f"{patient}.npz") as npz:
                 assert npz["prob"].dtype == np.uint8 and npz["prob"].shape == npz["prob_flip"].shape == (4, 256, 256)
+                assert npz["prob_one_channel"].shape == (4, 256, 256)  # FLAIR alone: the model's one-channel input
                 expected = dice_3d(truth[patient], npz["prob"] / 255 > 0.5)
             assert model["dice_3d_per_patient"][patient] == pytest.approx(expected)
     assert model["mean_dice_3d"] == pytest.approx(np.mean(list(model["dice_3d_per_patient"].values())))
@@ -263,6 +266,13 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     md = (out / "cv.md").read_text()
     assert "All folds done." in md and "| attention_unet | 6 |" in md and "A single uploaded 2D slice gets" in md
     assert (out / "cv_folds.png").stat().st_size > 0
+
+    # --train-all: each bundle's recipe once more on every patient, to ship
+    for name in ("unetpp", "attention_unet"):
+        final = runs / name / "all"
+        assert (final / "trained.json").is_file() and (final / "models" / "model.pt").is_file()
+        datalist = json.loads((final / "datalist.json").read_text())
+        assert datalist["patients"]["training"] == patients and datalist["patients"]["test"] == []
 
     # a rerun with another plan is refused rather than mixed into these folds
     assert_user_error(metaseg(*args[:-2], "--seed", 1), "holds a cross-validation with other")
