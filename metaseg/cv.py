@@ -13,7 +13,9 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        the input (what a one-channel upload gets)
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
     RUNS/<bundle>/all/                 with --train-all, after every fold: the same recipe on all patients (nnU-Net's
-                                       fold "all"), the model to ship; trained.json when done
+                                       fold "all"), the model to ship; trained.json when done. As in nnU-Net, where
+                                       an epoch is a fixed number of iterations, it makes as many optimizer steps
+                                       as a fold did: epochs x (mean training slices of a fold / all slices)
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
                                        until all folds of all bundles are done), paired comparison, per-fold table
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
@@ -32,6 +34,7 @@ import json
 import math
 import shlex
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -187,6 +190,13 @@ def train_all(bundle: Path, name: str, data: Path, found, plan: dict, runs: Path
     write_json_atomic(run / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
                                              "patients": len(patients), **overrides})
     return run
+
+
+def all_patients_epochs(epochs: int, found, plan: dict) -> int:
+    """Epochs on all patients that make as many optimizer steps as `epochs` on a fold's training patients."""
+    slices = Counter(pair.patient for pair in found.pairs)
+    per_fold = np.mean([sum(slices[p] for p in split["train"]) for split in plan["splits"]])
+    return max(1, round(epochs * per_fold / sum(slices.values())))
 
 
 def keep_log(log: Path) -> None:
@@ -429,8 +439,8 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
             result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
     if final:
         for name, bundle in resolved.items():
-            train_all(bundle, name, data, found, plan, runs, {**overrides, "epochs": epochs[name],
-                                                               "val_interval": epochs[name]})
+            steps = all_patients_epochs(epochs[name], found, plan)
+            train_all(bundle, name, data, found, plan, runs, {**overrides, "epochs": steps, "val_interval": steps})
     return result
 
 
