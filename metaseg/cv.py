@@ -232,7 +232,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
-        result["postprocessing"] = {k: selection[k] for k in ("config", "mean_dice_3d", "steps", "single_slice")}
+        result["postprocessing"] = {k: selection[k] for k in ("config", "mean_dice_3d", "steps", "single_slice",
+                                                                  "inference_steps")}
         if len(names) == 2:
             a, b = names
             dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
@@ -319,7 +320,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
                   f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}); also in cv_postprocessing.json.",
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
-                  "chosen on 3D components of a patient's stack and are not applied to one slice."]
+                  "chosen on 3D components of a patient's stack and are not applied to one slice.",
+                  f"Deployed as `inference_steps` in configs/inference.json of the bundle served (not the ensemble, "
+                  f"if chosen: a bundle holds one network): `{json.dumps(post['inference_steps'])}`."]
     if models:
         lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
                   "| model | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",
