@@ -70,12 +70,16 @@ class Engine:
         parser["bundle_root"] = str(bundle)
         for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
             parser[key] = value
+        missing = [key for key in ("inference_steps", "probabilities") if key not in parser]
+        if missing:
+            raise UserError(f"{bundle.name}: configs/inference.json has no {' or '.join(missing)}: a bundle from "
+                            f"before the chosen inference steps; copy them from a shipped bundle's inference.json")
+        self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name)
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
             self.inferer = parser.get_parsed_content("inferer")
             views = parser.get_parsed_content("probabilities")
         self.views = {name: views[name] for name in VIEWS}
-        self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name)
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()

@@ -19,12 +19,14 @@ import highdicom as hd
 import numpy as np
 import PIL.Image
 import pydicom
+import pytest
 import tifffile
 import torch
 from fastapi.testclient import TestClient
 
 from conftest import write_dicom
 from metaseg.engine import Engine
+from metaseg.errors import UserError
 from metaseg.imageio import decode
 from metaseg.postprocess import upload_masks
 from metaseg.predict import predict
@@ -214,3 +216,17 @@ def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_
     masks = {n: np.asarray(PIL.Image.open(tmp_path / "out" / "P" / f"P_{n}_seg.png")) > 0 for n in slices}
     assert masks[1][BIG].all() and masks[2][BIG].all() and masks[1].sum() == masks[2].sum() == 64
     assert not masks[10].any()  # MEDIUM is not the largest 3D lesion of the patient
+
+
+def test_unusable_inference_steps_are_a_clear_error(tmp_path):
+    bundle = bundle_with(tmp_path, {**DEFAULT, "threshold": 1.5})
+    with pytest.raises(UserError, match=r"a threshold in \[0, 1\]"):
+        Engine(bundle)
+    with pytest.raises(UserError, match="must hold exactly flip_tta, threshold, min_lesion_voxels, largest_component"):
+        Engine(bundle, overrides={"inference_steps": {"threshold": 0.5}})
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    del config["inference_steps"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="has no inference_steps"):
+        Engine(bundle)
