@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")
     p.add_argument("--weights", type=Path, help="model.pt to use with --bundle (default: the bundle's models/model.pt)")
     p.add_argument("--best", type=Path, help="a best-model record written by `metaseg compare` (default: bundles/best.json)")
-    p.add_argument("--threshold", type=_probability, default=0.5, help="lesion probability threshold (0.5)")
+    p.add_argument("--threshold", type=_probability,
+                   help="lesion probability threshold (default: the bundle's inference_steps threshold)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("compare", help="score two runs on the same patients; pick the better bundle on validation")

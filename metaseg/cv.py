@@ -9,7 +9,7 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        keeping the interrupted log as train.log.<n>)
         oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
                                        `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA;
-                                       for a model of three sequences also `prob_one_channel`: FLAIR alone as
+                                       for slices of three sequences also `prob_one_channel`: FLAIR alone as
                                        the input (what a one-channel upload gets)
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
     RUNS/<bundle>/all/                 with --train-all, after every fold: the same recipe on all patients (nnU-Net's
@@ -122,8 +122,9 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
                 name = f"{root}/{item['image']}" if root else item["image"]
                 frames.append(decode([(name, files.read(name))]).inputs[0])
             maps = postprocess.network_maps(engine, frames, flip=True)
-            if engine.in_channels > 1 and frames[0].ndim == 3:
-                maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames]))
+            if frames[0].ndim == 3:  # the slices bring three sequences: also FLAIR alone
+                maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames],
+                                                                         view="plain"))
             write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
                       slices=np.array([i["slice"] for i in slices]))
 
@@ -289,11 +290,12 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
-        result["postprocessing"] = {k: selection[k] for k in ("config", "mean_dice_3d", "steps", "single_slice")}
+        keys = ("config", "mean_dice_3d", "steps", "single_slice", "inference_steps")
+        result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
-            name: {k: v for k, v in postprocess.select(truth_common, probs, [name]).items()
-                   if k in ("config", "mean_dice_3d", "steps", "single_slice")} for name in names}
+            name: {k: v for k, v in postprocess.select(truth_common, probs, [name]).items() if k in keys}
+            for name in names}
         if len(names) == 2:
             a, b = names
             dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
@@ -385,12 +387,13 @@ def markdown(result: dict) -> str:
         lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
                   f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}); also in cv_postprocessing.json.",
                   "", "Each bundle alone (what its configs/inference.json `inference_steps` records):", ""]
-        lines += [f"- {name}: `{json.dumps(own['config'])}`, mean per-patient 3D Dice "
+        lines += [f"- {name}: `{json.dumps(own['inference_steps'])}`, mean per-patient 3D Dice "
                   f"{own['steps'][0]['mean_dice_3d']:.4f} -> {own['mean_dice_3d']:.4f}"
                   for name, own in result.get("postprocessing_per_model", {}).items()]
         lines += ["",
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
-                  "chosen on 3D components of a patient's stack and are not applied to one slice."]
+                  "chosen on 3D components of a patient's stack and are not applied to one slice. The ensemble, if "
+                  "chosen, is reported but not deployed: a bundle holds one network."]
     if models:
         lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
                   "| model | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",

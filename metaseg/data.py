@@ -22,7 +22,7 @@ from metaseg.errors import UserError
 log = logging.getLogger(__name__)
 
 MASK_SUFFIX = "_mask"
-_SLICE_NUMBER = re.compile(r"_(\d+)$")
+SLICE_NUMBER = re.compile(r"_(\d+)$")  # <patient>_<n>: the slice number n, the order of a patient's slices
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def discover(source: str | Path) -> Discovery:
         for stem in sorted(images.keys() & masks.keys()):
             image_name, mask_name = images[stem], masks[stem]
             path = PurePosixPath(image_name)
-            match = _SLICE_NUMBER.search(path.stem)
+            match = SLICE_NUMBER.search(path.stem)
             if len(path.parts) < 2 or match is None:
                 ignored["unreadable"].append(f"{image_name}: not <patient>/<patient>_<n>.tif")
                 continue

@@ -2,9 +2,11 @@
 
 The engine reads the bundle as MONAI Label and MONAI Deploy do: `configs/inference.json` alone, taking its
 `network_def`, `preprocessing` without the file loader (the caller has already decoded the upload, and
-metaseg.imageio gives arrays in the same row/column order as the bundle's readers), its `inferer`, and its
-`postprocessing` up to the probability map: the softmax and the `Invertd` back to each slice's own size. What follows
-in the bundle (the mask and the writer) is left to the caller, who picks the threshold.
+metaseg.imageio gives arrays in the same row/column order as the bundle's readers), its `inferer` (class
+probabilities, flip-averaged when the bundle's `inference_steps` say so), and its `postprocessing` up to the
+probability map: the lesion channel and the `Invertd` back to each slice's own size. What follows in the bundle (the
+mask and the writer) is left to the caller: metaseg.postprocess.upload_masks applies `inference_steps` (the
+threshold, and the component steps for a volume), and a caller may pick another threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from monai.transforms import AsDiscreted, Compose, LoadImaged
 from metaseg.bundles import STAGES
 from metaseg.conventions import default_weights
 from metaseg.errors import UserError
+from metaseg.postprocess import checked_steps
+
+
+VIEWS = ("plain", "mirrored")  # the bundle's `probabilities`: of the input, and of its mirror mirrored back
 
 
 @contextmanager
@@ -50,6 +56,7 @@ class Engine:
 
     A frame is (rows, cols), one channel, or (channels, rows, cols), e.g. the three sequences of metaseg.imageio's
     `Volume.inputs`; the bundle's own preprocessing makes the network's input channels from either.
+    `inference_steps` are the bundle's chosen steps (metaseg.postprocess.BUNDLE_STEPS), for upload_masks.
     """
 
     def __init__(self, bundle: Path, weights: Path | None = None, batch_size: int = 16, overrides: dict | None = None):
@@ -63,9 +70,16 @@ class Engine:
         parser["bundle_root"] = str(bundle)
         for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
             parser[key] = value
+        missing = [key for key in ("inference_steps", "probabilities") if key not in parser]
+        if missing:
+            raise UserError(f"{bundle.name}: configs/inference.json has no {' or '.join(missing)}: a bundle from "
+                            f"before the chosen inference steps; copy them from a shipped bundle's inference.json")
+        self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name)
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
             self.inferer = parser.get_parsed_content("inferer")
+            views = parser.get_parsed_content("probabilities")
+        self.views = {name: views[name] for name in VIEWS}
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
@@ -84,17 +98,22 @@ class Engine:
     def name(self) -> str:
         return self.bundle.name
 
-    def probabilities(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Lesion probability (float32, 0..1) for each 2D frame, at that frame's own size and orientation."""
+    def probabilities(self, frames: Sequence[np.ndarray], view: str | None = None) -> list[np.ndarray]:
+        """Lesion probability (float32, 0..1) for each 2D frame, at that frame's own size and orientation.
+
+        By the bundle's `inferer` (with flip TTA when its inference_steps say so); `view` "plain" or "mirrored" runs
+        that one of the bundle's `probabilities` alone instead, which metaseg cv keeps apart to choose flip TTA.
+        """
+        infer = self.inferer if view is None else self.views[view]
         maps = []
         for start in range(0, len(frames), self.batch_size):
             items = [self._prepare(frame) for frame in frames[start : start + self.batch_size]]
             batch = torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
             with torch.inference_mode():
-                logits = self.inferer(batch, self.network).float().cpu()
-            for item, logit in zip(items, logits):
-                restored = self.restore({"image": item["image"], "pred": MetaTensor(logit)})["pred"]
-                maps.append(np.clip(restored[1].numpy(), 0.0, 1.0).astype(np.float32))
+                probs = infer(batch, self.network).float().cpu()
+            for item, prob in zip(items, probs):
+                restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
+                maps.append(np.clip(restored[0].numpy(), 0.0, 1.0).astype(np.float32))
         return maps
 
     def _prepare(self, frame: np.ndarray) -> dict:

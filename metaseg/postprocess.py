@@ -6,7 +6,7 @@ each is reported whether kept or not. A configuration is a plain dict (`DEFAULT`
 
     models             the bundles whose lesion probabilities are averaged (one = no ensemble)
     flip_tta           also predict the left-right mirrored input, mirror back, average (test-time augmentation)
-    threshold          lesion where the probability is above it
+    threshold          lesion where the probability is at least it (MONAI AsDiscrete's threshold)
     min_lesion_voxels  drop 3D connected components smaller than this (0 = off; MONAI RemoveSmallObjects)
     largest_component  keep only the largest 3D connected component (MONAI KeepLargestConnectedComponent)
 
@@ -14,6 +14,10 @@ The component steps see a patient's slice stack as one volume (full connectivity
 slices is one component). A single uploaded 2D slice is not a volume: it gets the ensemble, flip TTA and the
 threshold, and no component step, because both were chosen on 3D components (a lesion's in-plane area on one slice
 is not its 3D size, and a second metastasis on the same slice must not be dropped as "not the largest").
+
+Deployed, the chosen steps but `models` are a bundle's `inference_steps` (configs/inference.json): the bundle's own
+inferer does the flip TTA (plain MONAI, metaseg's engine, and `network_maps` here all run it), its postprocessing the
+threshold, and `upload_masks` below the threshold and component steps for `metaseg predict` and the server.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
 
+from metaseg.errors import UserError
 from metaseg.metrics import dice_3d
 
 DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
@@ -32,6 +37,7 @@ THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_LESION_VOXELS = (10, 25, 50, 100, 200, 400)
 FULL_3D = 3  # connectivity: voxels sharing a face, an edge or a corner are neighbours
 SLICE_STEPS = ("models", "flip_tta", "threshold")  # what a single 2D slice gets (see module docstring)
+BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "largest_component")  # a bundle's `inference_steps`
 
 # lesion probabilities of one patient: {"prob": (slices, rows, cols), "prob_flip": the mirrored input's, mirrored back}
 Probs = Mapping[str, np.ndarray]
@@ -39,11 +45,14 @@ Probs = Mapping[str, np.ndarray]
 
 def network_maps(engine, frames: Sequence[np.ndarray], flip: bool = True) -> dict[str, np.ndarray]:
     """An engine's lesion probabilities of same-sized frames, and (with `flip`) of the left-right mirrored frames,
-    mirrored back: `{"prob": (slices, rows, cols)[, "prob_flip": ...]}`. The mirror is the training's RandFlipd axis."""
-    maps = {"prob": np.stack(engine.probabilities(frames))}
+    mirrored back: `{"prob": (slices, rows, cols)[, "prob_flip": ...]}`, whatever the bundle's own flip_tta.
+
+    Both are the bundle's `probabilities` views (metaseg.engine), the ones its inferer averages under flip TTA: the
+    mirror is taken at network resolution, as deployed. Their mean here equals the deployed average because the
+    `Invertd` between them is linear (bilinear resize)."""
+    maps = {"prob": np.stack(engine.probabilities(frames, view="plain"))}
     if flip:
-        mirrored = engine.probabilities([np.ascontiguousarray(f[..., ::-1]) for f in frames])
-        maps["prob_flip"] = np.stack([m[:, ::-1] for m in mirrored])
+        maps["prob_flip"] = np.stack(engine.probabilities(frames, view="mirrored"))
     return maps
 
 
@@ -66,9 +75,40 @@ def as_float(prob: np.ndarray) -> np.ndarray:
     return prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob.astype(np.float32, copy=False)
 
 
-def mask(prob: np.ndarray, config: dict, volume: bool = True) -> np.ndarray:
+def checked_steps(steps: Mapping, bundle: str) -> dict:
+    """A bundle's `inference_steps` without its `_desc_`; a hand-edited one that is not usable is a UserError."""
+    steps = {key: value for key, value in steps.items() if key != "_desc_"}
+    if set(steps) != set(BUNDLE_STEPS):
+        raise UserError(f"{bundle}: inference_steps must hold exactly {', '.join(BUNDLE_STEPS)}, got {sorted(steps)}")
+    threshold, min_voxels = steps["threshold"], steps["min_lesion_voxels"]
+    if not all(isinstance(steps[key], bool) for key in ("flip_tta", "largest_component")) \
+            or isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1 \
+            or isinstance(min_voxels, bool) or not isinstance(min_voxels, int) or min_voxels < 0:
+        raise UserError(f"{bundle}: inference_steps need true/false flip_tta and largest_component, a threshold in "
+                        f"[0, 1] and a whole min_lesion_voxels >= 0, got {steps}")
+    return steps
+
+
+def has_volume_steps(steps: Mapping) -> bool:
+    """Whether a volume's mask of one slice depends on its other slices (a component step is on)."""
+    return bool(steps["min_lesion_voxels"] or steps["largest_component"])
+
+
+def with_threshold(steps: Mapping, threshold: float | None) -> dict:
+    """The steps with another threshold (a user's choice), or as they are for None."""
+    return dict(steps) if threshold is None else {**steps, "threshold": threshold}
+
+
+def upload_masks(probabilities: Sequence[np.ndarray], steps: Mapping) -> np.ndarray:
+    """Boolean masks (frames, rows, cols) of one upload's lesion probabilities, in its frame order: the threshold,
+    and for a volume (more than one frame: a Data patient folder, a DICOM series or multi-frame file, a NIfTI, a
+    multi-page TIFF) the component steps; a single 2D slice gets the threshold alone (see the module docstring)."""
+    return mask(np.stack(probabilities), steps, volume=len(probabilities) > 1)
+
+
+def mask(prob: np.ndarray, config: Mapping, volume: bool = True) -> np.ndarray:
     """Boolean lesion mask of a (slices, rows, cols) probability stack; component steps only for a `volume`."""
-    lesion = prob > config["threshold"]
+    lesion = prob >= config["threshold"]
     if not volume or not lesion.any():
         return lesion
     labels = torch.from_numpy(lesion[None].astype(np.uint8))  # (channel, slices, rows, cols), as MONAI expects
@@ -125,4 +165,5 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
     consider("largest_component", "largest_component", True,
              mean_dice(truth, probs, {**config, "largest_component": True}))
     return {"config": config, "mean_dice_3d": current, "steps": steps, "n_patients": len(truth),
-            "single_slice": {key: config[key] for key in SLICE_STEPS}}
+            "single_slice": {key: config[key] for key in SLICE_STEPS},
+            "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}

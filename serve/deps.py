@@ -50,7 +50,9 @@ async def received_files(
 
 Upload = Annotated[Files, Depends(received_files)]
 Threshold = Annotated[
-    float, Query(ge=0, le=1, allow_inf_nan=False, description="lesion where the probability exceeds this")
+    float | None,
+    Query(ge=0, le=1, allow_inf_nan=False, description="lesion where the probability is at least this; default: "
+          "the bundle's chosen threshold (GET /info `inference_steps`)"),
 ]
 SliceIndex = Annotated[
     int, Query(alias="slice", ge=0, description="0-based slice of a series or multi-frame image, in series order")

@@ -1,23 +1,22 @@
-"""Lesions from probability maps: thresholded, split into 2D connected components, measured in pixels and mm."""
+"""Lesions of an upload's final masks (metaseg.postprocess.upload_masks): 2D connected components per slice, measured
+in pixels and mm, with the highest lesion probability inside each."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 from skimage.measure import label, regionprops
 
 from metaseg.imageio import Volume
+from metaseg.postprocess import has_volume_steps
 from serve.schemas import BoundingBox, ImageSize, Lesion, Point, SegmentationReport
 
 
-def lesion_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
-    """Lesion where the probability exceeds the threshold; at 0.5 this is the bundle's argmax."""
-    return probability > threshold
-
-
-def lesions(probability: np.ndarray, threshold: float, slice_index: int, pixel_mm2: float | None) -> list[Lesion]:
+def lesions(mask: np.ndarray, probability: np.ndarray, slice_index: int, pixel_mm2: float | None) -> list[Lesion]:
     """The 8-connected components of one slice's mask, in scan order."""
     found = []
-    for region in regionprops(label(lesion_mask(probability, threshold), connectivity=2), intensity_image=probability):
+    for region in regionprops(label(mask, connectivity=2), intensity_image=probability):
         row_min, col_min, row_end, col_end = region.bbox
         area = int(region.area)
         found.append(
@@ -34,11 +33,13 @@ def lesions(probability: np.ndarray, threshold: float, slice_index: int, pixel_m
 
 
 def report(
-    volume: Volume, probabilities: list[np.ndarray], threshold: float, model: str, inference_ms: float
+    volume: Volume, probabilities: list[np.ndarray], masks: np.ndarray, steps: Mapping, model: str, inference_ms: float
 ) -> SegmentationReport:
+    """The findings of an upload from its masks, made with `steps` (the threshold and volume steps are reported)."""
     spacing = volume.pixel_spacing_mm
     pixel_mm2 = spacing[0] * spacing[1] if spacing else None
-    found = [lesion for index, p in enumerate(probabilities) for lesion in lesions(p, threshold, index, pixel_mm2)]
+    found = [lesion for index, (m, p) in enumerate(zip(masks, probabilities))
+             for lesion in lesions(m, p, index, pixel_mm2)]
     total_px = sum(lesion.area_px for lesion in found)
     total_mm2 = total_px * pixel_mm2 if pixel_mm2 is not None else None
     thickness = volume.slice_thickness_mm
@@ -49,7 +50,8 @@ def report(
         image_size=ImageSize(rows=rows, cols=cols),
         slices=len(volume.frames),
         input_channels=volume.channels,
-        threshold=threshold,
+        threshold=steps["threshold"],
+        volume_steps=len(masks) > 1 and has_volume_steps(steps),
         pixel_spacing_mm=spacing,
         slice_thickness_mm=thickness,
         lesion_count=len(found),

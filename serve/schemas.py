@@ -37,6 +37,17 @@ class InputSpec(BaseModel):
     limits: UploadLimits
 
 
+class InferenceSteps(BaseModel):
+    """The bundle's inference steps (`inference_steps` in configs/inference.json), chosen by `metaseg cv` on
+    out-of-fold predictions. An upload of several slices (a DICOM series or multi-frame file, a NIfTI, a multi-page
+    TIFF) is a volume and gets all of them; a single 2D slice gets flip_tta and the threshold only."""
+
+    flip_tta: bool = Field(description="lesion probabilities averaged with those of the left-right mirrored slice")
+    threshold: float = Field(description="the default threshold: lesion where the probability is at least this")
+    min_lesion_voxels: int = Field(description="volumes: 3D connected components under this size are dropped (0: off)")
+    largest_component: bool = Field(description="volumes: only the largest 3D connected component is kept")
+
+
 class ModelInfo(BaseModel):
     model: str = Field(description="bundle folder name")
     title: str = Field(description="bundle name in metadata.json")
@@ -45,6 +56,7 @@ class ModelInfo(BaseModel):
     description: str
     intended_use: str
     input: InputSpec
+    inference_steps: InferenceSteps
     test_metrics: dict[str, float] | None = Field(
         description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
     )
@@ -87,10 +99,14 @@ class SegmentationReport(BaseModel):
         description="what the network was given: 3 = the upload's pre-contrast, FLAIR and post-contrast channels; "
         "1 = one channel, taken as FLAIR (a model of three sequences gets it in all three)"
     )
-    threshold: float
+    threshold: float = Field(description="lesion where the probability is at least this")
+    volume_steps: bool = Field(
+        description="whether the component steps of /info `inference_steps` (min_lesion_voxels, largest_component) "
+        "were applied: only to an upload of several slices, and only when one of them is on"
+    )
     pixel_spacing_mm: tuple[float, float] | None = Field(description="(row, column) spacing; null when unknown")
     slice_thickness_mm: float | None
-    lesion_count: int = Field(description="connected components (8-connected), counted per slice")
+    lesion_count: int = Field(description="connected components (8-connected) of the final mask, counted per slice")
     lesions: list[Lesion]
     total_area_px: int
     total_area_mm2: float | None

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_user_error, metaseg
+from test_engine import random_weights
 from metaseg import postprocess
 from metaseg.cv import assign_folds, monitor_patients, splits_final
+from metaseg.engine import Engine
 from metaseg.errors import UserError
 from metaseg.metrics import dice_3d
 
@@ -130,23 +132,27 @@ def test_ensemble_and_flip_average_probabilities_and_read_uint8():
     assert postprocess.probability({"a": a}, {**config, "models": ["a"]}).max() == 1.0
 
 
-class LeftBiased:
-    """A fake engine that is not mirror-symmetric: probability 1 where a pixel is brighter than its right neighbour."""
-
-    def probabilities(self, frames):
-        return [np.pad(f[:, :-1] > f[:, 1:], ((0, 0), (0, 1))).astype(np.float32) for f in frames]
-
-
-def test_flip_tta_mirrors_the_input_and_the_prediction_back():
-    frame = np.zeros((2, 6), np.float32)
-    frame[1] = [0, 1, 2, 3, 2, 1]
-    maps = postprocess.network_maps(LeftBiased(), [frame])
-    assert np.argwhere(maps["prob"][0]).tolist() == [[1, 3], [1, 4]]
-    assert np.argwhere(maps["prob_flip"][0]).tolist() == [[1, 1], [1, 2], [1, 3]]  # "brighter than the left one"
+def test_flip_tta_is_the_bundles_own_mirror_and_what_cv_scores_is_what_is_deployed(tmp_path):
+    """network_maps runs the bundle's `probabilities` views; their mean is what the bundle's inferer gives under
+    flip_tta, and the mirrored view is close to the prediction of the mirrored input, mirrored back. Close, not
+    equal: the bundle mirrors the preprocessed image, as training's RandFlipd does, and CLAHE does not commute with
+    a mirror."""
+    bundle, weights = REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path)
+    frame = np.random.default_rng(0).integers(0, 255, (3, 48, 40)).astype(np.float32)
+    engine = Engine(bundle, weights, overrides={"spatial_size": 32})
+    maps = postprocess.network_maps(engine, [frame])
+    np.testing.assert_array_equal(maps["prob"][0], engine.probabilities([frame])[0])  # the bundle's flip_tta is off
+    assert np.abs(maps["prob"] - maps["prob_flip"]).max() > 0.1  # random weights: the network is not symmetric
+    mirrored_input = engine.probabilities([np.ascontiguousarray(frame[..., ::-1])])[0]
+    assert np.abs(maps["prob_flip"][0] - mirrored_input[:, ::-1]).max() < 0.05
+    assert np.abs(maps["prob_flip"][0] - mirrored_input).max() > 0.1  # (without mirroring back it would be far off)
+    deployed = Engine(bundle, weights, overrides={"spatial_size": 32, "inference_steps#flip_tta": True})
     config = {**postprocess.DEFAULT, "models": ["m"], "flip_tta": True, "threshold": 0.4}
-    assert postprocess.segment({"m": LeftBiased()}, [frame], config, volume=False).sum() == 4
-    assert postprocess.segment({"m": LeftBiased()}, [frame], {**config, "threshold": 0.5}, volume=False).sum() == 1
-    assert "prob_flip" not in postprocess.network_maps(LeftBiased(), [frame], flip=False)
+    np.testing.assert_allclose(deployed.probabilities([frame])[0], postprocess.probability({"m": maps}, config)[0],
+                               atol=1e-5)
+    np.testing.assert_array_equal(postprocess.segment({"m": engine}, [frame], config, volume=False),
+                                  postprocess.upload_masks(deployed.probabilities([frame]), config))
+    assert "prob_flip" not in postprocess.network_maps(engine, [frame], flip=False)
 
 
 # --- the command on a tiny phantom ---

@@ -4,13 +4,16 @@ TorchScript models.
 monai-deploy-app-sdk 4.0.0 needs holoscan-cu13 (a CUDA runtime), so its operator is not installed here; `deploy`
 below repeats what the operator's `compute` does (monai/deploy/operators/monai_bundle_inference_operator.py):
 read `configs/inference.json` alone, drop every transform whose class name contains LoadImage or SaveImage from
-`preprocessing` and `postprocessing`, prefer `models/model.ts` over `model.pt`, run the bundle's `inferer`, and post-
-process the first output together with the pre-processed input (which `Invertd` needs).
+`preprocessing` and `postprocessing`, prefer `models/model.ts` over `model.pt`, call the bundle's `inferer` with keyword
+arguments (`inferer(inputs=..., network=...)`: the bundle's flip TTA inferer is a config lambda with those names), and
+post-process the first output together with the pre-processed input (which `Invertd` needs); the postprocessing ends
+in the mask at the bundle's `inference_steps` threshold.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -35,9 +38,9 @@ def without(compose: Compose, names: tuple[str, ...]) -> Compose:
     return Compose([t for t in compose.transforms if not any(n in type(t).__name__ for n in names)])
 
 
-def deploy(name: str, image: np.ndarray) -> np.ndarray:
-    """One channel-first image in memory -> the bundle's mask, as MONAI Deploy's bundle operator computes it."""
-    bundle = REPO / "bundles" / name
+def deploy(bundle: Path, image: np.ndarray, network: torch.nn.Module | None = None) -> np.ndarray:
+    """One channel-first image in memory -> the bundle's mask, as MONAI Deploy's bundle operator computes it (with
+    `network` in place of the bundle's models/model.ts, for a test bundle without one)."""
     parser = ConfigParser()
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.read_config(str(bundle / "configs" / "inference.json"))
@@ -47,10 +50,11 @@ def deploy(name: str, image: np.ndarray) -> np.ndarray:
         inferer = parser.get_parsed_content("inferer")
         pre = without(parser.get_parsed_content("preprocessing"), DISALLOW_LOAD_SAVE)
         post = without(parser.get_parsed_content("postprocessing"), DISALLOW_LOAD_SAVE)
-    network = torch.jit.load(str(bundle / "models" / "model.ts"), map_location=device).eval()
+    if network is None:
+        network = torch.jit.load(str(bundle / "models" / "model.ts"), map_location=device).eval()
     inputs = pre({"image": MetaTensor(torch.as_tensor(np.array(image), dtype=torch.float32))})
     with torch.no_grad():
-        output = inferer(inputs["image"][None].to(device), network)
+        output = inferer(inputs=inputs["image"][None].to(device), network=network)
     return post({"pred": output[0], "image": inputs["image"]})["pred"].numpy()
 
 
@@ -74,7 +78,7 @@ def slices(tmp_path_factory) -> dict:
 def test_in_memory_bundle_gives_the_masks_of_metaseg_predict(name, slices, tmp_path):
     assert main(["predict", str(slices["folder"]), "--out", str(tmp_path), "--bundle", name]) == 0
     for stem in ("phantom", "flair", "flair_dicom"):
-        ours = deploy(name, slices[stem])[0] > 0
+        ours = deploy(REPO / "bundles" / name, slices[stem])[0] > 0
         written = np.asarray(PIL.Image.open(tmp_path / f"{stem}_seg.png")) > 0
         assert ours.shape == written.shape == slices[stem].shape[1:], stem
         assert ours.sum() > 50, stem  # the trained model finds the phantom's lesion: not two empty masks agreeing

@@ -67,6 +67,7 @@ class EchoEngine:
     name = "echo"
     metadata = {"version": "0.0.0"}
     spatial_size = 32
+    inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
 
     def probabilities(self, frames):
         return [(f / f.max() if f.max() > 0 else np.zeros_like(f)).astype(np.float32) for f in frames]
@@ -282,7 +283,8 @@ def test_lesions_are_counted_per_slice_and_measured_with_pixel_spacing(echo):
     as_png = post(echo, "/segment", ("a.png", encode(slice0.astype(np.uint8)))).json()
     assert as_png["lesion_count"] == 2 and as_png["total_area_px"] == 29
     assert as_png["lesions"][0]["area_mm2"] is None and as_png["total_area_mm2"] is None and as_png["volume_ml"] is None
-    assert post(echo, "/segment", ("a.png", encode(SLICE)), threshold=1).json()["lesion_count"] == 0
+    at_one = post(echo, "/segment", ("a.png", encode(SLICE)), threshold=1).json()  # lesion where p >= threshold
+    assert (at_one["lesion_count"], at_one["total_area_px"], at_one["threshold"]) == (1, 48, 1.0)  # the box: p = 1
 
 
 def test_mask_and_overlay_of_one_series_slice(echo):
@@ -538,6 +540,8 @@ def test_health_and_info_without_a_recorded_report(client):
     assert info["input"]["channels"] == 1 and info["input"]["channel_def"] == {"0": "FLAIR"}
     assert info["input"]["spatial_size"] == 32 and "DICOM" in info["input"]["formats"]
     assert info["input"]["limits"]["max_upload_bytes"] == 2 * MiB
+    assert info["inference_steps"] == {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0,
+                                       "largest_component": False}  # the shipped bundle's, until cv sets them
 
 
 def test_best_model_record_is_the_default_and_its_report_gives_test_metrics(weights, tmp_path):

@@ -97,6 +97,7 @@ class EchoEngine:
     network = Echo()
     metadata = {"version": "0.0.0"}
     spatial_size = 32
+    inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
 
     def __init__(self):
         self.calls = 0

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from serve.deps import EngineDep, ReportMetricsDep, SettingsDep
-from serve.schemas import InputSpec, ModelInfo, UploadLimits
+from serve.schemas import InferenceSteps, InputSpec, ModelInfo, UploadLimits
 
 router = APIRouter(prefix="/info", tags=["info"])
 
@@ -19,7 +19,8 @@ CHANNEL_RULES = {
 
 @router.get("", response_model=ModelInfo)
 def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDep) -> ModelInfo:
-    """The model's identity (from the bundle's metadata.json), its input expectations and the server's limits."""
+    """The model's identity (from the bundle's metadata.json), its input expectations, its chosen inference steps
+    and the server's limits."""
     meta = engine.metadata
     image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
     return ModelInfo(
@@ -42,5 +43,6 @@ def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDe
                 max_decoded_bytes=settings.max_decoded_bytes,
             ),
         ),
+        inference_steps=InferenceSteps(**engine.inference_steps),
         test_metrics=test_metrics,
     )

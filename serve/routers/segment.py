@@ -3,6 +3,10 @@
 Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes,
 runs the model and encodes the answer on it, so the event loop keeps answering /health while the CPU works.
 Decoding and inference each have a time limit, checked between frames and between batches of slices.
+
+Masks are the bundle's chosen inference steps (metaseg.postprocess.upload_masks, as `metaseg predict` makes them),
+with the request's `threshold` in place of the chosen one when given: an upload of several slices is a volume and
+gets the component steps, a single slice does not.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Response
 from metaseg.engine import Engine
 from metaseg.errors import TooLarge
 from metaseg.imageio import Volume, decode, to_png_bytes
+from metaseg.postprocess import has_volume_steps, upload_masks, with_threshold
 from serve import dicomseg, findings
 from serve.config import Settings
 from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, Upload
@@ -41,7 +46,7 @@ class DICOMResponse(Response):
 
 @router.post("", response_model=SegmentationReport, openapi_extra=REQUEST_BODY)
 async def segment(
-    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = 0.5
+    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = None
 ) -> SegmentationReport:
     """Lesions in every slice: count, and per lesion its slice, area (pixels, mm²), centroid and bounding box;
     totals, and the volume in mL when pixel spacing and slice thickness are known."""
@@ -54,13 +59,14 @@ async def mask(
     engine: EngineDep,
     pool: PoolDep,
     settings: SettingsDep,
-    threshold: Threshold = 0.5,
+    threshold: Threshold = None,
     slice_index: SliceIndex = 0,
 ) -> PNGResponse:
     """The 0/255 lesion mask of one slice as a gray PNG, at the input's own size and orientation.
 
     A PNG holds one slice, so for a series, a multi-frame DICOM or a NIfTI volume the `slice` query picks it:
     0-based, in series order (the `slice_index` of POST /segment), default 0; past the last slice is a 422.
+    It is that slice of the volume's mask (the whole volume is segmented when a component step is on).
     All slices at once: POST /segment/seg (DICOM input).
     """
     return PNGResponse(await pool.run(_mask_png, engine, files, settings, threshold, slice_index))
@@ -72,7 +78,7 @@ async def overlay(
     engine: EngineDep,
     pool: PoolDep,
     settings: SettingsDep,
-    threshold: Threshold = 0.5,
+    threshold: Threshold = None,
     slice_index: SliceIndex = 0,
 ) -> PNGResponse:
     """One slice as an RGB PNG: gray, windowed to its 1st-99th percentile, with the lesion in semi-transparent
@@ -82,7 +88,7 @@ async def overlay(
 
 @router.post("/seg", response_class=DICOMResponse, openapi_extra=REQUEST_BODY)
 async def seg(
-    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = 0.5
+    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = None
 ) -> DICOMResponse:
     """A DICOM Segmentation (BINARY, one segment: SNOMED CT 14799000 "Neoplasm, metastatic") with one frame per
     uploaded slice, referencing the uploaded instances. DICOM input only (else 415).
@@ -119,43 +125,46 @@ def _log(route: str, files: Files, volume: Volume, inference_ms: float) -> None:
     )
 
 
-def _report(engine: Engine, files: Files, settings: Settings, threshold: float) -> SegmentationReport:
+def _report(engine: Engine, files: Files, settings: Settings, threshold: float | None) -> SegmentationReport:
     volume = decode(files, settings.limits())
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment", files, volume, ms)
-    return findings.report(volume, probabilities, threshold, engine.name, ms)
+    steps = with_threshold(engine.inference_steps, threshold)
+    return findings.report(volume, probabilities, upload_masks(probabilities, steps), steps, engine.name, ms)
 
 
 def _one_slice(
-    engine: Engine, files: Files, settings: Settings, threshold: float, index: int, route: str
+    engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int, route: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(frame, mask) of the slice `index`, computing only that slice."""
+    """(frame, mask) of the slice `index`: the volume's mask there, computing that slice alone when no component
+    step is on (then a slice's mask depends on that slice only)."""
     volume = decode(files, settings.limits())
     if index >= len(volume.frames):
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
-    frame = volume.frames[index]
-    (probability,), ms = _infer(engine, [volume.inputs[index]], settings.inference_timeout_s)
+    steps = with_threshold(engine.inference_steps, threshold)
+    whole = len(volume.frames) > 1 and has_volume_steps(steps)
+    probabilities, ms = _infer(engine, volume.inputs if whole else [volume.inputs[index]], settings.inference_timeout_s)
     _log(route, files, volume, ms)
-    return frame, findings.lesion_mask(probability, threshold)
+    return volume.frames[index], upload_masks(probabilities, steps)[index if whole else 0]
 
 
-def _mask_png(engine: Engine, files: Files, settings: Settings, threshold: float, index: int) -> bytes:
+def _mask_png(engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int) -> bytes:
     _, lesion = _one_slice(engine, files, settings, threshold, index, "segment/mask")
     return to_png_bytes(lesion)
 
 
-def _overlay_png(engine: Engine, files: Files, settings: Settings, threshold: float, index: int) -> bytes:
+def _overlay_png(engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int) -> bytes:
     return overlay_png(*_one_slice(engine, files, settings, threshold, index, "segment/overlay"))
 
 
-def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: float) -> bytes:
+def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: float | None) -> bytes:
     volume = decode(files, settings.limits())
     if volume.kind != "dicom":
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment/seg", files, volume, ms)
-    masks = np.stack([findings.lesion_mask(p, threshold) for p in probabilities])
+    masks = upload_masks(probabilities, with_threshold(engine.inference_steps, threshold))
     version = str(engine.metadata.get("version", ""))
     try:
         return dicomseg.segmentation(volume, masks, engine.name, version)
