@@ -77,7 +77,6 @@ class Engine:
         self.weights = weights
         self.metadata = parser["_meta_"]
         self.spatial_size = parser["spatial_size"]
-        self.in_channels = int(parser["network_def"]["in_channels"])
         self.batch_size = batch_size
 
     @property

@@ -43,8 +43,8 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     engine = Engine(bundle, weights=weights, overrides=SIZE)
     for stem, (path, _) in geometry_inputs.items():
-        frames = decode([(path.name, path.read_bytes())]).frames
-        ours = engine.probabilities(frames)[0] > 0.5
+        inputs = decode([(path.name, path.read_bytes())]).inputs  # the 3-channel TIFF as (3, rows, cols)
+        ours = engine.probabilities(inputs)[0] > 0.5
         theirs = np.asarray(PIL.Image.open(tmp_path / "out" / f"{stem}_seg.png")) > 0
         assert ours.shape == theirs.shape
         assert (ours == theirs).mean() > 0.99, stem  # same pipeline; only float ties at p = 0.5 may differ
@@ -67,8 +67,22 @@ def test_engine_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no trained weights"):
         Engine(REPO / "bundles" / "attention_unet", weights=tmp_path / "missing.pt")
     engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
-    with pytest.raises(UserError, match="2D slice"):
-        engine.probabilities([np.zeros((4, 4, 4), np.float32)])
+    for shape in ((5, 8, 8), (8, 8, 3), (2, 8, 8, 1), (0, 8)):  # too many channels, channel-last, 4D, empty
+        with pytest.raises(UserError, match="2D slice"):
+            engine.probabilities([np.zeros(shape, np.float32)])
+
+
+def test_a_one_channel_frame_is_the_network_input_of_flair_in_all_three_channels(tmp_path):
+    """A gray slice, as (rows, cols) or (1, rows, cols), segments exactly as three copies of it would; three real
+    sequences give another map."""
+    rng = np.random.default_rng(0)
+    sequences = rng.integers(0, 255, (3, 40, 48)).astype(np.float32)
+    flair = sequences[1]
+    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    gray, gray_1, copies, three = engine.probabilities([flair, flair[None], np.stack([flair] * 3), sequences])
+    np.testing.assert_array_equal(gray, gray_1)
+    np.testing.assert_array_equal(gray, copies)
+    assert gray.shape == three.shape == (40, 48) and np.abs(three - gray).max() > 1e-3
 
 
 def test_near_constant_slice_is_segmented_not_crashed(tmp_path):
