@@ -9,6 +9,7 @@ in the bundle (the mask and the writer) is left to the caller, who picks the thr
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -45,6 +46,15 @@ def bundle_imports(bundle: Path):
         forget_scripts()
 
 
+def _first_line(err: Exception, limit: int = 300) -> str:
+    """The line of a loading error that says what is wrong (a state dict's first size mismatch, else its missing or
+    unexpected keys, else its first line), shortened: a user sees one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    telling = ("size mismatch", "Missing key", "Unexpected key")
+    line = next((line for prefix in telling for line in lines if line.startswith(prefix)), lines[0])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class Engine:
     """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
 
@@ -66,7 +76,14 @@ class Engine:
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
             self.inferer = parser.get_parsed_content("inferer")
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises for non-weights
+            raise UserError(f"cannot read weights {weights}: {_first_line(err)}") from None
+        try:
+            network.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:  # e.g. one-channel weights of a bundle before 0.4.0
+            raise UserError(f"weights {weights} do not fit the {bundle.name} network: {_first_line(err)}") from None
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
         steps = parser.get_parsed_content("preprocessing").transforms

@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from conftest import REPO
 from metaseg.engine import Engine
@@ -70,6 +71,25 @@ def test_engine_errors_are_user_errors(tmp_path):
     for shape in ((5, 8, 8), (8, 8, 3), (2, 8, 8, 1), (0, 8)):  # too many channels, channel-last, 4D, empty
         with pytest.raises(UserError, match="2D slice"):
             engine.probabilities([np.zeros(shape, np.float32)])
+
+
+def test_weights_of_another_network_are_a_user_error(tmp_path):
+    """One-channel weights (a bundle before 0.4.0) or a broken file: one readable line, not a traceback."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "attention_unet" / "configs" / "inference.json"))
+    parser["network_def#in_channels"] = 1
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "one_channel.pt")
+    torch.save({"model.0.conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp_path / "text.pt").write_bytes(b"hello, not weights")
+    cases = {"one_channel.pt": r"do not fit the attention_unet network: size mismatch .*\[16, 1, 3, 3\]",
+             "other.pt": "do not fit the attention_unet network: Missing key", "list.pt": "do not fit",
+             "zip.pt": "cannot read weights", "text.pt": "cannot read weights"}
+    for file, message in cases.items():
+        with pytest.raises(UserError, match=message) as err:
+            Engine(REPO / "bundles" / "attention_unet", tmp_path / file, overrides=SIZE)
+        assert "\n" not in str(err.value) and file in str(err.value)
 
 
 def test_a_one_channel_frame_is_the_network_input_of_flair_in_all_three_channels(tmp_path):
