@@ -95,11 +95,11 @@ def dicom_series(slices: int = 40) -> list[tuple[str, bytes]]:
 
 def raw_latency(engine: Engine, upload: tuple[str, bytes], requests: int) -> dict:
     """The same work without HTTP: decode the bytes and run the engine, in this process."""
-    engine.probabilities(decode([upload]).frames)  # warm-up
+    engine.probabilities(decode([upload]).inputs)  # warm-up
     times = []
     for _ in range(requests):
         start = time.perf_counter()
-        engine.probabilities(decode([upload]).frames)
+        engine.probabilities(decode([upload]).inputs)
         times.append(time.perf_counter() - start)
     return {"requests": requests, "p50_ms": round(float(np.percentile(times, 50)) * 1000, 1),
             "p95_ms": round(float(np.percentile(times, 95)) * 1000, 1)}
@@ -118,7 +118,8 @@ def series_latency(url: str, files: list[tuple[str, bytes]], repeats: int = 5) -
 
 
 def payloads() -> dict[str, tuple[str, bytes]]:
-    """A 256x256x3 slice with two bright lesions in its FLAIR channel, as PNG and (channel 1) as DICOM."""
+    """A 256x256x3 slice with two bright lesions in its FLAIR channel, as an RGB PNG (the network gets the three
+    sequences) and its FLAIR channel alone as a gray DICOM (the network gets it in all three channels)."""
     rng = np.random.default_rng(0)
     flair = rng.normal(90, 15, (256, 256)).clip(0, 255)
     flair[60:80, 150:175] = flair[170:182, 40:50] = 230

@@ -73,9 +73,10 @@ class PlainLoop:
         self.loss_fn = parser.get_parsed_content("loss", lazy=False)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=parser.get_parsed_content("learning_rate"), weight_decay=1e-4)
         batch, size = parser.get_parsed_content("batch_size"), parser.get_parsed_content("spatial_size")
+        channels = parser.get_parsed_content("network_def#in_channels")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.batches = [
-            (torch.randn(n, 1, size, size, device=device).to(memory_format=fmt),
+            (torch.randn(n, channels, size, size, device=device).to(memory_format=fmt),
              (torch.rand(n, 1, size, size, device=device) > 0.97).float())
             for n in [min(batch, n_images - i) for i in range(0, n_images, batch)]
         ]

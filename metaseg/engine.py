@@ -11,6 +11,7 @@ threshold, and the component steps for a volume), and a caller may pick another 
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -51,6 +52,15 @@ def bundle_imports(bundle: Path):
         forget_scripts()
 
 
+def _first_line(err: Exception, limit: int = 300) -> str:
+    """The line of a loading error that says what is wrong (a state dict's first size mismatch, else its missing or
+    unexpected keys, else its first line), shortened: a user sees one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    telling = ("size mismatch", "Missing key", "Unexpected key")
+    line = next((line for prefix in telling for line in lines if line.startswith(prefix)), lines[0])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class Engine:
     """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
 
@@ -80,7 +90,14 @@ class Engine:
             self.inferer = parser.get_parsed_content("inferer")
             views = parser.get_parsed_content("probabilities")
         self.views = {name: views[name] for name in VIEWS}
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises for non-weights
+            raise UserError(f"cannot read weights {weights}: {_first_line(err)}") from None
+        try:
+            network.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:  # e.g. one-channel weights of a bundle before 0.4.0
+            raise UserError(f"weights {weights} do not fit the {bundle.name} network: {_first_line(err)}") from None
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
         steps = parser.get_parsed_content("preprocessing").transforms
@@ -91,7 +108,6 @@ class Engine:
         self.weights = weights
         self.metadata = parser["_meta_"]
         self.spatial_size = parser["spatial_size"]
-        self.in_channels = int(parser["network_def"]["in_channels"])
         self.batch_size = batch_size
 
     @property

@@ -105,7 +105,7 @@ class Limits:
     max_pixels: int = 4096 * 4096  # per frame (rows * cols)
     max_frames: int = 512  # per upload, all files together
     max_files: int = 512  # per upload
-    max_decoded_bytes: int = 2**30  # per upload: decoded samples + 2 float32 copies, all frames together
+    max_decoded_bytes: int = 2**30  # per upload: decoded samples + float32 copies (2, or 5 with sequences), all frames
     max_inflated_bytes: int = 2**30  # most a .nii.gz or a deflated DICOM may inflate to
     max_dicom_elements: int = 200_000  # per upload, all DICOM files together (a flood costs ~0.4 KiB each)
     max_seconds: float | None = None  # decoding time, checked between frames; None: no limit
@@ -130,10 +130,9 @@ class Volume:
 
     @property
     def inputs(self) -> list[np.ndarray]:
-        """The network input of each frame: its three sequences (3, rows, cols) if it has them, else the frame."""
-        if self.sequences is None:
-            return self.frames
-        return [frame if seq is None else seq for frame, seq in zip(self.frames, self.sequences)]
+        """The network input of each frame: the three sequences (3, rows, cols) when every frame has them, else the
+        frames; one upload is one kind of input, so the `channels` a report states holds for all its slices."""
+        return self.sequences if self.channels == 3 else self.frames
 
     @property
     def channels(self) -> int:

@@ -30,7 +30,7 @@ class UploadLimits(BaseModel):
 
 class InputSpec(BaseModel):
     channels: int = Field(description="network input channels")
-    channel_def: dict[str, str] = Field(description="what each input channel holds, e.g. {'0': 'FLAIR'}")
+    channel_def: dict[str, str] = Field(description="what each input channel holds, e.g. {'1': 'FLAIR'}")
     spatial_size: int = Field(description="every slice is resized to spatial_size x spatial_size for the network")
     channel_rule: str = Field(description="how an upload's channels become the network's input channels")
     formats: list[str]

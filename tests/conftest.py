@@ -11,8 +11,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import tifffile
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from metaseg.conventions import FLAIR_CHANNEL
 
 REPO = Path(__file__).resolve().parents[1]
 LGG = REPO.parent / "shared" / "data" / "lgg" / "Data"
@@ -57,6 +60,24 @@ def write_pair(folder: Path, patient: str, n: int, lesion: bool = False, compres
     kwargs = {"compression": "zlib", "predictor": True} if compress else {}
     tifffile.imwrite(folder / patient / f"{patient}_{n}.tif", image, photometric="rgb", **kwargs)
     tifffile.imwrite(folder / patient / f"{patient}_{n}_mask.tif", mask, **kwargs)
+
+
+def flair(frame: np.ndarray) -> np.ndarray:
+    """What a stand-in engine looks at: a one-channel frame as it is, of three sequences (3, rows, cols) the FLAIR."""
+    return frame[FLAIR_CHANNEL] if frame.ndim == 3 else frame
+
+
+# A fixed 1x1-conv network for the bundles' three input channels: lesion where the normalised FLAIR (channel 1) > 0.5,
+# the other sequences ignored; so masks can be checked exactly, with no training.
+THRESHOLD_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2, "kernel_size": 1}
+
+
+def threshold_weights(path: Path) -> Path:
+    """THRESHOLD_NET's state dict, written to `path`: logits (-FLAIR, FLAIR - 1)."""
+    weight = torch.zeros(2, 3, 1, 1)
+    weight[:, 1] = torch.tensor([-1.0, 1.0]).view(2, 1, 1)
+    torch.save({"weight": weight, "bias": torch.tensor([0.0, -1.0])}, path)
+    return path
 
 
 @pytest.fixture

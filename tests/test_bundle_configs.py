@@ -18,7 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import Compose, LoadImaged, RandLambdad
 
 from conftest import REPO
 from metaseg.engine import bundle_imports
@@ -26,7 +26,7 @@ from test_bundles import NAMES, phantom  # noqa: F401 (a fixture)
 
 BUNDLES = REPO / "bundles"
 PER_KEY_ARGS = {"mode", "anti_aliasing", "padding_mode", "align_corners"}  # lists with one entry per key
-SHARED_SCALARS = ("seed", "batch_size", "num_workers", "spatial_size", "flair_channel", "clahe_clip_limit", "device")
+SHARED_SCALARS = ("seed", "batch_size", "num_workers", "spatial_size", "clahe_clip_limit", "device")
 
 
 def raw(name: str, file: str) -> dict:
@@ -106,16 +106,46 @@ def chains(name: str) -> tuple[Compose, Compose]:
     return built[0], built[1]
 
 
+def as_image(array) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_both_chains_give_the_same_network_input(name):
-    """Behaviour, not only config text: a 3-channel slice, a gray one and a near-constant one."""
+    """Behaviour, not only config text: a 3-channel slice, a gray one and a near-constant one; a gray image becomes
+    three identical channels (FLAIR copied into all three, as the data set does where a sequence is missing)."""
     training, inference = chains(name)
     rng = np.random.default_rng(0)
     for image in (rng.integers(0, 255, (3, 40, 56)), rng.normal(300, 80, (1, 64, 64)), np.pad([[[5.0]]], ((0, 0), (9, 9), (9, 9)))):
-        image = MetaTensor(torch.as_tensor(image, dtype=torch.float32))
-        a = training({"image": image.clone()})["image"]
-        b = inference({"image": image.clone()})["image"]
-        assert a.shape == (1, 32, 32) and torch.equal(a.as_tensor(), b.as_tensor())
+        a = training({"image": as_image(image)})["image"].as_tensor()
+        b = inference({"image": as_image(image)})["image"].as_tensor()
+        assert a.shape == (3, 32, 32) and torch.equal(a, b)
+        if image.shape[0] == 1:
+            assert torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
+        else:
+            assert not torch.equal(a[0], a[1])  # the sequences are kept apart, each scaled on its own
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
+    """The property that lets one model serve both inputs: training's sequence dropout (forced on) turns a 3-channel
+    slice into exactly the network input that its FLAIR channel alone, uploaded as a gray image, gets at inference."""
+    training, inference = chains(name)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
+    parser["sequence_dropout"] = 1.0
+    dropout = parser.get_parsed_content("train#random_transforms")[0]
+    assert isinstance(dropout, RandLambdad) and parser["train#random_transforms"][0]["keys"] == "image"
+    flair = parser["flair_channel"]
+    slice_ = np.random.default_rng(1).integers(0, 255, (3, 40, 56))
+    kept = training({"image": as_image(slice_)})["image"]
+    dropped = dropout({"image": kept})["image"].as_tensor()
+    upload = inference({"image": as_image(slice_[flair][None])})["image"].as_tensor()
+    assert dropped.shape == (3, 32, 32) and torch.equal(dropped, upload)
+    assert not torch.equal(kept.as_tensor(), upload)  # without the dropout the three sequences stay
+    parser["sequence_dropout"] = 0.0
+    never = parser.get_parsed_content("train#random_transforms", lazy=False)[0]
+    assert torch.equal(never({"image": kept})["image"].as_tensor(), kept.as_tensor())
 
 
 def test_a_file_macro_would_not_load_from_elsewhere(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
-from conftest import REPO
+from conftest import REPO, THRESHOLD_NET, threshold_weights
 from metaseg.engine import bundle_imports
 
 BUNDLES = REPO / "bundles"
@@ -106,6 +106,11 @@ def network_def(bundle: Path) -> torch.nn.Module:
         return parser.get_parsed_content("network_def")
 
 
+def in_channels(bundle: Path) -> int:
+    """The network's input channels as the bundle states them (three sequences)."""
+    return ConfigParser.load_config_file(str(bundle / "configs" / "inference.json"))["network_def"]["in_channels"]
+
+
 def test_metaseg_really_is_blocked(blocker, tmp_path):
     result = subprocess.run([sys.executable, "-c", "import metaseg"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(blocker)))
     assert result.returncode != 0
@@ -152,7 +157,7 @@ def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_
     """Geometry of the whole inference path (readers, resize, inverse, writer) for PNG, TIFF and DICOM.
 
     The trained 1-epoch network proves the bundle's own net runs; a fixed 1x1-conv threshold network (lesion where
-    the normalised intensity > 1) proves each bright blob comes back where it was, in each input's orientation.
+    the normalised FLAIR > 0.5) proves each bright blob comes back where it was, in each input's orientation.
     """
     inputs = geometry_inputs["gray"][0].parent
     run_inference(trained.bundle, inputs, trained.out, tmp_path / "trained", blocker)
@@ -161,10 +166,8 @@ def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_
 
     threshold = tmp_path / "threshold"
     threshold.mkdir()
-    torch.save({"weight": torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1), "bias": torch.tensor([0.0, -1.0])}, threshold / "model.pt")
-    (threshold / "net.json").write_text(json.dumps(
-        {"network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}}
-    ))
+    threshold_weights(threshold / "model.pt")
+    (threshold / "net.json").write_text(json.dumps({"network_def": THRESHOLD_NET}))
     shutil.copy(threshold / "net.json", trained.bundle / "configs" / "threshold_net.json")
     try:
         run_inference(trained.bundle, inputs, threshold, tmp_path / "fixed", blocker, extra=("threshold_net.json",))
@@ -183,7 +186,7 @@ def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_
 
 def test_unetpp_trains_on_every_head_and_serves_the_last():
     net = network_def(BUNDLES / "unetpp")
-    x = torch.randn(2, 1, 32, 32)
+    x = torch.randn(2, in_channels(BUNDLES / "unetpp"), 32, 32)
     net.train()
     heads = net(x)
     assert isinstance(heads, list) and len(heads) == 4
@@ -237,14 +240,15 @@ def test_torchscript_and_onnx_exports_match_the_eager_network(trained, blocker):
 
     meta, train = trained.bundle / "configs/metadata.json", trained.bundle / "configs/train.json"
     common = ["--net_id", "network_def", "--ckpt_file", trained.out / "model.pt", "--meta_file", meta, "--config_file", train]
-    shape = "[1, 1, 64, 64]"
+    channels = in_channels(trained.bundle)
+    shape = f"[1, {channels}, 64, 64]"
     trace = ["--use_trace", "True", "--input_shape", shape] if trained.name == "unetpp" else []
     ok(monai_bundle("ckpt_export", "--filepath", trained.out / "model.ts", *common, *trace, cwd=trained.bundle, blocker=blocker))
     ok(monai_bundle("onnx_export", "--filepath", trained.out / "model.onnx", *common, "--input_shape", shape, cwd=trained.bundle, blocker=blocker))
     net = network_def(trained.bundle)
     net.load_state_dict(torch.load(trained.out / "model.pt", weights_only=True))
     net.eval()
-    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, channels, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         eager = net(x).numpy()
         scripted = torch.jit.load(str(trained.out / "model.ts"))(x).numpy()

@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from monai.bundle import ConfigParser
-from monai.data import MetaTensor
-from monai.transforms import LoadImaged
 
 from conftest import REPO
 from metaseg import conventions
@@ -36,8 +33,7 @@ def parser(name: str, file: str, **overrides) -> ConfigParser:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_bundles_state_the_same_conventions(name, tmp_path):
-    for file in ("train.json", "inference.json"):
-        assert parser(name, file)["flair_channel"] == conventions.FLAIR_CHANNEL, file
+    assert parser(name, "train.json")["flair_channel"] == conventions.FLAIR_CHANNEL  # sequence dropout keeps it
     for file, writer in (("train.json", "save_mask"), ("inference.json", "save_mask")):
         config = parser(name, file)[writer]
         assert (config["output_postfix"], config["output_ext"]) == (conventions.MASK_POSTFIX, conventions.MASK_EXT)
@@ -45,27 +41,15 @@ def test_the_bundles_state_the_same_conventions(name, tmp_path):
     assert Path(loader) == conventions.default_weights(tmp_path)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_the_bundle_and_the_decoder_both_take_the_flair_channel(name):
-    """A 3-channel slice where only FLAIR has structure gives the network input of that channel alone, in the
-    bundle's preprocessing and through metaseg's decoder (the server and `metaseg predict`)."""
-    rng = np.random.default_rng(0)
-    slices = np.zeros((3, 40, 48), np.uint8)
-    slices[conventions.FLAIR_CHANNEL] = rng.integers(0, 255, (40, 48))
-    steps = parser(name, "inference.json", spatial_size=32).get_parsed_content("preprocessing").transforms
-    chain = [t for t in steps if not isinstance(t, LoadImaged)]
-
-    def net_input(image) -> torch.Tensor:
-        data = {"image": MetaTensor(torch.as_tensor(np.asarray(image, np.float32)))}
-        for step in chain:
-            data = step(data)
-        return data["image"].as_tensor()
-
-    flair = net_input(slices[conventions.FLAIR_CHANNEL][None])
-    assert torch.equal(net_input(slices), flair) and flair.std() > 0
+def test_the_decoder_shows_the_flair_channel_and_passes_all_three_in_order():
+    """FLAIR_CHANNEL is what a user sees of a colour upload (and what the bundles copy into all three channels for a
+    one-channel input, `flair_channel` above); the network gets the three sequences in the data set's order."""
+    slices = np.random.default_rng(0).integers(0, 255, (3, 40, 48), dtype=np.uint8)
     png = io.BytesIO()
     PIL.Image.fromarray(np.moveaxis(slices, 0, -1)).save(png, format="PNG")
-    np.testing.assert_array_equal(decode([("rgb.png", png.getvalue())]).frames[0], slices[conventions.FLAIR_CHANNEL])
+    volume = decode([("rgb.png", png.getvalue())])
+    np.testing.assert_array_equal(volume.frames[0], slices[conventions.FLAIR_CHANNEL])
+    np.testing.assert_array_equal(volume.inputs[0], slices)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -95,7 +95,7 @@ def test_shipped_torchscript_equals_the_eager_network_and_carries_the_bundle(nam
     eager.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"), _extra_files=extra)
-    x = torch.randn(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, parser["network_def"]["in_channels"], 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager.eval()(x), atol=1e-4)
     assert (bundle / "models" / "model.ts").stat().st_size <= 10 * 2**20

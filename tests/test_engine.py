@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from conftest import REPO
 from metaseg.engine import Engine
@@ -43,8 +44,8 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     engine = Engine(bundle, weights=weights, overrides=SIZE)
     for stem, (path, _) in geometry_inputs.items():
-        frames = decode([(path.name, path.read_bytes())]).frames
-        ours = engine.probabilities(frames)[0] > 0.5
+        inputs = decode([(path.name, path.read_bytes())]).inputs  # the 3-channel TIFF as (3, rows, cols)
+        ours = engine.probabilities(inputs)[0] > 0.5
         theirs = np.asarray(PIL.Image.open(tmp_path / "out" / f"{stem}_seg.png")) > 0
         assert ours.shape == theirs.shape
         assert (ours == theirs).mean() > 0.99, stem  # same pipeline; only float ties at p = 0.5 may differ
@@ -67,8 +68,41 @@ def test_engine_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no trained weights"):
         Engine(REPO / "bundles" / "attention_unet", weights=tmp_path / "missing.pt")
     engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
-    with pytest.raises(UserError, match="2D slice"):
-        engine.probabilities([np.zeros((4, 4, 4), np.float32)])
+    for shape in ((5, 8, 8), (8, 8, 3), (2, 8, 8, 1), (0, 8)):  # too many channels, channel-last, 4D, empty
+        with pytest.raises(UserError, match="2D slice"):
+            engine.probabilities([np.zeros(shape, np.float32)])
+
+
+def test_weights_of_another_network_are_a_user_error(tmp_path):
+    """One-channel weights (a bundle before 0.4.0) or a broken file: one readable line, not a traceback."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "attention_unet" / "configs" / "inference.json"))
+    parser["network_def#in_channels"] = 1
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "one_channel.pt")
+    torch.save({"model.0.conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp_path / "text.pt").write_bytes(b"hello, not weights")
+    cases = {"one_channel.pt": r"do not fit the attention_unet network: size mismatch .*\[16, 1, 3, 3\]",
+             "other.pt": "do not fit the attention_unet network: Missing key", "list.pt": "do not fit",
+             "zip.pt": "cannot read weights", "text.pt": "cannot read weights"}
+    for file, message in cases.items():
+        with pytest.raises(UserError, match=message) as err:
+            Engine(REPO / "bundles" / "attention_unet", tmp_path / file, overrides=SIZE)
+        assert "\n" not in str(err.value) and file in str(err.value)
+
+
+def test_a_one_channel_frame_is_the_network_input_of_flair_in_all_three_channels(tmp_path):
+    """A gray slice, as (rows, cols) or (1, rows, cols), segments exactly as three copies of it would; three real
+    sequences give another map."""
+    rng = np.random.default_rng(0)
+    sequences = rng.integers(0, 255, (3, 40, 48)).astype(np.float32)
+    flair = sequences[1]
+    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    gray, gray_1, copies, three = engine.probabilities([flair, flair[None], np.stack([flair] * 3), sequences])
+    np.testing.assert_array_equal(gray, gray_1)
+    np.testing.assert_array_equal(gray, copies)
+    assert gray.shape == three.shape == (40, 48) and np.abs(three - gray).max() > 1e-3
 
 
 def test_near_constant_slice_is_segmented_not_crashed(tmp_path):

@@ -196,13 +196,90 @@ def test_tiff_gray_pages_become_frames(pages, kwargs):
 
 
 @pytest.mark.parametrize("planar", ["contig", "separate"])
-def test_three_channel_tiff_yields_flair_channel(planar):
+def test_three_channel_tiff_yields_flair_frame_and_keeps_its_sequences(planar):
     rng = np.random.default_rng(0)
     pre, flair, post = rng.integers(0, 255, (3, 256, 256), dtype=np.uint8)
     stacked = np.stack([pre, flair, post], axis=-1 if planar == "contig" else 0)
     volume = one("slice.tif", tiff(stacked, photometric="rgb", planarconfig=planar))
     check_volume(volume, 1)
     np.testing.assert_array_equal(volume.frames[0], flair.astype(np.float32))
+    check_sequences(volume, [np.stack([pre, flair, post])])
+
+
+def check_sequences(volume: Volume, expected: list[np.ndarray]) -> None:
+    """Three sequences per frame, channel-first float32, and they are what the network gets."""
+    assert volume.channels == 3 and volume.inputs is volume.sequences and len(volume.sequences) == len(expected)
+    for sequences, want in zip(volume.sequences, expected):
+        assert sequences.shape == (3, *want.shape[1:]) and sequences.dtype == np.float32
+        assert sequences.flags.c_contiguous
+        np.testing.assert_array_equal(sequences, want.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(png(np.dstack([ONES, GRAY8, ONES * 3])), np.stack([ONES, GRAY8, ONES * 3]), id="rgb"),
+        pytest.param(png(np.dstack([ONES, GRAY8, ONES * 3, ONES * 9])), np.stack([ONES, GRAY8, ONES * 3]),
+                     id="rgba-alpha-dropped"),
+        pytest.param(imagecodecs.png_encode(np.dstack([GRAY16 // 2, GRAY16, GRAY16 // 3])),
+                     np.stack([GRAY16 // 2, GRAY16, GRAY16 // 3]), id="rgb16-native-depth"),
+    ],
+)
+def test_colour_png_keeps_three_sequences(data, expected):
+    volume = one("slice.png", data)
+    check_volume(volume, 1)
+    np.testing.assert_array_equal(volume.frames[0], expected[1].astype(np.float32))  # FLAIR, for display
+    check_sequences(volume, [expected])
+
+
+def test_rgb_dicom_keeps_three_sequences_per_frame():
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    check_sequences(one("rgb.dcm", shipped("SC_rgb_rle_2frame.dcm")), list(np.moveaxis(ds.pixel_array, -1, 1)))
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        pytest.param("scan.png", lambda: png(GRAY8), id="gray-png"),
+        pytest.param("scan.png", lambda: png(np.dstack([GRAY8, ONES * 7])), id="gray+alpha-png"),
+        pytest.param("stack.tif", lambda: tiff(GRAY16, GRAY16 + 1), id="gray-tiff"),
+        pytest.param("mr.dcm", lambda: shipped("MR_small.dcm"), id="dicom"),
+        pytest.param("vol.nii", lambda: nifti(VOXELS), id="nifti"),
+    ],
+)
+def test_one_channel_images_have_no_sequences_and_give_their_frames(name, make):
+    volume = one(name, make())
+    assert volume.sequences is None and volume.channels == 1
+    assert volume.inputs is volume.frames
+
+
+def test_an_upload_mixing_colour_and_gray_gives_one_channel_for_every_slice():
+    """One upload is one kind of input: the report's input_channels must hold for all of its slices."""
+    volume = decode([("rgb.png", png(np.dstack([ONES, GRAY8, ONES * 3]))), ("gray.png", png(GRAY8 + 1))])
+    assert volume.sequences[0] is not None and volume.sequences[1] is None
+    assert volume.channels == 1 and volume.inputs is volume.frames
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_sequences_like_the_frame(orientation):
+    image = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    data = pil_bytes(image, "PNG", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))  # (rows, cols, 3)
+    volume = one("x.png", data)
+    np.testing.assert_array_equal(volume.frames[0], expected[..., 1].astype(np.float32))
+    check_sequences(volume, [np.moveaxis(expected, -1, 0)])
+
+
+def test_sequences_count_against_the_memory_budget():
+    """A colour slice also keeps three float32 sequences: 3 + 8 + 12 bytes per pixel, a gray one 1 + 8."""
+    gray, rgb = png(GRAY8), png(np.dstack([ONES, GRAY8, ONES * 3]))
+    limits = Limits(max_decoded_bytes=GRAY8.size * 20)
+    assert decode([("gray.png", gray)], limits).channels == 1
+    with pytest.raises(UserError, match="bytes of memory"):
+        decode([("rgb.png", rgb)], limits)
+    assert decode([("rgb.png", rgb)], Limits(max_decoded_bytes=GRAY8.size * 23)).channels == 3
 
 
 def test_tiff_orientation_tag_is_applied():

@@ -8,21 +8,17 @@ import numpy as np
 import PIL.Image
 import pydicom
 import pytest
-import torch
 
-from conftest import REPO, assert_user_error, metaseg, write_dicom, write_pair
+from conftest import REPO, THRESHOLD_NET, assert_user_error, metaseg, threshold_weights, write_dicom, write_pair
 from metaseg.engine import Engine
 from metaseg.errors import UserError
 from metaseg.predict import predict
 
-THRESHOLD_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
-
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
-    """The attention_unet bundle's pipeline around a 1x1-conv 'lesion where normalised intensity > 0.5' net."""
-    weights = tmp_path_factory.mktemp("net") / "model.pt"
-    torch.save({"weight": torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1), "bias": torch.tensor([0.0, -1.0])}, weights)
+    """The attention_unet bundle's pipeline around a 1x1-conv 'lesion where normalised FLAIR > 0.5' net."""
+    weights = threshold_weights(tmp_path_factory.mktemp("net") / "model.pt")
     return Engine(REPO / "bundles" / "attention_unet", weights, overrides={"spatial_size": 32, "network_def": THRESHOLD_NET})
 
 

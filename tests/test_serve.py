@@ -43,7 +43,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from starlette.requests import Request
 
-from conftest import REPO
+from conftest import REPO, flair
 from metaseg import imageio
 from metaseg.cli import main
 from metaseg.errors import UserError
@@ -70,6 +70,7 @@ class EchoEngine:
     inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
 
     def probabilities(self, frames):
+        frames = [flair(f) for f in frames]
         return [(f / f.max() if f.max() > 0 else np.zeros_like(f)).astype(np.float32) for f in frames]
 
 
@@ -209,33 +210,33 @@ def series_files(order=(2, 0, 1)) -> list[tuple[str, bytes]]:
     return [(f"s{z}.dcm", dcm(mr(SERIES_SLICES[z], z=float(z)))) for z in order]
 
 
-FORMATS = [  # id, files, (rows, cols), slices
-    ("png-gray8", lambda: [("a.png", encode(SLICE))], SLICE.shape, 1),
-    ("png-gray16", lambda: [("a.png", encode(SLICE.astype(np.uint16) * 300))], SLICE.shape, 1),
-    ("png-rgb", lambda: [("a.png", encode(RGB))], SLICE.shape, 1),
-    ("png-rgba", lambda: [("a.png", encode(np.dstack([RGB, np.full(SLICE.shape, 255, np.uint8)])))], SLICE.shape, 1),
-    ("jpeg", lambda: [("a.jpg", encode(SLICE, "JPEG"))], SLICE.shape, 1),
-    ("tiff-gray", lambda: [("a.tif", tiff(SLICE))], SLICE.shape, 1),
+FORMATS = [  # id, files, (rows, cols), slices, input channels
+    ("png-gray8", lambda: [("a.png", encode(SLICE))], SLICE.shape, 1, 1),
+    ("png-gray16", lambda: [("a.png", encode(SLICE.astype(np.uint16) * 300))], SLICE.shape, 1, 1),
+    ("png-rgb", lambda: [("a.png", encode(RGB))], SLICE.shape, 1, 3),
+    ("png-rgba", lambda: [("a.png", encode(np.dstack([RGB, np.full(SLICE.shape, 255, np.uint8)])))], SLICE.shape, 1, 3),
+    ("jpeg", lambda: [("a.jpg", encode(SLICE, "JPEG"))], SLICE.shape, 1, 1),
+    ("tiff-gray", lambda: [("a.tif", tiff(SLICE))], SLICE.shape, 1, 1),
     ("tiff-dataset-slice-256x256x3",
      lambda: [("TCGA_X_1.tif", tiff(np.random.default_rng(1).integers(0, 255, (256, 256, 3), np.uint8),
-                                    photometric="rgb"))], (256, 256), 1),
-    ("dicom-explicit-le", lambda: [("a.dcm", shipped("MR_small.dcm"))], shipped_size("MR_small.dcm"), 1),
-    ("dicom-implicit-le", lambda: [("a.dcm", shipped("MR_small_implicit.dcm"))], (64, 64), 1),
-    ("dicom-big-endian", lambda: [("a.dcm", shipped("MR_small_bigendian.dcm"))], (64, 64), 1),
-    ("dicom-deflate", lambda: [("a.dcm", shipped("image_dfl.dcm"))], shipped_size("image_dfl.dcm"), 1),
-    ("dicom-jpeg-baseline", lambda: [("a.dcm", shipped("SC_rgb_jpeg_dcmtk.dcm"))], (100, 100), 1),
-    ("dicom-jpeg-lossless", lambda: [("a.dcm", shipped("SC_rgb_jpeg_gdcm.dcm"))], (100, 100), 1),
-    ("dicom-jpeg-ls", lambda: [("a.dcm", shipped("MR_small_jpeg_ls_lossless.dcm"))], (64, 64), 1),
-    ("dicom-jpeg-2000", lambda: [("a.dcm", shipped("MR_small_jp2klossless.dcm"))], (64, 64), 1),
-    ("dicom-rle", lambda: [("a.dcm", shipped("MR_small_RLE.dcm"))], (64, 64), 1),
-    ("dicom-multiframe-rgb-rle", lambda: [("a.dcm", shipped("SC_rgb_rle_2frame.dcm"))], (100, 100), 2),
-    ("dicom-multiframe-mr", lambda: [("a.dcm", dcm(mr(np.stack(SERIES_SLICES))))], (24, 32), 3),
-    ("dicom-series", series_files, (24, 32), 3),
-    ("nifti", lambda: [("a.nii", nifti(VOXELS))], (20, 24), 3),
-    ("nifti-gz", lambda: [("a.nii.gz", nifti(VOXELS, gz=True))], (20, 24), 3),
-    ("png-1x1", lambda: [("a.png", encode(np.full((1, 1), 255, np.uint8)))], (1, 1), 1),
-    ("png-1x3000-strip", lambda: [("a.png", encode(np.tile(SLICE[:1], (1, 60))[:, :3000]))], (1, 3000), 1),
-    ("png-constant", lambda: [("a.png", encode(np.full((50, 50), 7, np.uint8)))], (50, 50), 1),
+                                    photometric="rgb"))], (256, 256), 1, 3),
+    ("dicom-explicit-le", lambda: [("a.dcm", shipped("MR_small.dcm"))], shipped_size("MR_small.dcm"), 1, 1),
+    ("dicom-implicit-le", lambda: [("a.dcm", shipped("MR_small_implicit.dcm"))], (64, 64), 1, 1),
+    ("dicom-big-endian", lambda: [("a.dcm", shipped("MR_small_bigendian.dcm"))], (64, 64), 1, 1),
+    ("dicom-deflate", lambda: [("a.dcm", shipped("image_dfl.dcm"))], shipped_size("image_dfl.dcm"), 1, 1),
+    ("dicom-jpeg-baseline", lambda: [("a.dcm", shipped("SC_rgb_jpeg_dcmtk.dcm"))], (100, 100), 1, 3),
+    ("dicom-jpeg-lossless", lambda: [("a.dcm", shipped("SC_rgb_jpeg_gdcm.dcm"))], (100, 100), 1, 3),
+    ("dicom-jpeg-ls", lambda: [("a.dcm", shipped("MR_small_jpeg_ls_lossless.dcm"))], (64, 64), 1, 1),
+    ("dicom-jpeg-2000", lambda: [("a.dcm", shipped("MR_small_jp2klossless.dcm"))], (64, 64), 1, 1),
+    ("dicom-rle", lambda: [("a.dcm", shipped("MR_small_RLE.dcm"))], (64, 64), 1, 1),
+    ("dicom-multiframe-rgb-rle", lambda: [("a.dcm", shipped("SC_rgb_rle_2frame.dcm"))], (100, 100), 2, 3),
+    ("dicom-multiframe-mr", lambda: [("a.dcm", dcm(mr(np.stack(SERIES_SLICES))))], (24, 32), 3, 1),
+    ("dicom-series", series_files, (24, 32), 3, 1),
+    ("nifti", lambda: [("a.nii", nifti(VOXELS))], (20, 24), 3, 1),
+    ("nifti-gz", lambda: [("a.nii.gz", nifti(VOXELS, gz=True))], (20, 24), 3, 1),
+    ("png-1x1", lambda: [("a.png", encode(np.full((1, 1), 255, np.uint8)))], (1, 1), 1, 1),
+    ("png-1x3000-strip", lambda: [("a.png", encode(np.tile(SLICE[:1], (1, 60))[:, :3000]))], (1, 3000), 1, 1),
+    ("png-constant", lambda: [("a.png", encode(np.full((50, 50), 7, np.uint8)))], (50, 50), 1, 1),
 ]
 
 
@@ -243,13 +244,14 @@ FORMATS = [  # id, files, (rows, cols), slices
 
 
 @pytest.mark.filterwarnings("ignore:Divide by zero:Warning")  # MONAI, on a slice without intensity range
-@pytest.mark.parametrize(("make", "size", "slices"), [f[1:] for f in FORMATS], ids=[f[0] for f in FORMATS])
-def test_every_format_is_segmented_at_its_own_size(client, make, size, slices):
+@pytest.mark.parametrize(("make", "size", "slices", "channels"), [f[1:] for f in FORMATS], ids=[f[0] for f in FORMATS])
+def test_every_format_is_segmented_at_its_own_size(client, make, size, slices, channels):
     files = make()
     report = post(client, "/segment", *files)
     assert report.status_code == 200, report.text
     body = report.json()
     assert (body["image_size"], body["slices"]) == ({"rows": size[0], "cols": size[1]}, slices)
+    assert body["input_channels"] == channels  # colour: the three sequences; gray: one channel, taken as FLAIR
     assert body["model"] == "attention_unet" and 0 <= body["max_probability"] <= 1 and body["inference_ms"] > 0
     last = post(client, "/segment/mask", *files, slice=slices - 1)
     mask = read_png(last)
@@ -263,6 +265,24 @@ def test_same_slice_as_png_and_dicom_gives_the_same_mask(client, echo):
     expected = np.where(SLICE > 100, 255, 0)  # the bright box, where the picture has it: orientation is kept
     for upload in (as_png, as_dicom, ("a.tif", tiff(RGB, photometric="rgb"))):
         np.testing.assert_array_equal(read_png(post(echo, "/segment/mask", upload)), expected)
+
+
+def test_the_engine_gets_three_sequences_of_a_colour_upload_and_the_frame_of_a_gray_one(weights):
+    class Recording(EchoEngine):
+        seen = []
+
+        def probabilities(self, frames):
+            self.seen.extend(frames)
+            return super().probabilities(frames)
+
+    with serving(settings_for(weights), Recording()) as recording:
+        tif = post(recording, "/segment", ("a.tif", tiff(RGB, photometric="rgb"))).json()
+        gray = post(recording, "/segment", ("a.png", encode(SLICE))).json()
+    (three, one) = Recording.seen
+    np.testing.assert_array_equal(three, np.moveaxis(RGB, -1, 0))  # (pre-contrast, FLAIR, post-contrast)
+    np.testing.assert_array_equal(one, SLICE)
+    assert (tif["input_channels"], gray["input_channels"]) == (3, 1)
+    assert tif["lesion_count"] == gray["lesion_count"] == 1  # the echo sees the same FLAIR in both
 
 
 def test_lesions_are_counted_per_slice_and_measured_with_pixel_spacing(echo):
@@ -537,7 +557,8 @@ def test_health_and_info_without_a_recorded_report(client):
                                              "busy": 0, "capacity": 66}
     info = client.get("/info").json()
     assert (info["model"], info["architecture"], info["test_metrics"]) == ("attention_unet", "AttentionUnet", None)
-    assert info["input"]["channels"] == 1 and info["input"]["channel_def"] == {"0": "FLAIR"}
+    assert info["input"]["channels"] == 3 and info["input"]["channel_def"]["1"] == "FLAIR"
+    assert "copied into all three" in info["input"]["channel_rule"]
     assert info["input"]["spatial_size"] == 32 and "DICOM" in info["input"]["formats"]
     assert info["input"]["limits"]["max_upload_bytes"] == 2 * MiB
     assert info["inference_steps"] == {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0,

@@ -51,7 +51,7 @@ def test_bf16_follows_the_switch_and_the_hardware(name):
 def test_bf16_and_fp32_training_steps_agree(name):
     """One optimizer step through the bundle's own `forward` and loss, with autocast forced on and off."""
     torch.manual_seed(0)
-    image = torch.randn(4, 1, 32, 32)
+    image = torch.randn(4, parser_for(name).get_parsed_content("network_def#in_channels"), 32, 32)
     label = torch.zeros(4, 1, 32, 32)
     label[:, :, 10:16, 12:20] = 1
     outcome = {}

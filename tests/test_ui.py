@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, flair
 from metaseg.cli import main
 from serve.config import Settings, get_settings
 from serve.deps import get_engine
@@ -104,7 +104,7 @@ class EchoEngine:
 
     def probabilities(self, frames):
         self.calls += 1
-        return [np.clip(f / 255, 0, 1).astype(np.float32) for f in frames]
+        return [np.clip(flair(f) / 255, 0, 1).astype(np.float32) for f in frames]
 
 
 @dataclass
@@ -167,6 +167,11 @@ def download_labels(at: AppTest) -> list[str]:
     return [button.proto.label for button in at.get("download_button")]
 
 
+def input_caption(at: AppTest) -> str:
+    """The sentence saying which input the model got (from the report's input_channels)."""
+    return next(c.value for c in at.main.caption if c.value.startswith("Input: ")).split(". ")[0]
+
+
 # --- the app --------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +187,7 @@ def test_sample_shows_the_slice_its_overlay_findings_and_downloads(viewer, serve
     table = viewer.dataframe[0].value
     assert len(table) == int(numbers["Lesions"]) and "area (px)" in table and "area (mm²)" not in table
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"]  # no DICOM SEG for a TIFF
+    assert input_caption(viewer) == "Input: three sequences (pre-contrast, FLAIR, post-contrast)"  # a 3-channel TIFF
 
 
 def test_threshold_goes_to_the_server_opacity_stays_here_and_views_are_cached(viewer, server):
@@ -222,6 +228,7 @@ def test_a_png_series_gets_a_slice_slider_that_starts_at_the_most_lesion(viewer)
     slider.set_value(3).run()
     assert all(a != b for a, b in zip(images(viewer), middle))  # both the input and the overlay follow the slider
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"]
+    assert input_caption(viewer) == "Input: one channel, used as FLAIR in all three sequence channels"  # gray PNGs
 
 
 def test_a_dicom_series_is_measured_in_mm_and_ml_and_offers_a_dicom_seg(viewer):

@@ -149,7 +149,8 @@ def result(url: str, upload: Upload) -> None:
         if report["pixel_spacing_mm"] is None:
             st.caption(f"{report['kind'].upper()} carries no pixel size, so sizes are in pixels; "
                        "DICOM gives mm² and, for a series, the volume in mL.")
-        st.caption(f"Model `{report['model']}`. Research use only; not for diagnostic purposes.")
+        st.caption(f"{findings.model_input(report)}. Model `{report['model']}`. "
+                   "Research use only; not for diagnostic purposes.")
     downloads(url, upload, report, threshold, index, mask_png)
 
 

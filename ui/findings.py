@@ -28,6 +28,17 @@ def lesion_table(report: dict) -> pd.DataFrame:
     return table
 
 
+MODEL_INPUT = {  # the report's input_channels -> what the network was given (serve/schemas.py SegmentationReport)
+    3: "three sequences (pre-contrast, FLAIR, post-contrast)",
+    1: "one channel, used as FLAIR in all three sequence channels",
+}
+
+
+def model_input(report: dict) -> str:
+    """Which input the model got, so a reader knows a gray upload was segmented from FLAIR alone."""
+    return f"Input: {MODEL_INPUT[report['input_channels']]}"
+
+
 def headline(report: dict) -> dict[str, str]:
     """Metric label -> value: lesion count, total area (mm² if known, else px), volume for a series, time."""
     numbers = {"Lesions": str(report["lesion_count"])}

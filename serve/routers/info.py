@@ -8,13 +8,11 @@ from serve.schemas import InferenceSteps, InputSpec, ModelInfo, UploadLimits
 router = APIRouter(prefix="/info", tags=["info"])
 
 FORMATS = ["PNG", "JPEG", "TIFF", "DICOM", "NIfTI-1"]
-CHANNEL_RULES = {
-    1: "gray images as they are; of a 3- or 4-channel image (RGB, RGBA, RGB DICOM/TIFF) channel 1, which is FLAIR "
-    "in the (pre-contrast, FLAIR, post-contrast) training slices",
-    3: "a 3- or 4-channel image (RGB, RGBA, RGB DICOM/TIFF) gives channels 0-2 as pre-contrast, FLAIR and "
-    "post-contrast, as in the training slices; a gray image is taken as FLAIR and copied into all three (the model "
-    "was trained with such inputs too; SegmentationReport.input_channels says which one an upload got)",
-}
+CHANNEL_RULE = (  # the bundles' preprocessing (configs/inference.json), for clients that do not read it
+    "a 3- or 4-channel image (RGB, RGBA, RGB DICOM/TIFF) gives channels 0-2 as pre-contrast, FLAIR and post-contrast, "
+    "as in the training slices; a gray image is taken as FLAIR and copied into all three (the model was trained with "
+    "such inputs too); SegmentationReport.input_channels says which an upload got"
+)
 
 
 @router.get("", response_model=ModelInfo)
@@ -34,7 +32,7 @@ def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDe
             channels=image.get("num_channels", 1),
             channel_def=image.get("channel_def", {}),
             spatial_size=engine.spatial_size,
-            channel_rule=CHANNEL_RULES[engine.in_channels],
+            channel_rule=CHANNEL_RULE,
             formats=FORMATS,
             limits=UploadLimits(
                 max_upload_bytes=settings.max_upload_bytes,
