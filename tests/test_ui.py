@@ -97,7 +97,7 @@ class EchoEngine:
     network = Echo()
     metadata = {"version": "0.0.0"}
     spatial_size = 32
-    inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
+    inference_steps = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "largest_component": False}
 
     def __init__(self):
         self.calls = 0
@@ -192,7 +192,8 @@ def test_sample_shows_the_slice_its_overlay_findings_and_downloads(viewer, serve
 
 def test_threshold_goes_to_the_server_opacity_stays_here_and_views_are_cached(viewer, server):
     by_label(viewer.button, "Try a sample").click().run()
-    area_at = {0.5: int(metrics(viewer)["Total area"].split()[0])}
+    assert by_label(viewer.slider, "Probability threshold").value == 0.45  # the model's chosen threshold (/info)
+    area_at = {0.45: int(metrics(viewer)["Total area"].split()[0])}
     shown = images(viewer)
     calls = server.engine.calls
 
@@ -206,13 +207,13 @@ def test_threshold_goes_to_the_server_opacity_stays_here_and_views_are_cached(vi
     by_label(viewer.slider, "Probability threshold").set_value(0.6).run()
     assert server.engine.calls > calls  # a new threshold is a new request
     area_at[0.6] = int(metrics(viewer)["Total area"].split()[0])
-    assert area_at[0.6] < area_at[0.5]  # the echo engine: fewer pixels are brighter than 0.6 x 255
+    assert area_at[0.6] < area_at[0.45]  # the echo engine: fewer pixels are brighter than 0.6 x 255
     assert images(viewer)[1] != shown[1]
 
     calls = server.engine.calls
-    by_label(viewer.slider, "Probability threshold").set_value(0.5).run()
+    by_label(viewer.slider, "Probability threshold").set_value(0.45).run()
     assert server.engine.calls == calls  # a view seen before is not recomputed
-    assert int(metrics(viewer)["Total area"].split()[0]) == area_at[0.5]
+    assert int(metrics(viewer)["Total area"].split()[0]) == area_at[0.45]
 
 
 def test_a_png_series_gets_a_slice_slider_that_starts_at_the_most_lesion(viewer):

@@ -101,7 +101,7 @@ def server_panel(url: str) -> None:
         f"{spec['limits']['max_upload_bytes'] / 2**20:.0f} MiB and {spec['limits']['max_frames']} slices."
     )
     if info["test_metrics"]:
-        st.sidebar.markdown("**Test-set metrics**  \n" + "  \n".join(
+        st.sidebar.markdown("**Metrics on unseen patients**  \n" + "  \n".join(
             f"{name}: {value:.3f}" for name, value in info["test_metrics"].items()
         ))
     st.sidebar.caption(info["intended_use"])
@@ -110,9 +110,10 @@ def server_panel(url: str) -> None:
 def result(url: str, upload: Upload) -> None:
     """Controls, the slice and its overlay, the findings, and the downloads, for one upload."""
     threshold_col, opacity_col, outline_col = st.columns([2, 2, 1])
+    chosen = model_info(url)["inference_steps"]["threshold"]  # cross-validated; the slider starts there
     threshold = round(threshold_col.slider(
-        "Probability threshold", 0.05, 0.95, 0.5, 0.05,
-        help="Sent to the server: a pixel is lesion where the model's probability exceeds it.",
+        "Probability threshold", 0.05, 0.95, chosen, 0.05,
+        help=f"Sent to the server: a pixel is lesion where the model's probability reaches it (chosen: {chosen}).",
     ), 2)
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05)
     outline = outline_col.toggle("Outline", value=True, help="Draw the lesion border in solid red.")
