@@ -110,7 +110,10 @@ def server_panel(url: str) -> None:
 def result(url: str, upload: Upload) -> None:
     """Controls, the slice and its overlay, the findings, and the downloads, for one upload."""
     threshold_col, opacity_col, outline_col = st.columns([2, 2, 1])
-    chosen = model_info(url)["inference_steps"]["threshold"]  # cross-validated; the slider starts there
+    try:
+        chosen = model_info(url)["inference_steps"]["threshold"]  # cross-validated; the slider starts there
+    except ServerError:
+        chosen = 0.5  # no answer: the request below shows the error
     threshold = round(threshold_col.slider(
         "Probability threshold", 0.05, 0.95, chosen, 0.05,
         help=f"Sent to the server: a pixel is lesion where the model's probability reaches it (chosen: {chosen}).",
