@@ -138,6 +138,7 @@ def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndar
 
 
 ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
+DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone, as served
 
 
 def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
@@ -296,6 +297,10 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         result["postprocessing_per_model"] = {
             name: {k: v for k, v in postprocess.select(truth_common, probs, [name]).items() if k in keys}
             for name in names}
+        for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
+            per_patient = score_config(truth_common, probs, own["config"])
+            result["models"][DEPLOYED.format(name=name)] = model_entry(per_patient, fold_of, own["config"],
+                                                                       n_resamples, seed)
         if len(names) == 2:
             a, b = names
             dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
@@ -361,8 +366,9 @@ def markdown(result: dict) -> str:
         for name, entry in models.items():
             cells = [ci_cell(entry, m, 2 if m == "hd95_px" else 3) for m in METRICS if m != "lesion_slice_iou"]
             lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
-        lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions (an "
-                  "optimistic figure: chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
+        lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions, "
+                  "`+ its inference steps` = those chosen for one bundle alone, as it is served (optimistic figures: "
+                  "chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
     paired = result.get("paired_test")
     if paired:
         a, b = paired["models"]

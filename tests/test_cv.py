@@ -235,7 +235,8 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert report["complete"] is True and report["folds"] == 2 and report["seed"] == 0
     assert sorted(p for ids in report["patients"].values() for p in ids) == patients
     one_channel = {f"{n} (one-channel input)" for n in ("unetpp", "attention_unet")}
-    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel}
+    deployed = {f"{n} + its inference steps" for n in ("unetpp", "attention_unet")}
+    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *deployed}
     assert set(report["one_channel_loss"]) == {"unetpp", "attention_unet"}
     plan = json.loads((runs / "splits_final.json").read_text())
     assert [s["val"] for s in plan] == list(report["patients"].values())
