@@ -272,7 +272,9 @@ def test_metadata_verifies_offline_and_network_matches_it(name, blocker, tmp_pat
     assert "verified with no error" in log
 
 
-def test_the_bundles_differ_only_in_network_and_loss():
+def test_the_bundles_differ_only_in_network_loss_and_chosen_steps():
+    """inference_steps are chosen per bundle on its out-of-fold predictions (tests/test_shipped.py holds them)."""
+
     def load(name, file):
         return json.loads((BUNDLES / name / "configs" / file).read_text())
 
@@ -281,7 +283,8 @@ def test_the_bundles_differ_only_in_network_and_loss():
     a, b = load("unetpp", "train.json"), load("attention_unet", "train.json")
     assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} == {"network_def", "loss"}
     a, b = load("unetpp", "inference.json"), load("attention_unet", "inference.json")
-    assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} == {"network_def"}
+    assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} <= {"network_def", "inference_steps"}
+    assert a["inference_steps"]["_desc_"] == b["inference_steps"]["_desc_"]
     assert (BUNDLES / "unetpp/configs/logging.conf").read_text() == (BUNDLES / "attention_unet/configs/logging.conf").read_text()
     for name in NAMES:
         metadata = load(name, "metadata.json")
