@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-setup
 BROWSER_STAMP := $(VENV)/.stamp-browser
 DEMO   := runs/demo
-DEMO_TRAIN := --epochs 15 --spatial-size 64
+DEMO_TRAIN := --epochs 30 --spatial-size 64
 
 # glibc malloc: keep big tensor buffers in the heap instead of mmap/munmap on every step (faster CPU training).
 export MALLOC_MMAP_THRESHOLD_ := 33554432
