@@ -45,7 +45,7 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
     engine = Engine(bundle, weights=weights, overrides=SIZE)
     for stem, (path, _) in geometry_inputs.items():
         inputs = decode([(path.name, path.read_bytes())]).inputs  # the 3-channel TIFF as (3, rows, cols)
-        ours = engine.probabilities(inputs)[0] > 0.5
+        ours = engine.probabilities(inputs)[0] >= engine.inference_steps["threshold"]  # the bundle's own steps
         theirs = np.asarray(PIL.Image.open(tmp_path / "out" / f"{stem}_seg.png")) > 0
         assert ours.shape == theirs.shape
         assert (ours == theirs).mean() > 0.99, stem  # same pipeline; only float ties at p = 0.5 may differ

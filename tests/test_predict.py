@@ -9,7 +9,8 @@ import PIL.Image
 import pydicom
 import pytest
 
-from conftest import REPO, THRESHOLD_NET, assert_user_error, metaseg, threshold_weights, write_dicom, write_pair
+from conftest import (PLAIN_STEPS, REPO, THRESHOLD_NET, assert_user_error, metaseg, threshold_weights, write_dicom,
+                      write_pair)
 from metaseg.engine import Engine
 from metaseg.errors import UserError
 from metaseg.predict import predict
@@ -19,7 +20,8 @@ from metaseg.predict import predict
 def engine(tmp_path_factory) -> Engine:
     """The attention_unet bundle's pipeline around a 1x1-conv 'lesion where normalised FLAIR > 0.5' net."""
     weights = threshold_weights(tmp_path_factory.mktemp("net") / "model.pt")
-    return Engine(REPO / "bundles" / "attention_unet", weights, overrides={"spatial_size": 32, "network_def": THRESHOLD_NET})
+    return Engine(REPO / "bundles" / "attention_unet", weights,
+                  overrides={"spatial_size": 32, "network_def": THRESHOLD_NET, "inference_steps": PLAIN_STEPS})
 
 
 def test_data_layout_zip_gives_one_mask_per_slice_in_patient_folders(engine, tiny_data, tmp_path):
