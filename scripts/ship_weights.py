@@ -59,6 +59,8 @@ def export_torchscript(bundle: Path) -> Path:
 
 def ship_cv(runs: Path, report: Path) -> None:
     """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
+    if not (report.parent / "cv.json").is_file():
+        raise SystemExit(f"no {report.parent / 'cv.json'}: run `metaseg cv ... --train-all` first")
     cv = json.loads((report.parent / "cv.json").read_text())
     if not cv["complete"]:
         raise SystemExit(f"{report.parent / 'cv.json'} is partial: finish the cross-validation first")
