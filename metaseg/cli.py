@@ -57,8 +57,12 @@ def cmd_datalist(args) -> None:
     print(f"datalist written to {args.out}")
 
 
+PATCH_HELP = "train on random patches of this size (multiple of 16, at most the input size) cut from the whole slice"
+
+
 def _overrides(args) -> dict:
-    return {k: v for k, v in {"epochs": args.epochs, "spatial_size": args.spatial_size}.items() if v is not None}
+    chosen = {"epochs": args.epochs, "spatial_size": args.spatial_size, "patch_size": args.patch_size}
+    return {k: v for k, v in chosen.items() if v is not None}
 
 
 def cmd_train(args) -> None:
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     sub.choices["train"].add_argument("--epochs", type=_positive_int, help="override the bundle's epochs")
     sub.choices["train"].add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
+    sub.choices["train"].add_argument("--patch-size", type=_positive_int, help=PATCH_HELP)
     sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
     sub.choices["train"].add_argument("--seed", type=int, default=0)
     sub.choices["train"].add_argument("--restart", action="store_true",
@@ -247,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", action="append", help="unetpp, attention_unet or a bundle folder; repeat (default: both)")
     p.add_argument("--epochs", type=_positive_int, help="override the bundles' epochs")
     p.add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
+    p.add_argument("--patch-size", type=_positive_int, help=PATCH_HELP)
     p.add_argument("--out", type=Path, default=Path("reports"), help="folder for cv.json, cv.md (reports)")
     p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold runs (runs/cv); rerun to resume")
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")

@@ -428,7 +428,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     found = discover(data)
     epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
     recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
-              **({"spatial_size": overrides["spatial_size"]} if "spatial_size" in overrides else {})}
+              **{k: overrides[k] for k in ("spatial_size", "patch_size") if k in overrides}}
     plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
             "patients": found.patients, "splits": splits_final(assign_folds(found.patients, folds, seed))}
     check_plan(runs, plan)

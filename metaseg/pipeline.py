@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from metaseg.bundles import run_stage
-from metaseg.conventions import MODEL_OVERRIDES, default_weights
+from metaseg.conventions import MODEL_OVERRIDES, SPATIAL_MULTIPLE, default_weights
 from metaseg.data import discover
 from metaseg.datalist import build_datalist, summary, write_datalist
 from metaseg.errors import UserError
@@ -34,6 +34,7 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
 
     A checkpoint already in `run` is resumed only if it was trained from the same bundle configs, data, split
     and overrides; otherwise UserError, unless `restart`, which deletes the run's checkpoints first."""
+    _check_patch_size(bundle, overrides)
     datalist = datalist or build_datalist(discover(data), seed=seed)
     ours = fingerprint(bundle, datalist, overrides)
     _check_resume(run, ours, restart)
@@ -53,6 +54,17 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
         **overrides,
     )
     return default_weights(run)
+
+
+def _check_patch_size(bundle: Path, overrides: dict) -> None:
+    """A training patch is a multiple of 16 and fits inside the (resized) slice it is cut from."""
+    patch = overrides.get("patch_size")
+    if patch is None:
+        return
+    size = overrides.get("spatial_size") or json.loads((bundle / "configs" / "train.json").read_text())["spatial_size"]
+    if patch % SPATIAL_MULTIPLE or patch > size:
+        raise UserError(f"patch_size must be a multiple of {SPATIAL_MULTIPLE} no larger than the input size "
+                        f"(spatial_size {size}), got {patch}")
 
 
 def fingerprint(bundle: Path, datalist: dict, overrides: dict) -> dict:
