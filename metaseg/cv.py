@@ -141,18 +141,27 @@ ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR a
 DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone, as served
 
 
+def cv_datalist(found, plan: dict, runs: Path, fold: int | str, training: list[str], test: list[str]) -> dict:
+    """The `metaseg train` datalist of fold k (test: its held-out patients) or of "all" (no test patients): the
+    bundle's validation monitors a few of the training patients, recorded as such."""
+    from metaseg.datalist import build_datalist
+
+    monitor = monitor_patients(training, plan["folds"] if fold == "all" else fold, plan["seed"])
+    datalist = build_datalist(found, split={"training": training, "validation": monitor, "test": test})
+    who = "training patients" if fold == "all" else "training-fold patients"
+    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
+                    cv={"fold": fold, "folds": plan["folds"], "validation": f"{who}, monitor only: " + SELECTION,
+                        "splits": str((runs / "splits_final.json").resolve())})
+    return datalist
+
+
 def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
     """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
-    from metaseg.datalist import build_datalist
     from metaseg.pipeline import train
 
     fold_dir = runs / name / f"fold_{k}"
     split = plan["splits"][k]
-    monitor = monitor_patients(split["train"], k, plan["seed"])
-    datalist = build_datalist(found, split={"training": split["train"], "validation": monitor, "test": split["val"]})
-    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
-                    cv={"fold": k, "folds": plan["folds"], "validation": "training-fold patients, monitor only: "
-                        + SELECTION, "splits": str((runs / "splits_final.json").resolve())})
+    datalist = cv_datalist(found, plan, runs, k, split["train"], split["val"])
     if not (fold_dir / "trained.json").is_file():
         resumed = (fold_dir / "models" / "checkpoint.pt").is_file()
         print(f"cv: {name} fold {k}: {'resuming' if resumed else 'training'} on {len(split['train'])} patients",
@@ -171,7 +180,6 @@ def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, run
 
 def train_all(bundle: Path, name: str, data: Path, found, plan: dict, runs: Path, overrides: dict) -> Path:
     """The cross-validated recipe trained once more on every patient (monitor patients as in a fold); resumable."""
-    from metaseg.datalist import build_datalist
     from metaseg.pipeline import train
 
     run = runs / name / "all"
@@ -179,11 +187,7 @@ def train_all(bundle: Path, name: str, data: Path, found, plan: dict, runs: Path
         print(f"cv: {name} on all patients already trained, skipped", flush=True)
         return run
     patients = sorted(found.patients)
-    monitor = monitor_patients(patients, plan["folds"], plan["seed"])
-    datalist = build_datalist(found, split={"training": patients, "validation": monitor, "test": []})
-    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
-                    cv={"fold": "all", "folds": plan["folds"], "validation": "training patients, monitor only: "
-                        + SELECTION, "splits": str((runs / "splits_final.json").resolve())})
+    datalist = cv_datalist(found, plan, runs, "all", patients, [])
     resumed = (run / "models" / "checkpoint.pt").is_file()
     print(f"cv: {name}: {'resuming' if resumed else 'training'} on all {len(patients)} patients", flush=True)
     keep_log(run / "train.log")
@@ -287,7 +291,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     selection = None
     if common:
         truth_common = {p: truth[p] for p in common}
-        selection = postprocess.select(truth_common, probs, names)
+        score = postprocess.scorer(truth_common, probs)  # shared by the three selections below
+        selection = postprocess.select(truth_common, probs, names, score)
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
@@ -295,7 +300,7 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
-            name: {k: v for k, v in postprocess.select(truth_common, probs, [name]).items() if k in keys}
+            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score).items() if k in keys}
             for name in names}
         for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
             per_patient = score_config(truth_common, probs, own["config"])

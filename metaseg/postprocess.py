@@ -22,6 +22,7 @@ threshold, and `upload_masks` below the threshold and component steps for `metas
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -126,44 +127,59 @@ def mean_dice(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, 
     return float(np.mean([dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()]))
 
 
-def _best(truth, probs, config: dict, key: str, values, score: Callable = mean_dice) -> tuple[object, float, dict]:
+def scorer(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]]) -> Callable[[dict], float]:
+    """`mean_dice` over these patients, remembered per configuration: selections over the same out-of-fold maps (the
+    ensemble's and each bundle's own) share their common configurations instead of scoring them again."""
+    scores: dict[str, float] = {}
+
+    def score(config: dict) -> float:
+        key = json.dumps(config, sort_keys=True)
+        if key not in scores:
+            scores[key] = mean_dice(truth, probs, config)
+        return scores[key]
+
+    return score
+
+
+def _best(score: Callable[[dict], float], config: dict, key: str, values) -> tuple[object, float, dict]:
     """The value of `key` with the highest mean Dice (the first of a tie), its score, and every value's score."""
-    scores = {value: score(truth, probs, {**config, key: value}) for value in values}
+    scores = {value: score({**config, key: value}) for value in values}
     best = max(scores, key=scores.get)
     return best, scores[best], scores
 
 
-def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str]) -> dict:
+def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
+           score: Callable[[dict], float] | None = None) -> dict:
     """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, largest component).
 
     `truth`: patient -> boolean ground-truth stack; `probs`: patient -> model -> {"prob", "prob_flip"}, for every
     patient of `truth` and every model of `models`. Returns the chosen configuration and, per step, the mean Dice
-    without and with it, the gain, and whether it was kept (only for a gain > 0).
+    without and with it, the gain, and whether it was kept (only for a gain > 0). `score`: a `scorer` of the same
+    truth and probs to share with other selections.
     """
-    single = {name: mean_dice(truth, probs, {**DEFAULT, "models": [name]}) for name in models}
+    score = score or scorer(truth, probs)
+    single = {name: score({**DEFAULT, "models": [name]}) for name in models}
     start = max(single, key=single.get)
     config, current = {**DEFAULT, "models": [start]}, single[start]
     steps = [{"step": "baseline", "value": start, "mean_dice_3d": current,
               "note": f"best single model at the default threshold {DEFAULT['threshold']}",
               "candidates": single}]
 
-    def consider(step: str, key: str, value, score: float, candidates: dict | None = None) -> None:
+    def consider(step: str, key: str, value, with_it: float, candidates: dict | None = None) -> None:
         nonlocal config, current
-        gain = score - current
-        steps.append({"step": step, "value": value, "mean_dice_3d_without": current, "mean_dice_3d_with": score,
+        gain = with_it - current
+        steps.append({"step": step, "value": value, "mean_dice_3d_without": current, "mean_dice_3d_with": with_it,
                       "gain": gain, "kept": gain > 0, **({"candidates": candidates} if candidates else {})})
         if gain > 0:
-            config, current = {**config, key: value}, score
+            config, current = {**config, key: value}, with_it
 
     if len(models) > 1:
-        consider("ensemble", "models", list(models), mean_dice(truth, probs, {**config, "models": list(models)}))
-    consider("flip_tta", "flip_tta", True, mean_dice(truth, probs, {**config, "flip_tta": True}))
-    value, score, scores = _best(truth, probs, config, "threshold", THRESHOLDS)
-    consider("threshold", "threshold", value, score, {str(k): v for k, v in scores.items()})
-    value, score, scores = _best(truth, probs, config, "min_lesion_voxels", MIN_LESION_VOXELS)
-    consider("min_lesion_voxels", "min_lesion_voxels", value, score, {str(k): v for k, v in scores.items()})
-    consider("largest_component", "largest_component", True,
-             mean_dice(truth, probs, {**config, "largest_component": True}))
+        consider("ensemble", "models", list(models), score({**config, "models": list(models)}))
+    consider("flip_tta", "flip_tta", True, score({**config, "flip_tta": True}))
+    for key, values in (("threshold", THRESHOLDS), ("min_lesion_voxels", MIN_LESION_VOXELS)):
+        value, best, scores = _best(score, config, key, values)
+        consider(key, key, value, best, {str(k): v for k, v in scores.items()})
+    consider("largest_component", "largest_component", True, score({**config, "largest_component": True}))
     return {"config": config, "mean_dice_3d": current, "steps": steps, "n_patients": len(truth),
             "single_slice": {key: config[key] for key in SLICE_STEPS},
             "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}

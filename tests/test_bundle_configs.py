@@ -14,11 +14,12 @@ import copy
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged, RandLambdad
+from monai.transforms import Compose, LoadImaged, RandCropByPosNegLabeld, RandLambdad
 
 from conftest import REPO
 from metaseg.engine import bundle_imports
@@ -146,6 +147,32 @@ def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
     parser["sequence_dropout"] = 0.0
     never = parser.get_parsed_content("train#random_transforms", lazy=False)[0]
     assert torch.equal(never({"image": kept})["image"].as_tensor(), kept.as_tensor())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patches_are_cut_from_the_full_size_slice_and_often_centred_on_a_lesion(name, phantom):  # noqa: F811
+    """patch_size below spatial_size: training sees patches of the whole-size slice (validation and inference whole
+    slices); equal to it (the default), no crop step at all, so recipes without patches train as before."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
+    assert parser["patch_size"] == "@spatial_size"
+    parser.update({"spatial_size": 64, "patch_size": 32})
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    assert sum(isinstance(t, RandCropByPosNegLabeld) for t in preprocessing.transforms) == 1
+    mask = next(m for m in sorted(phantom.rglob("*_mask.tif")) if np.asarray(PIL.Image.open(m)).any())
+    item = {"image": str(mask).replace("_mask.tif", ".tif"), "label": str(mask)}
+    on_lesion = 0
+    for seed in range(16):
+        preprocessing.set_random_state(seed)
+        (patch,) = preprocessing(dict(item))  # a list of num_samples patches
+        assert patch["image"].shape == (3, 32, 32) and patch["label"].shape == (1, 32, 32)
+        on_lesion += bool(patch["label"].any())
+    assert on_lesion >= 6  # half the patches are centred on a lesion pixel
+    whole = parser.get_parsed_content("validate#preprocessing")(dict(item))
+    assert whole["image"].shape == (3, 64, 64)
+    parser["patch_size"] = 64
+    plain = parser.get_parsed_content("train#preprocessing", lazy=False)
+    assert not any(isinstance(t, RandCropByPosNegLabeld) for t in plain.transforms)
 
 
 def test_a_file_macro_would_not_load_from_elsewhere(tmp_path, monkeypatch):

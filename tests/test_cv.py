@@ -123,6 +123,26 @@ def test_selection_rejects_steps_that_hurt():
     assert chosen["config"] == {**postprocess.DEFAULT, "models": ["good"]}
 
 
+def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuration_once(monkeypatch):
+    """cv's report runs the ensemble's selection and each bundle's over the same maps: common configurations are
+    scored once, and sharing changes no choice."""
+    truth = {"A": stack(LESION, SECOND) > 0}
+    good = stack(LESION, SECOND)
+    wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
+    probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
+    scored = []
+    real = postprocess.mean_dice
+    monkeypatch.setattr(postprocess, "mean_dice", lambda t, p, config: scored.append(config) or real(t, p, config))
+    runs = (["good", "wrong"], ["good"], ["wrong"])
+    alone = [postprocess.select(truth, probs, models) for models in runs]
+    unshared, scored[:] = len(scored), []
+    score = postprocess.scorer(truth, probs)
+    shared = [postprocess.select(truth, probs, models, score) for models in runs]
+    assert shared == alone
+    keys = [json.dumps(config, sort_keys=True) for config in scored]
+    assert len(keys) == len(set(keys)) < unshared  # nothing scored twice, less work than three selections alone
+
+
 def test_ensemble_and_flip_average_probabilities_and_read_uint8():
     a = {"prob": np.full((1, 2, 2), 255, np.uint8), "prob_flip": np.zeros((1, 2, 2), np.uint8)}
     b = {"prob": np.zeros((1, 2, 2), np.float32), "prob_flip": np.zeros((1, 2, 2), np.float32)}

@@ -87,3 +87,17 @@ def test_run_folder_without_fingerprint_is_refused_on_the_command_line(stages, t
     assert not stages
     assert main([*args, "--restart"]) == 0 and len(stages) == 1
     assert (run / "models" / "checkpoint.pt").read_bytes() == b"resume state"
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"patch_size": 40}, "multiple of 16"),
+    ({"patch_size": 256}, "spatial_size 128"),  # the bundle's own input size
+    ({"spatial_size": 64, "patch_size": 96}, "spatial_size 64"),
+])
+def test_a_patch_that_does_not_fit_the_slice_is_refused_before_training(stages, tiny_data, tmp_path, overrides,
+                                                                          fragment):
+    with pytest.raises(UserError, match=fragment):
+        train(BUNDLE, tiny_data, tmp_path / "run", **overrides)
+    assert not stages and not (tmp_path / "run").exists()
+    train(BUNDLE, tiny_data, tmp_path / "run", spatial_size=64, patch_size=32)
+    assert stages[-1]["patch_size"] == 32
