@@ -309,3 +309,30 @@ def test_cv_bad_arguments_are_one_line(phantom, tmp_path):
     assert_user_error(metaseg("cv", "--data", phantom, "--folds", 7, "--runs", tmp_path), "--folds must be between")
     assert_user_error(metaseg("cv", "--data", tmp_path / "none", "--runs", tmp_path), "data not found")
     assert_user_error(metaseg("cv", "--data", phantom, "--bundle", "nope", "--runs", tmp_path), "not a bundle")
+
+
+def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_path):
+    """scripts/compare_cv.py: model A of one cv.json against model B of another, over the patients both scored."""
+    def cv_json(path: Path, seed: int, dice: dict) -> Path:
+        path.write_text(json.dumps({"folds": 2, "seed": seed, "patients": {"0": ["p1", "p2"], "1": ["p3", "p4"]},
+                                    "complete": True, "command": f"metaseg cv --seed {seed}",
+                                    "models": {"net": {"dice_3d_per_patient": dice}}}))
+        return path
+
+    a = cv_json(tmp_path / "a.json", 0, {"p1": 0.8, "p2": 0.6, "p3": 0.7, "p4": 0.9})
+    b = cv_json(tmp_path / "b.json", 0, {"p1": 0.7, "p2": 0.6, "p3": 0.5})  # a partial run: p4 not scored yet
+    script = [sys.executable, str(REPO / "scripts" / "compare_cv.py")]
+    done = subprocess.run([*script, a, b, "--pair", "net=net", "--out", tmp_path / "out"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((tmp_path / "out" / "comparison.json").read_text())["rows"]
+    assert row["patients"] == ["p1", "p2", "p3"]
+    assert row["paired_a_minus_b"]["mean_difference"] == pytest.approx(0.1)
+    assert "| net | net | 3 | 0.700 | 0.600 | +0.100" in (tmp_path / "out" / "comparison.md").read_text()
+    other_seed = cv_json(tmp_path / "c.json", 1, {"p1": 0.7})
+    for args, fragment in (([a, other_seed, "--pair", "net=net"], "different folds or seeds"),
+                           ([a, b, "--pair", "net=missing"], "no model missing in B"),
+                           ([a, tmp_path / "none.json", "--pair", "net=net"], "cannot read a cv.json")):
+        failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True, timeout=120)
+        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
+        assert not (tmp_path / "bad").exists()
