@@ -47,6 +47,16 @@ VARIANTS = {"shipped": {}, "bf16_off": {"bf16": False}, "compiled": {"compile": 
 WARMUP_ITERATIONS = 3
 
 
+def cpu_model() -> str:
+    """The CPU's model name (machines differ day to day: a results file says which one it measured)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
 def sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -189,7 +199,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     results = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(),
                     "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "gpu": torch.cuda.get_device_name() if cuda else None},
         "epochs": opts.epochs, "warmup_iterations_not_counted": WARMUP_ITERATIONS, "bundles": {},
