@@ -140,6 +140,23 @@ def test_benchmark_runs_on_a_tiny_phantom(phantom, tmp_path):
             assert {"Processing", "Dataflow", "Checkpoint (EPOCH_COMPLETED)"} <= set(run["per_epoch_profile_s"])
 
 
+def test_step_profile_times_and_profiles_both_precisions(tmp_path):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--steps", "1", "--spatial-size", "32",
+           "--no-compile", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["bundles"]) == set(NAMES)
+    for entry in results["bundles"].values():
+        assert entry["spatial_size"] == 32 and set(entry["step_s"]) == {"fp32", "bf16"}
+        assert entry["bf16_speedup"] == pytest.approx(entry["step_s"]["fp32"] / entry["step_s"]["bf16"], rel=1e-2)
+        for ops in entry["ops"].values():
+            assert ops and all(op["self_s_per_step"] >= 0 and 0 <= op["share"] <= 1 for op in ops)
+            assert sum(op["share"] for op in ops) <= 1.001
+            assert any("convolution" in op["op"] for op in ops)  # the network's own work is in the table
+
+
 def test_gpu_switches_wire_through_and_train_on_cpu(phantom, tmp_path):
     """The GPU path's switches, forced on here on the CPU: channels_last weights and inputs, cudnn autotuning, the
     device-resident cache; one epoch trains with finite loss. `compile` only wraps the network (compiling is slow)."""
