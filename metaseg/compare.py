@@ -31,6 +31,7 @@ from metaseg.data import open_source, read_tiff
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
 from metaseg.metrics import METRICS, bootstrap_ci, paired_difference, patient_metrics, slice_dice
+from metaseg.pipeline import model_overrides
 
 SELECTED_BY = "validation mean per-patient 3D Dice"
 RANKING = "lesion slices of the compared split ranked by the mean slice Dice of the two models"
@@ -475,8 +476,6 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
 
 def _model_overrides(run: Run) -> dict:
     """The config overrides inference must repeat (input size), from run.json; {} for runs older than run.json."""
-    from metaseg.pipeline import model_overrides  # imported here: pipeline imports monai, which takes seconds
-
     return model_overrides(run.path) if (run.path / "run.json").is_file() else {}
 
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from metaseg.bundles import run_stage
 from metaseg.conventions import MODEL_OVERRIDES, SPATIAL_MULTIPLE, default_weights
-from metaseg.data import discover
-from metaseg.datalist import build_datalist, summary, write_datalist
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
 
@@ -34,6 +32,9 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
 
     A checkpoint already in `run` is resumed only if it was trained from the same bundle configs, data, split
     and overrides; otherwise UserError, unless `restart`, which deletes the run's checkpoints first."""
+    from metaseg.data import discover  # here, not at the top: `evaluate` runs without importing MONAI (seconds)
+    from metaseg.datalist import build_datalist, summary, write_datalist
+
     _check_patch_size(bundle, overrides)
     datalist = datalist or build_datalist(discover(data), seed=seed)
     ours = fingerprint(bundle, datalist, overrides)
