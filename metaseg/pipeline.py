@@ -63,6 +63,8 @@ def _check_patch_size(bundle: Path, overrides: dict) -> None:
     if patch is None:
         return
     size = overrides.get("spatial_size") or json.loads((bundle / "configs" / "train.json").read_text())["spatial_size"]
+    if not isinstance(size, int):
+        raise UserError(f"this bundle's spatial_size is {size!r}, not a number: give --spatial-size with --patch-size")
     if patch % SPATIAL_MULTIPLE or patch > size:
         raise UserError(f"patch_size must be a multiple of {SPATIAL_MULTIPLE} no larger than the input size "
                         f"(spatial_size {size}), got {patch}")

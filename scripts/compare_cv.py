@@ -24,11 +24,17 @@ from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.metrics import paired_difference  # noqa: E402
 
 
+KEYS = ("folds", "seed", "patients", "models", "command")  # what `metaseg cv` writes and the pairing reads
+
+
 def read_cv(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        run = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read a cv.json at {path}: {err}") from None
+    if not isinstance(run, dict) or not all(key in run for key in KEYS):
+        raise UserError(f"{path} is not a cv.json written by `metaseg cv` (it needs {', '.join(KEYS)})")
+    return run
 
 
 def compare(a: dict, b: dict, pairs: list[tuple[str, str]], n_resamples: int = 2000, seed: int = 0) -> list[dict]:

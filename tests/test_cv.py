@@ -332,7 +332,8 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
     other_seed = cv_json(tmp_path / "c.json", 1, {"p1": 0.7})
     for args, fragment in (([a, other_seed, "--pair", "net=net"], "different folds or seeds"),
                            ([a, b, "--pair", "net=missing"], "no model missing in B"),
-                           ([a, tmp_path / "none.json", "--pair", "net=net"], "cannot read a cv.json")):
+                           ([a, tmp_path / "none.json", "--pair", "net=net"], "cannot read a cv.json"),
+                           ([a, REPO / "bundles" / "best.json", "--pair", "net=net"], "not a cv.json")):
         failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True, timeout=120)
         assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
         assert not (tmp_path / "bad").exists()
