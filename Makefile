@@ -54,7 +54,7 @@ train: $(addprefix train-,$(BUNDLES))
 	$(BIN)/metaseg compare --data $(DATA) --run attention_unet=$(RUNS)/attention_unet --run unetpp=$(RUNS)/unetpp \
 	  --out $(RUNS)/report --best-out $(RUNS)/best.json
 
-train-%: $(STAMP)
+$(addprefix train-,$(BUNDLES)): train-%: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path/to/Data.zip"; exit 2; }
 	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) $(BIN)/metaseg train --bundle $* --data $(DATA) --out $(RUNS)/$* $(TRAIN_ARGS)
 	$(BIN)/metaseg evaluate --bundle $* --data $(DATA) --run $(RUNS)/$* --split validation
