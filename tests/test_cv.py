@@ -337,3 +337,9 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
         failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True, timeout=120)
         assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
         assert not (tmp_path / "bad").exists()
+    # told that the folds differ (3 against 5 folds, say), it pairs by patient all the same and says so
+    done = subprocess.run([*script, a, other_seed, "--pair", "net=net", "--other-folds", "--out", tmp_path / "k"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "k" / "comparison.json").read_text())["rows"][0]["patients"] == ["p1"]
+    assert "Different folds (A: 2 folds, seed 0; B: 2 folds, seed 1)" in (tmp_path / "k" / "comparison.md").read_text()
