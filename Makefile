@@ -51,7 +51,7 @@ demo: $(STAMP)
 # with -j2 both at once, then THREADS=1 gives each a core).
 RUNS ?= runs/$(notdir $(basename $(DATA)))
 train: $(addprefix train-,$(BUNDLES))
-	$(BIN)/metaseg compare --data $(DATA) --run attention_unet=$(RUNS)/attention_unet --run unetpp=$(RUNS)/unetpp \
+	$(BIN)/metaseg compare --data $(DATA) $(foreach b,$(BUNDLES),--run $(b)=$(RUNS)/$(b)) \
 	  --out $(RUNS)/report --best-out $(RUNS)/best.json
 
 $(addprefix train-,$(BUNDLES)): train-%: $(STAMP)
