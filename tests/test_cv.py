@@ -343,3 +343,34 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "k" / "comparison.json").read_text())["rows"][0]["patients"] == ["p1"]
     assert "Different folds (A: 2 folds, seed 0; B: 2 folds, seed 1)" in (tmp_path / "k" / "comparison.md").read_text()
+
+
+def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp_path):
+    """scripts/dice_by_volume.py: a model's out-of-fold Dice per patient against the lesion volume in the data."""
+    from metaseg.data import discover
+
+    volume = {}
+    for pair in discover(phantom).pairs:
+        volume[pair.patient] = volume.get(pair.patient, 0) + pair.lesion_pixels
+    with_lesion = sorted((p for p in volume if volume[p]), key=volume.get)
+    assert len(with_lesion) >= 4, volume
+    dice = {p: 0.5 + 0.1 * rank for rank, p in enumerate(with_lesion)}  # the larger the lesion, the higher the Dice
+    cv = tmp_path / "cv.json"
+    cv.write_text(json.dumps({"folds": 2, "seed": 0, "patients": {}, "complete": True, "command": "metaseg cv",
+                              "models": {"net": {"dice_3d_per_patient": dice}}}))
+    script = [sys.executable, str(REPO / "scripts" / "dice_by_volume.py"), cv, "--data", phantom]
+    done = subprocess.run([*script, "--model", "net", "--out", tmp_path / "out"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out" / "dice_by_volume.json").read_text())
+    small, large = result["halves"]["smaller"], result["halves"]["larger"]
+    assert small["patients"] + large["patients"] == len(with_lesion)
+    assert small["mean_dice_3d"] < large["mean_dice_3d"] and small["volume_range"][1] <= large["volume_range"][0]
+    assert result["spearman"]["rho"] == pytest.approx(1.0)
+    assert [row["patient"] for row in result["lowest"]][:2] == with_lesion[:2]
+    for args, fragment in ((["--model", "missing"], "no model 'missing'"),
+                           (["--model", "net", "--data", tmp_path / "none"], "data not found")):
+        failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True,
+                                timeout=120)
+        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
+        assert not (tmp_path / "bad").exists()
