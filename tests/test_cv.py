@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -372,5 +373,53 @@ def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp
                            (["--model", "net", "--data", tmp_path / "none"], "data not found")):
         failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True,
                                 timeout=120)
+        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_path):
+    """scripts/seed_ensemble.py on hand-made runs: one run's maps are the truth, the other's are empty; their mean
+    (0.5) still passes the 0.5 threshold, so the ensemble scores as the perfect run does."""
+    from metaseg.compare import by_patient, read_ground_truth
+    from metaseg.data import discover
+
+    found = discover(phantom)
+    _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
+    with_lesion = [p for p in sorted(truth) if truth[p].any()]
+    folds = [with_lesion[::2], with_lesion[1::2]]
+
+    def runs(name: str, seed: int, prob) -> Path:
+        folder = tmp_path / name
+        (folder / "cv_plan.json").parent.mkdir(parents=True)
+        (folder / "cv_plan.json").write_text(json.dumps({"folds": 2, "seed": seed, "recipe": {"epochs": 1},
+                                                         "splits": [{"val": f, "train": []} for f in folds]}))
+        for k, patients in enumerate(folds):
+            oof = folder / "attention_unet" / f"fold_{k}" / "oof"
+            oof.mkdir(parents=True)
+            for p in patients:
+                maps = (prob(truth[p]) * 255).astype(np.uint8)
+                np.savez(oof / f"{p}.npz", prob=maps, prob_flip=maps)
+            (oof.parent / "fold.json").write_text("{}")
+        return folder
+
+    perfect, empty = runs("a", 0, lambda gt: gt.astype(float)), runs("b", 1, lambda gt: np.zeros(gt.shape))
+    script = [sys.executable, str(REPO / "scripts" / "seed_ensemble.py"), "--data", phantom, "--bundle",
+              "attention_unet"]
+    done = subprocess.run([*script, "--runs", perfect, "--runs", empty, "--out", tmp_path / "out"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out" / "seed_ensemble.json").read_text())
+    means = {row["label"]: row["argmax"]["mean_dice_3d"] for row in result["rows"]}
+    assert means == {str(perfect): 1.0, str(empty): 0.0, "ensemble": 1.0}
+    assert result["patients"] == len(with_lesion) and result["spread"]["argmax"] == 1.0
+    assert result["ensemble_minus_mean_single"]["argmax"]["mean_difference"] == pytest.approx(0.5)
+    other = runs("c", 2, lambda gt: gt.astype(float))
+    plan = json.loads((other / "cv_plan.json").read_text())
+    (other / "cv_plan.json").write_text(json.dumps({**plan, "recipe": {"epochs": 2}}))
+    (perfect / "attention_unet" / "fold_1" / "fold.json").rename(tmp_path / "moved.json")
+    for runs_args, fragment in (([empty, other], "different recipes"), ([perfect, empty], "not every fold"),
+                                ([empty], "at least twice"), ([empty, tmp_path / "none"], "no readable cv_plan")):
+        failed = subprocess.run([*script, *[a for r in runs_args for a in ("--runs", r)], "--out", tmp_path / "bad"],
+                                capture_output=True, text=True, timeout=120)
         assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
         assert not (tmp_path / "bad").exists()

@@ -1,0 +1,140 @@
+"""Run-to-run variance of a cross-validated recipe, and what averaging its runs would give.
+
+Several `metaseg cv` runs of one bundle with other seeds (other folds and training order) hold every patient out of
+fold in each run, so each run is an estimate of the same recipe, and the mean of a patient's out-of-fold probabilities
+over the runs is an out-of-fold estimate of serving an ensemble of that many models (each trained without the
+patient). Scored at argmax (threshold 0.5, no steps) and with the bundle's own `inference_steps`.
+
+    python scripts/seed_ensemble.py --data ../shared/data/lgg/Data --bundle attention_unet \
+        --runs runs/cv_new --runs runs/cv_seed1 --runs runs/cv_seed2 --out reports/cv_seeds
+
+Writes OUT/seed_ensemble.json and OUT/seed_ensemble.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metaseg import postprocess  # noqa: E402
+from metaseg.bundles import bundle_dir  # noqa: E402
+from metaseg.compare import by_patient, read_ground_truth  # noqa: E402
+from metaseg.cv import done_folds, load_oof  # noqa: E402
+from metaseg.data import discover  # noqa: E402
+from metaseg.errors import UserError  # noqa: E402
+from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
+from metaseg.metrics import bootstrap_ci, dice_3d, paired_difference  # noqa: E402
+
+
+def run_maps(runs: Path, bundle: str) -> tuple[dict, dict]:
+    """(plan, patient -> out-of-fold maps) of one complete `metaseg cv` runs folder for one bundle."""
+    try:
+        plan = json.loads((runs / "cv_plan.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"no readable cv_plan.json in {runs}: {err}") from None
+    if done_folds(runs, bundle, plan["folds"]) != list(range(plan["folds"])):
+        raise UserError(f"{runs}: not every fold of {bundle} is done")
+    maps = {}
+    for k, split in enumerate(plan["splits"]):
+        maps.update(load_oof(runs / bundle / f"fold_{k}", split["val"]))
+    return plan, maps
+
+
+def scores(truth: dict, maps: dict, configs: dict) -> dict:
+    """Per-patient 3D Dice of each named configuration (models: the run labels averaged)."""
+    return {name: {p: dice_3d(gt, postprocess.mask(postprocess.probability(maps[p], config), config))
+                   for p, gt in truth.items()} for name, config in configs.items()}
+
+
+def summary(dice: dict[str, float]) -> dict:
+    values = list(dice.values())
+    return {"mean_dice_3d": float(np.mean(values)), "ci95": list(bootstrap_ci(values))}
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"# {result['bundle']}: {len(result['runs'])} cross-validation runs of one recipe, and their mean", "",
+             f"Produced by `{command}`.", "",
+             f"{result['patients']} patients, each out of fold in every run; mean per-patient 3D Dice [95% bootstrap "
+             "CI]. `ensemble` = a patient's out-of-fold probabilities averaged over the runs (each model trained "
+             "without the patient). With steps = the bundle's `inference_steps`: "
+             f"`{json.dumps(result['steps'])}`.", "",
+             "| run | folds, seed | argmax | with the bundle's steps |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        cells = [f"{row[k]['mean_dice_3d']:.3f} [{row[k]['ci95'][0]:.3f}, {row[k]['ci95'][1]:.3f}]"
+                 for k in ("argmax", "steps")]
+        lines.append(f"| {row['label']} | {row['plan']} | {cells[0]} | {cells[1]} |")
+    spread = result["spread"]
+    lines += ["", f"Spread of the single runs' means: argmax {spread['argmax']:.3f}, with steps {spread['steps']:.3f} "
+              "(max - min).", ""]
+    for key, paired in result["ensemble_minus_mean_single"].items():
+        low, high = paired["ci95"]
+        p = "n/a" if paired["wilcoxon_p"] is None else f"{paired['wilcoxon_p']:.3g}"
+        lines.append(f"Ensemble − mean of the single runs, {key}: {paired['mean_difference']:+.3f} "
+                     f"[95% CI {low:+.3f}, {high:+.3f}], Wilcoxon p = {p}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="the data the cross-validations ran on")
+    parser.add_argument("--bundle", required=True, help="the bundle whose runs to compare (its inference_steps apply)")
+    parser.add_argument("--runs", type=Path, action="append", required=True, help="a `metaseg cv --runs` folder; repeat")
+    parser.add_argument("--out", type=Path, required=True, help="folder for seed_ensemble.json and .md")
+    args = parser.parse_args(argv)
+    try:
+        if len(args.runs) < 2:
+            raise UserError("give --runs at least twice: the runs to compare and average")
+        steps = postprocess.checked_steps(
+            json.loads((bundle_dir(args.bundle) / "configs" / "inference.json").read_text())["inference_steps"],
+            args.bundle)
+        plans, maps = {}, {}
+        for runs in args.runs:
+            label = str(runs)
+            plans[label], run = run_maps(runs, args.bundle)
+            for patient, patient_maps in run.items():
+                maps.setdefault(patient, {})[label] = patient_maps
+        labels = list(plans)
+        recipes = {json.dumps(plan["recipe"], sort_keys=True) for plan in plans.values()}
+        if len(recipes) > 1:
+            raise UserError(f"the runs trained different recipes ({', '.join(sorted(recipes))}): this compares runs "
+                            "of one recipe (scripts/compare_cv.py compares recipes)")
+        patients = sorted(p for p in maps if len(maps[p]) == len(labels))
+        if not patients:
+            raise UserError("the runs share no patient")
+        found = discover(args.data)
+        items = [asdict(p) for p in found.pairs if p.patient in set(patients)]
+        _, truth = read_ground_truth(args.data, found.root, by_patient(items))
+    except UserError as err:
+        raise SystemExit(f"seed_ensemble: {err}") from None
+    configs = {}
+    for name, models in [(label, [label]) for label in labels] + [("ensemble", labels)]:
+        configs[(name, "argmax")] = {**postprocess.DEFAULT, "models": models}
+        configs[(name, "steps")] = {**steps, "models": models}
+    dice = scores({p: truth[p] for p in patients}, maps, configs)
+    rows = [{"label": name, "plan": "mean" if name == "ensemble" else
+             f"{plans[name]['folds']} folds, seed {plans[name]['seed']}",
+             **{kind: {**summary(dice[(name, kind)]), "dice_3d_per_patient": dice[(name, kind)]}
+                for kind in ("argmax", "steps")}} for name in labels + ["ensemble"]]
+    singles = {kind: [np.mean([dice[(label, kind)][p] for label in labels]) for p in patients]
+               for kind in ("argmax", "steps")}
+    result = {
+        "bundle": args.bundle, "runs": labels, "patients": len(patients), "steps": steps, "rows": rows,
+        "spread": {kind: float(np.ptp([row[kind]["mean_dice_3d"] for row in rows[:-1]])) for kind in singles},
+        "ensemble_minus_mean_single": {kind: paired_difference([dice[("ensemble", kind)][p] for p in patients],
+                                                               singles[kind]) for kind in singles},
+    }
+    command = shlex.join(["python", "scripts/seed_ensemble.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json_atomic(args.out / "seed_ensemble.json", {"command": command, **result})
+    write_bytes_atomic(args.out / "seed_ensemble.md", markdown(result, command).encode())
+    print((args.out / "seed_ensemble.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
