@@ -3,7 +3,8 @@
 Several `metaseg cv` runs of one bundle with other seeds (other folds and training order) hold every patient out of
 fold in each run, so each run is an estimate of the same recipe, and the mean of a patient's out-of-fold probabilities
 over the runs is an out-of-fold estimate of serving an ensemble of that many models (each trained without the
-patient). Scored at argmax (threshold 0.5, no steps) and with the bundle's own `inference_steps`.
+patient). Scored at argmax (threshold 0.5, no steps), with the bundle's `inference_steps`, and with steps chosen
+for each row on the same patients (as `metaseg cv` chooses them: optimistic, alike for every row).
 
     python scripts/seed_ensemble.py --data ../shared/data/lgg/Data --bundle attention_unet \
         --runs runs/cv_new --runs runs/cv_seed1 --runs runs/cv_seed2 --out reports/cv_seeds
@@ -32,6 +33,8 @@ from metaseg.errors import UserError  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.metrics import bootstrap_ci, dice_3d, paired_difference  # noqa: E402
 
+KINDS = {"argmax": "argmax", "steps": "the bundle's steps", "own_steps": "its own steps"}
+
 
 def run_maps(runs: Path, bundle: str) -> tuple[dict, dict]:
     """(plan, patient -> out-of-fold maps) of one complete `metaseg cv` runs folder for one bundle."""
@@ -48,7 +51,7 @@ def run_maps(runs: Path, bundle: str) -> tuple[dict, dict]:
 
 
 def scores(truth: dict, maps: dict, configs: dict) -> dict:
-    """Per-patient 3D Dice of each named configuration (models: the run labels averaged)."""
+    """Per-patient 3D Dice of each named configuration."""
     return {name: {p: dice_3d(gt, postprocess.mask(postprocess.probability(maps[p], config), config))
                    for p, gt in truth.items()} for name, config in configs.items()}
 
@@ -65,18 +68,19 @@ def markdown(result: dict, command: str) -> str:
              "CI]. `ensemble` = a patient's out-of-fold probabilities averaged over the runs (each model trained "
              "without the patient). With steps = the bundle's `inference_steps`: "
              f"`{json.dumps(result['steps'])}`.", "",
-             "| run | folds, seed | argmax | with the bundle's steps |", "|---|---|---|---|"]
+             "Own steps = the inference steps chosen for that row alone on these patients (`metaseg cv`'s selection: "
+             "optimistic, alike for every row).", "",
+             "| run | folds, seed | " + " | ".join(KINDS.values()) + " |", "|---|---|" + "---|" * len(KINDS)]
     for row in result["rows"]:
-        cells = [f"{row[k]['mean_dice_3d']:.3f} [{row[k]['ci95'][0]:.3f}, {row[k]['ci95'][1]:.3f}]"
-                 for k in ("argmax", "steps")]
-        lines.append(f"| {row['label']} | {row['plan']} | {cells[0]} | {cells[1]} |")
+        cells = [f"{row[k]['mean_dice_3d']:.3f} [{row[k]['ci95'][0]:.3f}, {row[k]['ci95'][1]:.3f}]" for k in KINDS]
+        lines.append(f"| {row['label']} | {row['plan']} | " + " | ".join(cells) + " |")
     spread = result["spread"]
-    lines += ["", f"Spread of the single runs' means: argmax {spread['argmax']:.3f}, with steps {spread['steps']:.3f} "
-              "(max - min).", ""]
+    lines += ["", "Spread of the single runs' means (max - min): " +
+              ", ".join(f"{KINDS[k]} {spread[k]:.3f}" for k in KINDS) + ".", ""]
     for key, paired in result["ensemble_minus_mean_single"].items():
         low, high = paired["ci95"]
         p = "n/a" if paired["wilcoxon_p"] is None else f"{paired['wilcoxon_p']:.3g}"
-        lines.append(f"Ensemble − mean of the single runs, {key}: {paired['mean_difference']:+.3f} "
+        lines.append(f"Ensemble − mean of the single runs, {KINDS[key]}: {paired['mean_difference']:+.3f} "
                      f"[95% CI {low:+.3f}, {high:+.3f}], Wilcoxon p = {p}.")
     return "\n".join(lines) + "\n"
 
@@ -113,22 +117,27 @@ def main(argv: list[str] | None = None) -> None:
         _, truth = read_ground_truth(args.data, found.root, by_patient(items))
     except UserError as err:
         raise SystemExit(f"seed_ensemble: {err}") from None
-    configs = {}
-    for name, models in [(label, [label]) for label in labels] + [("ensemble", labels)]:
-        configs[(name, "argmax")] = {**postprocess.DEFAULT, "models": models}
-        configs[(name, "steps")] = {**steps, "models": models}
-    dice = scores({p: truth[p] for p in patients}, maps, configs)
-    rows = [{"label": name, "plan": "mean" if name == "ensemble" else
-             f"{plans[name]['folds']} folds, seed {plans[name]['seed']}",
-             **{kind: {**summary(dice[(name, kind)]), "dice_3d_per_patient": dice[(name, kind)]}
-                for kind in ("argmax", "steps")}} for name in labels + ["ensemble"]]
-    singles = {kind: [np.mean([dice[(label, kind)][p] for label in labels]) for p in patients]
-               for kind in ("argmax", "steps")}
+    for patient_maps in maps.values():  # the mean of the runs as a model of its own, so that steps can be chosen for it
+        patient_maps["ensemble"] = {key: np.mean([postprocess.as_float(patient_maps[label][key]) for label in labels],
+                                                 axis=0) for key in ("prob", "prob_flip")}
+    truth = {p: truth[p] for p in patients}
+    score = postprocess.scorer(truth, maps)
+    rows = []
+    for name in labels + ["ensemble"]:
+        own = postprocess.select(truth, maps, [name], score)["config"]
+        configs = {"argmax": {**postprocess.DEFAULT, "models": [name]}, "steps": {**steps, "models": [name]},
+                   "own_steps": own}
+        rows.append({"label": name, "plan": "mean" if name == "ensemble" else
+                     f"{plans[name]['folds']} folds, seed {plans[name]['seed']}",
+                     **{kind: {**summary(dice), "dice_3d_per_patient": dice, "config": configs[kind]}
+                        for kind, dice in scores(truth, maps, configs).items()}})
+    singles = {kind: [np.mean([row[kind]["dice_3d_per_patient"][p] for row in rows[:-1]]) for p in patients]
+               for kind in KINDS}
     result = {
         "bundle": args.bundle, "runs": labels, "patients": len(patients), "steps": steps, "rows": rows,
-        "spread": {kind: float(np.ptp([row[kind]["mean_dice_3d"] for row in rows[:-1]])) for kind in singles},
-        "ensemble_minus_mean_single": {kind: paired_difference([dice[("ensemble", kind)][p] for p in patients],
-                                                               singles[kind]) for kind in singles},
+        "spread": {kind: float(np.ptp([row[kind]["mean_dice_3d"] for row in rows[:-1]])) for kind in KINDS},
+        "ensemble_minus_mean_single": {kind: paired_difference([rows[-1][kind]["dice_3d_per_patient"][p]
+                                                                for p in patients], singles[kind]) for kind in KINDS},
     }
     command = shlex.join(["python", "scripts/seed_ensemble.py", *(sys.argv[1:] if argv is None else argv)])
     write_json_atomic(args.out / "seed_ensemble.json", {"command": command, **result})
