@@ -61,6 +61,21 @@ def _first_line(err: Exception, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def inference_parser(bundle: Path, overrides: dict | None = None) -> ConfigParser:
+    """The bundle's inference config (with `overrides`), refused with one line if it predates the chosen steps."""
+    parser = ConfigParser()
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.read_config([str(bundle / "configs" / name) for name in STAGES["inference"]])
+    parser["bundle_root"] = str(bundle)
+    for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
+        parser[key] = value
+    missing = [key for key in ("inference_steps", "probabilities") if key not in parser]
+    if missing:
+        raise UserError(f"{bundle.name}: configs/inference.json has no {' or '.join(missing)}: a bundle from "
+                        f"before the chosen inference steps; copy them from a shipped bundle's inference.json")
+    return parser
+
+
 class Engine:
     """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
 
@@ -74,16 +89,7 @@ class Engine:
         weights = Path(weights) if weights else default_weights(bundle)
         if not weights.is_file():
             raise UserError(f"no trained weights at {weights}: train the bundle or pass its model.pt")
-        parser = ConfigParser()
-        parser.read_meta(str(bundle / "configs" / "metadata.json"))
-        parser.read_config([str(bundle / "configs" / name) for name in STAGES["inference"]])
-        parser["bundle_root"] = str(bundle)
-        for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
-            parser[key] = value
-        missing = [key for key in ("inference_steps", "probabilities") if key not in parser]
-        if missing:
-            raise UserError(f"{bundle.name}: configs/inference.json has no {' or '.join(missing)}: a bundle from "
-                            f"before the chosen inference steps; copy them from a shipped bundle's inference.json")
+        parser = inference_parser(bundle, overrides)
         self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name)
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")

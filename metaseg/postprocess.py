@@ -122,9 +122,15 @@ def mask(prob: np.ndarray, config: Mapping, volume: bool = True) -> np.ndarray:
     return np.asarray(labels[0]).astype(bool)
 
 
+def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
+                     config: dict) -> dict[str, float]:
+    """Per-patient 3D Dice of a configuration over the patients of `truth` (probs: patient -> model -> maps)."""
+    return {p: dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()}
+
+
 def mean_dice(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], config: dict) -> float:
-    """Mean per-patient 3D Dice of a configuration over the patients of `truth` (probs: patient -> model -> maps)."""
-    return float(np.mean([dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()]))
+    """Mean per-patient 3D Dice of a configuration over the patients of `truth`."""
+    return float(np.mean(list(dice_per_patient(truth, probs, config).values())))
 
 
 def scorer(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]]) -> Callable[[dict], float]:

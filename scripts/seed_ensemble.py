@@ -29,9 +29,10 @@ from metaseg.bundles import bundle_dir  # noqa: E402
 from metaseg.compare import by_patient, read_ground_truth  # noqa: E402
 from metaseg.cv import done_folds, load_oof  # noqa: E402
 from metaseg.data import discover  # noqa: E402
+from metaseg.engine import inference_parser  # noqa: E402
 from metaseg.errors import UserError  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
-from metaseg.metrics import bootstrap_ci, dice_3d, paired_difference  # noqa: E402
+from metaseg.metrics import bootstrap_ci, paired_difference  # noqa: E402
 
 KINDS = {"argmax": "argmax", "steps": "the bundle's steps", "own_steps": "its own steps"}
 
@@ -48,12 +49,6 @@ def run_maps(runs: Path, bundle: str) -> tuple[dict, dict]:
     for k, split in enumerate(plan["splits"]):
         maps.update(load_oof(runs / bundle / f"fold_{k}", split["val"]))
     return plan, maps
-
-
-def scores(truth: dict, maps: dict, configs: dict) -> dict:
-    """Per-patient 3D Dice of each named configuration."""
-    return {name: {p: dice_3d(gt, postprocess.mask(postprocess.probability(maps[p], config), config))
-                   for p, gt in truth.items()} for name, config in configs.items()}
 
 
 def summary(dice: dict[str, float]) -> dict:
@@ -96,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(args.runs) < 2:
             raise UserError("give --runs at least twice: the runs to compare and average")
         steps = postprocess.checked_steps(
-            json.loads((bundle_dir(args.bundle) / "configs" / "inference.json").read_text())["inference_steps"],
-            args.bundle)
+            inference_parser(bundle_dir(args.bundle)).get_parsed_content("inference_steps"), args.bundle)
         plans, maps = {}, {}
         for runs in args.runs:
             label = str(runs)
@@ -113,13 +107,18 @@ def main(argv: list[str] | None = None) -> None:
         if not patients:
             raise UserError("the runs share no patient")
         found = discover(args.data)
+        absent = sorted(set(patients) - set(found.patients))
+        if absent:
+            raise UserError(f"{len(absent)} of the runs' {len(patients)} patients are not in {args.data}: give the "
+                            "data the cross-validations ran on")
         items = [asdict(p) for p in found.pairs if p.patient in set(patients)]
         _, truth = read_ground_truth(args.data, found.root, by_patient(items))
     except UserError as err:
         raise SystemExit(f"seed_ensemble: {err}") from None
-    for patient_maps in maps.values():  # the mean of the runs as a model of its own, so that steps can be chosen for it
-        patient_maps["ensemble"] = {key: np.mean([postprocess.as_float(patient_maps[label][key]) for label in labels],
-                                                 axis=0) for key in ("prob", "prob_flip")}
+    for patient in patients:  # the mean of the runs as a model of its own, so that steps can be chosen for it
+        per_run = maps[patient]
+        per_run["ensemble"] = {key: np.mean([postprocess.as_float(per_run[label][key]) for label in labels], axis=0)
+                               for key in ("prob", "prob_flip")}
     truth = {p: truth[p] for p in patients}
     score = postprocess.scorer(truth, maps)
     rows = []
@@ -127,10 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         own = postprocess.select(truth, maps, [name], score)["config"]
         configs = {"argmax": {**postprocess.DEFAULT, "models": [name]}, "steps": {**steps, "models": [name]},
                    "own_steps": own}
-        rows.append({"label": name, "plan": "mean" if name == "ensemble" else
-                     f"{plans[name]['folds']} folds, seed {plans[name]['seed']}",
-                     **{kind: {**summary(dice), "dice_3d_per_patient": dice, "config": configs[kind]}
-                        for kind, dice in scores(truth, maps, configs).items()}})
+        row = {"label": name, "plan": "mean" if name == "ensemble" else
+               f"{plans[name]['folds']} folds, seed {plans[name]['seed']}"}
+        for kind, config in configs.items():
+            dice = postprocess.dice_per_patient(truth, maps, config)
+            row[kind] = {**summary(dice), "dice_3d_per_patient": dice, "config": config}
+        rows.append(row)
     singles = {kind: [np.mean([row[kind]["dice_3d_per_patient"][p] for row in rows[:-1]]) for p in patients]
                for kind in KINDS}
     result = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -417,9 +418,15 @@ def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_p
     plan = json.loads((other / "cv_plan.json").read_text())
     (other / "cv_plan.json").write_text(json.dumps({**plan, "recipe": {"epochs": 2}}))
     (perfect / "attention_unet" / "fold_1" / "fold.json").rename(tmp_path / "moved.json")
-    for runs_args, fragment in (([empty, other], "different recipes"), ([perfect, empty], "not every fold"),
-                                ([empty], "at least twice"), ([empty, tmp_path / "none"], "no readable cv_plan")):
-        failed = subprocess.run([*script, *[a for r in runs_args for a in ("--runs", r)], "--out", tmp_path / "bad"],
+    one_patient = tmp_path / "one" / "Data"  # data that lacks most of the runs' patients
+    shutil.copytree(phantom / with_lesion[0], one_patient / with_lesion[0])
+    also_empty = runs("d", 3, lambda gt: np.zeros(gt.shape))
+    for bad_args, fragment in ((["--runs", empty, "--runs", other], "different recipes"),
+                               (["--runs", perfect, "--runs", empty], "not every fold"),
+                               (["--runs", empty], "at least twice"),
+                               (["--runs", empty, "--runs", tmp_path / "none"], "no readable cv_plan"),
+                               (["--runs", empty, "--runs", also_empty, "--data", one_patient], "are not in")):
+        failed = subprocess.run([*script, *bad_args, "--out", tmp_path / "bad"],
                                 capture_output=True, text=True, timeout=120)
         assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
         assert not (tmp_path / "bad").exists()
