@@ -90,7 +90,9 @@ class Engine:
         if not weights.is_file():
             raise UserError(f"no trained weights at {weights}: train the bundle or pass its model.pt")
         parser = inference_parser(bundle, overrides)
-        self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name)
+        self.one_lesion_per_patient = bool(parser.get("one_lesion_per_patient", False))
+        self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name,
+                                             self.one_lesion_per_patient)
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
             self.inferer = parser.get_parsed_content("inferer")

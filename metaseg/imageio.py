@@ -90,6 +90,7 @@ from pydicom.uid import (
 )
 
 from metaseg.conventions import FLAIR_CHANNEL
+from metaseg.lesions import voxel_mm3
 from metaseg.errors import TooLarge, Unsupported, UserError
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,18 @@ class Volume:
         """The network input of each frame: the three sequences (3, rows, cols) when every frame has them, else the
         frames; one upload is one kind of input, so the `channels` a report states holds for all its slices."""
         return self.sequences if self.channels == 3 else self.frames
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the frames are one volume (a DICOM series or multi-frame file, a NIfTI, one multi-page TIFF), whose
+        lesions are 3D (metaseg.lesions); several pictures uploaded together are unrelated slices."""
+        one_file = len({file_index for file_index, _ in self.source_frame}) == 1
+        return len(self.frames) > 1 and (self.kind in ("dicom", "nifti") or one_file)
+
+    @property
+    def voxel_mm3(self) -> float | None:
+        """One voxel's volume where the in-plane spacing and the slice thickness are known (a volume only)."""
+        return voxel_mm3(self.pixel_spacing_mm, self.slice_thickness_mm) if self.is_volume else None
 
     @property
     def channels(self) -> int:

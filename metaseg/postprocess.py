@@ -7,13 +7,18 @@ each is reported whether kept or not. A configuration is a plain dict (`DEFAULT`
     models             the bundles whose lesion probabilities are averaged (one = no ensemble)
     flip_tta           also predict the left-right mirrored input, mirror back, average (test-time augmentation)
     threshold          lesion where the probability is at least it (MONAI AsDiscrete's threshold)
-    min_lesion_voxels  drop 3D connected components smaller than this (0 = off; MONAI RemoveSmallObjects)
-    largest_component  keep only the largest 3D connected component (MONAI KeepLargestConnectedComponent)
+    min_lesion_voxels  drop lesions smaller than this, for volumes without a known spacing (0 = off)
+    min_lesion_mm3     drop lesions smaller than this, for volumes with a known spacing (0 = off)
+    largest_component  keep only the largest lesion; allowed only for a
+                       bundle whose data are declared one lesion per patient (`one_lesion_per_patient` in its
+                       inference.json): metastases come several to a patient, and this step deletes all but one
 
-The component steps see a patient's slice stack as one volume (full connectivity, so a lesion drawn on adjacent
-slices is one component). A single uploaded 2D slice is not a volume: it gets the ensemble, flip TTA and the
-threshold, and no component step, because both were chosen on 3D components (a lesion's in-plane area on one slice
-is not its 3D size, and a second metastasis on the same slice must not be dropped as "not the largest").
+The component steps act on lesions as metaseg.lesions defines them (3D connected components of a volume). A size
+chosen in voxels on data without a spacing is not applied to an upload with one (its voxels are of another size), and
+never the other way round. A volume is a DICOM series, a multi-frame DICOM, a NIfTI or a Data patient folder; a single
+2D slice, or several unrelated pictures uploaded together, are separate slices: they get the ensemble, flip TTA and
+the threshold, and no component step (a lesion's area on one slice is not its 3D size, and a second metastasis on the
+same slice must not be dropped as "not the largest").
 
 Deployed, the chosen steps but `models` are a bundle's `inference_steps` (configs/inference.json): the bundle's own
 inferer does the flip TTA (plain MONAI, metaseg's engine, and `network_maps` here all run it), its postprocessing the
@@ -23,22 +28,20 @@ threshold, and `upload_masks` below the threshold and component steps for `metas
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
 
 from metaseg.errors import UserError
+from metaseg.lesions import label, min_voxels
 from metaseg.metrics import dice_3d
 
-DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
+DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
+           "largest_component": False}
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_LESION_VOXELS = (10, 25, 50, 100, 200, 400)
-FULL_3D = 3  # connectivity: voxels sharing a face, an edge or a corner are neighbours
 SLICE_STEPS = ("models", "flip_tta", "threshold")  # what a single 2D slice gets (see module docstring)
-BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "largest_component")  # a bundle's `inference_steps`
+BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "min_lesion_mm3", "largest_component")  # `inference_steps`
 
 # lesion probabilities of one patient: {"prob": (slices, rows, cols), "prob_flip": the mirrored input's, mirrored back}
 Probs = Mapping[str, np.ndarray]
@@ -76,23 +79,31 @@ def as_float(prob: np.ndarray) -> np.ndarray:
     return prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob.astype(np.float32, copy=False)
 
 
-def checked_steps(steps: Mapping, bundle: str) -> dict:
-    """A bundle's `inference_steps` without its `_desc_`; a hand-edited one that is not usable is a UserError."""
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def checked_steps(steps: Mapping, bundle: str, one_lesion_per_patient: bool = False) -> dict:
+    """A bundle's `inference_steps` without its `_desc_`; a hand-edited one that is not usable is a UserError, and so
+    is `largest_component` in a bundle whose data are not declared one lesion per patient."""
     steps = {key: value for key, value in steps.items() if key != "_desc_"}
     if set(steps) != set(BUNDLE_STEPS):
         raise UserError(f"{bundle}: inference_steps must hold exactly {', '.join(BUNDLE_STEPS)}, got {sorted(steps)}")
-    threshold, min_voxels = steps["threshold"], steps["min_lesion_voxels"]
+    threshold, voxels, mm3 = steps["threshold"], steps["min_lesion_voxels"], steps["min_lesion_mm3"]
     if not all(isinstance(steps[key], bool) for key in ("flip_tta", "largest_component")) \
-            or isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1 \
-            or isinstance(min_voxels, bool) or not isinstance(min_voxels, int) or min_voxels < 0:
+            or not _number(threshold) or not 0 <= threshold <= 1 \
+            or isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0 or not _number(mm3) or mm3 < 0:
         raise UserError(f"{bundle}: inference_steps need true/false flip_tta and largest_component, a threshold in "
-                        f"[0, 1] and a whole min_lesion_voxels >= 0, got {steps}")
+                        f"[0, 1], a whole min_lesion_voxels >= 0 and a min_lesion_mm3 >= 0, got {steps}")
+    if steps["largest_component"] and not one_lesion_per_patient:
+        raise UserError(f"{bundle}: inference_steps keep only the largest lesion, but the bundle does not declare "
+                        f"one_lesion_per_patient: that step would delete all metastases but one")
     return steps
 
 
 def has_volume_steps(steps: Mapping) -> bool:
     """Whether a volume's mask of one slice depends on its other slices (a component step is on)."""
-    return bool(steps["min_lesion_voxels"] or steps["largest_component"])
+    return bool(steps["min_lesion_voxels"] or steps["min_lesion_mm3"] or steps["largest_component"])
 
 
 def with_threshold(steps: Mapping, threshold: float | None) -> dict:
@@ -100,26 +111,39 @@ def with_threshold(steps: Mapping, threshold: float | None) -> dict:
     return dict(steps) if threshold is None else {**steps, "threshold": threshold}
 
 
-def upload_masks(probabilities: Sequence[np.ndarray], steps: Mapping) -> np.ndarray:
+def upload_masks(probabilities: Sequence[np.ndarray], steps: Mapping, volume: bool = False,
+                 voxel_volume_mm3: float | None = None) -> np.ndarray:
     """Boolean masks (frames, rows, cols) of one upload's lesion probabilities, in its frame order: the threshold,
-    and for a volume (more than one frame: a Data patient folder, a DICOM series or multi-frame file, a NIfTI, a
-    multi-page TIFF) the component steps; a single 2D slice gets the threshold alone (see the module docstring)."""
-    return mask(np.stack(probabilities), steps, volume=len(probabilities) > 1)
+    and for a `volume` (see the module docstring: not several unrelated slices) the component steps, with the size
+    in mm3 where `voxel_volume_mm3` is known."""
+    return mask(np.stack(probabilities), steps, volume=volume and len(probabilities) > 1,
+                voxel_volume_mm3=voxel_volume_mm3)
 
 
-def mask(prob: np.ndarray, config: Mapping, volume: bool = True) -> np.ndarray:
-    """Boolean lesion mask of a (slices, rows, cols) probability stack; component steps only for a `volume`."""
+def min_size(config: Mapping, voxel_volume_mm3: float | None) -> int:
+    """The smallest lesion (voxels) a volume keeps: from min_lesion_mm3 where the voxel volume is known, else from
+    min_lesion_voxels (a size in voxels of unknown spacing means nothing for an upload with a known one)."""
+    if voxel_volume_mm3 is not None:
+        return min_voxels(config["min_lesion_mm3"], voxel_volume_mm3) if config["min_lesion_mm3"] else 0
+    return config["min_lesion_voxels"]
+
+
+def mask(prob: np.ndarray, config: Mapping, volume: bool = True, voxel_volume_mm3: float | None = None) -> np.ndarray:
+    """Boolean lesion mask of a (slices, rows, cols) probability stack; component steps only for a `volume`.
+
+    The lesions are metaseg.lesions' (one labelling for both steps). Not MONAI's RemoveSmallObjects: under
+    scikit-image 0.26 its `min_size` also removes objects of exactly that size."""
     lesion = prob >= config["threshold"]
-    if not volume or not lesion.any():
+    smallest = min_size(config, voxel_volume_mm3)
+    if not volume or not lesion.any() or (smallest <= 1 and not config["largest_component"]):
         return lesion
-    labels = torch.from_numpy(lesion[None].astype(np.uint8))  # (channel, slices, rows, cols), as MONAI expects
-    if config["min_lesion_voxels"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # scikit-image renames the argument MONAI passes
-            labels = RemoveSmallObjects(min_size=config["min_lesion_voxels"], connectivity=FULL_3D)(labels)
-    if config["largest_component"]:
-        labels = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=FULL_3D)(labels)
-    return np.asarray(labels[0]).astype(bool)
+    labels, _ = label(lesion)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= smallest
+    keep[0] = False  # background
+    if config["largest_component"] and keep.any():
+        keep = np.arange(len(sizes)) == np.argmax(np.where(keep, sizes, 0))
+    return keep[labels]
 
 
 def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],

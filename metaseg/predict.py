@@ -137,6 +137,6 @@ def _segment(pending: list[tuple[list[Path], list[np.ndarray]]], engine: Engine,
     probabilities = engine.probabilities([frame for _, frames in pending for frame in frames])
     start = 0
     for paths, frames in pending:
-        masks = upload_masks(probabilities[start : start + len(frames)], steps)
+        masks = upload_masks(probabilities[start : start + len(frames)], steps, volume=True)
         start += len(frames)
         report.written += [write_bytes_atomic(path, to_png_bytes(mask)) for path, mask in zip(paths, masks)]

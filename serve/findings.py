@@ -51,7 +51,7 @@ def report(
         slices=len(volume.frames),
         input_channels=volume.channels,
         threshold=steps["threshold"],
-        volume_steps=len(masks) > 1 and has_volume_steps(steps),
+        volume_steps=volume.is_volume and has_volume_steps(steps),
         pixel_spacing_mm=spacing,
         slice_thickness_mm=thickness,
         lesion_count=len(found),

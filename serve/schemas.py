@@ -44,8 +44,12 @@ class InferenceSteps(BaseModel):
 
     flip_tta: bool = Field(description="lesion probabilities averaged with those of the left-right mirrored slice")
     threshold: float = Field(description="the default threshold: lesion where the probability is at least this")
-    min_lesion_voxels: int = Field(description="volumes: 3D connected components under this size are dropped (0: off)")
-    largest_component: bool = Field(description="volumes: only the largest 3D connected component is kept")
+    min_lesion_voxels: int = Field(description="volumes without a known spacing: lesions (3D connected components) "
+                                   "under this many voxels are dropped (0: off)")
+    min_lesion_mm3: float = Field(description="volumes with a known spacing: lesions under this volume are dropped "
+                                  "(0: off)")
+    largest_component: bool = Field(description="volumes: only the largest lesion is kept (only for a bundle that "
+                                    "declares one lesion per patient)")
 
 
 class ModelInfo(BaseModel):

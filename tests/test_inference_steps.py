@@ -37,8 +37,8 @@ from test_deploy import deploy
 from test_engine import random_weights
 from test_serve import dcm, mr
 
-CHOSEN = {"flip_tta": True, "threshold": 0.4, "min_lesion_voxels": 0, "largest_component": False}
-DEFAULT = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
+CHOSEN = {"flip_tta": True, "threshold": 0.4, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+DEFAULT = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
 BRIGHT_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2, "kernel_size": 1}
 
 
@@ -49,6 +49,7 @@ def bundle_with(folder: Path, steps: dict, network_def: dict | None = None) -> P
     path = bundle / "configs" / "inference.json"
     config = json.loads(path.read_text())
     config["inference_steps"] = {"_desc_": config["inference_steps"]["_desc_"], **steps}
+    config["one_lesion_per_patient"] = steps["largest_component"]  # a bundle may keep one lesion only if it declares it
     config["spatial_size"] = 32
     if network_def is None:
         random_weights("attention_unet", bundle / "models")
@@ -200,7 +201,7 @@ def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_
     bundle = bundle_with(tmp_path, {**DEFAULT, "min_lesion_voxels": 20}, BRIGHT_NET)
     engine = Engine(bundle)
     probabilities = engine.probabilities(list(volume))
-    np.testing.assert_array_equal(upload_masks(probabilities, engine.inference_steps),
+    np.testing.assert_array_equal(upload_masks(probabilities, engine.inference_steps, volume=True),
                                   expected(volume, *[(z, BIG) for z in (0, 1, 2)], (2, MEDIUM), (3, MEDIUM)))
     data = tmp_path / "Data.zip"
     slices = {1: volume[0], 2: volume[0], 10: volume[3]}  # BIG on P_1 and P_2 (one 3D lesion), MEDIUM on P_10
@@ -210,7 +211,7 @@ def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_
             buffer = io.BytesIO()
             tifffile.imwrite(buffer, rgb, photometric="rgb")
             archive.writestr(f"Data/P/P_{n}.tif", buffer.getvalue())
-    largest = Engine(bundle, overrides={"inference_steps#min_lesion_voxels": 0,
+    largest = Engine(bundle, overrides={"inference_steps#min_lesion_voxels": 0, "one_lesion_per_patient": True,
                                         "inference_steps#largest_component": True})
     predict(data, tmp_path / "out", largest)
     masks = {n: np.asarray(PIL.Image.open(tmp_path / "out" / "P" / f"P_{n}_seg.png")) > 0 for n in slices}
@@ -222,8 +223,11 @@ def test_unusable_inference_steps_are_a_clear_error(tmp_path):
     bundle = bundle_with(tmp_path, {**DEFAULT, "threshold": 1.5})
     with pytest.raises(UserError, match=r"a threshold in \[0, 1\]"):
         Engine(bundle)
-    with pytest.raises(UserError, match="must hold exactly flip_tta, threshold, min_lesion_voxels, largest_component"):
+    with pytest.raises(UserError, match="must hold exactly flip_tta, threshold, min_lesion_voxels, min_lesion_mm3, "
+                                        "largest_component"):
         Engine(bundle, overrides={"inference_steps": {"threshold": 0.5}})
+    with pytest.raises(UserError, match="does not declare one_lesion_per_patient"):
+        Engine(bundle, overrides={"inference_steps": {**DEFAULT, "largest_component": True}})
     path = bundle / "configs" / "inference.json"
     config = json.loads(path.read_text())
     del config["inference_steps"]

@@ -130,7 +130,8 @@ def _report(engine: Engine, files: Files, settings: Settings, threshold: float |
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment", files, volume, ms)
     steps = with_threshold(engine.inference_steps, threshold)
-    return findings.report(volume, probabilities, upload_masks(probabilities, steps), steps, engine.name, ms)
+    masks = upload_masks(probabilities, steps, volume.is_volume, volume.voxel_mm3)
+    return findings.report(volume, probabilities, masks, steps, engine.name, ms)
 
 
 def _one_slice(
@@ -143,10 +144,10 @@ def _one_slice(
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
     steps = with_threshold(engine.inference_steps, threshold)
-    whole = len(volume.frames) > 1 and has_volume_steps(steps)
+    whole = volume.is_volume and has_volume_steps(steps)
     probabilities, ms = _infer(engine, volume.inputs if whole else [volume.inputs[index]], settings.inference_timeout_s)
     _log(route, files, volume, ms)
-    return volume.frames[index], upload_masks(probabilities, steps)[index if whole else 0]
+    return volume.frames[index], upload_masks(probabilities, steps, whole, volume.voxel_mm3)[index if whole else 0]
 
 
 def _mask_png(engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int) -> bytes:
@@ -164,7 +165,8 @@ def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: floa
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment/seg", files, volume, ms)
-    masks = upload_masks(probabilities, with_threshold(engine.inference_steps, threshold))
+    steps = with_threshold(engine.inference_steps, threshold)
+    masks = upload_masks(probabilities, steps, volume.is_volume, volume.voxel_mm3)
     version = str(engine.metadata.get("version", ""))
     try:
         return dicomseg.segmentation(volume, masks, engine.name, version)
