@@ -1,5 +1,5 @@
 """The conventions every part of metaseg shares, each written once: where weights live, the best-model record,
-mask file names and the FLAIR channel.
+mask file names and the sequences (input channels).
 
 The bundles cannot import this module (a bundle copied out of the repo runs in plain MONAI), so they state the same
 facts in their configs (`flair_channel`, the writer's `output_postfix`/`output_ext`, `models/model.pt`) and
@@ -17,8 +17,10 @@ from metaseg.bundles import BUNDLES_DIR, NAMES, bundle_dir
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
 
-FLAIR_CHANNEL = 1  # of the data set's (pre-contrast, FLAIR, post-contrast) slices: the channel shown to users, and
-# the one a one-channel input stands for (the bundles copy it into all three; training does so by sequence dropout)
+SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")  # the network's input channels in order: T1 before contrast,
+# FLAIR, T1 after contrast, as the data set's slices hold them
+FLAIR_CHANNEL = SEQUENCES.index("FLAIR")  # the channel shown to users, and the one a one-channel input stands for (the
+# bundles copy it into all three; training does so by sequence dropout)
 MASK_POSTFIX, MASK_EXT = "seg", ".png"  # <stem>_seg.png, 0/255
 WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best network, a plain state dict
 BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run

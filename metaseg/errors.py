@@ -15,3 +15,8 @@ class TooLarge(UserError):
 
 class Unsupported(UserError):
     """The input is not a format or encoding that metaseg decodes."""
+
+
+class Mismatch(UserError):
+    """Parts of the input that must belong together do not: sequences of other geometry, several series where one
+    series or a study's three sequences were expected."""

@@ -89,7 +89,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from metaseg.conventions import FLAIR_CHANNEL
+from metaseg.conventions import FLAIR_CHANNEL, SEQUENCES
 from metaseg.lesions import voxel_mm3
 from metaseg.errors import TooLarge, Unsupported, UserError
 
@@ -128,6 +128,7 @@ class Volume:
     slice_thickness_mm: float | None = None
     datasets: tuple[Dataset, ...] = field(default=(), repr=False)
     sequences: list[np.ndarray | None] | None = field(default=None, repr=False)  # per frame (3, rows, cols) or None
+    given: tuple[str, ...] | None = None  # of sequences stacked from separate uploads (metaseg.sequences), those sent
 
     @property
     def inputs(self) -> list[np.ndarray]:
@@ -152,6 +153,13 @@ class Volume:
         """3 when every frame brought three sequences, else 1 (frames that are one channel are used as FLAIR)."""
         return 3 if self.sequences is not None and all(s is not None for s in self.sequences) else 1
 
+    @property
+    def sequences_given(self) -> tuple[str, ...]:
+        """The sequences (conventions.SEQUENCES) the network gets from the upload; FLAIR stands in for the others."""
+        if self.given is not None:
+            return self.given
+        return SEQUENCES if self.channels == 3 else (SEQUENCES[FLAIR_CHANNEL],)
+
 
 def decode(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> Volume:
     """Decode one upload (one file, or the slices of one series); any bad input raises UserError."""
@@ -162,6 +170,32 @@ def decode(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> Volume:
     if kind == "nifti":
         return _decode_nifti(files, limits)
     return _decode_pictures(files, kind, limits)
+
+
+def dicom_datasets(files: list[tuple[str, bytes]], limits: Limits = Limits()) -> list[Dataset] | None:
+    """The DICOM datasets of an upload in upload order, parsed under the upload's limits but not decoded, to sort
+    its files into series (metaseg.sequences); None when the upload is not DICOM."""
+    _check_upload(files, limits)
+    if _common_kind(files) != "dicom":
+        return None
+    budget = _Budget(limits)
+    return [_read_dicom(name, data, budget) for name, data in files]
+
+
+def frame_planes(volume: Volume) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each frame's DICOM (ImagePositionPatient, ImageOrientationPatient), in series order; None for a frame without
+    them, and for every frame of a volume that is not DICOM."""
+    dataset_of = dict(zip(dict.fromkeys(file_index for file_index, _ in volume.source_frame), volume.datasets))
+    planes = []
+    for file_index, frame in volume.source_frame:
+        ds = dataset_of.get(file_index)
+        if ds is None:
+            planes.append(None)
+            continue
+        position = _numbers(_frame_macro(ds, frame, "PlanePositionSequence"), "ImagePositionPatient", 3)
+        orientation = _numbers(_frame_macro(ds, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+        planes.append(None if position is None or orientation is None else (position, orientation))
+    return planes
 
 
 def to_png_bytes(mask: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from metaseg.engine import Engine
 from serve.config import Settings, get_settings
 from serve.pool import InferencePool
-from serve.uploads import BodyMemory, Files, read_files
+from serve.uploads import BodyMemory, Form, read_files
 
 
 def get_engine(request: Request) -> Engine:
@@ -41,14 +41,14 @@ ReportMetricsDep = Annotated[dict[str, float] | None, Depends(get_report_metrics
 
 async def received_files(
     request: Request, settings: SettingsDep, memory: Annotated[BodyMemory, Depends(get_body_memory)]
-) -> AsyncIterator[Files]:
-    """The uploaded files, read in full before the request asks for an inference thread; their bytes count
-    against the server-wide body memory until the response is sent."""
+) -> AsyncIterator[Form]:
+    """The uploaded files of each image field (`file`, or the sequence fields), read in full before the request asks
+    for an inference thread; their bytes count against the server-wide body memory until the response is sent."""
     with memory.account() as take:
         yield await read_files(request, settings, take)
 
 
-Upload = Annotated[Files, Depends(received_files)]
+Upload = Annotated[Form, Depends(received_files)]
 Threshold = Annotated[
     float | None,
     Query(ge=0, le=1, allow_inf_nan=False, description="lesion where the probability is at least this; default: "

@@ -4,11 +4,12 @@ The status follows from the exception's class (metaseg.errors), never from its m
     413  TooLarge: bytes, parts, pixels per frame, frames, files, decoded memory, decompressed size, DICOM
          elements, decode or inference time
     415  Unsupported: not an image format or encoding the server decodes
+    422  Mismatch: sequences of other geometry, several DICOM series that are not a study's three sequences
     400  any other UserError: empty, truncated, corrupt, inconsistent slices of a series
 The server's own checks add 401 (bearer token missing or wrong), 408 (body slower than the minimum rate or
-longer than the total time), 415 (not multipart, or a DICOM SEG asked for a non-DICOM upload), 422 (missing
-`file` field, threshold or slice out of range, a DICOM source a SEG cannot reference) and 503 + Retry-After
-(Busy: queue full, no thread free in time, too many bodies in memory). Validation errors are one string too, so
+longer than the total time), 415 (not multipart, or a DICOM SEG asked for a non-DICOM upload), 422 (no `file` or
+`flair` field, or `file` beside the sequence fields, threshold or slice out of range, a DICOM source a SEG cannot
+reference) and 503 + Retry-After (Busy: queue full, no thread free in time, too many bodies in memory). Validation errors are one string too, so
 that every error answer matches the one documented schema, ErrorDetail.
 """
 
@@ -20,13 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from metaseg.errors import TooLarge, Unsupported, UserError
+from metaseg.errors import Mismatch, TooLarge, Unsupported, UserError
 from serve.pool import RETRY_AFTER_S, Busy
 from serve.schemas import ErrorDetail
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_CATEGORY = {TooLarge: 413, Unsupported: 415, UserError: 400}
+STATUS_BY_CATEGORY = {TooLarge: 413, Unsupported: 415, Mismatch: 422, UserError: 400}
 
 
 def _json(text: str) -> dict:
@@ -42,7 +43,8 @@ ERROR_RESPONSES = {
         (408, "the upload arrived slower than the minimum rate, or took longer than the total time"),
         (413, "upload, parts, image, frames, decoded memory or processing time over the server's limits"),
         (415, "not multipart/form-data, or an image format/encoding the server does not decode"),
-        (422, "missing `file` field, a query parameter out of range, or a DICOM SEG the source cannot support"),
+        (422, "no `file` or `flair` field, sequences that do not match, a query parameter out of range, or a DICOM "
+              "SEG the source cannot support"),
         (503, "the server is busy (queue full or no thread free in time); retry after Retry-After seconds"),
     )
 }

@@ -50,6 +50,7 @@ def report(
         image_size=ImageSize(rows=rows, cols=cols),
         slices=len(volume.frames),
         input_channels=volume.channels,
+        sequences_given=list(volume.sequences_given),
         threshold=steps["threshold"],
         volume_steps=volume.is_volume and has_volume_steps(steps),
         pixel_spacing_mm=spacing,

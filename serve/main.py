@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="metaseg",
         summary="Brain-MRI metastasis segmentation with a MONAI bundle",
         description="Upload a slice (PNG, JPEG, TIFF, DICOM, NIfTI-1) or the slices of one series as multipart "
-        "field `file`. Research use only; not for diagnostic purposes.",
+        "field `file`, or the sequences in the fields `pre_contrast`, `flair`, `post_contrast`. Research use only; "
+        "not for diagnostic purposes.",
         version=metaseg.__version__,
         lifespan=lifespan,
         generate_unique_id_function=lambda route: f"{route.tags[0]}-{route.name}",

@@ -103,6 +103,10 @@ class SegmentationReport(BaseModel):
         description="what the network was given: 3 = the upload's pre-contrast, FLAIR and post-contrast channels; "
         "1 = one channel, taken as FLAIR (a model of three sequences gets it in all three)"
     )
+    sequences_given: list[Literal["pre-contrast", "FLAIR", "post-contrast"]] = Field(
+        description="the sequences the network got from the upload, in its channel order; FLAIR stood in for the "
+        "others (a one-channel upload: FLAIR alone)"
+    )
     threshold: float = Field(description="lesion where the probability is at least this")
     volume_steps: bool = Field(
         description="whether the component steps of /info `inference_steps` (min_lesion_voxels, largest_component) "

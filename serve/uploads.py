@@ -1,4 +1,8 @@
-"""Read the `file` parts of a multipart upload into memory, counting bytes, parts and time as they arrive.
+"""Read the image parts of a multipart upload into memory, counting bytes, parts and time as they arrive.
+
+The form holds either `file` (one image, the files of one series, or a DICOM study's three sequence series) or the
+sequences one by one: `pre_contrast`, `flair` (required), `post_contrast`, each one image or one series' files
+(metaseg.sequences turns either into one Volume). Other fields are skipped, their bytes and parts still counted.
 
 Starlette's form parser spools files over 1 MiB to temporary files on disk and learns the size only at the
 end; uploads here never touch the disk, and a body is refused as soon as it crosses a limit, whatever
@@ -11,18 +15,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from metaseg import sequences
+from metaseg.imageio import Limits, Volume
+from metaseg.sequences import FIELDS
 from serve.config import Settings
 from serve.pool import Busy
 
 FIELD = "file"
+FLAIR_FIELD = next(field for field, sequence in FIELDS.items() if sequence == sequences.FLAIR)
 Files = list[tuple[str, bytes]]  # (file name as uploaded, bytes), in upload order
 BODY_GRACE_S = 2.0  # the minimum body rate applies after this long: connection set-up, first packets
+
+
+def _files(description: str) -> dict:
+    return {"type": "array", "items": {"type": "string", "format": "binary"}, "description": description}
+
 
 # OpenAPI description of the body that `read_files` parses by hand (FastAPI cannot infer it).
 REQUEST_BODY = {
@@ -32,20 +46,46 @@ REQUEST_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": [FIELD],
+                    "anyOf": [{"required": [FIELD]}, {"required": [FLAIR_FIELD]}],
                     "properties": {
-                        FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one image (PNG, JPEG, TIFF, DICOM, NIfTI-1), or several `file` parts "
-                            "that are the slices of one series",
-                        }
+                        FIELD: _files(
+                            "one image (PNG, JPEG, TIFF, DICOM, NIfTI-1), or several `file` parts that are the slices "
+                            "of one series; a DICOM study's three series whose descriptions name pre-contrast T1, "
+                            "FLAIR and post-contrast T1 are taken as those sequences. Not with the sequence fields"
+                        ),
+                        **{
+                            field: _files(
+                                f"the {sequence} sequence: one image or the files of one series, the same slices as "
+                                "`flair`" + (" (required when the sequence fields are used)" if field == FLAIR_FIELD
+                                             else "; when missing, FLAIR stands in for it")
+                            )
+                            for field, sequence in FIELDS.items()
+                        },
                     },
                 }
             }
         },
     }
 }
+
+
+@dataclass(frozen=True)
+class Form:
+    """The image fields of an upload, `file` or the sequence fields (`flair` among them), with each field's files in
+    upload order."""
+
+    fields: dict[str, Files]
+
+    @property
+    def files(self) -> Files:
+        """Every uploaded image file, field after field."""
+        return [file for files in self.fields.values() for file in files]
+
+    def volume(self, limits: Limits) -> Volume:
+        """The upload decoded as one Volume (metaseg.sequences); UserError for bad input. Run it on a pool thread."""
+        if FIELD in self.fields:
+            return sequences.decode(self.fields[FIELD], limits)
+        return sequences.stack({FIELDS[field]: files for field, files in self.fields.items()}, limits)
 
 
 class BodyMemory:
@@ -73,13 +113,15 @@ class BodyMemory:
 
 
 class _Parts:
-    """python-multipart callbacks that keep the bytes of every `file` part, in upload order; at most `max_parts`
-    parts, counted as the parser reaches them (the parser itself allows 8 header lines of 4 KiB per part)."""
+    """python-multipart callbacks that keep the bytes of every part of an image field, by field in upload order; at
+    most `max_parts` parts, counted as the parser reaches them (the parser allows 8 header lines of 4 KiB per part)."""
+
+    _NAMES = {name.encode(): name for name in (FIELD, *FIELDS)}
 
     def __init__(self, max_parts: int):
         self.max_parts = max_parts
         self.parts = 0
-        self.files: list[tuple[str, bytearray]] = []
+        self.fields: dict[str, list[tuple[str, bytearray]]] = {}
         self.complete = False
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
@@ -110,9 +152,11 @@ class _Parts:
 
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if options.get(b"name") == FIELD.encode():
+        field = self._NAMES.get(options.get(b"name"))
+        if field is not None:
             self._data = bytearray()
-            self.files.append((options.get(b"filename", b"upload").decode("utf-8", "replace"), self._data))
+            name = options.get(b"filename", b"upload").decode("utf-8", "replace")
+            self.fields.setdefault(field, []).append((name, self._data))
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._data is not None:  # other fields are skipped (their bytes still count)
@@ -122,9 +166,10 @@ class _Parts:
         self.complete = True
 
 
-async def read_files(request: Request, settings: Settings, take: Callable[[int], None]) -> Files:
-    """The uploaded files as (file name, bytes); HTTP 400/408/413/415/422 when the body is too big, too slow or
-    not a form, 503 (Busy) when `take` refuses more memory for bodies."""
+async def read_files(request: Request, settings: Settings, take: Callable[[int], None]) -> Form:
+    """The uploaded files of each image field; HTTP 400/408/413/415 when the body is too big, too slow or not a form,
+    422 when its image fields are not `file` or the sequence fields with `flair`, 503 (Busy) when `take` refuses
+    more memory for bodies."""
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data":
         raise HTTPException(415, f"send the image as multipart/form-data with the field '{FIELD}'")
@@ -165,7 +210,19 @@ async def read_files(request: Request, settings: Settings, take: Callable[[int],
         raise HTTPException(400, "the client closed the connection during the upload") from None
     if not parts.complete:
         raise HTTPException(400, "multipart body ends before its closing boundary (truncated upload?)")
-    if not parts.files:
-        detail = f"no '{FIELD}' field in the form: send the image as '{FIELD}' (several for one series)"
-        raise HTTPException(422, detail)
-    return [(name, bytes(data)) for name, data in parts.files]
+    fields = _checked(parts.fields)
+    return Form({field: [(name, bytes(data)) for name, data in files] for field, files in fields.items()})
+
+
+def _checked(fields: dict) -> dict:
+    """`fields` if they are `file` alone or the sequence fields with `flair`, else HTTP 422 saying what to send."""
+    named = ", ".join(f"'{field}'" for field in FIELDS)
+    if not fields:
+        raise HTTPException(422, f"no '{FIELD}' field in the form: send the image as '{FIELD}' (several for one "
+                                 f"series), or the sequences as {named}")
+    if FIELD in fields and len(fields) > 1:
+        raise HTTPException(422, f"send the image as '{FIELD}' or the sequences as {named}, not both")
+    if FIELD not in fields and FLAIR_FIELD not in fields:
+        raise HTTPException(422, f"'{FLAIR_FIELD}' is missing: it is required with the other sequence fields, and "
+                                 "it stands in for a missing one")
+    return fields

@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Response
 
 from metaseg.engine import Engine
 from metaseg.errors import TooLarge
-from metaseg.imageio import Volume, decode, to_png_bytes
+from metaseg.imageio import Volume, to_png_bytes
 from metaseg.postprocess import has_volume_steps, upload_masks, with_threshold
 from serve import dicomseg, findings
 from serve.config import Settings
@@ -27,7 +27,7 @@ from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, U
 from serve.errors import ERROR_RESPONSES
 from serve.overlay import overlay_png
 from serve.schemas import SegmentationReport
-from serve.uploads import REQUEST_BODY, Files
+from serve.uploads import REQUEST_BODY, Form
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +115,18 @@ def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[li
     return probabilities, (time.perf_counter() - start) * 1000
 
 
-def _log(route: str, files: Files, volume: Volume, inference_ms: float) -> None:
+def _log(route: str, form: Form, volume: Volume, inference_ms: float) -> None:
     """Sizes, kind and timing only: file names and DICOM attributes may identify the patient."""
     rows, cols = volume.frames[0].shape
-    size = sum(len(data) for _, data in files)
+    size = sum(len(data) for _, data in form.files)
     log.info(
         "%s: %s, %d file(s), %d bytes, %d slice(s) of %dx%d, inference %.0f ms",
-        route, volume.kind, len(files), size, len(volume.frames), rows, cols, inference_ms,
+        route, volume.kind, len(form.files), size, len(volume.frames), rows, cols, inference_ms,
     )
 
 
-def _report(engine: Engine, files: Files, settings: Settings, threshold: float | None) -> SegmentationReport:
-    volume = decode(files, settings.limits())
+def _report(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> SegmentationReport:
+    volume = files.volume(settings.limits())
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
     _log("segment", files, volume, ms)
     steps = with_threshold(engine.inference_steps, threshold)
@@ -135,11 +135,11 @@ def _report(engine: Engine, files: Files, settings: Settings, threshold: float |
 
 
 def _one_slice(
-    engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int, route: str
+    engine: Engine, files: Form, settings: Settings, threshold: float | None, index: int, route: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(frame, mask) of the slice `index`: the volume's mask there, computing that slice alone when no component
     step is on (then a slice's mask depends on that slice only)."""
-    volume = decode(files, settings.limits())
+    volume = files.volume(settings.limits())
     if index >= len(volume.frames):
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
@@ -150,17 +150,17 @@ def _one_slice(
     return volume.frames[index], upload_masks(probabilities, steps, whole, volume.voxel_mm3)[index if whole else 0]
 
 
-def _mask_png(engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int) -> bytes:
+def _mask_png(engine: Engine, files: Form, settings: Settings, threshold: float | None, index: int) -> bytes:
     _, lesion = _one_slice(engine, files, settings, threshold, index, "segment/mask")
     return to_png_bytes(lesion)
 
 
-def _overlay_png(engine: Engine, files: Files, settings: Settings, threshold: float | None, index: int) -> bytes:
+def _overlay_png(engine: Engine, files: Form, settings: Settings, threshold: float | None, index: int) -> bytes:
     return overlay_png(*_one_slice(engine, files, settings, threshold, index, "segment/overlay"))
 
 
-def _seg_bytes(engine: Engine, files: Files, settings: Settings, threshold: float | None) -> bytes:
-    volume = decode(files, settings.limits())
+def _seg_bytes(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> bytes:
+    volume = files.volume(settings.limits())
     if volume.kind != "dicom":
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
