@@ -9,12 +9,18 @@ chose on validation patients, pointing at the shipped copy.
     python scripts/ship_weights.py --cv runs/cv --report reports/cv.md   # `metaseg cv --train-all`: the models
         trained on all patients (RUNS/<bundle>/all), best = the higher out-of-fold mean per-patient 3D Dice
     python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
+    python scripts/ship_weights.py --metrics-only --report reports/cv.md   # only metadata.json's eval_metrics
+
+Shipping from a cross-validation also writes each bundle's `metadata.json` `eval_metrics`: the out-of-fold figures of
+the recipe with the bundle's inference steps (EVAL_METRICS), from the report named, so the card never shows numbers
+that nothing reproduces.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,13 +63,44 @@ def export_torchscript(bundle: Path) -> Path:
     return target
 
 
-def ship_cv(runs: Path, report: Path) -> None:
-    """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
+# metadata.json eval_metrics key -> the cv.json figure of "<bundle> + its inference steps" (out of fold, as served)
+EVAL_METRICS = {
+    "cv_oof_dice_3d_per_patient": "mean_dice_3d",
+    "cv_oof_lesionwise_dice": "lesionwise_dice",
+    "cv_oof_lesion_sensitivity_3d": "lesion_sensitivity_3d",
+    "cv_oof_fp_lesions_per_patient": "fp_lesions_per_patient",
+    "cv_oof_fp_slice_rate": "fp_slice_rate",
+}
+
+
+def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
+    """Each bundle's metadata.json `eval_metrics`: its out-of-fold figures with its inference steps (patient
+    cross-validation of the recipe: the fold models' figures, the honest estimate for the recipe's weights)."""
+    for name in NAMES:
+        entry = cv["models"].get(f"{name} + its inference steps") or cv["models"][name]
+        figures = {key: round(float(entry[source]), 4) for key, source in EVAL_METRICS.items()
+                   if entry.get(source) is not None}
+        path = bundles / name / "configs" / "metadata.json"
+        text = path.read_text()  # the one line is replaced: the file keeps its hand-made layout
+        new, count = re.subn(r'"eval_metrics": \{[^{}]*\}', lambda _: '"eval_metrics": ' + json.dumps(figures), text)
+        if count != 1:
+            raise SystemExit(f"{path}: expected one flat eval_metrics entry")
+        json.loads(new)
+        write_bytes_atomic(path, new.encode())
+
+
+def read_cv(report: Path) -> dict:
     if not (report.parent / "cv.json").is_file():
-        raise SystemExit(f"no {report.parent / 'cv.json'}: run `metaseg cv ... --train-all` first")
+        raise SystemExit(f"no {report.parent / 'cv.json'}: run `metaseg cv ...` first")
     cv = json.loads((report.parent / "cv.json").read_text())
     if not cv["complete"]:
         raise SystemExit(f"{report.parent / 'cv.json'} is partial: finish the cross-validation first")
+    return cv
+
+
+def ship_cv(runs: Path, report: Path) -> None:
+    """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
+    cv = read_cv(report)
     dice = {name: cv["models"][name]["mean_dice_3d"] for name in NAMES}
     for name in NAMES:
         if not (runs / name / "all" / "trained.json").is_file():
@@ -74,6 +111,7 @@ def ship_cv(runs: Path, report: Path) -> None:
                selected_by=f"out-of-fold mean per-patient 3D Dice, {cv['folds']}-fold patient cross-validation "
                f"(seed {cv['seed']}); shipped weights: the same recipe trained on all {len(cv['models'][best]['dice_3d_per_patient'])} patients",
                cv_dice_3d=dice, cv_ci95_dice_3d={name: cv["models"][name]["ci95_dice_3d"] for name in NAMES})
+    write_eval_metrics(cv)
     print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
 
 
@@ -106,8 +144,12 @@ if __name__ == "__main__":
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "comparison.md")
     parser.add_argument("--torchscript-only", action="store_true", help="only re-export each bundle's model.ts")
     parser.add_argument("--cv", type=Path, help="a `metaseg cv --train-all` runs folder (its report: --report cv.md)")
+    parser.add_argument("--metrics-only", action="store_true", help="only write metadata.json eval_metrics from the "
+                        "cross-validation report (--report cv.md)")
     args = parser.parse_args()
-    if args.torchscript_only:
+    if args.metrics_only:
+        write_eval_metrics(read_cv(args.report.resolve()))
+    elif args.torchscript_only:
         for name in NAMES:
             print(f"exported {export_torchscript(BUNDLES_DIR / name)}")
     elif args.cv:
