@@ -75,13 +75,19 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    import json
+
     from metaseg.bundles import bundle_dir
     from metaseg.pipeline import evaluate
 
     if not (args.run / "datalist.json").is_file():
         raise UserError(f"no datalist.json in {args.run}: train into it first (metaseg train --out {args.run})")
-    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, split=args.split)
-    print(f"{args.split} metrics: {metrics}")
+    metrics = evaluate(bundle_dir(args.bundle), args.data, args.run, split=args.split, steps=args.steps)
+    scores = json.loads(metrics.read_text())
+    low, high = scores["ci95"]["dice_3d"]
+    print(f"{args.split}: per-patient 3D Dice {scores['mean']['dice_3d']:.3f} [{low:.3f}, {high:.3f}] over "
+          f"{len(scores['metric_per_case'])} patients, inference steps {args.steps}; masks in "
+          f"{args.run / args.split / 'masks'}, metrics in {metrics}")
 
 
 def _probability(text: str) -> float:
@@ -116,9 +122,8 @@ def cmd_compare(args) -> None:
                      args.bootstrap, args.seed)
     for name, model in report["models"].items():
         low, high = model["ci95"]["dice_3d"]
-        print(f"{name}: {args.split} per-patient 3D Dice {model['mean']['dice_3d']:.3f} [{low:.3f}, {high:.3f}], "
-              f"validation {report['validation'][name]['dice_3d_mean']:.3f}")
-    print(f"best on validation: {report['best']}; reports in {args.out}, "
+        print(f"{name}: {args.split} per-patient 3D Dice {model['mean']['dice_3d']:.3f} [{low:.3f}, {high:.3f}]")
+    print(f"model to serve: {report['best']} ({report['selected_by']}); reports in {args.out}, "
           f"best-model record {args.best_out or args.out / 'best.json'}")
 
 
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (
         ("train", cmd_train, "split the data by patient and train a bundle (python -m monai.bundle run, train.json)"),
-        ("evaluate", cmd_evaluate, "predict and score a run's test or validation patients (monai.bundle run, + evaluate.json)"),
+        ("evaluate", cmd_evaluate, "segment a run's test or validation patients as predict and the server do, and score them"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")
@@ -224,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="delete the run folder's checkpoints instead of resuming them")
     sub.choices["evaluate"].add_argument("--run", type=Path, required=True, help="the folder `metaseg train` wrote")
     sub.choices["evaluate"].add_argument("--split", choices=("validation", "test"), default="test")
+    sub.choices["evaluate"].add_argument(
+        "--steps", choices=("chosen", "off"), default="chosen",
+        help="chosen: the bundle's inference_steps (default); off: threshold 0.5, no flip TTA, no component steps")
 
     p = sub.add_parser("predict", help="segment a Data folder/zip or a folder of PNG/TIFF/DICOM images into 0/255 PNG masks")
     p.add_argument("input", type=Path, help="a Data folder or Data.zip, or a folder of images")
@@ -235,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesion probability threshold (default: the bundle's inference_steps threshold)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("compare", help="score two runs on the same patients; pick the better bundle on validation")
+    p = sub.add_parser("compare", help="score two runs' evaluated masks on the same patients; record the model to "
+                       "serve: the cross-validation's architecture (bundles/best.json) with its run's weights")
     p.add_argument("--data", type=Path, required=True, help="the Data folder or Data.zip the runs were trained on")
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="bundle name and run folder, twice")
     p.add_argument("--split", choices=("validation", "test"), default="test", help="patients to report on (test)")

@@ -1,15 +1,22 @@
-"""`metaseg compare`: two trained bundles scored on the same patients, nnU-Net style, and the better one recorded.
+"""`metaseg compare`: two trained bundles scored on the same patients, nnU-Net style, and the model to serve recorded.
 
-Reads, per run, `<run>/datalist.json` and the predicted masks `<run>/<split>/masks/<patient>/<stem>_seg.png` of the
-compared split and of `validation`; the ground truth and FLAIR come from the data source. Writes, each atomically:
+Reads, per run, `<run>/datalist.json` and the masks `metaseg evaluate` wrote for the compared split,
+`<run>/<split>/masks/<patient>/<stem>_seg.png`: made by the engine as `metaseg predict` and the server make them, with
+the inference steps `<run>/<split>/metrics.json` names, so every score here is of masks users get. The ground truth
+and FLAIR come from the data source. Writes, each atomically:
 
-    OUT/comparison.json   per-patient metrics, means with 95% bootstrap CIs, paired test, patient lists, command
+    OUT/comparison.json   per-patient metrics (all of metaseg.metrics.patient_metrics), means with 95% bootstrap
+                          CIs, paired test, patient lists, each model's inference steps, command
     OUT/comparison.md     the same as a table, with the conventions and links to the figures
     OUT/qualitative.png   best, median and worst lesion slice of the compared split, every model side by side
     OUT/training_curves.png  per-epoch training loss and validation Dice of each run
-    best-out (OUT/best.json) the bundle with the higher *validation* mean 3D Dice, readable by conventions.read_best
+    best-out (OUT/best.json) the model to serve, readable by conventions.read_best
 
-Model selection never looks at the compared (test) patients; the test numbers only report.
+Model choice never rests on a split of a handful of patients (here the compared split, or a validation split):
+the architecture is the one the shipped patient cross-validation chose (the bundle `bundles/best.json` names,
+out of fold on every development patient), served with this run's weights of it, the input size it was trained at
+and the inference steps its masks were scored with (best.json `overrides`: what is served is what was scored). The
+compared split's numbers only report, whichever model they favour.
 """
 
 from __future__ import annotations
@@ -26,14 +33,13 @@ import numpy as np
 from PIL import Image
 
 from metaseg import conventions
-from metaseg.bundles import NAMES
+from metaseg.bundles import BUNDLES_DIR, NAMES
 from metaseg.data import open_source, read_tiff
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
 from metaseg.metrics import METRICS, bootstrap_ci, paired_difference, patient_metrics, slice_dice
 from metaseg.pipeline import model_overrides
 
-SELECTED_BY = "validation mean per-patient 3D Dice"
 RANKING = "lesion slices of the compared split ranked by the mean slice Dice of the two models"
 CONVENTIONS = {
     "dice_3d": "all slices of a patient pooled (one TP/FP/FN sum); no lesion and no prediction = 1, no lesion but "
@@ -110,9 +116,13 @@ def comparable_items(runs: list[Run], split: str) -> list[dict]:
     return first.datalist[split]
 
 
+def _again(run: Run, split: str) -> str:
+    return f"metaseg evaluate --bundle {run.name} --run {run.path} --split {split}"
+
+
 def check_masks(run: Run, split: str, items: list[dict]) -> None:
     """Every slice of the split needs its predicted mask; say which patients lack how many, and how to fix it."""
-    again = f"metaseg evaluate --bundle {run.name} --run {run.path} --split {split}"
+    again = _again(run, split)
     if not (run.path / split / "masks").is_dir():
         raise UserError(f"no {split} masks in {run.path / split / 'masks'} ({run.name}): run `{again}` first")
     missing: dict[str, int] = {}
@@ -125,6 +135,40 @@ def check_masks(run: Run, split: str, items: list[dict]) -> None:
             f"{sum(missing.values())} of {len(items)} {split} masks missing in {run.path} ({run.name}; by patient: "
             f"{which}); rerun `{again}`"
         )
+
+
+def read_evaluation(run: Run, split: str) -> dict:
+    """What `metaseg evaluate` recorded of the split's masks, above all the inference steps that made them."""
+    file = run.path / split / "metrics.json"
+    try:
+        evaluation = json.loads(file.read_text())
+        if not isinstance(evaluation["inference_steps"], dict) or not isinstance(evaluation["steps"], str):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{file} does not name the inference steps that made the {split} masks of {run.name} (masks "
+                        f"of an older `metaseg evaluate` or of the bundle's evaluate.json are not what is served): "
+                        f"rerun `{_again(run, split)}`") from None
+    return evaluation
+
+
+def chosen_architecture(record: Path, names: list[str]) -> str:
+    """The bundle the patient cross-validation chose (`record`: bundles/best.json), one of the compared `names`."""
+    name = conventions.read_best(record).bundle.name
+    if name not in names:
+        raise UserError(f"the cross-validation chose {name} ({record}), which is not among the compared runs "
+                        f"({', '.join(names)}): compare a run of it")
+    return name
+
+
+def selected_by(record: Path, architecture: str, split: str, n_patients: int) -> str:
+    """The rule the best-model record follows, in the words the report and best.json use."""
+    try:
+        shown = record.resolve().relative_to(BUNDLES_DIR.parent).as_posix()
+    except ValueError:  # a record outside the repository
+        shown = str(record)
+    return (f"architecture: {architecture}, the one the patient cross-validation chose ({shown}, out-of-fold "
+            f"per-patient 3D Dice on every development patient), served with this run's weights of it; the "
+            f"{n_patients} {split} patients only report (a handful of patients cannot choose a model)")
 
 
 def by_patient(items: list[dict]) -> dict[str, list[dict]]:
@@ -140,7 +184,8 @@ def _stack(masks: list[np.ndarray], what: str) -> np.ndarray:
     return np.stack(masks)
 
 
-def _member(root: str, path: str) -> str:
+def member(root: str, path: str) -> str:
+    """A patient-relative path of a datalist as a name in the data source (whose patients sit under `root`)."""
     return f"{root}/{path}" if root else path
 
 
@@ -151,7 +196,7 @@ def patients_root(names: set[str], recorded: str, label: str) -> str:
     """
     found = sorted(name[: -len(label) - 1] for name in names if name.endswith(f"/{label}"))
     for root in (recorded, "", *found):
-        if _member(root, label) in names:
+        if member(root, label) in names:
             return root
     raise UserError(f"ground truth {label} not in the data source: is this the data the runs were trained on?")
 
@@ -166,7 +211,7 @@ def read_ground_truth(data: Path, recorded_root: str, groups: dict[str, list[dic
         for patient, items in groups.items():
             masks = []
             for item in items:
-                name = _member(root, item["label"])
+                name = member(root, item["label"])
                 if name not in names:
                     raise UserError(f"ground truth {name} not in {data}: is this the data the runs were trained on?")
                 masks.append(read_tiff(files.read(name)) > 0)
@@ -246,7 +291,7 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
     with open_source(data) as files:
         for row, (label, (mean_dice, patient, index)) in zip(axes, picks):
             item = groups[patient][index]
-            flair = read_tiff(files.read(_member(root, item["image"])))[..., conventions.FLAIR_CHANNEL]
+            flair = read_tiff(files.read(member(root, item["image"])))[..., conventions.FLAIR_CHANNEL]
             gt = truth[patient][index]
             header = f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR"
             panels = [(header, None, None), ("ground truth", gt, "lime")]
@@ -358,33 +403,43 @@ def ci_cell(summary: dict, metric: str, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    """comparison.md: the table, the paired test, the choice on validation, the conventions and the figures."""
+    """comparison.md: the table (a column per metric of metaseg.metrics.METRICS), the paired test, the inference
+    steps, the model to serve and why, the conventions and the figures."""
     split, models, paired = report["split"], report["models"], report["paired_test"]
     a, b = paired["models"]
     n = len(report["patients"][split])
+    empty = all("hd95_empty_prediction_slices" in summary for summary in models.values())
     lines = [
         f"# Model comparison on {n} {split} patients",
         "",
-        f"Produced by `{report['command']}`. Every cell: mean over patients [95% bootstrap CI].",
+        f"Produced by `{report['command']}`. Every cell: mean over patients [95% bootstrap CI], of the masks users "
+        "get (`metaseg evaluate`: each model's weights through the engine, each patient one volume, with the "
+        "inference steps below, as `metaseg predict` and the server run them).",
         "",
-        "| model | per-patient 3D Dice | lesion-slice Dice | lesion-slice IoU | HD95 (px) | lesion sensitivity "
-        "| lesion precision | FP slice rate | lesion slices without prediction |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | " + " | ".join(f"`{m}`" for m in METRICS) + (" | lesion slices without prediction" if empty else "")
+        + " |",
+        "|---|" + "---|" * (len(METRICS) + empty),
     ]
     for name, summary in models.items():
-        cells = [ci_cell(summary, m, 2 if m == "hd95_px" else 3) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['hd95_empty_prediction_slices']} |")
+        cells = [ci_cell(summary, m, 2 if m.startswith("hd95") else 3) for m in METRICS]
+        cells += [str(summary["hd95_empty_prediction_slices"])] if empty else []
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     low, high = paired["ci95"]
     p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
-    best = report["best"]
-    validation = ", ".join(f"{name} {v['dice_3d_mean']:.3f}" for name, v in report["validation"].items())
     lines += [
         "",
         f"Paired test, per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: mean difference "
         f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}.",
         "",
-        f"Best model: **{best}**, selected by {SELECTED_BY} ({validation}; "
-        f"validation patients: {len(report['patients']['validation'])}). Test patients never enter the choice.",
+        "Inference steps of the scored masks:",
+        "",
+    ]
+    lines += [f"- {name}: {summary['steps']} (`{json.dumps(summary['inference_steps'])}`)"
+              for name, summary in models.items()]
+    lines += [
+        "",
+        f"Model to serve: **{report['best']}**. {report['selected_by'][0].upper()}{report['selected_by'][1:]}. "
+        f"Served with the inference steps its masks above were scored with: {models[report['best']]['steps']}.",
         "",
         EMPTY_SLICES,
         "",
@@ -413,18 +468,11 @@ def command_line(data: Path, named: list[tuple[str, Path]], split: str, out: Pat
                        "--best-out", str(best_out), "--bootstrap", str(n_resamples), "--seed", str(seed)])
 
 
-def validation_summary(scores: dict[str, list[dict]]) -> dict:
-    """Per model, the validation patients' 3D Dice and its mean: the only numbers model selection sees."""
-    return {
-        name: {"dice_3d_mean": float(np.mean([p["dice_3d"] for p in per_patient])), "n_patients": len(per_patient),
-               "metric_per_patient": [{"patient": p["patient"], "dice_3d": p["dice_3d"]} for p in per_patient]}
-        for name, per_patient in scores.items()
-    }
-
-
 def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out: Path = Path("reports"),
-            best_out: Path | None = None, n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Score both runs on `split` and on validation, write the reports and the best-model record; return the report."""
+            best_out: Path | None = None, n_resamples: int = 2000, seed: int = 0,
+            architecture_record: Path = conventions.BEST_FILE) -> dict:
+    """Score both runs' `split` masks, write the reports and the best-model record (the architecture
+    `architecture_record` names, see the module docstring); return the report."""
     if len(named) != 2 or named[0][0] == named[1][0]:
         raise UserError(f"compare takes two --run NAME=DIR with different names ({', '.join(NAMES)}), got "
                         f"{[name for name, _ in named]}")
@@ -432,41 +480,37 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
         raise UserError(f"data not found: {data}")
     best_out = best_out or out / "best.json"
     runs = [load_run(name, path) for name, path in named]
-    splits = list(dict.fromkeys([split, "validation"]))
-    groups = {}
-    for s in splits:
-        groups[s] = by_patient(comparable_items(runs, s))
-        for run in runs:
-            check_masks(run, s, [i for items in groups[s].values() for i in items])
-    read = {s: read_ground_truth(data, runs[0].datalist["root"], groups[s]) for s in splits}
-    root, truth = read[split][0], {s: read[s][1] for s in splits}
-    preds = {s: {run.name: read_predictions(run, s, groups[s], truth[s]) for run in runs} for s in splits}
-    scores = {s: {run.name: score(run, s, truth[s], preds[s][run.name]) for run in runs} for s in splits}
-    validation = validation_summary(scores["validation"])
-    best = max(validation, key=lambda name: validation[name]["dice_3d_mean"])  # max keeps the first of a tie
+    best = chosen_architecture(architecture_record, [run.name for run in runs])
+    groups = by_patient(comparable_items(runs, split))
+    evaluations = {}
+    for run in runs:
+        check_masks(run, split, [i for items in groups.values() for i in items])
+        evaluations[run.name] = read_evaluation(run, split)
+    root, truth = read_ground_truth(data, runs[0].datalist["root"], groups)
+    preds = {run.name: read_predictions(run, split, groups, truth) for run in runs}
+    scores = {run.name: score(run, split, truth, preds[run.name]) for run in runs}
     a, b = (run.name for run in runs)
-    dice = {name: [p["dice_3d"] for p in scores[split][name]] for name in (a, b)}
+    dice = {name: [p["dice_3d"] for p in scores[name]] for name in (a, b)}
     report = {
         "command": command_line(data, named, split, out, best_out, n_resamples, seed),
         "data": str(data),
         "split": split,
         "conventions": CONVENTIONS,
         "models": {
-            run.name: {"run": str(run.path), **summarize(scores[split][run.name], n_resamples, seed),
-                       "metric_per_patient": scores[split][run.name]}
+            run.name: {"run": str(run.path), "steps": evaluations[run.name]["steps"],
+                       "inference_steps": evaluations[run.name]["inference_steps"],
+                       **summarize(scores[run.name], n_resamples, seed), "metric_per_patient": scores[run.name]}
             for run in runs
         },
-        "validation": validation,
         "paired_test": {"metric": "dice_3d", "models": [a, b], "difference": f"{a} - {b}",
                         **paired_difference(dice[a], dice[b], n_resamples, seed)},
         "best": best,
-        "selected_by": SELECTED_BY,
+        "selected_by": selected_by(architecture_record, best, split, len(groups)),
         "patients": {s: runs[0].datalist["patients"][s] for s in ("test", "validation", "training")},
     }
-    ranked = rank_slices(groups[split], truth[split], preds[split])
+    ranked = rank_slices(groups, truth, preds)
     picks = [("best", ranked[-1]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[0])]
-    write_bytes_atomic(out / "qualitative.png",
-                       qualitative_figure(data, root, split, groups[split], truth[split], preds[split], picks))
+    write_bytes_atomic(out / "qualitative.png", qualitative_figure(data, root, split, groups, truth, preds, picks))
     write_bytes_atomic(out / "training_curves.png", training_curves_figure(runs))
     write_json_atomic(out / "comparison.json", null_nan(report))
     write_bytes_atomic(out / "comparison.md", markdown(report).encode())
@@ -480,12 +524,13 @@ def _model_overrides(run: Run) -> dict:
 
 
 def write_best(file: Path, runs: list[Run], best: str, report: dict, md: Path) -> Path:
-    """The best-model record `metaseg.conventions.read_best` reads."""
-    run = next(r for r in runs if r.name == best)
+    """The best-model record `metaseg.conventions.read_best` reads: the run's weights, its input size, and the
+    inference steps its masks were scored with, so that what is served is what was scored."""
+    run, model = next(r for r in runs if r.name == best), report["models"][best]
     return conventions.write_best(
-        file, best, conventions.default_weights(run.path), _model_overrides(run), report=md,
-        selected_by=SELECTED_BY,
-        validation_dice_3d={name: v["dice_3d_mean"] for name, v in report["validation"].items()},
+        file, best, conventions.default_weights(run.path),
+        {**_model_overrides(run), "inference_steps": model["inference_steps"]}, report=md,
+        selected_by=report["selected_by"], inference_steps_note=model["steps"],
         **({"test_dice_3d": {name: m["mean"]["dice_3d"] for name, m in report["models"].items()}}
            if report["split"] == "test" else {}),
     )

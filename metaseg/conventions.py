@@ -25,9 +25,10 @@ MASK_POSTFIX, MASK_EXT = "seg", ".png"  # <stem>_seg.png, 0/255
 WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best network, a plain state dict
 BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
 
-# Config overrides a model needs again at inference (it was trained with them), and the only ones a best-model
-# record may carry: a record is a file on disk, and a string reaching ConfigParser could be a `$` expression.
-MODEL_OVERRIDES = {"spatial_size": int}
+# Config overrides a model needs again at inference (its input size; the inference steps its scores were made with),
+# and the only ones a best-model record may carry: a record is a file on disk, and a string reaching ConfigParser
+# could be a `$` expression.
+MODEL_OVERRIDES = {"spatial_size": int, "inference_steps": dict}
 SPATIAL_MULTIPLE = 16  # the networks halve the input four times
 
 
@@ -63,6 +64,10 @@ def checked_overrides(overrides) -> dict:
     size = overrides.get("spatial_size")
     if size is not None and not (SPATIAL_MULTIPLE <= size <= 4096 and size % SPATIAL_MULTIPLE == 0):
         raise UserError(f"override spatial_size must be a multiple of {SPATIAL_MULTIPLE} in [16, 4096], got {size}")
+    if "inference_steps" in overrides:  # numbers and booleans only; the engine checks largest_component against
+        from metaseg.postprocess import checked_steps  # the bundle's one_lesion_per_patient (scipy: imported here)
+
+        overrides = {**overrides, "inference_steps": checked_steps(overrides["inference_steps"], "override", True)}
     return dict(overrides)
 
 

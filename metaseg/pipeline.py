@@ -6,23 +6,43 @@
     <run>/datalist.json      the patient split the run used (written by `train`, read by `evaluate`)
     <run>/models/model.pt    the best network by validation Dice; <run>/models/checkpoint.pt to resume
     <run>/train.log          the bundle's training log (+ TensorBoard events in <run>/eval)
-    <run>/<split>/metrics.json  slice metrics of a split (validation or test), per-slice CSVs, and the predicted
-                             masks in <run>/<split>/masks/<patient>/<stem>_seg.png
+    <run>/<split>/masks/<patient>/<stem>_seg.png  a split's (test or validation) masks as users get them: the
+                             run's weights through metaseg.engine, each patient folder one volume, with the bundle's
+                             chosen inference steps (or none, `steps="off"`), by metaseg.predict's own code
+    <run>/<split>/metrics.json  the steps those masks were made with and their per-patient metrics
+                             (metaseg.metrics.patient_metrics), nnU-Net style: `mean`, `ci95`, `metric_per_case`
+
+`evaluate` scores what is served (`metaseg predict`, the server): `metaseg compare` reads these masks and records
+their steps in best.json. The bundle's own evaluate.json (MONAI's evaluator, argmax, no steps) stays for plain-MONAI
+users; it gives the engine's masks with the steps off (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaseg.bundles import run_stage
 from metaseg.conventions import MODEL_OVERRIDES, SPATIAL_MULTIPLE, default_weights
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
+from metaseg.postprocess import BUNDLE_STEPS, DEFAULT
+
+if TYPE_CHECKING:
+    from metaseg.engine import Engine
 
 FINGERPRINT = "fingerprint.json"
 CHECKPOINTS = ("models/checkpoint.pt", "models/model.pt")  # what the bundle's training resumes from or keeps
+STEPS_OFF = {key: DEFAULT[key] for key in BUNDLE_STEPS}  # threshold 0.5, no flip TTA, no component steps
+STEPS = {  # the inference steps `evaluate` may segment with, and what each is, for the reports and best.json
+    "chosen": "the bundle's inference_steps (configs/inference.json), chosen by `metaseg cv` on out-of-fold "
+              "predictions of the development data",
+    "off": "none: threshold 0.5, no flip TTA, no component steps (the bundle's shipped steps were chosen on the "
+           "LGG development data, not on these)",
+}
 
 
 def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = False, datalist: dict | None = None,
@@ -32,7 +52,7 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
 
     A checkpoint already in `run` is resumed only if it was trained from the same bundle configs, data, split
     and overrides; otherwise UserError, unless `restart`, which deletes the run's checkpoints first."""
-    from metaseg.data import discover  # here, not at the top: `evaluate` runs without importing MONAI (seconds)
+    from metaseg.data import discover  # here, not at the top: `metaseg compare` imports this module without MONAI
     from metaseg.datalist import build_datalist, summary, write_datalist
 
     _check_patch_size(bundle, overrides)
@@ -119,17 +139,49 @@ def model_overrides(run: Path) -> dict:
     return {k: v for k, v in recorded.items() if k in MODEL_OVERRIDES}
 
 
-def evaluate(bundle: Path, data: Path, run: Path, split: str = "test") -> Path:
-    """Predict and score one split of the run's patients with its best model; returns the metrics file."""
-    run_stage(
-        bundle,
-        "evaluating",
-        run / f"{split}.log",
-        dataset_dir=data.resolve(),
-        datalist=(run / "datalist.json").resolve(),
-        ckpt_dir=(run / "models").resolve(),
-        output_dir=(run / split).resolve(),
-        **{"validate#data": f"$@split_data('{split}')"},
-        **model_overrides(run),
-    )
-    return run / split / "metrics.json"
+def evaluate(bundle: Path, data: Path, run: Path, split: str = "test", steps: str = "chosen") -> Path:
+    """Segment one split of the run's patients with its best model as `metaseg predict` and the server do, with the
+    bundle's chosen inference steps or (`steps="off"`) none, and score those masks; returns the metrics file."""
+    from metaseg.engine import Engine  # here: the training stages run without importing torch in this process
+
+    if steps not in STEPS:
+        raise UserError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
+    overrides = {**model_overrides(run), **({"inference_steps": STEPS_OFF} if steps == "off" else {})}
+    return evaluate_engine(Engine(bundle, default_weights(run), overrides=overrides), data, run, split, STEPS[steps])
+
+
+def evaluate_engine(engine: Engine, data: Path, run: Path, split: str, steps_note: str,
+                    n_resamples: int = 2000) -> Path:
+    """`evaluate` with a loaded metaseg.engine.Engine; `steps_note` says which inference steps it runs (a STEPS
+    value), for the reports and best.json.
+
+    <run>/<split>/ is this stage's own folder: it is replaced, so no mask of an earlier evaluation (or of the
+    bundle's evaluate.json) is ever scored as this one's."""
+    from metaseg.compare import (Run, by_patient, member, null_nan, read_ground_truth, read_predictions, score,
+                                 summarize)
+    from metaseg.predict import predict
+
+    try:
+        datalist = json.loads((run / "datalist.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"no readable datalist.json in {run}: train into it first ({err})") from None
+    groups = by_patient(datalist[split])
+    if not groups:
+        raise UserError(f"{run} has no {split} patients")
+    root, truth = read_ground_truth(data, datalist["root"], groups)
+    shutil.rmtree(run / split, ignore_errors=True)
+    masks = run / split / "masks"
+    report = predict(data, masks, engine, only=[member(root, item["image"]) for item in datalist[split]])
+    if report.skipped:
+        raise UserError(f"{len(report.skipped)} {split} slices could not be segmented, e.g. "
+                        f"{next(iter(report.skipped.values()))}")
+    named = Run(engine.name, run, datalist)
+    per_patient = score(named, split, truth, read_predictions(named, split, groups, truth))
+    return write_json_atomic(run / split / "metrics.json", null_nan({
+        "split": split, "bundle": engine.name, "weights": str(engine.weights),
+        "inference_steps": engine.inference_steps, "steps": steps_note,
+        "scored": f"the masks in {masks}, made as `metaseg predict` and the server make them (each patient folder "
+                  f"one volume)",
+        **summarize(per_patient, n_resamples, seed=0),
+        "metric_per_case": per_patient,
+    }))

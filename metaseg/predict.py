@@ -13,6 +13,7 @@ slices of a patient folder whose sizes differ (they do not make one volume).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -82,14 +83,22 @@ def inputs(names: list[str]) -> list[str]:
     )
 
 
-def predict(source: Path, out: Path, engine: Engine, threshold: float | None = None) -> Report:
-    """Masks of every input with the engine's inference steps; `threshold` replaces the steps' own."""
+def predict(source: Path, out: Path, engine: Engine, threshold: float | None = None,
+            only: Collection[str] | None = None) -> Report:
+    """Masks of every input with the engine's inference steps; `threshold` replaces the steps' own; `only` (names in
+    the source, e.g. the slices of a run's test patients for `metaseg evaluate`) segments those alone."""
     if not source.exists():
         raise UserError(f"input not found: {source}")
     steps = with_threshold(engine.inference_steps, threshold)
     report, pending = Report(), []  # pending: (mask paths, frames) per upload, flushed about one engine batch at a time
     with open_source(source) as files:
         names = files.names()
+        if only is not None:
+            missing = set(only) - set(names)
+            if missing:
+                raise UserError(f"{len(missing)} of the {len(only)} images to segment are not in {source}: "
+                                f"is this the data the run was trained on?")
+            names = sorted(set(only))
         for name in names:
             if why := unsafe_name(name):
                 _skip(report, name, why)

@@ -3,7 +3,7 @@
 For each bundle run in RUNS it copies `models/model.pt` to `bundles/<name>/models/model.pt` and the evidence that made
 it (run.json, datalist.json, train.log) to `bundles/<name>/docs/`, exports `models/model.ts` (TorchScript, with MONAI's
 `ckpt_export`, as the model zoo ships it); then it writes `bundles/best.json` naming the model that `metaseg compare`
-chose on validation patients, pointing at the shipped copy.
+recorded (with its evidence), pointing at the shipped copy.
 
     python scripts/ship_weights.py runs/lgg --report reports/comparison.md
     python scripts/ship_weights.py --cv runs/cv --report reports/cv.md   # `metaseg cv --train-all`: the models
@@ -132,9 +132,9 @@ def ship(runs: Path, report: Path) -> None:
     chosen = json.loads((runs / "best.json").read_text())
     for name in NAMES:
         copy_run(runs / name, BUNDLES_DIR / name)
+    evidence = {key: value for key, value in chosen.items() if key not in ("bundle", "weights", "overrides", "report")}
     write_best(BEST_FILE, chosen["bundle"], default_weights(BUNDLES_DIR / chosen["bundle"]), chosen.get("overrides", {}),
-               report=report, selected_by=chosen["selected_by"], validation_dice_3d=chosen["validation_dice_3d"],
-               test_dice_3d=chosen.get("test_dice_3d"))
+               report=report, **evidence)
     print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
 
 

@@ -50,6 +50,8 @@ def test_synth_then_datalist(tmp_path):
         (["datalist", "{data}", "--out", "{tmp}/d.json", "--val-fraction", "1.5"], "must be in [0, 1)"),
         (["datalist", "{data}"], "--out"),
         (["synth", "{tmp}/s", "--patients", "0"], "must be at least 1"),
+        (["evaluate", "--bundle", "unetpp", "--data", "{data}", "--run", "{tmp}", "--steps", "some"], "invalid choice"),
+        (["evaluate", "--bundle", "unetpp", "--data", "{data}", "--run", "{tmp}"], "no datalist.json"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],

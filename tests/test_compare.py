@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 
 from conftest import assert_user_error, metaseg
-from metaseg.bundles import bundle_dir
+from metaseg.bundles import NAMES, bundle_dir
 from metaseg.compare import compare, curves_from_events, curves_from_log
 from metaseg.data import discover, read_tiff
-from metaseg.conventions import read_best
+from metaseg.conventions import read_best, write_best
+from metaseg.errors import UserError
 from metaseg.datalist import build_datalist
 from metaseg.files import write_json_atomic
+from metaseg.pipeline import STEPS, STEPS_OFF
 from metaseg.metrics import (
     bootstrap_ci,
     dice_3d,
@@ -179,10 +181,16 @@ def truth_of(data: Path, datalist: dict, split: str) -> dict[str, np.ndarray]:
     }
 
 
-def write_run(run: Path, data: Path, datalist: dict, perfect_on: str) -> None:
-    """A run folder as `metaseg train` + `evaluate` leave it, with masks derived from the ground truth."""
+CHOSEN = {"flip_tta": True, "threshold": 0.6, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+
+
+def write_run(run: Path, data: Path, datalist: dict, perfect_on: str, steps: str) -> None:
+    """A run folder as `metaseg train` + `evaluate` leave it, with masks derived from the ground truth and the
+    inference steps `evaluate` records (`steps`: "off", or "chosen" standing for a bundle's CHOSEN steps)."""
     write_json_atomic(run / "datalist.json", datalist)
     for split in ("validation", "test"):
+        write_json_atomic(run / split / "metrics.json",
+                          {"steps": STEPS[steps], "inference_steps": STEPS_OFF if steps == "off" else CHOSEN})
         for patient, gt in truth_of(data, datalist, split).items():
             items = [i for i in datalist[split] if i["patient"] == patient]
             for item, mask in zip(items, gt if split == perfect_on else imperfect(gt)):
@@ -202,8 +210,8 @@ def runs(tmp_path_factory) -> dict:
     data = root / "SYN"
     synthesize(data, patients=6, slices=6, seed=1)
     datalist = build_datalist(discover(data), seed=0)
-    write_run(root / "unetpp", data, datalist, perfect_on="test")
-    write_run(root / "attention_unet", data, datalist, perfect_on="validation")
+    write_run(root / "unetpp", data, datalist, perfect_on="test", steps="chosen")
+    write_run(root / "attention_unet", data, datalist, perfect_on="validation", steps="off")
     write_json_atomic(root / "attention_unet" / "run.json", {"overrides": {"spatial_size": 64, "epochs": 2}})
     (root / "unetpp" / "train.log").write_text(
         "Epoch: 1/2, Iter: 1/1 -- train_loss: 0.9000 \nEpoch[1] Metrics -- val_lesion_dice: 0.4 val_mean_dice: 0.6\n"
@@ -212,21 +220,24 @@ def runs(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "datalist": datalist}
 
 
-def test_compare_end_to_end_picks_the_model_better_on_validation(runs, tmp_path):
+def record_naming(bundle: str, folder: Path) -> Path:
+    """A best-model record as the shipped cross-validation writes it, naming `bundle`."""
+    return write_best(folder / "cv_best.json", bundle, folder / "model.pt", {}, selected_by="cross-validation")
+
+
+def test_compare_end_to_end_serves_the_cross_validated_architecture_not_the_best_on_test(runs, tmp_path):
+    """unetpp is perfect on the test patients; the cross-validation's record names attention_unet, which is served."""
     root, out = runs["root"], tmp_path / "reports"
-    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={root / 'unetpp'}",
-                     "--run", f"attention_unet={root / 'attention_unet'}", "--out", out, "--bootstrap", 200)
-    assert result.returncode == 0, result.stderr
-    assert "best on validation: attention_unet" in result.stdout
+    report = compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
+                     out=out, n_resamples=200, architecture_record=record_naming("attention_unet", tmp_path))
     for name in ("comparison.json", "comparison.md", "qualitative.png", "training_curves.png", "best.json"):
         assert (out / name).stat().st_size > 0
-    report = json.loads((out / "comparison.json").read_text())
-    assert report["best"] == "attention_unet" and report["split"] == "test"
+    assert report["best"] == "attention_unet" and report["split"] == "test" and "validation" not in report
     assert report["patients"] == {s: runs["datalist"]["patients"][s] for s in ("test", "validation", "training")}
     assert report["command"].startswith("metaseg compare --data")
 
     perfect, shifted = report["models"]["unetpp"], report["models"]["attention_unet"]
-    assert perfect["mean"]["dice_3d"] == perfect["mean"]["lesion_sensitivity"] == 1.0
+    assert perfect["mean"]["dice_3d"] == perfect["mean"]["lesion_sensitivity"] == 1.0 > shifted["mean"]["dice_3d"]
     assert perfect["mean"]["hd95_px"] == 0.0 and perfect["mean"]["fp_slice_rate"] == 0.0
     truth = truth_of(runs["data"], runs["datalist"], "test")
     expected = [2 * (gt & p).sum() / (gt.sum() + p.sum()) for gt, p in ((gt, imperfect(gt)) for gt in truth.values())]
@@ -235,34 +246,88 @@ def test_compare_end_to_end_picks_the_model_better_on_validation(runs, tmp_path)
                                                                       for gt in truth.values()]))
     entry = shifted["metric_per_patient"][0]
     assert entry["prediction_dir"].endswith(f"test/masks/{entry['patient']}") and entry["n_slices"] == 6
-    validation = report["validation"]
-    assert validation["attention_unet"]["dice_3d_mean"] == 1.0 > validation["unetpp"]["dice_3d_mean"]
+    gt = next(iter(truth.values()))
+    assert set(patient_metrics(gt, gt)) <= set(entry)  # every metric of metaseg.metrics, whatever it holds
+    assert (perfect["inference_steps"], shifted["inference_steps"]) == (CHOSEN, STEPS_OFF)
     paired = report["paired_test"]
     assert paired["models"] == ["unetpp", "attention_unet"] and paired["mean_difference"] > 0
     assert paired["wilcoxon_p"] is None and paired["note"]  # one test patient: untestable, said so
+    assert json.loads((out / "comparison.json").read_text())["models"]["unetpp"]["steps"] == STEPS["chosen"]
 
     md = (out / "comparison.md").read_text()
-    assert "| unetpp | 1.000 [1.000, 1.000]" in md and "Best model: **attention_unet**" in md
+    assert "| unetpp | 1.000 [1.000, 1.000]" in md and "Model to serve: **attention_unet**" in md
+    assert "the 1 test patients only report" in md and f"- attention_unet: {STEPS['off']}" in md
     assert "Empty slices:" in md and "(qualitative.png)" in md and "(training_curves.png)" in md
 
     best = json.loads((out / "best.json").read_text())
-    assert best["selected_by"] == "validation mean per-patient 3D Dice" and best["report"] == "comparison.md"
-    assert best["test_dice_3d"]["unetpp"] > best["test_dice_3d"]["attention_unet"]
+    assert best["selected_by"] == report["selected_by"] and best["report"] == "comparison.md"
+    assert "architecture: attention_unet, the one the patient cross-validation chose" in best["selected_by"]
+    assert best["inference_steps_note"] == STEPS["off"] and "LGG" in best["inference_steps_note"]
+    assert best["test_dice_3d"]["unetpp"] > best["test_dice_3d"]["attention_unet"]  # reported, not used
     model = read_best(out / "best.json")
     assert model.bundle == bundle_dir("attention_unet")
     assert model.weights == (root / "attention_unet/models/model.pt").resolve()
-    assert model.overrides == {"spatial_size": 64}  # from run.json: inference must repeat the training input size
+    # inference repeats the training input size (run.json) and the steps the masks were scored with: the demo's none
+    assert model.overrides == {"spatial_size": 64, "inference_steps": STEPS_OFF}
 
 
-def test_a_tie_on_validation_goes_to_the_first_run(runs, tmp_path):
+def test_the_shipped_cross_validation_chooses_even_where_the_compared_split_would_pick_the_other(runs, tmp_path):
+    """Compared on the split where the other run is perfect (validation for unetpp, the architecture shipped today),
+    bundles/best.json's architecture is served, with its own run's steps."""
+    shipped = read_best().bundle.name
+    other = next(name for name in NAMES if name != shipped)
+    split = {"attention_unet": "validation", "unetpp": "test"}[other]  # where `other` is perfect (see `runs`)
+    root, out = runs["root"], tmp_path / "reports"
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={root / 'unetpp'}",
+                     "--run", f"attention_unet={root / 'attention_unet'}", "--split", split, "--out", out,
+                     "--bootstrap", 50)
+    assert result.returncode == 0, result.stderr
+    assert f"model to serve: {shipped} (architecture: {shipped}, the one the patient cross-validation chose " \
+           f"(bundles/best.json" in result.stdout
+    report = json.loads((out / "comparison.json").read_text())
+    dice = {name: model["mean"]["dice_3d"] for name, model in report["models"].items()}
+    assert dice[other] == 1.0 > dice[shipped] and report["best"] == shipped
+    best = json.loads((out / "best.json").read_text())
+    steps = {"unetpp": "chosen", "attention_unet": "off"}[shipped]
+    assert best["overrides"]["inference_steps"] == (CHOSEN if steps == "chosen" else STEPS_OFF)
+    assert best["inference_steps_note"] == STEPS[steps] and f"{split} patients only report" in best["selected_by"]
+
+
+def test_the_report_has_a_column_for_every_metric(runs, tmp_path, monkeypatch):
+    """A metric added to metaseg.metrics.METRICS reaches the tables of comparison.md and comparison.json."""
+    import metaseg.compare
+
+    monkeypatch.setattr(metaseg.compare, "METRICS", (*metaseg.compare.METRICS, "n_gt_lesions"))
+    root, out = runs["root"], tmp_path / "reports"
+    report = compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
+                     out=out, n_resamples=50)
+    header = next(line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| model"))
+    assert "| `dice_3d` |" in header and header.endswith("| `n_gt_lesions` | lesion slices without prediction |")
+    n_gt = [p["n_gt_lesions"] for p in report["models"]["unetpp"]["metric_per_patient"]]
+    assert report["models"]["unetpp"]["mean"]["n_gt_lesions"] == np.mean(n_gt) > 0
+
+
+def test_a_zip_serves_too_and_best_out_may_be_elsewhere(runs, tmp_path):
     root = runs["root"]
-    perfect_twice = tmp_path / "attention_unet"
-    shutil.copytree(root / "attention_unet", perfect_twice)
-    zipped = shutil.make_archive(str(tmp_path / "Data"), "zip", root, "SYN")  # the zip, with a top folder, serves too
-    report = compare(Path(zipped), [("unetpp", perfect_twice), ("attention_unet", root / "attention_unet")],
+    zipped = shutil.make_archive(str(tmp_path / "Data"), "zip", root, "SYN")  # the zip, with a top folder
+    report = compare(Path(zipped), [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
                      out=tmp_path / "r", best_out=tmp_path / "elsewhere" / "best.json", n_resamples=50)
-    assert report["best"] == "unetpp"
-    assert read_best(tmp_path / "elsewhere" / "best.json").weights == (perfect_twice / "models/model.pt").resolve()
+    assert report["models"]["unetpp"]["mean"]["dice_3d"] == 1.0
+    best = read_best(tmp_path / "elsewhere" / "best.json")
+    assert best.weights == (root / report["best"] / "models/model.pt").resolve()
+
+
+def test_a_record_naming_an_architecture_not_compared_is_one_line(runs, tmp_path):
+    other = tmp_path / "other_bundle"
+    shutil.copytree(bundle_dir("unetpp") / "configs", other / "configs")
+    record = tmp_path / "cv.json"
+    record.write_text(json.dumps({"bundle": str(other), "weights": "model.pt", "overrides": {}}))
+    root = runs["root"]
+    with pytest.raises(UserError, match=r"the cross-validation chose other_bundle \(.*cv.json\), which is not among "
+                                        r"the compared runs \(unetpp, attention_unet\)"):
+        compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
+                out=tmp_path / "r", architecture_record=record)
+    assert not (tmp_path / "r").exists()
 
 
 def copy_run(runs: dict, name: str, tmp_path: Path) -> Path:
@@ -298,6 +363,22 @@ def test_missing_masks_are_counted_by_patient(runs, tmp_path):
     result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={runs['root'] / 'unetpp'}",
                      "--run", f"attention_unet={run}", "--out", tmp_path / "r")
     assert_user_error(result, f"2 of 6 test masks missing in {run} (attention_unet; by patient: {patient}: 2)")
+
+
+@pytest.mark.parametrize("recorded", [None, {"threshold": 0.5}, "not json"])
+def test_masks_without_their_inference_steps_are_not_scored(runs, tmp_path, recorded):
+    """Masks of an older `metaseg evaluate` (MONAI's evaluate.json: argmax, no steps) are not what is served."""
+    run = copy_run(runs, "attention_unet", tmp_path)
+    metrics = run / "test" / "metrics.json"
+    if recorded is None:
+        metrics.unlink()
+    else:
+        metrics.write_text(json.dumps({"val_dice": 0.5, "inference_steps": recorded}) if isinstance(recorded, dict)
+                           else recorded)
+    result = metaseg("compare", "--data", runs["data"], "--run", f"unetpp={runs['root'] / 'unetpp'}",
+                     "--run", f"attention_unet={run}", "--out", tmp_path / "r")
+    assert_user_error(result, "does not name the inference steps that made the test masks of attention_unet")
+    assert "rerun `metaseg evaluate --bundle attention_unet" in result.stderr and not (tmp_path / "r").exists()
 
 
 def test_runs_with_different_test_patients_are_not_comparable(runs, tmp_path):

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 from monai.bundle import ConfigParser
 
-from conftest import REPO
+from conftest import PLAIN_STEPS, REPO
 from metaseg import conventions
 from metaseg.cli import main
 from metaseg.data import discover
@@ -76,6 +76,9 @@ def test_best_record_round_trip(tmp_path):
     model = conventions.read_best(record)
     assert model.bundle == BUNDLES / "unetpp" and model.weights == weights and model.report.resolve() == report
     assert model.overrides == {"spatial_size": 64}
+    steps = {**PLAIN_STEPS, "_desc_": "dropped"}  # the inference steps a model was scored with ride along
+    conventions.write_best(record, "unetpp", weights, {"inference_steps": steps})
+    assert conventions.read_best(record).overrides == {"inference_steps": PLAIN_STEPS}
 
 
 HOSTILE = [  # (what the record holds, a fragment of the error)
@@ -86,6 +89,10 @@ HOSTILE = [  # (what the record holds, a fragment of the error)
     ({"overrides": {"spatial_size": 10**9}}, "multiple of 16 in [16, 4096]"),
     ({"overrides": ["spatial_size", 64]}, "overrides must be an object"),
     ({"overrides": {"device": "cpu"}}, "'device' not allowed"),
+    ({"overrides": {"inference_steps": {**PLAIN_STEPS, "threshold": "$__import__('pathlib').Path('PWNED').touch()"}}},
+     "a threshold in [0, 1]"),
+    ({"overrides": {"inference_steps": {"threshold": 0.5}}}, "inference_steps must hold exactly"),
+    ({"overrides": {"inference_steps": "off"}}, "must be dict, got str"),
     ({"bundle": 3}, "must be strings"),
     ({"weights": None}, "must be strings"),
     ({"report": ["x"]}, "report must be a string"),

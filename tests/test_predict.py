@@ -76,6 +76,17 @@ def test_zip_members_that_point_outside_out_are_skipped(engine, tmp_path):
     assert written == {out / "ok" / "fine_seg.png"} and not outside.exists()
 
 
+def test_only_the_named_images_are_segmented(engine, tiny_data, tmp_path):
+    """`metaseg evaluate` segments a split's slices alone; a name the source lacks is one line, nothing written."""
+    only = ["P03/P03_10.tif", "P03/P03_2.tif", "P07/P07_1.tif"]
+    report = predict(tiny_data, tmp_path / "out", engine, only=only)
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in report.written)
+    assert written == ["P03/P03_10_seg.png", "P03/P03_2_seg.png", "P07/P07_1_seg.png"] and not report.skipped
+    with pytest.raises(UserError, match="1 of the 2 images to segment are not in .*trained on"):
+        predict(tiny_data, tmp_path / "other", engine, only=["P03/P03_1.tif", "P99/P99_1.tif"])
+    assert not (tmp_path / "other").exists()
+
+
 def test_nothing_to_segment_is_a_user_error(engine, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
