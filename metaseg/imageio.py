@@ -4,7 +4,14 @@
 is recognised from magic numbers, never from the (user-chosen) file name: PNG, JPEG, TIFF (also
 multi-page), DICOM (Part 10 with 'DICM' at offset 128, or a bare dataset without preamble) in any
 transfer syntax pydicom and the pylibjpeg plugins decode, and NIfTI-1 (.nii, .nii.gz). All files of
-an upload must be of one kind and one frame size.
+an upload must be of one kind and one frame size. ``to_nifti_bytes`` writes a mask stack back as
+NIfTI-1 in the upload's geometry.
+
+What a volume is
+    One volume (``Volume.is_volume``: its lesions are 3D, metaseg.lesions) is a DICOM series (several
+    files sharing one SeriesInstanceUID, ordered by position), a multi-frame DICOM, a NIfTI, or one
+    multi-page TIFF. Several PNG/JPEG/TIFF files uploaded together are unrelated slices, and so are
+    several DICOM files without a SeriesInstanceUID: nothing says they are one series.
 
 Conventions
 -----------
@@ -19,6 +26,14 @@ Orientation
     slice (radiological view: anterior at the top, the patient's right on the image's left),
     i.e. ``slice.T[::-1, ::-1]``; frames run inferior to superior. An axial DICOM series and
     the NIfTI converted from it give the same frames.
+Geometry
+    ``Volume.affine`` maps a voxel index (frame, row, col, 1) to RAS+ millimetres where the source
+    says where its pixels are: DICOM ImagePositionPatient/ImageOrientationPatient/PixelSpacing, with
+    the step between frames from the first and last positions (else SliceThickness along the
+    normal), or the NIfTI's own affine. ``to_nifti_bytes`` stores a mask stack in that geometry, laid
+    out so that the reading convention above gives back its frames in series order (for a DICOM
+    series, when its slices are axial as usually stored; else as any NIfTI of that geometry reads);
+    without geometry, the pixel spacing and slice thickness where known, else 1 mm.
 Channels
     ``frames`` are one channel: of any 3- or 4-channel image (RGB, RGBA, palette expanded to RGBA,
     RGB/YBR DICOM, PALETTE COLOR DICOM, 3-sample TIFF) channel 1. The training slices are
@@ -54,6 +69,7 @@ Privacy and safety
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import logging
 import math
@@ -128,6 +144,7 @@ class Volume:
     slice_thickness_mm: float | None = None
     datasets: tuple[Dataset, ...] = field(default=(), repr=False)
     sequences: list[np.ndarray | None] | None = field(default=None, repr=False)  # per frame (3, rows, cols) or None
+    affine: np.ndarray | None = field(default=None, repr=False)  # 4x4: (frame, row, col, 1) -> RAS+ mm; None: unknown
     given: tuple[str, ...] | None = None  # of sequences stacked from separate uploads (metaseg.sequences), those sent
 
     @property
@@ -139,9 +156,14 @@ class Volume:
     @property
     def is_volume(self) -> bool:
         """Whether the frames are one volume (a DICOM series or multi-frame file, a NIfTI, one multi-page TIFF), whose
-        lesions are 3D (metaseg.lesions); several pictures uploaded together are unrelated slices."""
-        one_file = len({file_index for file_index, _ in self.source_frame}) == 1
-        return len(self.frames) > 1 and (self.kind in ("dicom", "nifti") or one_file)
+        lesions are 3D (metaseg.lesions); several pictures, or DICOM files without a SeriesInstanceUID, uploaded
+        together are unrelated slices."""
+        if len(self.frames) < 2:
+            return False
+        if len({file_index for file_index, _ in self.source_frame}) == 1:
+            return True
+        # several files: decode has refused DICOM files of different series; each must name its series
+        return self.kind == "dicom" and all(ds.get("SeriesInstanceUID") for ds in self.datasets)
 
     @property
     def voxel_mm3(self) -> float | None:
@@ -196,6 +218,22 @@ def frame_planes(volume: Volume) -> list[tuple[np.ndarray, np.ndarray] | None]:
         orientation = _numbers(_frame_macro(ds, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
         planes.append(None if position is None or orientation is None else (position, orientation))
     return planes
+
+
+def to_nifti_bytes(masks: np.ndarray, volume: Volume) -> bytes:
+    """A (frames, rows, cols) mask stack of `volume` as gzipped NIfTI-1, uint8 0/1, in the volume's geometry (see the
+    module docstring): `decode` of it gives the masks back in the volume's frame order."""
+    masks = np.asarray(masks)
+    rows, cols = volume.frames[0].shape
+    if masks.shape != (len(volume.frames), rows, cols):
+        raise ValueError(f"expected {len(volume.frames)} masks of {rows}x{cols}, got shape {masks.shape}")
+    affine = volume.affine if volume.affine is not None else _grid_affine(volume)
+    stored = np.ascontiguousarray((masks != 0).astype(np.uint8)[:, ::-1, ::-1].transpose(2, 1, 0))  # as read back
+    image = nib.Nifti1Image(stored, affine @ np.linalg.inv(_frame_to_nifti(rows, cols)))
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code="aligned")  # aligned to the upload; the sform says the same
+    image.set_sform(image.affine, code="aligned")
+    return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
 def to_png_bytes(mask: np.ndarray) -> bytes:
@@ -326,6 +364,7 @@ def _volume(
     thickness: float | None = None,
     datasets: Sequence[Dataset] = (),
     sequences: list[np.ndarray | None] | None = None,
+    affine: np.ndarray | None = None,
 ) -> Volume:
     """Assemble the result, insisting that all slices share one size, as slices of a series do."""
     rows, cols = frames[0].shape
@@ -336,7 +375,7 @@ def _volume(
             raise _error(files[file_index][0], problem)
     if sequences is not None and all(s is None for s in sequences):
         sequences = None
-    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets), sequences)
+    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets), sequences, affine)
 
 
 # --- format detection -------------------------------------------------------------------------
@@ -557,7 +596,8 @@ def _decode_dicom(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
         sources.extend((file_index, frame_index) for frame_index in range(len(file_frames)))
     in_order = [datasets[i] for i in order]
     spacing, thickness = _dicom_pixel_spacing(in_order[0]), _dicom_slice_thickness(in_order)
-    return _volume("dicom", files, frames, sources, spacing, thickness, in_order, sequences)
+    affine = _dicom_affine(in_order, len(frames))
+    return _volume("dicom", files, frames, sources, spacing, thickness, in_order, sequences, affine)
 
 
 _DEFER_BYTES = _MiB  # element values larger than this are read from the buffer only when used
@@ -764,6 +804,32 @@ def _dicom_slice_thickness(datasets: list[Dataset]) -> float | None:
     return gap if gap > 0 else None
 
 
+def _dicom_affine(datasets: list[Dataset], frames: int) -> np.ndarray | None:
+    """(frame, row, col, 1) -> RAS+ mm (see the module docstring), or None without a position, an orientation or a
+    pixel spacing. `datasets` in series order, `frames` of them all together."""
+    first, last = datasets[0], datasets[-1]
+    orientation = _numbers(_frame_macro(first, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+    origin = _numbers(_frame_macro(first, 0, "PlanePositionSequence"), "ImagePositionPatient", 3)
+    spacing = _dicom_pixel_spacing(first)
+    if orientation is None or origin is None or spacing is None:
+        return None
+    along_row, along_column = orientation[:3], orientation[3:]  # where the column index, the row index increase
+    normal = np.cross(along_row, along_column)
+    if not np.linalg.norm(normal) > 0:
+        return None
+    step = None
+    if frames > 1:
+        end = _numbers(_frame_macro(last, _dicom_geometry(last)[0] - 1, "PlanePositionSequence"),
+                       "ImagePositionPatient", 3)
+        if end is not None and not np.allclose(end, origin):
+            step = (end - origin) / (frames - 1)
+    if step is None:  # one frame, or frames without their own positions
+        step = normal / np.linalg.norm(normal) * (_dicom_slice_thickness(datasets) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = step, along_column * spacing[0], along_row * spacing[1], origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS+
+
+
 def _dicom_frames(name: str, ds: Dataset, budget: _Budget) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """All frames of one file as 2D float32 modality values, in MONOCHROME2 sense, each with its sequences."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
@@ -820,17 +886,35 @@ def _decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     with _decoder_errors(name, "corrupt NIfTI image"):
         image = nib.Nifti1Image.from_bytes(data)
         voxels = image.get_fdata(dtype=np.float32).reshape(shape)
-        orientation = nib.orientations.io_orientation(image.affine)
+        affine = image.affine
+        orientation = nib.orientations.io_orientation(affine)
     del image, data  # the raw bytes are not needed beyond here
     zooms = _nifti_zooms_mm(header)
-    if not np.isnan(orientation).any():  # a degenerate affine leaves the data as stored
+    if np.isnan(orientation).any():  # a degenerate affine leaves the data as stored, and says nothing of geometry
+        affine = None
+    else:
         voxels = nib.orientations.apply_orientation(voxels, orientation)
+        affine = affine @ nib.orientations.inv_ornt_aff(orientation, shape) @ _frame_to_nifti(*voxels.shape[1::-1])
         zooms = tuple(zooms[i] for i in np.argsort(orientation[:, 0]))
     voxels = _zero_non_finite(voxels)  # in place (get_fdata made a float32 copy): one copy of the volume fewer
     frames = [np.ascontiguousarray(voxels[:, :, k].T[::-1, ::-1]) for k in range(voxels.shape[2])]
     sources = [(0, k) for k in range(len(frames))]
     spacing = (zooms[1], zooms[0]) if None not in zooms[:2] else None
-    return _volume("nifti", files, frames, sources, spacing, zooms[2])
+    return _volume("nifti", files, frames, sources, spacing, zooms[2], affine=affine)
+
+
+def _frame_to_nifti(rows: int, cols: int) -> np.ndarray:
+    """(frame, row, col, 1) -> the voxel (x, y, z, 1) of the RAS+ array it was read from: frame k is
+    `data[:, :, k].T[::-1, ::-1]` (module docstring)."""
+    return np.array([[0, 0, -1, cols - 1], [0, -1, 0, rows - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+
+
+def _grid_affine(volume: Volume) -> np.ndarray:
+    """For a volume without geometry: frames on a grid of its pixel spacing and slice thickness (else 1 mm), laid out
+    as the reading convention reads a NIfTI whose affine is that diagonal."""
+    rows, cols = volume.frames[0].shape
+    row_mm, col_mm = volume.pixel_spacing_mm or (1.0, 1.0)
+    return np.diag([col_mm, row_mm, volume.slice_thickness_mm or 1.0, 1.0]) @ _frame_to_nifti(rows, cols)
 
 
 def _nifti_header(name: str, data: bytes) -> tuple[nib.Nifti1Header, tuple[int, int, int], int]:

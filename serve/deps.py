@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from metaseg.engine import Engine
 from serve.config import Settings, get_settings
+from serve.model import Recorded
 from serve.pool import InferencePool
 from serve.uploads import BodyMemory, Form, read_files
 
@@ -29,14 +30,14 @@ def get_body_memory(request: Request) -> BodyMemory:
     return request.app.state.body_memory
 
 
-def get_report_metrics(request: Request) -> dict[str, float] | None:
-    return request.app.state.test_metrics
+def get_recorded(request: Request) -> Recorded:
+    return request.app.state.recorded
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 PoolDep = Annotated[InferencePool, Depends(get_pool)]
-ReportMetricsDep = Annotated[dict[str, float] | None, Depends(get_report_metrics)]
+RecordedDep = Annotated[Recorded, Depends(get_recorded)]
 
 
 async def received_files(

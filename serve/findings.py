@@ -1,5 +1,12 @@
-"""Lesions of an upload's final masks (metaseg.postprocess.upload_masks): 2D connected components per slice, measured
-in pixels and mm, with the highest lesion probability inside each."""
+"""The findings of an upload from its final masks (metaseg.postprocess.upload_masks): the lesion table, and each slice's
+lesion cross-sections.
+
+A lesion is metaseg.lesions': a 3D connected component of a volume's mask stack, measured there (voxels, mm3, the
+RANO-BM longest diameter). Unrelated slices (several pictures uploaded together) are measured one by one, each
+component a lesion of one slice, so nothing joins slices that were never neighbours. The volume in mL is the lesions'
+volume: only a volume with a known spacing has one (per-slice areas added over slices are not a volume, and a single
+slice has none).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +15,30 @@ from collections.abc import Mapping
 import numpy as np
 from skimage.measure import label, regionprops
 
+from metaseg import lesions
 from metaseg.imageio import Volume
-from metaseg.postprocess import has_volume_steps
-from serve.schemas import BoundingBox, ImageSize, Lesion, Point, SegmentationReport
+from serve.schemas import (
+    BoundingBox,
+    ImageSize,
+    Lesion3D,
+    Point,
+    SegmentationReport,
+    SliceComponent,
+    VoxelPoint,
+)
+
+SEQUENCES = ["pre-contrast", "FLAIR", "post-contrast"]  # the network's input channels (metadata.json channel_def)
 
 
-def lesions(mask: np.ndarray, probability: np.ndarray, slice_index: int, pixel_mm2: float | None) -> list[Lesion]:
+def slice_components(mask: np.ndarray, probability: np.ndarray, slice_index: int,
+                     pixel_mm2: float | None) -> list[SliceComponent]:
     """The 8-connected components of one slice's mask, in scan order."""
     found = []
     for region in regionprops(label(mask, connectivity=2), intensity_image=probability):
         row_min, col_min, row_end, col_end = region.bbox
         area = int(region.area)
         found.append(
-            Lesion(
+            SliceComponent(
                 slice_index=slice_index,
                 area_px=area,
                 area_mm2=area * pixel_mm2 if pixel_mm2 is not None else None,
@@ -32,34 +50,79 @@ def lesions(mask: np.ndarray, probability: np.ndarray, slice_index: int, pixel_m
     return found
 
 
+def lesion_table(volume: Volume, probabilities: np.ndarray, masks: np.ndarray) -> list[Lesion3D]:
+    """The lesions of a volume's stack, or of unrelated slices one slice at a time, numbered 1.. in series order."""
+    spacing = volume.pixel_spacing_mm
+    if volume.is_volume:
+        return [_lesion3d(found, found.id, 0)
+                for found in lesions.measure(masks, probabilities, spacing, volume.slice_thickness_mm)]
+    table = []
+    for index, (mask, probability) in enumerate(zip(masks, probabilities)):
+        for found in lesions.measure(mask[None], probability[None], spacing):
+            table.append(_lesion3d(found, len(table) + 1, index))
+    return table
+
+
+def _lesion3d(found: lesions.Lesion, lesion_id: int, first: int) -> Lesion3D:
+    """A measured lesion as the report states it; `first`: the stack's first slice in the upload."""
+    slices = [first + index for index in found.slices]
+    row_min, col_min, row_max, col_max = found.bbox
+    return Lesion3D(
+        id=lesion_id,
+        slices=slices,
+        first_slice=slices[0],
+        last_slice=slices[-1],
+        voxels=found.voxels,
+        volume_mm3=found.volume_mm3,
+        longest_diameter_px=found.longest_diameter_px,
+        longest_diameter_mm=found.longest_diameter_mm,
+        diameter_slice=first + found.diameter_slice,
+        measurable=found.measurable,
+        max_probability=found.max_probability,
+        centroid=VoxelPoint(slice=first + found.centroid[0], row=found.centroid[1], col=found.centroid[2]),
+        bbox=BoundingBox(row_min=row_min, col_min=col_min, row_max=row_max, col_max=col_max),
+    )
+
+
+def volume_steps(steps: Mapping, volume: Volume) -> list[str]:
+    """The component steps upload_masks applies to this upload: none to unrelated slices; to a volume those on, the
+    minimum size in mm3 where its voxel volume is known, else in voxels (metaseg.postprocess.min_size)."""
+    if not volume.is_volume:
+        return []
+    size = "min_lesion_mm3" if volume.voxel_mm3 is not None else "min_lesion_voxels"
+    return [step for step in (size, "largest_component") if steps[step]]
+
+
 def report(
     volume: Volume, probabilities: list[np.ndarray], masks: np.ndarray, steps: Mapping, model: str, inference_ms: float
 ) -> SegmentationReport:
     """The findings of an upload from its masks, made with `steps` (the threshold and volume steps are reported)."""
     spacing = volume.pixel_spacing_mm
     pixel_mm2 = spacing[0] * spacing[1] if spacing else None
-    found = [lesion for index, (m, p) in enumerate(zip(masks, probabilities))
-             for lesion in lesions(m, p, index, pixel_mm2)]
-    total_px = sum(lesion.area_px for lesion in found)
-    total_mm2 = total_px * pixel_mm2 if pixel_mm2 is not None else None
-    thickness = volume.slice_thickness_mm
+    components = [component for index, (m, p) in enumerate(zip(masks, probabilities))
+                  for component in slice_components(m, p, index, pixel_mm2)]
+    table = lesion_table(volume, np.stack(probabilities), masks)
+    total_px = sum(component.area_px for component in components)
+    with_volume = volume.voxel_mm3 is not None  # a volume with a known spacing
     rows, cols = volume.frames[0].shape
     return SegmentationReport(
         model=model,
         kind=volume.kind,
+        volume=volume.is_volume,
         image_size=ImageSize(rows=rows, cols=cols),
         slices=len(volume.frames),
         input_channels=volume.channels,
         sequences_given=list(volume.sequences_given),
         threshold=steps["threshold"],
-        volume_steps=volume.is_volume and has_volume_steps(steps),
+        volume_steps=volume_steps(steps, volume),
         pixel_spacing_mm=spacing,
-        slice_thickness_mm=thickness,
-        lesion_count=len(found),
-        lesions=found,
+        slice_thickness_mm=volume.slice_thickness_mm,
+        lesion_count=len(table),
+        lesions=table,
+        volume_ml=sum(lesion.volume_mm3 for lesion in table) / 1000 if with_volume else None,
+        slice_components=components,
         total_area_px=total_px,
-        total_area_mm2=total_mm2,
-        volume_ml=total_mm2 * thickness / 1000 if total_mm2 is not None and thickness else None,
+        total_area_mm2=total_px * pixel_mm2 if pixel_mm2 is not None else None,
         max_probability=max(float(p.max()) for p in probabilities),
         inference_ms=inference_ms,
     )

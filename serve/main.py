@@ -37,7 +37,7 @@ _TAG_QUOTING_LOGGERS = ("pydicom", "highdicom")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the model and start the inference pool once; settings honour `app.dependency_overrides`."""
     settings = app.dependency_overrides.get(get_settings, get_settings)()
-    app.state.engine, app.state.test_metrics = model.load(settings)
+    app.state.engine, app.state.recorded = model.load(settings)
     app.state.pool = InferencePool(settings.pool_size, settings.queue_limit, settings.queue_timeout_s)
     app.state.body_memory = BodyMemory(settings.max_buffered_bytes)
     quieted = {name: logging.getLogger(name).level for name in _TAG_QUOTING_LOGGERS}

@@ -39,8 +39,9 @@ class InputSpec(BaseModel):
 
 class InferenceSteps(BaseModel):
     """The bundle's inference steps (`inference_steps` in configs/inference.json), chosen by `metaseg cv` on
-    out-of-fold predictions. An upload of several slices (a DICOM series or multi-frame file, a NIfTI, a multi-page
-    TIFF) is a volume and gets all of them; a single 2D slice gets flip_tta and the threshold only."""
+    out-of-fold predictions. A volume (a DICOM series or multi-frame file, a NIfTI, one multi-page TIFF) gets all of
+    them; a single 2D slice, and several pictures uploaded together (unrelated slices), get flip_tta and the
+    threshold only."""
 
     flip_tta: bool = Field(description="lesion probabilities averaged with those of the left-right mirrored slice")
     threshold: float = Field(description="the default threshold: lesion where the probability is at least this")
@@ -61,8 +62,17 @@ class ModelInfo(BaseModel):
     intended_use: str
     input: InputSpec
     inference_steps: InferenceSteps
+    one_lesion_per_patient: bool = Field(
+        description="the bundle declares its data one lesion per patient (configs/inference.json), the only case in "
+        "which largest_component may be a step; metastases come several to a patient"
+    )
     test_metrics: dict[str, float] | None = Field(
         description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
+    )
+    one_channel_dice_loss: float | None = Field(
+        description="what a one-channel input (FLAIR alone, as a gray picture or a single DICOM series arrives) costs "
+        "in out-of-fold per-patient 3D Dice against the three sequences, from the same report (`metaseg cv`'s "
+        "one_channel_loss); null if unknown"
     )
 
 
@@ -85,7 +95,39 @@ class BoundingBox(BaseModel):
     col_max: int
 
 
-class Lesion(BaseModel):
+class VoxelPoint(BaseModel):
+    slice: float = Field(description="in slice indices, series order")
+    row: float
+    col: float
+
+
+class Lesion3D(BaseModel):
+    """One lesion (metaseg.lesions): a 3D connected component (26-neighbourhood) of a volume's final masks, so one
+    tumour drawn on seven slices is one lesion; of unrelated slices, a connected component of one slice."""
+
+    id: int = Field(description="1-based, in series order of the lesion's first voxel (slice, then row, then column)")
+    slices: list[int] = Field(description="0-based indices (series order) of every slice the lesion appears on")
+    first_slice: int
+    last_slice: int
+    voxels: int = Field(description="its size in voxels (pixels for a lesion of one unrelated slice)")
+    volume_mm3: float | None = Field(
+        description="voxels x voxel volume (pixel spacing x slice thickness) of a volume; null for a single slice or "
+        "unrelated slices, or where the spacing is unknown (then `voxels` is its size)"
+    )
+    longest_diameter_px: float = Field(
+        description="longest in-plane distance across the lesion on any one slice, edge to edge, in pixels"
+    )
+    longest_diameter_mm: float | None = Field(description="the same in mm (RANO-BM's measure); null without spacing")
+    diameter_slice: int = Field(description="the slice (series order) of that longest diameter")
+    measurable: bool | None = Field(description="RANO-BM: longest diameter >= 10 mm; null where mm are unknown")
+    max_probability: float = Field(description="highest lesion probability inside the lesion")
+    centroid: VoxelPoint
+    bbox: BoundingBox = Field(description="rows and columns over all its slices")
+
+
+class SliceComponent(BaseModel):
+    """A connected component (8-connected) of one slice's final mask: a lesion's cross-section on that slice."""
+
     slice_index: int = Field(description="0-based index of the slice in series order")
     area_px: int
     area_mm2: float | None = Field(description="from PixelSpacing; null when the input has none")
@@ -94,30 +136,40 @@ class Lesion(BaseModel):
     max_probability: float
 
 
+SequenceName = Literal["pre-contrast", "FLAIR", "post-contrast"]
+VolumeStep = Literal["min_lesion_voxels", "min_lesion_mm3", "largest_component"]
+
+
 class SegmentationReport(BaseModel):
     model: str
     kind: str = Field(description="input format: png, jpeg, tiff, dicom or nifti")
+    volume: bool = Field(
+        description="the upload is one volume (a DICOM series, a multi-frame DICOM, a NIfTI, one multi-page TIFF): its "
+        "lesions are 3D; several pictures uploaded together are unrelated slices, each with lesions of its own"
+    )
     image_size: ImageSize
     slices: int
     input_channels: Literal[1, 3] = Field(
         description="what the network was given: 3 = the upload's pre-contrast, FLAIR and post-contrast channels; "
         "1 = one channel, taken as FLAIR (a model of three sequences gets it in all three)"
     )
-    sequences_given: list[Literal["pre-contrast", "FLAIR", "post-contrast"]] = Field(
-        description="the sequences the network got from the upload, in its channel order; FLAIR stood in for the "
-        "others (a one-channel upload: FLAIR alone)"
+    sequences_given: list[SequenceName] = Field(
+        description="the sequences the network got from the upload, in its channel order; FLAIR stood in for the others (a one-channel upload: FLAIR alone)"
     )
     threshold: float = Field(description="lesion where the probability is at least this")
-    volume_steps: bool = Field(
-        description="whether the component steps of /info `inference_steps` (min_lesion_voxels, largest_component) "
-        "were applied: only to an upload of several slices, and only when one of them is on"
+    volume_steps: list[VolumeStep] = Field(
+        description="the component steps of /info `inference_steps` applied to the masks: only to a volume, and only "
+        "those that are on (the minimum size in mm3 where the voxel volume is known, else in voxels); empty for none"
     )
     pixel_spacing_mm: tuple[float, float] | None = Field(description="(row, column) spacing; null when unknown")
     slice_thickness_mm: float | None
-    lesion_count: int = Field(description="connected components (8-connected) of the final mask, counted per slice")
-    lesions: list[Lesion]
-    total_area_px: int
+    lesion_count: int = Field(description="number of `lesions`")
+    lesions: list[Lesion3D] = Field(description="the lesions of the final masks, in order of `id`")
+    volume_ml: float | None = Field(
+        description="sum of the lesions' volume_mm3 in mL; null unless the upload is a volume with known spacing"
+    )
+    slice_components: list[SliceComponent] = Field(description="each slice's lesion cross-sections, slice by slice")
+    total_area_px: int = Field(description="sum of the slice components' areas (an area per slice, not a volume)")
     total_area_mm2: float | None
-    volume_ml: float | None = Field(description="total area x slice thickness; null when either is unknown")
     max_probability: float = Field(description="highest lesion probability over all slices")
     inference_ms: float = Field(description="time spent in the network and its pre/postprocessing")

@@ -26,7 +26,7 @@ from pydicom.uid import (
 )
 
 from metaseg.errors import UserError
-from metaseg.imageio import Limits, Volume, decode, to_png_bytes
+from metaseg.imageio import Limits, Volume, decode, to_nifti_bytes, to_png_bytes
 
 SERIES_UID = generate_uid()
 
@@ -534,6 +534,118 @@ def test_to_png_bytes_round_trips_a_mask():
     assert to_png_bytes(mask > 0) == data
     with pytest.raises(ValueError):
         to_png_bytes(np.zeros((2, 2, 2), np.uint8))
+
+
+# --- what a volume is -------------------------------------------------------------------------
+
+VOLUMES = [  # id, files, one volume?
+    ("dicom-series", lambda: [(f"{z}.dcm", series_slice(z, ImagePositionPatient=[0, 0, z])) for z in (2, 0, 1)], True),
+    ("dicom-multi-frame", lambda: [("mf.dcm", dicom(np.stack([GRAY16] * 3)))], True),
+    ("nifti", lambda: [("a.nii", nifti(VOXELS))], True),
+    ("one-multi-page-tiff", lambda: [("a.tif", tiff(GRAY8, GRAY8))], True),
+    ("one-dicom-slice", lambda: [("a.dcm", dicom(GRAY16))], False),
+    ("one-nifti-slice", lambda: [("a.nii", nifti(VOXELS[:, :, :1]))], False),
+    ("several-pngs", lambda: [(f"{i}.png", png(GRAY8)) for i in range(3)], False),
+    ("several-multi-page-tiffs", lambda: [(f"{i}.tif", tiff(GRAY8, GRAY8)) for i in range(2)], False),
+    ("dicom-files-without-series-uid",
+     lambda: [(f"{z}.dcm", series_slice(z, SeriesInstanceUID=None)) for z in range(3)], False),
+]
+
+
+@pytest.mark.parametrize(("make", "expected"), [v[1:] for v in VOLUMES], ids=[v[0] for v in VOLUMES])
+def test_a_volume_is_a_series_a_multi_frame_file_a_nifti_or_one_tiff_and_pictures_are_not(make, expected):
+    volume = decode(make())
+    assert volume.is_volume is expected
+    spaced = dataclasses.replace(volume, pixel_spacing_mm=(0.5, 0.5), slice_thickness_mm=2.0)
+    assert (spaced.voxel_mm3 is not None) is expected  # only a volume has voxels with a volume
+
+
+# --- geometry and the NIfTI mask --------------------------------------------------------------
+
+
+def lps_to_ras(point) -> np.ndarray:
+    return np.asarray(point, float) * [-1, -1, 1]
+
+
+def test_dicom_affine_puts_every_voxel_where_the_dicom_says():
+    oblique = [0.0, 0.8, -0.6, 0.0, 0.6, 0.8]  # rows along +y/-z, columns along +y/+z: a tilted sagittal series
+    normal = np.cross(oblique[:3], oblique[3:])
+    positions = {k: np.array([10.0, -20.0, 30.0]) + 2.5 * k * normal for k in range(3)}
+    files = [(f"{k}.dcm", series_slice(k, ImagePositionPatient=list(positions[k]), ImageOrientationPatient=oblique,
+                                       PixelSpacing=[0.7, 0.9])) for k in (1, 2, 0)]
+    volume = decode(files)
+    for k, row, col in ((0, 0, 0), (2, 7, 5), (1, 3, 4)):
+        where = positions[k] + col * 0.9 * np.array(oblique[:3]) + row * 0.7 * np.array(oblique[3:])
+        np.testing.assert_allclose((volume.affine @ [k, row, col, 1])[:3], lps_to_ras(where), atol=1e-9)
+    multi = one("mf.dcm", dicom(np.stack([GRAY16] * 3), ImagePositionPatient=[1, 2, 3], SliceThickness=4,
+                                ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[0.5, 0.5]))
+    np.testing.assert_allclose((multi.affine @ [2, 0, 0, 1])[:3], lps_to_ras([1, 2, 3 + 2 * 4]))  # along the normal
+    assert one("a.dcm", dicom(GRAY16)).affine is None  # no position, orientation or spacing: no geometry
+
+
+def nifti_with_a_zero_affine(data: np.ndarray) -> bytes:
+    """A NIfTI whose sform is all zeros (a degenerate affine, read as stored)."""
+    raw = bytearray(nifti(data))
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)))
+    header["qform_code"], header["sform_code"] = 0, 1
+    header["srow_x"] = header["srow_y"] = header["srow_z"] = 0
+    raw[: header.sizeof_hdr] = header.binaryblock
+    return bytes(raw)
+
+
+def sources() -> list:
+    """Uploads of every geometry the NIfTI writer meets: id, files, whether the mask reads back in series order (not a
+    sagittal series: metaseg reads every NIfTI as axial slices)."""
+    axial = [1, 0, 0, 0, 1, 0]
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 900, (4, 8, 6)).astype(np.uint16)
+    permuted = np.array([[0, 0, 2.0, 5], [-0.9, 0, 0, 3], [0, 1.1, 0, -7], [0, 0, 0, 1]])  # axes swapped and flipped
+    oblique = np.array([[0.9, 0.1, 0, 1], [-0.1, 0.9, 0, 2], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    return [
+        ("dicom-axial-series", [(f"{z}.dcm", dicom(stack[z], ImagePositionPatient=[4, 5, 3.0 * z],
+                                                   ImageOrientationPatient=axial, PixelSpacing=[0.6, 0.7]))
+                                for z in (3, 0, 2, 1)], True),
+        ("dicom-sagittal-series", [(f"{x}.dcm", dicom(stack[x], ImagePositionPatient=[2.0 * x, 0, 0],
+                                                      ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+                                                      PixelSpacing=[1.0, 1.0])) for x in range(4)], False),
+        ("nifti-ras", [("a.nii", nifti(stack.T.astype(np.int16), zooms=(0.5, 0.6, 2.0)))], True),
+        ("nifti-lps", [("a.nii", nifti(stack.T.astype(np.int16), affine=np.diag([-1.0, -1.0, 1.0, 1.0])))], True),
+        ("nifti-permuted", [("a.nii.gz", nifti(stack.T.astype(np.int16), affine=permuted, gz=True))], True),
+        ("nifti-oblique", [("a.nii", nifti(stack.T.astype(np.int16), affine=oblique))], True),
+        ("nifti-zero-affine", [("a.nii", nifti_with_a_zero_affine(stack.T.astype(np.int16)))], True),
+        ("pngs-without-geometry", [(f"{z}.png", png(stack[z].astype(np.uint8))) for z in range(4)], True),
+        ("dicom-without-geometry", [("a.dcm", dicom(stack[0]))], True),
+    ]
+
+
+@pytest.mark.parametrize(("files", "in_order"), [s[1:] for s in sources()], ids=[s[0] for s in sources()])
+def test_nifti_mask_lies_on_its_source_and_reads_back_as_its_frames(files, in_order):
+    volume = decode(files)
+    masks = np.stack(volume.frames) > 450
+    data = to_nifti_bytes(masks, volume)
+    assert data[:2] == b"\x1f\x8b"  # .nii.gz
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    stored = np.asarray(image.dataobj)
+    assert stored.dtype == np.uint8 and set(np.unique(stored)) <= {0, 1}
+    back = decode([("mask.nii.gz", data)])
+    if in_order:
+        np.testing.assert_array_equal(np.stack(back.frames) > 0, masks)
+    if volume.affine is None:  # a grid of the known spacing, else 1 mm
+        assert back.pixel_spacing_mm == pytest.approx(volume.pixel_spacing_mm or (1.0, 1.0))
+        return
+    # every source voxel lands on a mask voxel of its own value, in the world's coordinates
+    to_mask = np.linalg.inv(image.affine) @ volume.affine
+    for k, row, col in np.ndindex(masks.shape):
+        x, y, z = np.round(to_mask @ [k, row, col, 1])[:3].astype(int)
+        assert stored[x, y, z] == masks[k, row, col]
+    if in_order:
+        np.testing.assert_allclose(back.affine, volume.affine, atol=1e-4)  # float32 in the NIfTI header
+
+
+def test_nifti_mask_of_the_wrong_shape_is_refused():
+    volume = one("a.nii", nifti(VOXELS))
+    with pytest.raises(ValueError, match="expected 3 masks of 4x5"):
+        to_nifti_bytes(np.zeros((3, 5, 4), bool), volume)
 
 
 # --- bad uploads ------------------------------------------------------------------------------

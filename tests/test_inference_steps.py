@@ -107,7 +107,7 @@ def test_one_slice_gets_the_same_mask_from_monai_bundle_run_predict_and_the_serv
             np.testing.assert_array_equal(by_deploy, by_predict)
             np.testing.assert_array_equal(by_monai, by_predict)
             report = client.post("/segment", files=upload(file)).json()
-            assert (report["threshold"], report["volume_steps"]) == (0.4, False)
+            assert (report["threshold"], report["volume_steps"], report["volume"]) == (0.4, [], False)
             assert report["total_area_px"] == by_server.sum()
             # the chosen steps act: with flip TTA off and the threshold at 0.5 the mask is another one
             frame = engine_input(file)
@@ -180,10 +180,11 @@ def test_a_volume_gets_the_component_steps_in_predict_and_the_server_and_a_singl
             overlay = png(client.post("/segment/overlay", files=upload(inputs / "multi.dcm"), params={"slice": k}))
             np.testing.assert_array_equal(overlay[..., 0] != overlay[..., 1], by_predict[k])  # red there, gray elsewhere
         report = client.post("/segment", files=upload(inputs / "multi.dcm")).json()
-        assert report["volume_steps"] and report["lesion_count"] == 3 and report["total_area_px"] == only_big.sum()
-        assert [lesion["slice_index"] for lesion in report["lesions"]] == [0, 1, 2]
+        assert report["volume_steps"] == ["largest_component"] and report["total_area_px"] == only_big.sum()
+        assert report["lesion_count"] == 1 and report["lesions"][0]["slices"] == [0, 1, 2]  # BIG, one 3D lesion
+        assert [component["slice_index"] for component in report["slice_components"]] == [0, 1, 2]
         one = client.post("/segment", files=upload(inputs / "one.png")).json()
-        assert not one["volume_steps"] and one["lesion_count"] == 2 and one["total_area_px"] == single.sum()
+        assert one["volume_steps"] == [] and one["lesion_count"] == 2 and one["total_area_px"] == single.sum()
         np.testing.assert_array_equal(png(client.post("/segment/mask", files=upload(inputs / "one.png"))) > 0, single)
         # a DICOM series is a volume too, and its SEG holds the volume's masks
         series = [("file", (f"s{z}.dcm", dcm(mr(volume[z], z=float(z))))) for z in range(4)]

@@ -28,7 +28,7 @@ def api_schema(weights):  # noqa: F811
 
 def operations():
     return ["GET /health", "GET /info", "POST /segment", "POST /segment/mask", "POST /segment/overlay",
-            "POST /segment/seg"]
+            "POST /segment/seg", "POST /segment/nifti", "POST /segment/probabilities"]
 
 
 @pytest.mark.parametrize("label", operations())

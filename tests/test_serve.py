@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -44,9 +45,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from starlette.requests import Request
 
 from conftest import REPO, flair
-from metaseg import imageio
+from metaseg import imageio, lesions
 from metaseg.cli import main
 from metaseg.errors import UserError
+from metaseg.postprocess import upload_masks
 from serve import dicomseg
 from serve.config import Settings
 from serve.deps import get_engine
@@ -67,7 +69,9 @@ class EchoEngine:
     name = "echo"
     metadata = {"version": "0.0.0"}
     spatial_size = 32
-    inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "largest_component": False}
+    inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
+                       "largest_component": False}
+    one_lesion_per_patient = False
 
     def probabilities(self, frames):
         frames = [flair(f) for f in frames]
@@ -285,26 +289,117 @@ def test_the_engine_gets_three_sequences_of_a_colour_upload_and_the_frame_of_a_g
     assert tif["lesion_count"] == gray["lesion_count"] == 1  # the echo sees the same FLAIR in both
 
 
-def test_lesions_are_counted_per_slice_and_measured_with_pixel_spacing(echo):
+def test_slice_components_are_measured_with_pixel_spacing_and_lesions_in_3d(echo):
     slice0 = blobs((30, 40), ((2, 3, 4, 5), (20, 30, 3, 3)), np.uint16)
     slice1 = blobs((30, 40), (), np.uint16)
-    slice1[10, 10] = slice1[11, 11] = 200  # diagonal neighbours: one lesion (8-connected)
+    slice1[10, 10] = slice1[11, 11] = 200  # diagonal neighbours: one component (8-connected)
+    slice1[20:23, 30:33] = 200  # under the second box of slice 0: one lesion over both slices
     files = [("b.dcm", dcm(mr(slice1, z=3.0))), ("a.dcm", dcm(mr(slice0, z=0.0)))]
     body = post(echo, "/segment", *files).json()
-    assert (body["slices"], body["lesion_count"], body["pixel_spacing_mm"]) == (2, 3, [0.5, 0.8])
-    first, second, third = body["lesions"]
+    assert (body["slices"], body["pixel_spacing_mm"], body["volume"]) == (2, [0.5, 0.8], True)
+    first, second, third, fourth = body["slice_components"]
     assert first == {"slice_index": 0, "area_px": 20, "area_mm2": pytest.approx(8.0),
                      "centroid": {"row": 3.5, "col": 5.0},
                      "bbox": {"row_min": 2, "col_min": 3, "row_max": 5, "col_max": 7}, "max_probability": 1.0}
     assert (second["slice_index"], second["area_px"], second["bbox"]["row_min"]) == (0, 9, 20)
     assert (third["slice_index"], third["area_px"], third["centroid"]) == (1, 2, {"row": 10.5, "col": 10.5})
-    assert body["total_area_px"] == 31 and body["total_area_mm2"] == pytest.approx(31 * 0.4)
-    assert body["volume_ml"] == pytest.approx(31 * 0.4 * 3.0 / 1000)
+    assert (fourth["slice_index"], fourth["area_px"]) == (1, 9)
+    assert body["total_area_px"] == 40 and body["total_area_mm2"] == pytest.approx(40 * 0.4)
+    assert body["lesion_count"] == 3 == len(body["lesions"])  # the 3x3 boxes of both slices are one lesion
+    box, spanning, pair = body["lesions"]
+    voxel_mm3 = 0.5 * 0.8 * 3.0  # SliceThickness 3 mm
+    assert (box["slices"], box["voxels"], box["volume_mm3"]) == ([0], 20, pytest.approx(20 * voxel_mm3))
+    assert box["longest_diameter_mm"] == pytest.approx(np.hypot(4 * 0.5, 5 * 0.8)) and box["measurable"] is False
+    assert (spanning["slices"], spanning["first_slice"], spanning["last_slice"]) == ([0, 1], 0, 1)
+    assert spanning["voxels"] == 18
+    assert spanning["centroid"] == {"slice": 0.5, "row": 21.0, "col": 31.0}
+    assert spanning["bbox"] == {"row_min": 20, "col_min": 30, "row_max": 22, "col_max": 32}
+    assert (pair["slices"], pair["voxels"], pair["longest_diameter_px"]) == ([1], 2, pytest.approx(np.hypot(2, 2)))
+    assert body["volume_ml"] == pytest.approx(40 * voxel_mm3 / 1000)  # the lesions' volume
     as_png = post(echo, "/segment", ("a.png", encode(slice0.astype(np.uint8)))).json()
-    assert as_png["lesion_count"] == 2 and as_png["total_area_px"] == 29
-    assert as_png["lesions"][0]["area_mm2"] is None and as_png["total_area_mm2"] is None and as_png["volume_ml"] is None
+    assert as_png["lesion_count"] == 2 and as_png["total_area_px"] == 29 and not as_png["volume"]
+    assert as_png["slice_components"][0]["area_mm2"] is None and as_png["total_area_mm2"] is None
+    assert as_png["volume_ml"] is None and as_png["lesions"][0]["volume_mm3"] is None
+    assert as_png["lesions"][0]["longest_diameter_mm"] is None and as_png["lesions"][0]["measurable"] is None
     at_one = post(echo, "/segment", ("a.png", encode(SLICE)), threshold=1).json()  # lesion where p >= threshold
     assert (at_one["lesion_count"], at_one["total_area_px"], at_one["threshold"]) == (1, 48, 1.0)  # the box: p = 1
+
+
+class SizedEcho(EchoEngine):
+    """The echo with minimum lesion sizes: 100 voxels where the spacing is unknown, 100 mm3 where it is known."""
+
+    inference_steps = {**EchoEngine.inference_steps, "min_lesion_voxels": 100, "min_lesion_mm3": 100}
+
+
+def test_a_series_and_a_multi_frame_dicom_are_volumes_and_several_pictures_are_not(weights, echo):
+    """SERIES_SLICES hold one tumour over three slices (60 voxels, 72 mm3): a volume's lesion, which the minimum
+    size drops; as three pictures, three lesions of one slice each, which no component step touches."""
+    uploads = {
+        "series": (series_files(), True),
+        "multi-frame": ([("m.dcm", dcm(mr(np.stack(SERIES_SLICES))))], True),
+        "pictures": ([(f"{z}.png", encode(s)) for z, s in enumerate(SERIES_SLICES)], False),
+        "dicom-without-series": ([(f"{z}.dcm", dcm(mr(s, z=float(z), SeriesInstanceUID=None)))
+                                  for z, s in enumerate(SERIES_SLICES)], False),
+    }
+    with serving(settings_for(weights), SizedEcho()) as sized:
+        for name, (files, volume) in uploads.items():
+            plain, stepped = post(echo, "/segment", *files).json(), post(sized, "/segment", *files).json()
+            assert plain["volume"] is stepped["volume"] is volume, name
+            assert len(plain["slice_components"]) == 3, name
+            if volume:
+                (tumour,) = plain["lesions"]
+                assert (tumour["slices"], tumour["voxels"], plain["lesion_count"]) == ([0, 1, 2], 60, 1), name
+                assert tumour["volume_mm3"] == pytest.approx(60 * 0.5 * 0.8 * 3.0), name
+                assert (stepped["volume_steps"], stepped["lesion_count"]) == (["min_lesion_mm3"], 0), name
+                assert stepped["volume_ml"] == 0 and plain["volume_ml"] == pytest.approx(0.072), name
+            else:
+                assert [lesion["slices"] for lesion in plain["lesions"]] == [[0], [1], [2]], name
+                assert [lesion["id"] for lesion in plain["lesions"]] == [1, 2, 3], name
+                assert stepped["volume_steps"] == [] and stepped["lesions"] == plain["lesions"], name
+                assert plain["volume_ml"] is None and plain["lesions"][0]["volume_mm3"] is None, name
+        unspaced = [("m.dcm", dcm(mr(np.stack(SERIES_SLICES), PixelSpacing=None, SliceThickness=None)))]
+        stepped = post(sized, "/segment", *unspaced).json()  # no spacing: the size in voxels
+        assert (stepped["volume_steps"], stepped["lesion_count"], stepped["volume_ml"]) == (["min_lesion_voxels"], 0,
+                                                                                          None)
+
+
+def sphere_series(spheres, shape=(64, 48), slices=7, pixel_mm=0.5, slice_mm=1.8) -> tuple[list, np.ndarray]:
+    """A DICOM series (upload order shuffled) of bright balls: (slice, row, col) centre and radius in mm each; and
+    the ball voxels, in series order."""
+    k, row, col = np.indices((slices, *shape))
+    inside = np.zeros((slices, *shape), bool)
+    for (ck, crow, ccol), radius in spheres:
+        distance2 = ((k - ck) * slice_mm) ** 2 + ((row - crow) * pixel_mm) ** 2 + ((col - ccol) * pixel_mm) ** 2
+        inside |= distance2 <= radius**2
+    pixels = np.where(inside, 200, 20).astype(np.uint16)
+    order = np.random.default_rng(5).permutation(slices)
+    files = [(f"{z}.dcm", dcm(mr(pixels[z], z=z * slice_mm, PixelSpacing=[pixel_mm, pixel_mm],
+                                 SliceThickness=slice_mm))) for z in order]
+    return files, inside
+
+
+def test_the_lesion_table_measures_a_sphere_of_known_size(echo):
+    """A ball of radius 6 mm over 7 slices (0.5 mm pixels, 1.8 mm slices) is one measurable lesion of ~905 mm3 and
+    a 12 mm diameter (12.5 edge to edge of its pixels); a 2.5 mm ball beside it is not measurable."""
+    files, inside = sphere_series([((3, 16, 16), 6.0), ((3, 48, 36), 2.5)])
+    body = post(echo, "/segment", *files).json()
+    assert (body["volume"], body["lesion_count"], len(body["slice_components"])) == (True, 2, 7 + 3)
+    big, small = body["lesions"]
+    voxel_mm3 = 0.5 * 0.5 * 1.8
+    assert (big["slices"], big["first_slice"], big["last_slice"]) == (list(range(7)), 0, 6)  # 7 slices, one lesion
+    assert big["voxels"] == int(inside[:, :33].sum()) and big["volume_mm3"] == pytest.approx(big["voxels"] * voxel_mm3)
+    assert big["volume_mm3"] == pytest.approx(4 / 3 * np.pi * 6.0**3, rel=0.03)
+    assert big["longest_diameter_mm"] == pytest.approx(12.5, abs=0.1)
+    assert big["longest_diameter_px"] == pytest.approx(25, abs=0.2)
+    assert (big["diameter_slice"], big["measurable"], big["max_probability"]) == (3, True, 1.0)
+    assert big["centroid"] == pytest.approx({"slice": 3, "row": 16, "col": 16})
+    assert big["bbox"] == {"row_min": 4, "col_min": 4, "row_max": 28, "col_max": 28}
+    assert (small["slices"], small["measurable"]) == ([2, 3, 4], False) and 5.5 <= small["longest_diameter_mm"] < 6
+    assert body["volume_ml"] == pytest.approx((big["volume_mm3"] + small["volume_mm3"]) / 1000)
+    assert body["volume_ml"] == pytest.approx(inside.sum() * voxel_mm3 / 1000)
+    alone = post(echo, "/segment", files[0]).json()  # a single DICOM slice: areas and diameters, no volume
+    assert (alone["volume"], alone["volume_ml"], alone["volume_steps"]) == (False, None, [])
+    assert all(lesion["volume_mm3"] is None and lesion["longest_diameter_mm"] for lesion in alone["lesions"])
 
 
 def test_mask_and_overlay_of_one_series_slice(echo):
@@ -317,6 +412,65 @@ def test_mask_and_overlay_of_one_series_slice(echo):
     lesion = SERIES_SLICES[1] > 100
     assert (overlay[lesion][:, 0] == 255).all() and (overlay[lesion][:, 1] < 255).all()
     assert (overlay[~lesion][:, 0] == overlay[~lesion][:, 1]).all()  # gray outside the lesion
+
+
+# --- all slices: NIfTI mask, probabilities -------------------------------------------------------------------
+
+
+def read_nifti(response) -> imageio.Volume:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/gzip"
+    return imageio.decode([("mask.nii.gz", response.content)])
+
+
+def test_nifti_mask_reads_back_as_the_masks_in_series_order(echo):
+    files = series_files(order=(1, 2, 0))
+    mask = read_nifti(post(echo, "/segment/nifti", *files))
+    np.testing.assert_array_equal(np.stack(mask.frames), np.stack(SERIES_SLICES) > 100)
+    np.testing.assert_allclose(mask.affine, imageio.decode(files).affine, atol=1e-5)  # on the DICOM's own voxels
+    at_one = read_nifti(post(echo, "/segment/nifti", *files, threshold=1))
+    assert np.stack(at_one.frames).sum() == np.sum(np.stack(SERIES_SLICES) == 200)  # the threshold applies
+    source = [("a.nii.gz", nifti(VOXELS, gz=True))]
+    mask = read_nifti(post(echo, "/segment/nifti", *source))
+    expected = np.stack([f / f.max() >= 0.5 for f in imageio.decode(source).frames])
+    np.testing.assert_array_equal(np.stack(mask.frames), expected)
+    pictures = read_nifti(post(echo, "/segment/nifti", *[(f"{z}.png", encode(s)) for z, s in enumerate(SERIES_SLICES)]))
+    np.testing.assert_array_equal(np.stack(pictures.frames), np.stack(SERIES_SLICES) > 100)
+    assert pictures.pixel_spacing_mm == (1.0, 1.0)  # no geometry: 1 mm
+
+
+def read_npz(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as archive:
+        assert list(archive) == ["probability"]
+        return archive["probability"]
+
+
+def test_probabilities_are_the_engines_within_a_255th(client):
+    files = series_files()
+    probability = read_npz(post(client, "/segment/probabilities", *files))
+    assert probability.dtype == np.uint8 and probability.shape == (3, 24, 32)
+    engine = client.app.state.engine
+    expected = np.stack(engine.probabilities(imageio.decode(files).inputs))  # series order
+    assert np.abs(probability / 255 - expected).max() <= 0.5 / 255 + 1e-6
+    assert probability.std() > 0  # a real map, not a constant
+
+
+def test_a_client_with_the_probabilities_finds_what_segment_reports(echo):
+    """The recipe of POST /segment/probabilities: upload_masks of probability / 255 with the /info steps, then
+    metaseg.lesions.measure, gives /segment's masks and lesions."""
+    files = series_files()
+    probability = read_npz(post(echo, "/segment/probabilities", *files)) / 255
+    volume = imageio.decode(files)
+    masks = upload_masks(list(probability), EchoEngine.inference_steps, volume.is_volume, volume.voxel_mm3)
+    np.testing.assert_array_equal(masks, np.stack(imageio.decode(
+        [("m.nii.gz", post(echo, "/segment/nifti", *files).content)]).frames) > 0)
+    report = post(echo, "/segment", *files).json()
+    found = lesions.measure(masks, probability, volume.pixel_spacing_mm, volume.slice_thickness_mm)
+    assert [(f.slices, f.voxels, f.volume_mm3) for f in found] == [
+        (tuple(lesion["slices"]), lesion["voxels"], pytest.approx(lesion["volume_mm3"]))
+        for lesion in report["lesions"]]
 
 
 # --- DICOM SEG ------------------------------------------------------------------------------------------------
@@ -335,8 +489,8 @@ def test_dicom_seg_references_every_slice_of_the_series(echo):
     assert sorted(uid for _, _, uid in seg.get_source_image_uids()) == sorted(uids)
     assert seg.SegmentationType == "BINARY" and seg.number_of_frames == 3
     assert seg.StudyInstanceUID == STUDY and seg.FrameOfReferenceUID == FRAME_OF_REFERENCE
-    description = seg.get_segment_description(1)
-    assert description.segmented_property_type.value == "14799000"
+    description = seg.get_segment_description(1)  # the echo's bundle says nothing: a lesion, nothing more
+    assert (description.segment_label, description.segmented_property_type.value) == ("lesion", "52988006")
     assert description.segmented_property_category.value == "49755003"
     by_z = {float(z): uid for z, uid in zip((1, 2, 0), uids)}
     pixels = seg.get_pixels_by_source_instance([by_z[z] for z in (0.0, 1.0, 2.0)], segment_numbers=[1])
@@ -347,6 +501,43 @@ def test_dicom_seg_of_a_series_without_slice_thickness_uses_the_slice_spacing(ec
     files = [(f"{z}.dcm", dcm(mr(s, z=2.5 * z, SliceThickness=None))) for z, s in enumerate(SERIES_SLICES)]
     seg = read_seg(post(echo, "/segment/seg", *files))
     assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 2.5
+
+
+def test_dicom_seg_says_what_the_shipped_weights_learnt(client):
+    seg = read_seg(post(client, "/segment/seg", *series_files()))
+    stated = json.loads((REPO / "bundles/attention_unet/configs/metadata.json").read_text())["segment_label"]
+    description = seg.get_segment_description(1)
+    assert description.segment_label == stated["label"] == "FLAIR abnormality (LGG-trained model)"
+    assert (description.segmented_property_category.value, description.segmented_property_type.value) == (
+        "49755003", "52988006")  # Morphologically Abnormal Structure, Lesion
+    assert description.anatomic_regions[0].value == "12738006"  # brain
+    assert description.SegmentDescription == stated["description"] and "LGG" in seg.ContentDescription
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    assert b"14799000" not in buffer.getvalue() and b"Neoplasm" not in buffer.getvalue()  # no metastasis coded
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+def test_dicom_seg_passes_dciodvfy_without_errors(client, tmp_path):
+    for name, files in (("series", series_files()), ("one", [("a.dcm", shipped("MR_small.dcm"))])):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(post(client, "/segment/seg", *files).content)
+        checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        lines = (checked.stdout + checked.stderr).splitlines()
+        assert "Segmentation" in lines and not [line for line in lines if line.startswith("Error")], lines
+
+
+def test_a_malformed_segment_label_stops_the_start(weights, tmp_path):
+    bundle = Path(shutil.copytree(REPO / "bundles" / "attention_unet", tmp_path / "attention_unet",
+                                  ignore=shutil.ignore_patterns("*.pt", "eval")))
+    path = bundle / "configs" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["segment_label"] = {"label": "x" * 65, "category": {}, "type": {}}
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(UserError, match="attention_unet: configs/metadata.json segment_label is not usable"):
+        with serving(settings_for(weights, bundle=str(bundle))):
+            pass
+    assert dicomseg.finding({}) == dicomseg.LESION  # a bundle that says nothing: a lesion
 
 
 @pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"])
@@ -479,6 +670,11 @@ BAD_UPLOADS = [  # id, request, expected status
     ("slice-negative", lambda c: post(c, "/segment/overlay", ("a.png", PNG), slice=-1), 422),
     ("series-slice-past-the-end", lambda c: post(c, "/segment/overlay", *series_files(), slice=3), 422),
     ("seg-of-a-png", lambda c: post(c, "/segment/seg", ("a.png", PNG)), 415),
+    ("nifti-of-random-bytes", lambda c: post(c, "/segment/nifti", ("a.nii", RANDOM)), 415),
+    ("nifti-threshold-above-1", lambda c: post(c, "/segment/nifti", ("a.png", PNG), threshold=2), 422),
+    ("probabilities-of-a-truncated-png",
+     lambda c: post(c, "/segment/probabilities", ("a.png", PNG[: len(PNG) // 2])), 400),
+    ("probabilities-without-file", lambda c: c.post("/segment/probabilities", files={"image": ("a.png", PNG)}), 422),
 ]
 
 
@@ -536,18 +732,28 @@ def test_uploads_never_touch_the_disk(echo, monkeypatch):
 def test_openapi_lists_every_endpoint_with_its_models(client):
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
+    segment_routes = ("/segment", "/segment/mask", "/segment/overlay", "/segment/seg", "/segment/nifti",
+                      "/segment/probabilities")
     assert {path: set(ops) for path, ops in paths.items()} == {
-        "/health": {"get"}, "/info": {"get"}, "/segment": {"post"}, "/segment/mask": {"post"},
-        "/segment/overlay": {"post"}, "/segment/seg": {"post"},
-    }
-    assert set(schema["components"]["schemas"]) >= {"Health", "ModelInfo", "SegmentationReport", "Lesion"}
-    for path in ("/segment", "/segment/mask", "/segment/overlay", "/segment/seg"):
+        "/health": {"get"}, "/info": {"get"}, **{path: {"post"} for path in segment_routes}}
+    components = schema["components"]["schemas"]
+    assert set(components) >= {"Health", "ModelInfo", "SegmentationReport", "Lesion3D", "SliceComponent"}
+    for path in segment_routes:
         body = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["anyOf"] == [{"required": ["file"]}, {"required": ["flair"]}]  # or the sequence fields
         assert set(body["properties"]) == {"file", "pre_contrast", "flair", "post_contrast"}
         assert {"400", "413", "415", "422", "503"} <= set(paths[path]["post"]["responses"])
-    assert "image/png" in paths["/segment/mask"]["post"]["responses"]["200"]["content"]
-    assert "application/dicom" in paths["/segment/seg"]["post"]["responses"]["200"]["content"]
+    for path, media_type in (("/segment/mask", "image/png"), ("/segment/seg", "application/dicom"),
+                             ("/segment/nifti", "application/gzip"),
+                             ("/segment/probabilities", "application/octet-stream")):
+        assert media_type in paths[path]["post"]["responses"]["200"]["content"], path
+    assert "threshold" not in {p["name"] for p in paths["/segment/probabilities"]["post"].get("parameters", [])}
+    report = components["SegmentationReport"]["properties"]
+    assert {"volume", "lesions", "lesion_count", "slice_components", "volume_ml", "volume_steps",
+            "sequences_given"} <= set(report)
+    assert all(field.get("description") for name, field in components["Lesion3D"]["properties"].items()
+               if name not in ("first_slice", "last_slice", "centroid"))
+    assert {"one_lesion_per_patient", "one_channel_dice_loss"} <= set(components["ModelInfo"]["properties"])
     assert {p["name"] for p in paths["/segment/mask"]["post"]["parameters"]} == {"threshold", "slice"}
     assert client.get("/docs").status_code == 200
 
@@ -558,6 +764,7 @@ def test_health_and_info_without_a_recorded_report(client):
                                              "busy": 0, "capacity": 66}
     info = client.get("/info").json()
     assert (info["model"], info["architecture"], info["test_metrics"]) == ("attention_unet", "AttentionUnet", None)
+    assert (info["one_lesion_per_patient"], info["one_channel_dice_loss"]) == (False, None)
     assert info["input"]["channels"] == 3 and info["input"]["channel_def"]["1"] == "FLAIR"
     assert "copied into all three" in info["input"]["channel_rule"]
     assert info["input"]["spatial_size"] == 32 and "DICOM" in info["input"]["formats"]
@@ -577,6 +784,25 @@ def test_best_model_record_is_the_default_and_its_report_gives_test_metrics(weig
         info = c.get("/info").json()
     assert (info["model"], info["input"]["spatial_size"], info["test_metrics"]) == ("attention_unet", 32,
                                                                                    {"dice_3d": 0.81})
+    assert info["one_channel_dice_loss"] is None  # a comparison does not measure it
+
+
+def test_the_cross_validation_report_says_what_one_channel_costs(weights, tmp_path):
+    """cv.json's one_channel_loss of the served bundle; a report without it, or with another bundle's only, null."""
+    record = tmp_path / "best.json"
+    record.write_text(json.dumps({"bundle": "attention_unet", "weights": str(weights),
+                                  "overrides": {"spatial_size": 32}, "report": "cv.md"}))
+    cv = {"complete": True, "models": {"attention_unet": {"mean": {"dice_3d": 0.74}}},
+          "one_channel_loss": {"attention_unet": {"metric": "dice_3d", "mean_difference": 0.116}}}
+    answers = []
+    for report in (cv, {**cv, "one_channel_loss": {"unetpp": {"mean_difference": 0.1}}},
+                   {**cv, "one_channel_loss": {"attention_unet": {"mean_difference": "NaN"}}},
+                   {key: value for key, value in cv.items() if key != "one_channel_loss"}):
+        (tmp_path / "cv.json").write_text(json.dumps(report))
+        with serving(Settings(best_record=record)) as c:
+            info = c.get("/info").json()
+        answers.append((info["test_metrics"], info["one_channel_dice_loss"]))
+    assert answers == [({"dice_3d": 0.74}, 0.116)] + [({"dice_3d": 0.74}, None)] * 3
 
 
 def test_missing_best_model_record_is_a_clear_startup_error(tmp_path, capsys, monkeypatch):

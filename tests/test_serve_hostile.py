@@ -320,8 +320,9 @@ def test_token_guards_every_route_but_health(weights):
             for path in ("/info", "/openapi.json", "/docs", "/redoc"):
                 refused = c.get(path, headers=headers)
                 assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", path
-            refused = c.post("/segment", files={"file": ("a.png", PNG)}, headers=headers)
-            assert refused.status_code == 401 and "bearer token" in refused.json()["detail"]
+            for path in ("/segment", "/segment/nifti", "/segment/probabilities"):
+                refused = c.post(path, files={"file": ("a.png", PNG)}, headers=headers)
+                assert refused.status_code == 401 and "bearer token" in refused.json()["detail"], path
         assert c.get("/info", headers=good).status_code == 200
         assert c.post("/segment", files={"file": ("a.png", PNG)}, headers=good).json()["slices"] == 1
         document = c.get("/openapi.json", headers=good).json()

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from serve.deps import EngineDep, ReportMetricsDep, SettingsDep
+from serve.deps import EngineDep, RecordedDep, SettingsDep
 from serve.schemas import InferenceSteps, InputSpec, ModelInfo, UploadLimits
 
 router = APIRouter(prefix="/info", tags=["info"])
@@ -16,9 +16,9 @@ CHANNEL_RULE = (  # the bundles' preprocessing (configs/inference.json), for cli
 
 
 @router.get("", response_model=ModelInfo)
-def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDep) -> ModelInfo:
-    """The model's identity (from the bundle's metadata.json), its input expectations, its chosen inference steps
-    and the server's limits."""
+def info(engine: EngineDep, settings: SettingsDep, recorded: RecordedDep) -> ModelInfo:
+    """The model's identity (from the bundle's metadata.json), its input expectations, its chosen inference steps,
+    the server's limits, and what the report behind the served model measured."""
     meta = engine.metadata
     image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
     return ModelInfo(
@@ -42,5 +42,7 @@ def info(engine: EngineDep, settings: SettingsDep, test_metrics: ReportMetricsDe
             ),
         ),
         inference_steps=InferenceSteps(**engine.inference_steps),
-        test_metrics=test_metrics,
+        one_lesion_per_patient=engine.one_lesion_per_patient,
+        test_metrics=recorded.test_metrics,
+        one_channel_dice_loss=recorded.one_channel_dice_loss,
     )

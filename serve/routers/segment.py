@@ -1,25 +1,30 @@
-"""Segment an upload: lesion findings as JSON, one slice's mask or overlay as PNG, or all slices as DICOM SEG.
+"""Segment an upload: lesion findings as JSON, one slice's mask or overlay as PNG, all slices' masks as DICOM SEG or
+NIfTI, or all slices' lesion probabilities (NPZ) for a client that thresholds and measures them itself.
 
-Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes,
-runs the model and encodes the answer on it, so the event loop keeps answering /health while the CPU works.
-Decoding and inference each have a time limit, checked between frames and between batches of slices.
+Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes
+(`_decode`, the one place an upload becomes a Volume), runs the model and encodes the answer on it, so the event loop
+keeps answering /health while the CPU works. Decoding and inference each have a time limit, checked between frames
+and between batches of slices. Nothing is written to disk: every answer is built in memory.
 
 Masks are the bundle's chosen inference steps (metaseg.postprocess.upload_masks, as `metaseg predict` makes them),
-with the request's `threshold` in place of the chosen one when given: an upload of several slices is a volume and
-gets the component steps, a single slice does not.
+with the request's `threshold` in place of the chosen one when given: a volume (metaseg.imageio: a DICOM series or
+multi-frame file, a NIfTI, one multi-page TIFF) gets the component steps; a single slice, and several pictures
+uploaded together, do not.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Response
 
 from metaseg.engine import Engine
 from metaseg.errors import TooLarge
-from metaseg.imageio import Volume, to_png_bytes
+from metaseg.imageio import Volume, to_nifti_bytes, to_png_bytes
 from metaseg.postprocess import has_volume_steps, upload_masks, with_threshold
 from serve import dicomseg, findings
 from serve.config import Settings
@@ -44,12 +49,22 @@ class DICOMResponse(Response):
     media_type = "application/dicom"
 
 
+class NPZResponse(Response):
+    media_type = "application/octet-stream"
+
+
+class GzipResponse(Response):
+    media_type = "application/gzip"
+
+
 @router.post("", response_model=SegmentationReport, openapi_extra=REQUEST_BODY)
 async def segment(
     files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = None
 ) -> SegmentationReport:
-    """Lesions in every slice: count, and per lesion its slice, area (pixels, mm²), centroid and bounding box;
-    totals, and the volume in mL when pixel spacing and slice thickness are known."""
+    """The lesion table: per lesion (a 3D connected component of a volume's mask; of unrelated slices, a component of
+    one slice) the slices it spans, its volume in mm³, its longest axial diameter and whether RANO-BM counts it
+    measurable (>= 10 mm), its highest probability; their count and total volume in mL (a volume with known spacing
+    only), and each slice's lesion cross-sections (`slice_components`)."""
     return await pool.run(_report, engine, files, settings, threshold)
 
 
@@ -65,9 +80,10 @@ async def mask(
     """The 0/255 lesion mask of one slice as a gray PNG, at the input's own size and orientation.
 
     A PNG holds one slice, so for a series, a multi-frame DICOM or a NIfTI volume the `slice` query picks it:
-    0-based, in series order (the `slice_index` of POST /segment), default 0; past the last slice is a 422.
+    0-based, in series order (POST /segment's `slice_index` and lesion `slices`), default 0; past the last slice is a
+    422.
     It is that slice of the volume's mask (the whole volume is segmented when a component step is on).
-    All slices at once: POST /segment/seg (DICOM input).
+    All slices at once: POST /segment/nifti, or /segment/seg for DICOM input.
     """
     return PNGResponse(await pool.run(_mask_png, engine, files, settings, threshold, slice_index))
 
@@ -90,8 +106,9 @@ async def overlay(
 async def seg(
     files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = None
 ) -> DICOMResponse:
-    """A DICOM Segmentation (BINARY, one segment: SNOMED CT 14799000 "Neoplasm, metastatic") with one frame per
-    uploaded slice, referencing the uploaded instances. DICOM input only (else 415).
+    """A DICOM Segmentation (BINARY, one segment coded as what the model learnt, from its bundle's metadata.json
+    `segment_label`) with one frame per uploaded slice, referencing the uploaded instances. DICOM input only (else
+    415).
 
     Geometry is the source's: plane positions where it has a frame of reference and positions. A single frame
     without them (e.g. Secondary Capture) gets a SEG without plane positions, aligned pixel for pixel. Several
@@ -101,7 +118,38 @@ async def seg(
     return DICOMResponse(await pool.run(_seg_bytes, engine, files, settings, threshold))
 
 
+@router.post("/nifti", response_class=GzipResponse, openapi_extra=REQUEST_BODY)
+async def nifti(
+    files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep, threshold: Threshold = None
+) -> GzipResponse:
+    """The final 0/1 mask of every slice as one NIfTI-1 image (.nii.gz, uint8), any input format.
+
+    Geometry is the source's where it has one (DICOM positions, orientation and spacing; a NIfTI's own affine), else
+    the pixel spacing and slice thickness where known, else 1 mm. Laid out as metaseg reads NIfTI, so reading it back
+    with metaseg.imageio gives the masks in series order (for a DICOM series, when its slices are axial as usually
+    stored)."""
+    return GzipResponse(await pool.run(_nifti_bytes, engine, files, settings, threshold))
+
+
+@router.post("/probabilities", response_class=NPZResponse, openapi_extra=REQUEST_BODY)
+async def probabilities(files: Upload, engine: EngineDep, pool: PoolDep, settings: SettingsDep) -> NPZResponse:
+    """The lesion probability of every pixel of every slice, before any threshold or component step, as an NPZ
+    (`numpy.savez_compressed`; read it with `numpy.load(io.BytesIO(body), allow_pickle=False)`) holding
+    `probability`: uint8 (slices, rows, cols) = round(255 p), in series order, at the input's own size.
+
+    A client that keeps it can change the threshold without asking again: `metaseg.postprocess.upload_masks(
+    probability / 255, steps, volume.is_volume, volume.voxel_mm3)` with the steps of GET /info and the upload decoded
+    by metaseg.imageio, then `metaseg.lesions.measure`, is what POST /segment does."""
+    return NPZResponse(await pool.run(_probabilities_npz, engine, files, settings))
+
+
 # --- the blocking work, run on a pool thread ----------------------------------------------------------------
+
+
+def _decode(files: Form, settings: Settings) -> Volume:
+    """The upload as one Volume, under the server's limits: every route decodes here (metaseg.sequences for the
+    sequence fields or a DICOM study of three sequence series, else metaseg.imageio)."""
+    return files.volume(settings.limits())
 
 
 def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[list[np.ndarray], float]:
@@ -125,13 +173,27 @@ def _log(route: str, form: Form, volume: Volume, inference_ms: float) -> None:
     )
 
 
-def _report(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> SegmentationReport:
-    volume = files.volume(settings.limits())
+@dataclass(frozen=True)
+class _Segmented:
+    probabilities: list[np.ndarray]
+    masks: np.ndarray  # bool (slices, rows, cols)
+    steps: dict  # the bundle's, with the request's threshold
+    inference_ms: float
+
+
+def _segment(engine: Engine, files: Form, volume: Volume, settings: Settings, threshold: float | None,
+             route: str) -> _Segmented:
+    """Probabilities and final masks of every slice of a decoded upload."""
     probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
-    _log("segment", files, volume, ms)
+    _log(route, files, volume, ms)
     steps = with_threshold(engine.inference_steps, threshold)
-    masks = upload_masks(probabilities, steps, volume.is_volume, volume.voxel_mm3)
-    return findings.report(volume, probabilities, masks, steps, engine.name, ms)
+    return _Segmented(probabilities, upload_masks(probabilities, steps, volume.is_volume, volume.voxel_mm3), steps, ms)
+
+
+def _report(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> SegmentationReport:
+    volume = _decode(files, settings)
+    done = _segment(engine, files, volume, settings, threshold, "segment")
+    return findings.report(volume, done.probabilities, done.masks, done.steps, engine.name, done.inference_ms)
 
 
 def _one_slice(
@@ -139,7 +201,7 @@ def _one_slice(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(frame, mask) of the slice `index`: the volume's mask there, computing that slice alone when no component
     step is on (then a slice's mask depends on that slice only)."""
-    volume = files.volume(settings.limits())
+    volume = _decode(files, settings)
     if index >= len(volume.frames):
         count = len(volume.frames)
         raise HTTPException(422, f"slice {index} does not exist: the upload has {count} slice(s), 0 to {count - 1}")
@@ -160,15 +222,26 @@ def _overlay_png(engine: Engine, files: Form, settings: Settings, threshold: flo
 
 
 def _seg_bytes(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> bytes:
-    volume = files.volume(settings.limits())
+    volume = _decode(files, settings)
     if volume.kind != "dicom":
         raise HTTPException(415, f"a DICOM SEG references DICOM instances; this upload is {volume.kind}")
-    probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
-    _log("segment/seg", files, volume, ms)
-    steps = with_threshold(engine.inference_steps, threshold)
-    masks = upload_masks(probabilities, steps, volume.is_volume, volume.voxel_mm3)
+    masks = _segment(engine, files, volume, settings, threshold, "segment/seg").masks
     version = str(engine.metadata.get("version", ""))
     try:
-        return dicomseg.segmentation(volume, masks, engine.name, version)
+        return dicomseg.segmentation(volume, masks, engine.name, version, dicomseg.finding(engine.metadata))
     except dicomseg.UnreferenceableSource as err:
         raise HTTPException(422, f"cannot build a DICOM SEG for this upload: {err}") from None
+
+
+def _nifti_bytes(engine: Engine, files: Form, settings: Settings, threshold: float | None) -> bytes:
+    volume = _decode(files, settings)
+    return to_nifti_bytes(_segment(engine, files, volume, settings, threshold, "segment/nifti").masks, volume)
+
+
+def _probabilities_npz(engine: Engine, files: Form, settings: Settings) -> bytes:
+    volume = _decode(files, settings)
+    probabilities, ms = _infer(engine, volume.inputs, settings.inference_timeout_s)
+    _log("segment/probabilities", files, volume, ms)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probability=np.round(np.stack(probabilities) * 255).astype(np.uint8))
+    return buffer.getvalue()
