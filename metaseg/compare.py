@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from metaseg import conventions
+from metaseg import conventions, lesions
 from metaseg.bundles import BUNDLES_DIR, NAMES
 from metaseg.data import open_source, read_tiff
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
-from metaseg.metrics import METRICS, bootstrap_ci, paired_difference, patient_metrics, slice_dice
+from metaseg.metrics import (HD95_MISS, METRICS, UNSCORED_GT_VOXELS, bootstrap_ci, paired_difference,
+                             patient_metrics, pooled, slice_dice)
 from metaseg.pipeline import model_overrides
 
 RANKING = "lesion slices of the compared split ranked by the mean slice Dice of the two models"
@@ -50,20 +52,37 @@ CONVENTIONS = {
     "hd95_px": "95th-percentile Hausdorff distance in pixels (MONAI) of each lesion slice with a non-empty "
     "prediction, averaged per patient; a lesion slice with an empty prediction has no distance: it is left out "
     "and counted in hd95_empty_prediction_slices (its miss shows in Dice and sensitivity)",
-    "lesion_sensitivity": "ground-truth lesions (2D 8-connected components per slice) touched by any predicted "
-    "pixel / ground-truth lesions",
-    "lesion_precision": "predicted components (2D, 8-connected) touching any ground-truth pixel / predicted "
-    "components; undefined (null) for a patient with no predicted component",
+    "slice_component_sensitivity": "per slice, not per lesion: ground-truth 2D components (8-connected, each "
+    "slice on its own, so one lesion over five slices counts five) touched by any predicted pixel / those components",
+    "slice_component_precision": "predicted 2D components (8-connected per slice) touching any ground-truth pixel / "
+    "predicted 2D components; undefined (null) for a patient with no predicted component",
     "fp_slice_rate": "lesion-free slices with any predicted pixel / lesion-free slices",
+    "lesion": "a 3D connected component (26-neighbourhood) of a patient's mask stack, metaseg/lesions.py; "
+    f"ground-truth lesions of at most {UNSCORED_GT_VOXELS} voxels are not scored (BraTS-MET's threshold)",
+    "lesion_matching": "a ground-truth lesion is matched by every predicted lesion overlapping it dilated by one voxel "
+    "(18-neighbourhood, BraTS-MET); it is detected when it has a match; a predicted lesion matching none is a false "
+    "positive (BraTS also merges ground-truth lesions whose dilations touch: here they stay two lesions)",
+    "lesionwise_dice": "BraTS-METS 2023: per patient, the Dice of each ground-truth lesion against the union of its "
+    "matches (0 if missed), plus a 0 for each false-positive lesion, averaged; 1 with no lesion and no prediction; "
+    "then the mean over patients",
+    "lesionwise_hd95_vox": f"as lesionwise_dice with the 95th-percentile Hausdorff distance in voxels (unit cubes: "
+    f"the TIFFs carry no spacing), {HD95_MISS:g} (BraTS's penalty) for a missed or false-positive lesion, 0 with no "
+    "lesion and no prediction",
+    "lesion_sensitivity_3d": "detected ground-truth lesions / ground-truth lesions, pooled over all patients' lesions "
+    "(a patient with five lesions weighs five); 95% CI: bootstrap over patients; also per size bin of the "
+    "ground-truth lesion (voxels: < 100, 100-1000, > 1000)",
+    "lesion_precision_3d": "predicted lesions matching a ground-truth lesion / predicted lesions, pooled as "
+    "lesion_sensitivity_3d",
+    "fp_lesions_per_patient": "predicted lesions matching no ground-truth lesion, mean over patients",
     "means": "over patients with a defined value (null = undefined, e.g. no lesion slice); 95% CI: percentile "
     "bootstrap over patients",
     "qualitative": RANKING,
 }
 EMPTY_SLICES = (
-    "Empty slices: lesion-free slices count only in the 3D Dice (a false positive there adds FP pixels), in lesion "
-    "precision (each false blob is a predicted component) and in the FP slice rate (their share with any "
-    "prediction); lesion-slice Dice, IoU and HD95 use lesion slices only, and HD95 leaves out lesion slices the "
-    "model left empty (counted in the last column)."
+    "Empty slices: lesion-free slices count only in the 3D Dice (a false positive there adds FP pixels), in the "
+    "slice-component precision (each false blob is a predicted component), in the FP slice rate (their share with "
+    "any prediction) and in the lesion-wise figures (a false-positive lesion); lesion-slice Dice, IoU and HD95 use "
+    "lesion slices only, and HD95 leaves out lesion slices the model left empty (counted in the last column)."
 )
 _LOSS_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([-+.\deE]+|nan)")
 _METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- ([^\r\n]*)")
@@ -247,7 +266,8 @@ def score(run: Run, split: str, truth: dict, preds: dict) -> list[dict]:
 
 
 def summarize(per_patient: list[dict], n_resamples: int, seed: int) -> dict:
-    """Mean, 95% bootstrap CI and number of defined values of every metric over patients."""
+    """Mean, 95% bootstrap CI and number of defined values of every metric over patients, and the lesion detection
+    figures pooled over patients (`pooled`, metaseg.metrics.pooled)."""
     summary: dict = {"mean": {}, "ci95": {}, "n": {}}
     for metric in METRICS:
         values = np.array([p[metric] for p in per_patient], float)
@@ -256,6 +276,7 @@ def summarize(per_patient: list[dict], n_resamples: int, seed: int) -> dict:
         summary["ci95"][metric] = list(bootstrap_ci(values, n_resamples, seed))
         summary["n"][metric] = int(defined.sum())
     summary["hd95_empty_prediction_slices"] = sum(p["hd95_empty_prediction_slices"] for p in per_patient)
+    summary["pooled"] = pooled(per_patient, n_resamples, seed)
     return summary
 
 
@@ -396,19 +417,66 @@ def null_nan(obj):
 
 
 def ci_cell(summary: dict, metric: str, digits: int = 3) -> str:
-    mean, (low, high) = summary["mean"][metric], summary["ci95"][metric]
-    if math.isnan(mean):
+    """`mean [low, high]` of a metric of `summarize`: its mean over patients, or its pooled figure (POOLED)."""
+    if metric in summary["mean"]:
+        value, (low, high) = summary["mean"][metric], summary["ci95"][metric]
+    else:
+        value, (low, high) = summary["pooled"][metric]["value"], summary["pooled"][metric]["ci95"]
+    if math.isnan(value):
         return "n/a"
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown(report: dict) -> str:
-    """comparison.md: the table (a column per metric of metaseg.metrics.METRICS), the paired test, the inference
-    steps, the model to serve and why, the conventions and the figures."""
+# the lesion-wise columns of every report table: (metric of `summarize`, header, digits)
+LESION_COLUMNS = (
+    ("lesionwise_dice", "lesion-wise Dice", 3),
+    ("lesionwise_hd95_vox", "lesion-wise HD95 (voxels)", 1),
+    ("lesion_sensitivity_3d", "lesion sensitivity (3D, pooled)", 3),
+    ("lesion_precision_3d", "lesion precision (3D, pooled)", 3),
+    ("fp_lesions", "FP lesions per patient", 2),
+)
+
+
+def slice_columns() -> list[str]:
+    """The voxel and per-slice columns of a report table: every metric of METRICS but the lesion-wise ones (a metric
+    added there reaches the reports by itself)."""
+    lesion_wise = {metric for metric, _, _ in LESION_COLUMNS}
+    return [metric for metric in METRICS if metric not in lesion_wise]
+
+
+def lesion_rows(models: dict) -> list[str]:
+    """The lesion-wise table of a report (markdown lines): one row per model summary, with the pooled sensitivity
+    per size bin of the ground-truth lesion."""
+    bins = next(iter(models.values()))["pooled"]["by_size"] if models else {}
+    lines = ["| model | GT lesions | " + " | ".join(header for _, header, _ in LESION_COLUMNS) + " | " +
+             " | ".join(f"sensitivity {name}" for name in bins) + " |",
+             "|---|---|" + "---|" * (len(LESION_COLUMNS) + len(bins))]
+    for name, summary in models.items():
+        cells = [ci_cell(summary, m, d) for m, _, d in LESION_COLUMNS]
+        cells += [f"{b['detected']}/{b['lesions']}" for b in summary["pooled"]["by_size"].values()]
+        lines.append(f"| {name} | {summary['pooled']['lesion_sensitivity_3d']['gt_lesions']} | " + " | ".join(cells)
+                     + " |")
+    return lines
+
+
+def lesion_note(folder: Path) -> str:
+    """What the lesion-wise columns mean, for a markdown report written in `folder` (it links metaseg/lesions.py)."""
+    link = os.path.relpath(Path(lesions.__file__).resolve(), Path(folder).resolve()).replace(os.sep, "/")
+    return (f"Lesions as BraTS-METS 2023 scores them: a lesion is a 3D connected component ([metaseg/lesions.py]"
+            f"({link})); a ground-truth lesion is detected when a predicted lesion overlaps it dilated by one voxel, "
+            f"scores the Dice and HD95 of it against its matches (0 and {HD95_MISS:g} if missed), and each "
+            f"false-positive lesion adds a 0 and a {HD95_MISS:g} to the patient's lesion-wise means; sensitivity and "
+            "precision pool all lesions of all patients, the sensitivity per size bin reads detected / ground-truth "
+            f"lesions; HD95 in voxels (the TIFFs carry no spacing); ground-truth lesions of at most "
+            f"{UNSCORED_GT_VOXELS} voxels are not scored. Conventions in full: `conventions` in the JSON report.")
+
+
+def markdown(report: dict, out: Path = Path("reports")) -> str:
+    """comparison.md: the tables (voxel and per-slice, then lesion-wise), the paired test, the inference steps,
+    the model to serve and why, the conventions and the figures."""
     split, models, paired = report["split"], report["models"], report["paired_test"]
     a, b = paired["models"]
     n = len(report["patients"][split])
-    empty = all("hd95_empty_prediction_slices" in summary for summary in models.values())
     lines = [
         f"# Model comparison on {n} {split} patients",
         "",
@@ -416,14 +484,13 @@ def markdown(report: dict) -> str:
         "get (`metaseg evaluate`: each model's weights through the engine, each patient one volume, with the "
         "inference steps below, as `metaseg predict` and the server run them).",
         "",
-        "| model | " + " | ".join(f"`{m}`" for m in METRICS) + (" | lesion slices without prediction" if empty else "")
-        + " |",
-        "|---|" + "---|" * (len(METRICS) + empty),
+        "| model | " + " | ".join(f"`{m}`" for m in slice_columns()) + " | lesion slices without prediction |",
+        "|---|" + "---|" * (len(slice_columns()) + 1),
     ]
     for name, summary in models.items():
-        cells = [ci_cell(summary, m, 2 if m.startswith("hd95") else 3) for m in METRICS]
-        cells += [str(summary["hd95_empty_prediction_slices"])] if empty else []
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = [ci_cell(summary, m, 2 if m.startswith("hd95") else 3) for m in slice_columns()]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['hd95_empty_prediction_slices']} |")
+    lines += ["", *lesion_rows(models), "", lesion_note(out)]
     low, high = paired["ci95"]
     p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
     lines += [
@@ -513,7 +580,7 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
     write_bytes_atomic(out / "qualitative.png", qualitative_figure(data, root, split, groups, truth, preds, picks))
     write_bytes_atomic(out / "training_curves.png", training_curves_figure(runs))
     write_json_atomic(out / "comparison.json", null_nan(report))
-    write_bytes_atomic(out / "comparison.md", markdown(report).encode())
+    write_bytes_atomic(out / "comparison.md", markdown(report, out).encode())
     write_best(best_out, runs, best, report, out / "comparison.md")
     return report
 

@@ -17,7 +17,8 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        an epoch is a fixed number of iterations, it makes as many optimizer steps
                                        as a fold did: epochs x (mean training slices of a fold / all slices)
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
-                                       until all folds of all bundles are done), paired comparison, per-fold table
+                                       until all folds of all bundles are done), lesion-wise ones included
+                                       (metaseg.metrics), paired comparison, per-fold table
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
     OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
 
@@ -41,12 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from metaseg import postprocess
-from metaseg.compare import by_patient, ci_cell, null_nan, read_ground_truth, summarize
+from metaseg.compare import (CONVENTIONS, slice_columns, by_patient, ci_cell, lesion_note, lesion_rows, null_nan,
+                             read_ground_truth, summarize)
 from metaseg.conventions import FLAIR_CHANNEL
 from metaseg.data import discover, open_source
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
-from metaseg.metrics import METRICS, paired_difference, patient_metrics
+from metaseg.metrics import paired_difference, patient_metrics
 
 MONITOR_PATIENTS = 3
 SELECTION = "final epoch of each fold (no early stopping); the bundle's validation runs once on training-fold patients"
@@ -227,6 +229,21 @@ def score_config(truth: dict, probs: dict, config: dict) -> list[dict]:
             for p, gt in truth.items()]
 
 
+def lesion_figures(summary: dict) -> dict:
+    """The lesion-wise figures of a model as cv.json names them (tools read these keys), with their 95% CIs."""
+    mean, ci95, pooled = summary["mean"], summary["ci95"], summary["pooled"]
+    return {
+        "lesionwise_dice": mean["lesionwise_dice"], "ci95_lesionwise_dice": ci95["lesionwise_dice"],
+        "lesionwise_hd95_vox": mean["lesionwise_hd95_vox"], "ci95_lesionwise_hd95_vox": ci95["lesionwise_hd95_vox"],
+        "lesion_sensitivity_3d": pooled["lesion_sensitivity_3d"]["value"],
+        "ci95_lesion_sensitivity_3d": pooled["lesion_sensitivity_3d"]["ci95"],
+        "lesion_precision_3d": pooled["lesion_precision_3d"]["value"],
+        "ci95_lesion_precision_3d": pooled["lesion_precision_3d"]["ci95"],
+        "fp_lesions_per_patient": mean["fp_lesions"], "ci95_fp_lesions_per_patient": ci95["fp_lesions"],
+        "lesion_sensitivity_3d_by_size": pooled["by_size"],
+    }
+
+
 def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resamples: int, seed: int) -> dict:
     summary = summarize(per_patient, n_resamples, seed)
     per_fold = {}
@@ -238,6 +255,7 @@ def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resample
         "dice_3d_per_patient": {e["patient"]: e["dice_3d"] for e in per_patient},
         "mean_dice_3d": summary["mean"]["dice_3d"],
         "ci95_dice_3d": summary["ci95"]["dice_3d"],
+        **lesion_figures(summary),
         **summary,
         "per_fold": {str(k): {"mean_dice_3d": float(np.mean(v)), "n_patients": len(v)}
                      for k, v in sorted(per_fold.items())},
@@ -246,8 +264,12 @@ def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resample
 
 
 def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str], command: str,
-           n_resamples: int = 2000) -> dict:
-    """cv.json, cv.md, cv_postprocessing.json and cv_folds.png over every finished fold of `names`."""
+           n_resamples: int = 2000, one_lesion_per_patient: dict[str, bool] | None = None) -> dict:
+    """cv.json, cv.md, cv_postprocessing.json and cv_folds.png over every finished fold of `names`.
+
+    `one_lesion_per_patient`: per bundle, whether its configs/inference.json declares its data one lesion per patient
+    (only then is keeping the largest lesion a candidate step; for the ensemble, only if every bundle declares it)."""
+    declared = {name: bool((one_lesion_per_patient or {}).get(name, False)) for name in names}
     folds, seed = plan["folds"], plan["seed"]
     fold_of = {p: k for k, split in enumerate(plan["splits"]) for p in split["val"]}
     done = {name: done_folds(runs, name, folds) for name in names}
@@ -257,6 +279,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         "complete": all(len(d) == folds for d in done.values()),
         "folds": folds, "seed": seed, "command": command, "data": plan["data"], "recipe": plan["recipe"],
         "model_selection": SELECTION,
+        "one_lesion_per_patient": declared,
+        "conventions": CONVENTIONS,
         "patients": {str(k): split["val"] for k, split in enumerate(plan["splits"])},
         "folds_done": done,
         "models": {},
@@ -291,16 +315,18 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     selection = None
     if common:
         truth_common = {p: truth[p] for p in common}
-        score = postprocess.scorer(truth_common, probs)  # shared by the three selections below
-        selection = postprocess.select(truth_common, probs, names, score)
+        score = postprocess.Scorer(truth_common, probs)  # shared by the three selections below
+        selection = postprocess.select(truth_common, probs, names, score, all(declared.values()))
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
-        keys = ("config", "mean_dice_3d", "steps", "single_slice", "inference_steps")
+        keys = ("config", "mean_dice_3d", "lesion_sensitivity_3d", "steps", "skipped", "smallest_gt_lesion_voxels",
+                "single_slice", "inference_steps")
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
-            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score).items() if k in keys}
+            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score, declared[name]).items()
+                   if k in keys}
             for name in names}
         for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
             per_patient = score_config(truth_common, probs, own["config"])
@@ -319,7 +345,7 @@ def _write(out: Path, result: dict, selection: dict | None) -> dict:
     if selection is not None:
         write_json_atomic(out / "cv_postprocessing.json", null_nan(selection))
     write_json_atomic(out / "cv.json", null_nan(result))
-    write_bytes_atomic(out / "cv.md", markdown(result).encode())
+    write_bytes_atomic(out / "cv.md", markdown(result, out).encode())
     return result
 
 
@@ -353,7 +379,11 @@ def folds_figure(result: dict) -> bytes:
     return data
 
 
-def markdown(result: dict) -> str:
+def _share(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def markdown(result: dict, out: Path = Path("reports")) -> str:
     folds, models = result["folds"], result["models"]
     n_done = {name: len(d) for name, d in result["folds_done"].items()}
     status = ("All folds done." if result["complete"] else
@@ -366,11 +396,13 @@ def markdown(result: dict) -> str:
              "Every cell: mean over patients [95% bootstrap CI over patients]; 3D Dice pools all slices of a "
              "patient (false positives on lesion-free slices lower it).", ""]
     if models:
-        lines += ["| model | patients | per-patient 3D Dice | lesion-slice Dice | HD95 (px) | lesion sensitivity "
-                  "| lesion precision | FP slice rate |", "|---|---|---|---|---|---|---|---|"]
+        columns = [m for m in slice_columns() if m != "lesion_slice_iou"]
+        lines += ["| model | patients | " + " | ".join(f"`{m}`" for m in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
         for name, entry in models.items():
-            cells = [ci_cell(entry, m, 2 if m == "hd95_px" else 3) for m in METRICS if m != "lesion_slice_iou"]
+            cells = [ci_cell(entry, m, 2 if m.startswith("hd95") else 3) for m in columns]
             lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
+        lines += ["", "Lesions (3D), per model:", "", *lesion_rows(models), "", lesion_note(out)]
         lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions, "
                   "`+ its inference steps` = those chosen for one bundle alone, as it is served (optimistic figures: "
                   "chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
@@ -389,17 +421,29 @@ def markdown(result: dict) -> str:
     post = result.get("postprocessing")
     if post:
         lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
-                  "Tried in this order; a step is kept only if it raises the mean per-patient 3D Dice.", "",
-                  "| step | value | without | with | gain | kept |", "|---|---|---|---|---|---|"]
+                  "Tried in this order; a step is kept only if it raises the mean per-patient 3D Dice and finds "
+                  "no fewer lesions (3D lesion sensitivity pooled over these patients, as in the lesion table); the "
+                  "threshold and the minimum size are chosen among the values that lose no lesion, and minimum "
+                  "sizes go up to the smallest ground-truth lesion of these patients"
+                  + (f" ({post['smallest_gt_lesion_voxels']} voxels)." if post["smallest_gt_lesion_voxels"] else "."),
+                  "",
+                  "| step | value | 3D Dice without | with | gain | lesion sensitivity without | with | kept |",
+                  "|---|---|---|---|---|---|---|---|"]
         for step in post["steps"][1:]:
+            kept = "yes" if step["kept"] else f"no ({step['note']})" if "note" in step else "no"
             lines.append(f"| {step['step']} | {step['value']} | {step['mean_dice_3d_without']:.4f} | "
-                         f"{step['mean_dice_3d_with']:.4f} | {step['gain']:+.4f} | {'yes' if step['kept'] else 'no'} |")
+                         f"{step['mean_dice_3d_with']:.4f} | {step['gain']:+.4f} | "
+                         f"{_share(step['lesion_sensitivity_3d_without'])} | "
+                         f"{_share(step['lesion_sensitivity_3d_with'])} | {kept} |")
+        lines += ["", *(f"- {step} not tried: {why}." for step, why in post["skipped"].items())]
         base = post["steps"][0]
         lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
-                  f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}); also in cv_postprocessing.json.",
+                  f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}, lesion sensitivity "
+                  f"{_share(post['lesion_sensitivity_3d'])}); also in cv_postprocessing.json.",
                   "", "Each bundle alone (what its configs/inference.json `inference_steps` records):", ""]
         lines += [f"- {name}: `{json.dumps(own['inference_steps'])}`, mean per-patient 3D Dice "
-                  f"{own['steps'][0]['mean_dice_3d']:.4f} -> {own['mean_dice_3d']:.4f}"
+                  f"{own['steps'][0]['mean_dice_3d']:.4f} -> {own['mean_dice_3d']:.4f}, lesion sensitivity "
+                  f"{_share(own['steps'][0]['lesion_sensitivity_3d'])} -> {_share(own['lesion_sensitivity_3d'])}"
                   for name, own in result.get("postprocessing_per_model", {}).items()]
         lines += ["",
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
@@ -424,6 +468,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each;
     with `final`, then each bundle on all patients (train_all)."""
     from metaseg.bundles import bundle_dir
+    from metaseg.engine import inference_parser
 
     if not Path(data).exists():
         raise UserError(f"data not found: {data}")
@@ -432,6 +477,8 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
         raise UserError(f"bundles must have different folder names, got {bundles}")
     found = discover(data)
     epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
+    declared = {name: bool(inference_parser(bundle).get("one_lesion_per_patient", False))
+                for name, bundle in resolved.items()}
     recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
               **{k: overrides[k] for k in ("spatial_size", "patch_size") if k in overrides}}
     plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
@@ -441,7 +488,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *(["--train-all"] if final else []),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
-    result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
+    result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
     for k in range(folds):
         for name, bundle in resolved.items():
             if (runs / name / f"fold_{k}" / "fold.json").is_file():
@@ -450,7 +497,7 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
             # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
             run_fold(bundle, name, data, found, plan, k, runs,
                      {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
-            result = report(data, found, runs, out, plan, list(resolved), command, n_resamples)
+            result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
     if final:
         for name, bundle in resolved.items():
             steps = all_patients_epochs(epochs[name], found, plan)

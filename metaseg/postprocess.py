@@ -1,8 +1,10 @@
 """Inference steps after the network, and their selection on out-of-fold predictions.
 
 nnU-Net's find_best_configuration + determine_postprocessing, on lesion probabilities saved by `metaseg cv`: each
-step is tried in a fixed order and kept only if it raises the out-of-fold mean per-patient 3D Dice; the gain of
-each is reported whether kept or not. A configuration is a plain dict (`DEFAULT` names every key):
+step is tried in a fixed order and kept only if it raises the out-of-fold mean per-patient 3D Dice *and* does not
+lower the lesion detection sensitivity (3D lesions as metaseg.metrics matches them, pooled over the out-of-fold
+patients): a step that buys Dice by deleting a metastasis is never kept. The gain of each is reported whether kept
+or not. A configuration is a plain dict (`DEFAULT` names every key):
 
     models             the bundles whose lesion probabilities are averaged (one = no ensemble)
     flip_tta           also predict the left-right mirrored input, mirror back, average (test-time augmentation)
@@ -27,14 +29,18 @@ threshold, and `upload_masks` below the threshold and component steps for `metas
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from metaseg.errors import UserError
 from metaseg.lesions import label, min_voxels
-from metaseg.metrics import dice_3d
+from metaseg.metrics import Target, detected, dice_3d, targets
 
 DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
            "largest_component": False}
@@ -152,64 +158,158 @@ def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mappin
     return {p: dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()}
 
 
-def mean_dice(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], config: dict) -> float:
-    """Mean per-patient 3D Dice of a configuration over the patients of `truth`."""
-    return float(np.mean(list(dice_per_patient(truth, probs, config).values())))
+@dataclass(frozen=True)
+class Score:
+    """What the selection weighs for one configuration over the out-of-fold patients: the mean per-patient 3D Dice,
+    and how many of their scored ground-truth lesions it detects (metaseg.metrics.detected), of how many."""
+
+    mean_dice_3d: float
+    detected: int
+    lesions: int
+
+    @property
+    def lesion_sensitivity_3d(self) -> float:
+        return self.detected / self.lesions if self.lesions else float("nan")
+
+    def figures(self) -> dict:
+        return {"mean_dice_3d": self.mean_dice_3d, "lesion_sensitivity_3d": self.lesion_sensitivity_3d}
 
 
-def scorer(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]]) -> Callable[[dict], float]:
-    """`mean_dice` over these patients, remembered per configuration: selections over the same out-of-fold maps (the
-    ensemble's and each bundle's own) share their common configurations instead of scoring them again."""
-    scores: dict[str, float] = {}
+def selection_score(truth: Mapping[str, np.ndarray], found: Mapping[str, list[Target]],
+                    probs: Mapping[str, Mapping[str, Probs]], config: dict) -> Score:
+    """The Score of a configuration (the masks of volumes without a spacing, as the out-of-fold data are); `found`:
+    each patient's ground-truth lesions (metaseg.metrics.targets)."""
+    dice, hits = [], 0
+    for patient, gt in truth.items():
+        predicted = mask(probability(probs[patient], config), config)
+        dice.append(dice_3d(gt, predicted))
+        hits += detected(found[patient], predicted)
+    return Score(float(np.mean(dice)), hits, sum(t.scored for lesions in found.values() for t in lesions))
 
-    def score(config: dict) -> float:
+
+class Scorer:
+    """`selection_score` over these patients, remembered per configuration: selections over the same out-of-fold maps
+    (the ensemble's and each bundle's own) share their common configurations instead of scoring them again."""
+
+    def __init__(self, truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]]):
+        self.truth, self.probs = truth, probs
+        self.found = {patient: targets(gt) for patient, gt in truth.items()}
+        self.scores: dict[str, Score] = {}
+
+    def __call__(self, config: dict) -> Score:
         key = json.dumps(config, sort_keys=True)
-        if key not in scores:
-            scores[key] = mean_dice(truth, probs, config)
-        return scores[key]
+        if key not in self.scores:
+            self.scores[key] = selection_score(self.truth, self.found, self.probs, config)
+        return self.scores[key]
 
-    return score
+    def smallest_lesion(self) -> int | None:
+        """Voxels of the smallest scored ground-truth lesion of these patients (None without any)."""
+        return min((t.voxels for lesions in self.found.values() for t in lesions if t.scored), default=None)
 
 
-def _best(score: Callable[[dict], float], config: dict, key: str, values) -> tuple[object, float, dict]:
-    """The value of `key` with the highest mean Dice (the first of a tie), its score, and every value's score."""
+# The metastases every shipped step must keep: the lesions of `metaseg synth OUT --patients 10 --slices 32 --seed 3`
+# (43 lesions, 2-6 per patient, 5 to ~1,550 voxels of 256x256 slices, as the development TIFFs), of which a minimum
+# size may drop at most 1% (tests/test_lesions.py holds the shipped steps to it).
+REFERENCE_PHANTOM = {"patients": 10, "slices": 32, "seed": 3}
+KEEP_REFERENCE_SHARE = 0.99
+
+
+@functools.cache
+def reference_lesion_voxels() -> tuple[int, ...]:
+    """Voxel counts of the reference phantom's lesions (metaseg.lesions), sorted; made in a temporary folder."""
+    from metaseg.data import discover, open_source, read_tiff
+    from metaseg.synth import synthesize
+
+    with tempfile.TemporaryDirectory() as folder:
+        synthesize(Path(folder), **REFERENCE_PHANTOM)
+        found = discover(Path(folder))
+        sizes = []
+        with open_source(Path(folder)) as files:
+            for patient in found.patients:
+                pairs = sorted((p for p in found.pairs if p.patient == patient), key=lambda p: p.slice)
+                stack = np.stack([read_tiff(files.read(p.label)) > 0 for p in pairs])
+                labels, _ = label(stack)
+                sizes += np.bincount(labels.ravel())[1:].tolist()
+    return tuple(sorted(sizes))
+
+
+def reference_size_cap(sizes: Sequence[int] | None = None) -> int:
+    """The largest minimum size (voxels) that keeps KEEP_REFERENCE_SHARE of the reference metastases."""
+    sizes = np.asarray(sizes if sizes is not None else reference_lesion_voxels())
+    allowed = [size for size in sizes if np.mean(sizes >= size) >= KEEP_REFERENCE_SHARE]
+    return int(max(allowed))
+
+
+def _best(score: Scorer, config: dict, key: str, values, floor: int) -> tuple[object, Score, dict]:
+    """The value of `key` with the highest mean Dice among those detecting at least `floor` lesions (the first of a
+    tie; among all values if none does, for the report to show), its score, and every value's score."""
     scores = {value: score({**config, key: value}) for value in values}
-    best = max(scores, key=scores.get)
+    eligible = [value for value in scores if scores[value].detected >= floor] or list(scores)
+    best = max(eligible, key=lambda value: scores[value].mean_dice_3d)
     return best, scores[best], scores
 
 
 def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
-           score: Callable[[dict], float] | None = None) -> dict:
+           score: Scorer | None = None, one_lesion_per_patient: bool = False, keep_reference: bool = True) -> dict:
     """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, largest component).
 
     `truth`: patient -> boolean ground-truth stack; `probs`: patient -> model -> {"prob", "prob_flip"}, for every
-    patient of `truth` and every model of `models`. Returns the chosen configuration and, per step, the mean Dice
-    without and with it, the gain, and whether it was kept (only for a gain > 0). `score`: a `scorer` of the same
-    truth and probs to share with other selections.
+    patient of `truth` and every model of `models`. A step is kept only for a mean Dice gain > 0 that detects no
+    fewer lesions; the threshold and the minimum size are chosen among the values that lose no lesion. Candidates:
+    minimum sizes in voxels (the out-of-fold data carry no spacing, so min_lesion_mm3 stays 0) up to the smallest
+    scored ground-truth lesion of these patients and, with `keep_reference`, up to the size that keeps 99% of the
+    reference phantom's metastases (a one-lesion glioma set must not teach a bundle to drop small metastases);
+    `largest_component` only where the data are declared
+    `one_lesion_per_patient`. Returns the chosen configuration and, per step, the mean Dice and lesion sensitivity
+    without and with it, the gain, and whether it was kept; `skipped` says why a step was not tried. `score`: a
+    `Scorer` of the same truth and probs to share with other selections.
     """
-    score = score or scorer(truth, probs)
+    score = score or Scorer(truth, probs)
     single = {name: score({**DEFAULT, "models": [name]}) for name in models}
-    start = max(single, key=single.get)
+    start = max(single, key=lambda name: single[name].mean_dice_3d)
     config, current = {**DEFAULT, "models": [start]}, single[start]
-    steps = [{"step": "baseline", "value": start, "mean_dice_3d": current,
+    steps = [{"step": "baseline", "value": start, **current.figures(),
               "note": f"best single model at the default threshold {DEFAULT['threshold']}",
-              "candidates": single}]
+              "candidates": {name: s.figures() for name, s in single.items()}}]
+    skipped = {}
 
-    def consider(step: str, key: str, value, with_it: float, candidates: dict | None = None) -> None:
+    def consider(step: str, key: str, value, with_it: Score, candidates: dict | None = None) -> None:
         nonlocal config, current
-        gain = with_it - current
-        steps.append({"step": step, "value": value, "mean_dice_3d_without": current, "mean_dice_3d_with": with_it,
-                      "gain": gain, "kept": gain > 0, **({"candidates": candidates} if candidates else {})})
-        if gain > 0:
+        gain = with_it.mean_dice_3d - current.mean_dice_3d
+        loses = with_it.detected < current.detected
+        steps.append({"step": step, "value": value, "mean_dice_3d_without": current.mean_dice_3d,
+                      "mean_dice_3d_with": with_it.mean_dice_3d, "gain": gain,
+                      "lesion_sensitivity_3d_without": current.lesion_sensitivity_3d,
+                      "lesion_sensitivity_3d_with": with_it.lesion_sensitivity_3d, "kept": gain > 0 and not loses,
+                      **({"note": f"loses {current.detected - with_it.detected} of {current.lesions} lesions"}
+                         if loses else {}),
+                      **({"candidates": {str(k): v.figures() for k, v in candidates.items()}} if candidates else {})})
+        if gain > 0 and not loses:
             config, current = {**config, key: value}, with_it
 
     if len(models) > 1:
         consider("ensemble", "models", list(models), score({**config, "models": list(models)}))
     consider("flip_tta", "flip_tta", True, score({**config, "flip_tta": True}))
-    for key, values in (("threshold", THRESHOLDS), ("min_lesion_voxels", MIN_LESION_VOXELS)):
-        value, best, scores = _best(score, config, key, values)
-        consider(key, key, value, best, {str(k): v for k, v in scores.items()})
-    consider("largest_component", "largest_component", True, score({**config, "largest_component": True}))
-    return {"config": config, "mean_dice_3d": current, "steps": steps, "n_patients": len(truth),
+    consider("threshold", "threshold", *_best(score, config, "threshold", THRESHOLDS, current.detected))
+    smallest, cap = score.smallest_lesion(), reference_size_cap() if keep_reference else None
+    sizes = [size for size in MIN_LESION_VOXELS
+             if smallest is not None and size <= smallest and (cap is None or size <= cap)]
+    if sizes:
+        consider("min_lesion_voxels", "min_lesion_voxels",
+                 *_best(score, config, "min_lesion_voxels", sizes, current.detected))
+    elif smallest is None:
+        skipped["min_lesion_voxels"] = "no ground-truth lesion to bound a minimum size"
+    else:
+        why = (f"the smallest ground-truth lesion ({smallest} voxels)" if cap is None or smallest <= cap else
+               f"what keeps {KEEP_REFERENCE_SHARE:.0%} of the reference phantom's metastases ({cap} voxels)")
+        skipped["min_lesion_voxels"] = f"every candidate ({', '.join(map(str, MIN_LESION_VOXELS))}) exceeds {why}"
+    if one_lesion_per_patient:
+        consider("largest_component", "largest_component", True, score({**config, "largest_component": True}))
+    else:
+        skipped["largest_component"] = ("the data are not declared one lesion per patient "
+                                        "(one_lesion_per_patient in the bundle's configs/inference.json)")
+    return {"config": config, "mean_dice_3d": current.mean_dice_3d,
+            "lesion_sensitivity_3d": current.lesion_sensitivity_3d, "steps": steps, "skipped": skipped,
+            "smallest_gt_lesion_voxels": smallest, "reference_size_cap_voxels": cap, "n_patients": len(truth),
             "single_slice": {key: config[key] for key in SLICE_STEPS},
             "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if len(args.runs) < 2:
             raise UserError("give --runs at least twice: the runs to compare and average")
-        steps = postprocess.checked_steps(
-            inference_parser(bundle_dir(args.bundle)).get_parsed_content("inference_steps"), args.bundle)
+        parser = inference_parser(bundle_dir(args.bundle))
+        one_lesion = bool(parser.get("one_lesion_per_patient", False))
+        steps = postprocess.checked_steps(parser.get_parsed_content("inference_steps"), args.bundle, one_lesion)
         plans, maps = {}, {}
         for runs in args.runs:
             label = str(runs)
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         per_run["ensemble"] = {key: np.mean([postprocess.as_float(per_run[label][key]) for label in labels], axis=0)
                                for key in ("prob", "prob_flip")}
     truth = {p: truth[p] for p in patients}
-    score = postprocess.scorer(truth, maps)
+    score = postprocess.Scorer(truth, maps)
     rows = []
     for name in labels + ["ensemble"]:
-        own = postprocess.select(truth, maps, [name], score)["config"]
+        own = postprocess.select(truth, maps, [name], score, one_lesion)["config"]
         configs = {"argmax": {**postprocess.DEFAULT, "models": [name]}, "steps": {**steps, "models": [name]},
                    "own_steps": own}
         row = {"label": name, "plan": "mean" if name == "ensemble" else

@@ -24,10 +24,10 @@ from metaseg.metrics import (
     dice_3d,
     fp_slice_rate,
     hd95_per_slice,
-    lesion_detection,
     lesion_slice_dice_iou,
     paired_difference,
     patient_metrics,
+    slice_component_detection,
     slice_dice,
 )
 
@@ -49,8 +49,8 @@ def test_perfect_prediction_scores_perfectly():
     m = patient_metrics(gt, gt)
     assert m["dice_3d"] == m["lesion_slice_dice"] == m["lesion_slice_iou"] == 1.0
     assert m["hd95_px"] == 0.0 and m["hd95_empty_prediction_slices"] == 0
-    assert m["lesion_sensitivity"] == m["lesion_precision"] == 1.0 and m["fp_slice_rate"] == 0.0
-    assert (m["n_slices"], m["n_lesion_slices"], m["n_gt_lesions"]) == (3, 2, 2)
+    assert m["slice_component_sensitivity"] == m["slice_component_precision"] == 1.0 and m["fp_slice_rate"] == 0.0
+    assert (m["n_slices"], m["n_lesion_slices"], m["n_gt_slice_components"]) == (3, 2, 2)
 
 
 def test_empty_versus_empty_is_perfect_3d_and_undefined_per_slice():
@@ -59,7 +59,8 @@ def test_empty_versus_empty_is_perfect_3d_and_undefined_per_slice():
     assert np.isnan(slice_dice(empty, empty)).all()
     assert all(np.isnan(lesion_slice_dice_iou(empty, empty)))
     m = patient_metrics(empty, empty)
-    assert np.isnan(m["lesion_sensitivity"]) and np.isnan(m["lesion_precision"]) and np.isnan(m["hd95_px"])
+    assert np.isnan(m["slice_component_sensitivity"]) and np.isnan(m["slice_component_precision"])
+    assert np.isnan(m["hd95_px"])
     assert m["fp_slice_rate"] == 0.0
 
 
@@ -90,16 +91,16 @@ def test_lesion_slice_means_are_per_slice_then_per_patient():
     assert lesion_slice_dice_iou(gt, pred) == (0.75, pytest.approx((1 + 1 / 3) / 2))
 
 
-def test_lesion_detection_counts_2d_components_with_8_connectivity():
+def test_slice_component_detection_counts_2d_components_with_8_connectivity():
     gt = np.zeros((2, 16, 16), bool)
     gt[0, 1:3, 1:3] = gt[0, 10:12, 10:12] = True  # two lesions on slice 0
     gt[1, 1:3, 1:3] = True  # the same spot on slice 1 is a third lesion (components are 2D)
     pred = np.zeros_like(gt)
     pred[0, 2, 2] = pred[0, 3, 3] = True  # one component (diagonal neighbours) touching the first lesion
     pred[1, 12, 12] = True  # a false component on slice 1
-    assert lesion_detection(gt, pred) == (3, 1, 2, 1)
+    assert slice_component_detection(gt, pred) == (3, 1, 2, 1)
     m = patient_metrics(gt, pred)
-    assert m["lesion_sensitivity"] == pytest.approx(1 / 3) and m["lesion_precision"] == 0.5
+    assert m["slice_component_sensitivity"] == pytest.approx(1 / 3) and m["slice_component_precision"] == 0.5
 
 
 def test_hd95_of_a_shifted_square_is_the_shift_and_empty_predictions_are_counted():
@@ -237,7 +238,7 @@ def test_compare_end_to_end_serves_the_cross_validated_architecture_not_the_best
     assert report["command"].startswith("metaseg compare --data")
 
     perfect, shifted = report["models"]["unetpp"], report["models"]["attention_unet"]
-    assert perfect["mean"]["dice_3d"] == perfect["mean"]["lesion_sensitivity"] == 1.0 > shifted["mean"]["dice_3d"]
+    assert perfect["mean"]["dice_3d"] == perfect["mean"]["slice_component_sensitivity"] == 1.0 > shifted["mean"]["dice_3d"]
     assert perfect["mean"]["hd95_px"] == 0.0 and perfect["mean"]["fp_slice_rate"] == 0.0
     truth = truth_of(runs["data"], runs["datalist"], "test")
     expected = [2 * (gt & p).sum() / (gt.sum() + p.sum()) for gt, p in ((gt, imperfect(gt)) for gt in truth.values())]
@@ -297,14 +298,14 @@ def test_the_report_has_a_column_for_every_metric(runs, tmp_path, monkeypatch):
     """A metric added to metaseg.metrics.METRICS reaches the tables of comparison.md and comparison.json."""
     import metaseg.compare
 
-    monkeypatch.setattr(metaseg.compare, "METRICS", (*metaseg.compare.METRICS, "n_gt_lesions"))
+    monkeypatch.setattr(metaseg.compare, "METRICS", (*metaseg.compare.METRICS, "gt_lesions"))
     root, out = runs["root"], tmp_path / "reports"
     report = compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
                      out=out, n_resamples=50)
     header = next(line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| model"))
-    assert "| `dice_3d` |" in header and header.endswith("| `n_gt_lesions` | lesion slices without prediction |")
-    n_gt = [p["n_gt_lesions"] for p in report["models"]["unetpp"]["metric_per_patient"]]
-    assert report["models"]["unetpp"]["mean"]["n_gt_lesions"] == np.mean(n_gt) > 0
+    assert "| `dice_3d` |" in header and header.endswith("| `gt_lesions` | lesion slices without prediction |")
+    n_gt = [p["gt_lesions"] for p in report["models"]["unetpp"]["metric_per_patient"]]
+    assert report["models"]["unetpp"]["mean"]["gt_lesions"] == np.mean(n_gt) > 0
 
 
 def test_a_zip_serves_too_and_best_out_may_be_elsewhere(runs, tmp_path):

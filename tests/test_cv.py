@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -88,7 +89,8 @@ SECOND = (slice(2, 4), slice(25, 40), slice(25, 40))  # 450 voxels, far away: sm
 
 
 def test_selection_keeps_a_step_only_when_it_raises_the_mean_dice():
-    """Largest component helps patient A (a false blob), hurts nowhere; the threshold must drop below 0.5."""
+    """Largest component helps patient A (a false blob), hurts nowhere, and the data are declared one lesion per
+    patient; the threshold must drop below 0.5."""
     truth = {"A": stack(LESION) > 0, "B": stack(LESION) > 0}
     weak = 0.45  # the network is under-confident: everything at 0.45, so the default threshold finds nothing
     probs = {
@@ -97,17 +99,25 @@ def test_selection_keeps_a_step_only_when_it_raises_the_mean_dice():
     }
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]  # flipping changes nothing: no gain, not kept
-    chosen = postprocess.select(truth, probs, ["net"])
+    chosen = postprocess.select(truth, probs, ["net"], one_lesion_per_patient=True, keep_reference=False)
     steps = {s["step"]: s for s in chosen["steps"]}
-    assert steps["baseline"]["mean_dice_3d"] == 0.0
+    assert steps["baseline"]["mean_dice_3d"] == 0.0 and steps["baseline"]["lesion_sensitivity_3d"] == 0.0
     assert not steps["flip_tta"]["kept"] and steps["flip_tta"]["gain"] == 0
     assert steps["threshold"]["kept"] and steps["threshold"]["value"] == 0.3  # the first of the tied best values
     assert steps["threshold"]["mean_dice_3d_with"] == pytest.approx((2 * 576 / (576 + 1026) + 1) / 2)
+    assert steps["threshold"]["lesion_sensitivity_3d_with"] == 1.0
     assert not steps["min_lesion_voxels"]["kept"]  # the false blob (450) is bigger than every candidate size
     assert steps["largest_component"]["kept"] and steps["largest_component"]["gain"] > 0
+    assert steps["largest_component"]["lesion_sensitivity_3d_without"] == 1.0 == \
+        steps["largest_component"]["lesion_sensitivity_3d_with"]  # the blob was no lesion
     assert chosen["config"] == {**postprocess.DEFAULT, "models": ["net"], "threshold": 0.3, "largest_component": True}
     assert chosen["mean_dice_3d"] == 1.0 and chosen["single_slice"] == {"models": ["net"], "flip_tta": False,
                                                                          "threshold": 0.3}
+    assert set(chosen["inference_steps"]) == set(postprocess.BUNDLE_STEPS)
+    undeclared = postprocess.select(truth, probs, ["net"])  # metastasis data: keeping one lesion is no candidate
+    assert "largest_component" not in {s["step"] for s in undeclared["steps"]}
+    assert "not declared one lesion per patient" in undeclared["skipped"]["largest_component"]
+    assert undeclared["config"] == {**postprocess.DEFAULT, "models": ["net"], "threshold": 0.3}
 
 
 def test_selection_rejects_steps_that_hurt():
@@ -116,13 +126,85 @@ def test_selection_rejects_steps_that_hurt():
     good = stack(LESION, SECOND)
     wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
     probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
-    chosen = postprocess.select(truth, probs, ["good", "wrong"])
+    chosen = postprocess.select(truth, probs, ["good", "wrong"], one_lesion_per_patient=True)
     steps = {s["step"]: s for s in chosen["steps"]}
     assert steps["baseline"]["value"] == "good" and steps["baseline"]["mean_dice_3d"] == 1.0
     assert not steps["ensemble"]["kept"] and steps["ensemble"]["gain"] < 0
     assert not steps["largest_component"]["kept"] and steps["largest_component"]["gain"] < 0
     assert not any(s["kept"] for s in chosen["steps"][1:])
     assert chosen["config"] == {**postprocess.DEFAULT, "models": ["good"]}
+
+
+SMALL = (slice(1, 3), slice(30, 33), slice(2, 7))  # 30 voxels: a small metastasis
+BLOB = (slice(0, 2), slice(22, 32), slice(20, 30))  # 200 voxels of false positive
+
+
+def test_a_step_that_raises_dice_by_deleting_a_metastasis_is_never_kept():
+    """One large and one small lesion, both found, and a false blob larger than the small lesion: keeping the largest
+    lesion raises the Dice (the blob goes) but deletes the small metastasis. Undeclared it is not tried; declared,
+    it is tried and rejected for the lesion it loses."""
+    truth = {"A": stack(LESION, SMALL) > 0}
+    prob = stack(LESION, SMALL, BLOB)
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    largest = {**postprocess.DEFAULT, "models": ["net"], "largest_component": True}
+    score = postprocess.Scorer(truth, probs)
+    assert score(largest).mean_dice_3d > score({**largest, "largest_component": False}).mean_dice_3d
+    assert score(largest).detected == 1 < score({**largest, "largest_component": False}).detected == 2
+    undeclared = postprocess.select(truth, probs, ["net"], score)
+    assert "largest_component" in undeclared["skipped"] and not undeclared["config"]["largest_component"]
+    declared = postprocess.select(truth, probs, ["net"], score, one_lesion_per_patient=True)
+    step = declared["steps"][-1]
+    assert step["step"] == "largest_component" and step["gain"] > 0 and not step["kept"]
+    assert (step["lesion_sensitivity_3d_without"], step["lesion_sensitivity_3d_with"]) == (1.0, 0.5)
+    assert step["note"] == "loses 1 of 2 lesions"
+    assert declared["config"] == {**postprocess.DEFAULT, "models": ["net"]} and declared["lesion_sensitivity_3d"] == 1
+
+
+def test_only_thresholds_that_keep_every_found_lesion_compete():
+    """The small lesion and a false blob sit at probability 0.55: a threshold of 0.6 or more raises the Dice (the
+    blob goes) but loses the lesion, so it is not chosen."""
+    truth = {"A": stack(LESION, SMALL) > 0}
+    prob = stack(LESION + (0.9,), SMALL + (0.55,), BLOB + (0.55,))
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    chosen = postprocess.select(truth, probs, ["net"])
+    step = next(s for s in chosen["steps"] if s["step"] == "threshold")
+    high = step["candidates"]["0.6"]
+    assert high["mean_dice_3d"] > step["mean_dice_3d_without"] and high["lesion_sensitivity_3d"] == 0.5
+    assert not step["kept"] and step["value"] <= 0.55 and chosen["config"]["threshold"] == 0.5
+
+
+def test_minimum_sizes_never_exceed_the_smallest_ground_truth_lesion():
+    """Both patients' smallest lesion has 30 voxels, found over-segmented (a 60-voxel lesion); patient B also has a
+    40-voxel false blob. A minimum of 50 would raise the Dice and lose no lesion of these predictions, but it could
+    delete a lesion of the labels' smallest size: candidates stop at 30."""
+    truth = {"A": stack(LESION, SMALL) > 0, "B": stack(LESION, SMALL) > 0}
+    found = (slice(1, 3), slice(28, 34), slice(2, 7))  # 60 voxels over SMALL
+    probs = {"A": {"net": {"prob": stack(LESION, found)}},
+             "B": {"net": {"prob": stack(LESION, found, (slice(0, 1), slice(10, 14), slice(30, 40)))}}}
+    for maps in probs.values():
+        maps["net"]["prob_flip"] = maps["net"]["prob"]
+    score = postprocess.Scorer(truth, probs)
+    plain = {**postprocess.DEFAULT, "models": ["net"]}
+    assert score({**plain, "min_lesion_voxels": 50}).mean_dice_3d > score(plain).mean_dice_3d
+    assert score({**plain, "min_lesion_voxels": 50}).detected == score(plain).detected == 4
+    chosen = postprocess.select(truth, probs, ["net"], score, keep_reference=False)
+    step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_voxels")
+    assert chosen["smallest_gt_lesion_voxels"] == 30 and list(step["candidates"]) == ["10", "25"]
+    assert not step["kept"] and chosen["config"]["min_lesion_voxels"] == 0 and chosen["config"]["min_lesion_mm3"] == 0
+    tiny = {"A": stack((slice(0, 1), slice(0, 2), slice(0, 4))) > 0}  # an 8-voxel lesion: no candidate at all
+    alone = postprocess.select(tiny, {"A": probs["A"]}, ["net"], keep_reference=False)
+    assert "exceeds the smallest ground-truth lesion (8 voxels)" in alone["skipped"]["min_lesion_voxels"]
+    # by default the reference phantom's metastases (down to 5 voxels) bound the sizes too: no candidate of 10+
+    guarded = postprocess.select(truth, probs, ["net"], score)
+    assert "min_lesion_voxels" not in {s["step"] for s in guarded["steps"]}
+    assert "reference phantom's metastases (5 voxels)" in guarded["skipped"]["min_lesion_voxels"]
+
+
+def test_the_reference_size_cap_keeps_99_percent_of_the_reference_metastases():
+    assert postprocess.reference_size_cap([5] + [100] * 99) == 100  # dropping 1 of 100 is allowed
+    assert postprocess.reference_size_cap([5, 6] + [100] * 98) == 6  # 2 of 100 is not
+    sizes = postprocess.reference_lesion_voxels()
+    assert len(sizes) == 43 and sizes[0] == 5 and postprocess.reference_size_cap() == 5
 
 
 def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuration_once(monkeypatch):
@@ -133,12 +215,13 @@ def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuratio
     wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
     probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
     scored = []
-    real = postprocess.mean_dice
-    monkeypatch.setattr(postprocess, "mean_dice", lambda t, p, config: scored.append(config) or real(t, p, config))
+    real = postprocess.selection_score
+    monkeypatch.setattr(postprocess, "selection_score",
+                        lambda t, f, p, config: scored.append(config) or real(t, f, p, config))
     runs = (["good", "wrong"], ["good"], ["wrong"])
     alone = [postprocess.select(truth, probs, models) for models in runs]
     unshared, scored[:] = len(scored), []
-    score = postprocess.scorer(truth, probs)
+    score = postprocess.Scorer(truth, probs)
     shared = [postprocess.select(truth, probs, models, score) for models in runs]
     assert shared == alone
     keys = [json.dumps(config, sort_keys=True) for config in scored]
@@ -187,6 +270,69 @@ def phantom(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("cv") / "Data"
     synthesize(data, patients=6, slices=4, seed=0)
     return data
+
+
+LESION_KEYS = ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient", "ci95_lesionwise_dice",
+               "ci95_lesion_sensitivity_3d", "ci95_fp_lesions_per_patient", "lesionwise_hd95_vox",
+               "lesion_precision_3d", "lesion_sensitivity_3d_by_size")
+
+
+def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, tmp_path):
+    """cv.json/cv.md from hand-written out-of-fold maps (the format a `metaseg cv` run writes): one bundle predicts
+    the ground truth, the other nothing; every model row has the lesion-wise keys, the step rows the sensitivity."""
+    import metaseg.cv as cv
+    from metaseg.compare import by_patient, read_ground_truth
+    from metaseg.data import discover
+
+    found = discover(phantom)
+    _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
+    plan = {"data": str(phantom), "folds": 2, "seed": 0, "recipe": {"epochs": 1},
+            "splits": splits_final(assign_folds(found.patients, 2, 0))}
+    for name, prob in (("perfect", lambda gt: gt), ("empty", np.zeros_like)):
+        for k, split in enumerate(plan["splits"]):
+            fold = tmp_path / "runs" / name / f"fold_{k}"
+            for patient in split["val"]:
+                maps = cv.as_uint8(prob(truth[patient]).astype(np.float32))
+                cv.write_npz(fold / "oof" / f"{patient}.npz", prob=maps, prob_flip=maps)
+            (fold / "fold.json").write_text("{}")
+    out = tmp_path / "reports"
+    result = cv.report(phantom, found, tmp_path / "runs", out, plan, ["perfect", "empty"], "metaseg cv", 50,
+                       {"perfect": True, "empty": False})
+    saved = json.loads((out / "cv.json").read_text())
+    assert set(saved["models"]) == {"perfect", "empty", "selected", "perfect + its inference steps",
+                                    "empty + its inference steps"}
+    for name, entry in saved["models"].items():
+        assert all(key in entry for key in LESION_KEYS), name
+    lesions = sum(lesions_of(gt) for gt in truth.values())
+    perfect, empty = saved["models"]["perfect"], saved["models"]["empty"]
+    assert perfect["lesionwise_dice"] == perfect["lesion_sensitivity_3d"] == 1
+    assert perfect["fp_lesions_per_patient"] == 0
+    assert perfect["lesionwise_hd95_vox"] == 0 and perfect["pooled"]["lesion_sensitivity_3d"]["gt_lesions"] == lesions
+    assert empty["lesion_sensitivity_3d"] == 0 and empty["lesion_precision_3d"] is None  # nothing predicted
+    assert sum(b["lesions"] for b in empty["lesion_sensitivity_3d_by_size"].values()) == lesions
+    assert saved["conventions"]["lesion_sensitivity_3d"].startswith("detected ground-truth lesions")
+    assert saved["one_lesion_per_patient"] == {"perfect": True, "empty": False}
+    # largest component: a candidate for the bundle declaring one lesion per patient only (and not for the ensemble)
+    own = saved["postprocessing_per_model"]
+    assert "largest_component" in {s["step"] for s in own["perfect"]["steps"]}
+    assert "largest_component" in own["empty"]["skipped"] and "largest_component" in saved["postprocessing"]["skipped"]
+    for step in saved["postprocessing"]["steps"][1:]:
+        assert {"lesion_sensitivity_3d_without", "lesion_sensitivity_3d_with"} <= set(step)
+    assert set(saved["postprocessing"]["inference_steps"]) == set(postprocess.BUNDLE_STEPS)
+    assert result["models"]["selected"]["lesion_sensitivity_3d"] == 1.0
+    md = (out / "cv.md").read_text()
+    assert "| model | GT lesions | lesion-wise Dice |" in md
+    link = re.search(r"\[metaseg/lesions.py\]\(([^)]+)\)", md)[1]  # the one definition of a lesion, linked
+    assert (out / link).resolve() == (REPO / "metaseg" / "lesions.py").resolve()
+    assert f"| perfect | {lesions} | 1.000 [1.000, 1.000] |" in md
+    assert "| lesion sensitivity without | with |" in md and "largest_component not tried" in md
+
+
+def lesions_of(gt: np.ndarray) -> int:
+    from metaseg import lesions
+
+    labels, n = lesions.label(gt)
+    return int((np.bincount(labels.ravel())[1:] > 2).sum())
 
 
 def test_an_interrupted_fold_resumes_in_its_run_folder_and_keeps_its_log(phantom, tmp_path, monkeypatch):
@@ -288,8 +434,12 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
 
     chosen = json.loads((out / "cv_postprocessing.json").read_text())
     assert chosen["config"] == report["models"]["selected"]["config"] == report["postprocessing"]["config"]
-    assert [s["step"] for s in chosen["steps"]] == ["baseline", "ensemble", "flip_tta", "threshold",
-                                                    "min_lesion_voxels", "largest_component"]
+    tried = [s["step"] for s in chosen["steps"]]
+    assert tried + list(chosen["skipped"]) == ["baseline", "ensemble", "flip_tta", "threshold", "min_lesion_voxels",
+                                               "largest_component"]
+    assert "not declared one lesion per patient" in chosen["skipped"]["largest_component"]  # as the bundles say
+    for name, entry in report["models"].items():
+        assert all(key in entry for key in LESION_KEYS), name
     assert report["models"]["selected"]["mean_dice_3d"] >= max(report["models"][n]["mean_dice_3d"]
                                                                for n in ("unetpp", "attention_unet")) - 1e-9
     md = (out / "cv.md").read_text()
