@@ -305,7 +305,7 @@ def test_the_sample_is_one_slice_with_an_area_and_no_volume(viewer, server):
 def test_a_series_is_segmented_once_then_scrolled_and_thresholded_here(viewer, server):
     drop(viewer, dicom_series(TUMOUR))
     assert not viewer.exception and not viewer.error
-    assert metrics(viewer) == {"Lesions": "2", "Total volume": "0.39 mL", "Measurable": "1 of 2"}
+    assert metrics(viewer) == {"Lesions": "2", "Total volume": "0.392 mL", "Measurable": "1 of 2"}
     first, second = table(viewer)
     assert (first["lesion"], first["slices"], first["volume (mm³)"], first["measurable"]) == (1, "2–4", 384, "yes")
     assert first["diameter (mm)"] == pytest.approx(16 * np.sqrt(2) * 0.5)

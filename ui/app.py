@@ -30,7 +30,6 @@ from ui.upload import SEQUENCES, Upload, file_stem
 DIAMETER = "Longest axial diameter: across the lesion on its widest slice, edge to edge"
 _KEEP = {"ttl": 3600, "show_spinner": False}  # with max_entries below: bounded, these describe patients' scans
 TABLE_FORMAT = {
-    "lesion": st.column_config.NumberColumn(width="small"),
     "volume (mm³)": st.column_config.NumberColumn(format="%.1f"),
     "area (mm²)": st.column_config.NumberColumn(format="%.1f"),
     "diameter (mm)": st.column_config.NumberColumn(format="%.1f", help=f"{DIAMETER}. RANO-BM: measurable from 10 mm."),
@@ -241,13 +240,17 @@ def result(url: str, upload: Upload) -> None:
         index = slice_picker(upload, found, table_key)
 
     where = f"slice {index + 1} of {count}" if count > 1 else "one slice"
-    input_col, overlay_col, findings_col = st.columns([1, 1, 1.5])
+    input_col, overlay_col, findings_col = st.columns([1, 1, 1.2])
     shown = view.name if len(views) > 1 else upload.label
     input_col.image(view.gray[index], caption=f"Input: {shown}, {where}", output_format="PNG", width="stretch")
     blended = display.blend(view.gray[index], found.masks[index], opacity, outline)
     overlay_col.image(blended, caption=f"Lesion in red, threshold {threshold}", output_format="PNG", width="stretch")
     with findings_col:
-        findings_panel(upload, volume, found, index, table_key, info, seconds)
+        findings_panel(upload, volume, found, index, info, seconds)
+    if found.lesions:
+        pick = {"on_select": "rerun", "selection_mode": "single-row"} if count > 1 else {}
+        st.dataframe(findings.lesion_table(found, volume), hide_index=True, column_config=TABLE_FORMAT,
+                     key=table_key, **pick)
     downloads(url, upload, volume, found, threshold, index, blended)
 
 
@@ -261,21 +264,16 @@ def slice_picker(upload: Upload, found: Findings, table_key: str) -> int:
     index = st.slider("Slice", 1, count, key=slider_key, help="In series order (inferior to superior for DICOM).") - 1
     st.image(display.strip(found.masks.any(axis=(1, 2)), index), width="stretch")
     st.caption(f"Lesion on slices {findings.lesion_slices(found)} of {count} (red above; the dark mark is the "
-               "slice shown). Pick a lesion in the table to go to its widest slice.")
+               "slice shown). Pick a lesion in the table below to go to its widest slice.")
     return index
 
 
-def findings_panel(upload: Upload, volume: Volume, found: Findings, index: int, table_key: str, info: dict,
-                   seconds: float) -> None:
-    """The headline numbers, the lesion table, and what the numbers rest on."""
+def findings_panel(upload: Upload, volume: Volume, found: Findings, index: int, info: dict, seconds: float) -> None:
+    """The headline numbers, and what they rest on (the lesion table follows under the images)."""
     with st.container(horizontal=True, gap="medium"):
         for label, value in findings.headline(found, volume, index).items():
             st.metric(label, value, width="content")
-    if found.lesions:
-        pick = {"on_select": "rerun", "selection_mode": "single-row"} if len(volume.frames) > 1 else {}
-        st.dataframe(findings.lesion_table(found, volume), hide_index=True, column_config=TABLE_FORMAT,
-                     key=table_key, **pick)
-    else:
+    if not found.lesions:
         st.caption("No lesion at this threshold.")
     st.caption(findings.steps_caption(found, volume))
     if volume.pixel_spacing_mm is None:

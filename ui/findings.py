@@ -111,7 +111,7 @@ def headline(findings: Findings, volume: Volume, index: int) -> dict[str, str]:
     numbers = {"Lesions": str(len(found))}
     if volume.is_volume:
         if volume.voxel_mm3 is not None:
-            numbers["Total volume"] = f"{sum(lesion.volume_mm3 for lesion in found) / 1000:.2f} mL"
+            numbers["Total volume"] = f"{sum(lesion.volume_mm3 for lesion in found) / 1000:.3g} mL"
         else:
             numbers["Total volume"] = f"{sum(lesion.voxels for lesion in found)} voxels"
     else:
