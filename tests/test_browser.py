@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -99,6 +99,11 @@ def chromium(tmp_path: Path):
         driver.quit()  # also ends chromedriver and every chromium process it started
 
 
+def wait(driver, timeout: float) -> WebDriverWait:
+    """A wait that looks again when the page redrew an element it held (a Streamlit rerun replaces elements)."""
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+
+
 def shown(driver, css: str, count: int = 1, text: str = "", timeout: float = 120) -> list:
     """Wait until at least `count` elements match `css` (and one of them contains `text`), and return them."""
 
@@ -107,7 +112,7 @@ def shown(driver, css: str, count: int = 1, text: str = "", timeout: float = 120
         return elements if len(elements) >= count and any(text in e.text for e in elements) else False
 
     try:
-        return WebDriverWait(driver, timeout).until(found)
+        return wait(driver, timeout).until(found)
     except TimeoutException:
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')]
         pytest.fail(f"no {count} x {css} containing {text!r} within {timeout} s; alerts on the page: {errors}")
@@ -134,14 +139,25 @@ def posts(log: Path) -> list[str]:
 
 
 def slide(driver, label: str, presses: int) -> str:
-    """Move a slider by `presses` steps with the keyboard, as a reader scrolls through slices; its new value."""
-    slider = next(s for s in shown(driver, '[data-testid="stSlider"]', text=label) if label in s.text)
-    thumb = slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')  # visually hidden: focus it, then type
-    start = thumb.get_attribute("value")
-    driver.execute_script("arguments[0].focus()", thumb)
-    ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * presses).perform()
-    WebDriverWait(driver, 30).until(lambda d: thumb.get_attribute("value") != start, f"{label} did not move")
-    return thumb.get_attribute("value")
+    """Move a slider by `presses` steps with the keyboard (up, or down from its end), as a reader scrolls through
+    slices; its new value."""
+    def thumb(d) -> object:  # visually hidden: focused, then typed at
+        slider = next(s for s in shown(d, '[data-testid="stSlider"]', text=label) if label in s.text)
+        return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')
+
+    def focus(d) -> tuple[str, str]:
+        element = thumb(d)
+        d.execute_script("arguments[0].focus()", element)
+        return element.get_attribute("value"), element.get_attribute("max")
+
+    start, end = wait(driver, 30).until(focus)
+    ActionChains(driver).send_keys(*[Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT] * presses).perform()
+
+    def moved(d) -> str | bool:
+        value = thumb(d).get_attribute("value")
+        return value != start and value
+
+    return wait(driver, 30).until(moved, f"{label} did not move")
 
 
 def shown_input(driver) -> str:
@@ -175,7 +191,7 @@ def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_se
 
         before = shown_input(driver)
         slide(driver, "Slice", 1)
-        WebDriverWait(driver, 60).until(lambda d: shown_input(d) != before, "the slice did not change")
+        wait(driver, 60).until(lambda d: shown_input(d) != before, "the slice did not change")
         threshold = f"{float(slide(driver, 'Probability threshold', 2)):g}"
         shown(driver, '[data-testid="stImage"]', text=f"threshold {threshold}")
         assert posts(log) == asked  # scrolled and thresholded here, from the probabilities of the first request
