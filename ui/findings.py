@@ -30,7 +30,8 @@ class Findings:
 
 def find(probability: np.ndarray, volume: Volume, steps: Mapping, threshold: float) -> Findings:
     """The findings of uint8 probabilities (frames, rows, cols) of `volume` under the model's `steps` (GET /info
-    `inference_steps`) with `threshold` in place of the chosen one, as the server makes them."""
+    `inference_steps`) with `threshold` in place of the chosen one, as the server makes them (from probabilities
+    rounded to 1/255, so a pixel within 1/510 of the threshold may fall the other way)."""
     steps = with_threshold(steps, threshold)
     probability = as_float(probability)
     masks = upload_masks(probability, steps, volume.is_volume, volume.voxel_mm3)
