@@ -1,8 +1,10 @@
 """The viewer end to end in a real browser: the metaseg server and `metaseg ui` as subprocesses, Debian's headless
-Chromium driven by Selenium, a PNG and then a DICOM series dropped on the uploader.
+Chromium driven by Selenium, a PNG and then a DICOM series dropped on the uploader; the series is scrolled and
+thresholded, which must send nothing to the server (its access log counts the requests), and its mask files are
+fetched on request.
 
 The server runs the attention_unet bundle with seeded random weights at spatial_size 32 (as in test_serve): what
-matters here is that the overlay, the lesion table and the downloads reach the page, not what the model finds.
+matters here is that the overlay, the findings and the downloads reach the page, not what the model finds.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import httpx
 import numpy as np
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import REPO
@@ -65,13 +69,15 @@ def running(command: list[str], env: dict, ready_url: str, log: Path):
 
 @contextmanager
 def viewer(tmp_path: Path, weights: Path, server_args: dict[str, str]):
-    """URL of the viewer, a client of a server that serves `weights` with METASEG_* `server_args`."""
+    """URL of the viewer, a client of a server that serves `weights` with METASEG_* `server_args` and writes its
+    access log, unbuffered, to tmp_path / "server.log"."""
     server_port, ui_port = free_port(), free_port()
     server = f"http://127.0.0.1:{server_port}"
-    env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights), **server_args}
+    env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights), **server_args,
+           "PYTHONUNBUFFERED": "1"}
     with (
         running([sys.executable, "-m", "uvicorn", "serve.main:app", "--host", "127.0.0.1", "--port",
-                 str(server_port), "--log-level", "warning"], env, f"{server}/health", tmp_path / "server.log"),
+                 str(server_port), "--log-level", "info"], env, f"{server}/health", tmp_path / "server.log"),
         running([sys.executable, "-m", "metaseg.cli", "ui", "--server", server, "--port", str(ui_port)],
                 dict(os.environ), f"http://127.0.0.1:{ui_port}/_stcore/health", tmp_path / "viewer.log"),
     ):
@@ -93,6 +99,11 @@ def chromium(tmp_path: Path):
         driver.quit()  # also ends chromedriver and every chromium process it started
 
 
+def wait(driver, timeout: float) -> WebDriverWait:
+    """A wait that looks again when the page redrew an element it held (a Streamlit rerun replaces elements)."""
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+
+
 def shown(driver, css: str, count: int = 1, text: str = "", timeout: float = 120) -> list:
     """Wait until at least `count` elements match `css` (and one of them contains `text`), and return them."""
 
@@ -101,7 +112,7 @@ def shown(driver, css: str, count: int = 1, text: str = "", timeout: float = 120
         return elements if len(elements) >= count and any(text in e.text for e in elements) else False
 
     try:
-        return WebDriverWait(driver, timeout).until(found)
+        return wait(driver, timeout).until(found)
     except TimeoutException:
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')]
         pytest.fail(f"no {count} x {css} containing {text!r} within {timeout} s; alerts on the page: {errors}")
@@ -115,15 +126,47 @@ def drop(driver, url: str, paths: list[Path]) -> None:
 
 
 def segmented(driver) -> dict[str, str]:
-    """Wait for the input, the overlay, the lesion table and the downloads; return the metrics shown."""
+    """Wait for the input, the overlay, the findings and the slice downloads; return the metrics shown."""
     shown(driver, '[data-testid="stMainBlockContainer"] [data-testid="stImage"] img', count=2)
-    shown(driver, '[data-testid="stDataFrame"]')
     shown(driver, '[data-testid="stDownloadButton"]', count=2, text="Overlay PNG")
-    metrics = shown(driver, '[data-testid="stMetric"]', count=3, text="Inference")
+    metrics = shown(driver, '[data-testid="stMetric"]', count=2, text="Lesions")
     return dict(m.text.split("\n", 1) for m in metrics)
 
 
-def test_a_png_and_a_dicom_series_are_segmented_in_the_browser(tmp_path):
+def posts(log: Path) -> list[str]:
+    """Path and query of each request that carried an upload, from the server's access log."""
+    return [line.split('"')[1].split(" ")[1] for line in log.read_text().splitlines() if '"POST /segment' in line]
+
+
+def slide(driver, label: str, presses: int) -> str:
+    """Move a slider by `presses` steps with the keyboard (up, or down from its end), as a reader scrolls through
+    slices; its new value."""
+    def thumb(d) -> object:  # visually hidden: focused, then typed at
+        slider = next(s for s in shown(d, '[data-testid="stSlider"]', text=label) if label in s.text)
+        return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')
+
+    def focus(d) -> tuple[str, str]:
+        element = thumb(d)
+        d.execute_script("arguments[0].focus()", element)
+        return element.get_attribute("value"), element.get_attribute("max")
+
+    start, end = wait(driver, 30).until(focus)
+    ActionChains(driver).send_keys(*[Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT] * presses).perform()
+
+    def moved(d) -> str | bool:
+        value = thumb(d).get_attribute("value")
+        return value != start and value
+
+    return wait(driver, 30).until(moved, f"{label} did not move")
+
+
+def shown_input(driver) -> str:
+    """The source of the shown input image (a media URL that changes with the picture)."""
+    return shown(driver, '[data-testid="stMainBlockContainer"] [data-testid="stImage"] img', count=2)[0] \
+        .get_attribute("src")
+
+
+def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_server(tmp_path):
     weights = random_weights("attention_unet", tmp_path / "model")
     slice_png = tmp_path / "slice.png"
     slice_png.write_bytes(png(blobs((96, 128), ((30, 70, 12, 16),))))
@@ -131,16 +174,30 @@ def test_a_png_and_a_dicom_series_are_segmented_in_the_browser(tmp_path):
     for name, data in dicom_series([image.astype(np.uint16) * 4 for image in SERIES]):
         series.append(tmp_path / name)
         series[-1].write_bytes(data)
+    log = tmp_path / "server.log"
 
     with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32"}) as url, chromium(tmp_path) as driver:
         drop(driver, url, [slice_png])
         metrics = segmented(driver)
-        assert metrics["Total area"].endswith("px")  # a PNG has no pixel size
+        assert metrics["Total area"].endswith("px") and "Total volume" not in metrics  # a PNG slice: no volume
         driver.save_screenshot(str(tmp_path / "viewer-png.png"))
 
         drop(driver, url, series)
         metrics = segmented(driver)
-        assert metrics["Total area"].endswith("mm²") and metrics["Volume"].endswith("mL")
-        shown(driver, '[data-testid="stSlider"]', text="Slice")
-        shown(driver, '[data-testid="stDownloadButton"]', count=3, text="DICOM SEG")
+        assert metrics["Total volume"].endswith("mL") and "Measurable" in metrics  # a series with its spacing
+        shown(driver, '[data-testid="stCaptionContainer"]', text="of 3 (red above")  # the lesion slices
+        asked = posts(log)
+        assert asked == ["/segment/probabilities"] * 2  # once for the PNG, once for the series
+
+        before = shown_input(driver)
+        slide(driver, "Slice", 1)
+        wait(driver, 60).until(lambda d: shown_input(d) != before, "the slice did not change")
+        threshold = f"{float(slide(driver, 'Probability threshold', 2)):g}"
+        shown(driver, '[data-testid="stImage"]', text=f"threshold {threshold}")
+        assert posts(log) == asked  # scrolled and thresholded here, from the probabilities of the first request
+
+        next(b for b in shown(driver, "button", text="Prepare") if "Prepare" in b.text).click()
+        shown(driver, '[data-testid="stDownloadButton"]', count=4, text="DICOM SEG")
+        assert posts(log)[len(asked):] == [
+            f"/segment/nifti?threshold={threshold}", f"/segment/seg?threshold={threshold}"]
         assert driver.save_screenshot(str(tmp_path / "viewer-dicom.png"))

@@ -1,31 +1,50 @@
-"""The metaseg viewer: drop a slice, a multi-frame DICOM or a series; see, adjust and take away the segmentation.
+"""The metaseg viewer: drop a slice, a multi-frame DICOM, a series or a study's three sequences; see, adjust and take
+away the segmentation.
 
     metaseg ui [--server URL]        # or: METASEG_SERVER=URL streamlit run ui/app.py
 
-Every mask and number comes from the metaseg server; this script only decodes the input to show it and blends
-the server's mask over it. Server answers are cached by upload digest and threshold (and slice), so going back
-to a view asks the server nothing.
+The server runs the model once per upload and answers with the lesion probability of every slice (cached here by
+upload digest). The viewer decodes the upload to show it, and makes the masks, the 3D lesion table and the overlays
+from those probabilities with the server's own code (ui.findings): scrolling, the threshold and the opacity ask the
+server nothing. The whole series' mask files (NIfTI, DICOM SEG) are fetched when the user asks for them.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 
-from metaseg.errors import UserError
-from metaseg.imageio import decode
+from metaseg.errors import TooLarge, UserError
+from metaseg.imageio import Limits, Volume, decode, to_png_bytes
 from ui import display, findings
-from ui.client import DEFAULT_SERVER, Client, Files, ServerError
+from ui.client import DEFAULT_SERVER, Client, ServerError
+from ui.findings import Findings
 from ui.sample import sample
-from ui.upload import Upload
+from ui.upload import SEQUENCES, Upload, file_stem
 
-_KEEP = {"max_entries": 64, "ttl": 3600, "show_spinner": False}  # bounded: the answers describe patients' scans
+DIAMETER = "Longest axial diameter: across the lesion on its widest slice, edge to edge"
+_KEEP = {"ttl": 3600, "show_spinner": False}  # with max_entries below: bounded, these describe patients' scans
 TABLE_FORMAT = {
+    "volume (mm³)": st.column_config.NumberColumn(format="%.1f"),
     "area (mm²)": st.column_config.NumberColumn(format="%.1f"),
+    "diameter (mm)": st.column_config.NumberColumn(format="%.1f", help=f"{DIAMETER}. RANO-BM: measurable from 10 mm."),
+    "diameter (px)": st.column_config.NumberColumn(format="%.1f", help=f"{DIAMETER}."),
     "max prob.": st.column_config.NumberColumn(format="%.2f"),
 }
+
+
+@dataclass(frozen=True)
+class View:
+    """One thing the viewer can show: a sequence or series of the upload, decoded, and its slices in gray."""
+
+    name: str
+    volume: Volume
+    gray: list[np.ndarray]
 
 
 @st.cache_resource
@@ -38,46 +57,106 @@ def model_info(url: str) -> dict:
     return client(url).info()
 
 
-# The `_files` argument is left out of the cache key (Streamlit skips leading-underscore arguments): the digest
-# stands for it, so a rerun does not hash the whole upload again.
-@st.cache_data(**_KEEP)
-def segment(url: str, digest: str, threshold: float, _files: Files) -> dict:
-    return client(url).segment(_files, threshold)
+@st.cache_data(ttl=30, show_spinner=False)
+def server_health(url: str) -> dict:
+    """Kept for half a minute, so that scrolling and thresholding send the server nothing at all."""
+    return client(url).health()
 
 
-@st.cache_data(**_KEEP)
-def mask(url: str, digest: str, threshold: float, index: int, _files: Files) -> bytes:
-    return client(url).mask(_files, threshold, index)
+# Arguments with a leading underscore are left out of the cache key (the digest stands for the upload, so a rerun
+# does not hash it again). cache_resource hands out the cached object itself: nothing below changes it.
+@st.cache_resource(max_entries=4, **_KEEP)
+def decoded(digest: str, _upload: Upload, _limits: Limits) -> list[View]:
+    """The upload's views decoded as the server decodes them, under the server's limits."""
+    views = []
+    for name, files in _upload.views:
+        volume = decode(list(files), _limits)
+        views.append(View(name, volume, display.grayscale(volume.frames)))
+    return views
 
 
-@st.cache_data(**_KEEP)
-def overlay(url: str, digest: str, threshold: float, index: int, _files: Files) -> bytes:
-    return client(url).overlay(_files, threshold, index)
+@st.cache_resource(max_entries=8, **_KEEP)
+def probabilities(url: str, digest: str, model: str, _upload: Upload) -> tuple[np.ndarray, float]:
+    """The server's uint8 lesion probabilities of every slice, and the seconds the request took; `model` (name and
+    version) keys them too, so a server restarted with another model is asked again."""
+    start = time.perf_counter()
+    probability = client(url).probabilities(_upload.parts)
+    probability.flags.writeable = False
+    return probability, time.perf_counter() - start
 
 
-@st.cache_data(**_KEEP)
-def dicom_seg(url: str, digest: str, threshold: float, _files: Files) -> bytes:
-    return client(url).seg(_files, threshold)
+@st.cache_resource(max_entries=8, **_KEEP)
+def findings_at(digest: str, model: str, threshold: float, steps: str, _probability: np.ndarray,
+                _volume: Volume) -> Findings:
+    return findings.find(_probability, _volume, json.loads(steps), threshold)
 
 
-@st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
-def gray_slices(digest: str, _files: Files) -> list[np.ndarray]:
-    """The upload's slices in series order, as the server orders them, in gray for display."""
-    return display.grayscale(decode(list(_files)).frames)
+def limits(info: dict) -> Limits:
+    """The server's decoding limits (GET /info), so that what the server would refuse is refused here unsent."""
+    spec = info["input"]["limits"]
+    return Limits(max_bytes=spec["max_upload_bytes"], max_pixels=spec["max_pixels"], max_frames=spec["max_frames"],
+                  max_files=spec["max_frames"], max_decoded_bytes=spec["max_decoded_bytes"])
 
 
-def uploader_key() -> str:
-    return f"uploader-{st.session_state.setdefault('uploads', 0)}"
+def check_size(upload: Upload, info: dict) -> None:
+    size, most = sum(len(data) for _, data in upload.files), info["input"]["limits"]["max_upload_bytes"]
+    if size > most:
+        raise TooLarge(f"The upload has {size / 2**20:.1f} MiB; the server takes at most {most / 2**20:.1f} MiB "
+                       "in one request.")
+
+
+# --- the upload ---------------------------------------------------------------------------------------------
+
+
+def uploader_key(field: str) -> str:
+    group = "uploads" if field == "file" else "sequence_uploads"
+    return f"{field}-{st.session_state.setdefault(group, 0)}"
 
 
 def take_upload() -> None:
-    files = st.session_state[uploader_key()]
+    files = st.session_state[uploader_key("file")]
     st.session_state.upload = Upload.of((f.name, f.getvalue()) for f in files) if files else None
+    st.session_state.upload_note = None
+    st.session_state.sequence_uploads += 1  # empty sequence boxes: this upload replaces what they held
+
+
+def take_sequences() -> None:
+    given = {field: [(f.name, f.getvalue()) for f in st.session_state[uploader_key(field)] or ()]
+             for field in SEQUENCES}
+    st.session_state.uploads += 1  # an empty main box: the sequences replace what it held
+    st.session_state.upload, st.session_state.upload_note = None, None
+    if any(given.values()):
+        try:
+            st.session_state.upload = Upload.sequences(given)
+        except UserError as err:
+            st.session_state.upload_note = str(err)
 
 
 def take_sample() -> None:
-    st.session_state.upload = sample()
-    st.session_state.uploads += 1  # a fresh, empty uploader: the sample replaces whatever was dropped there
+    st.session_state.upload, st.session_state.upload_note = sample(), None
+    st.session_state.uploads += 1  # fresh, empty uploaders: the sample replaces whatever was dropped there
+    st.session_state.sequence_uploads += 1
+
+
+def upload_panel() -> None:
+    drop_col, sample_col = st.columns([5, 1], vertical_alignment="center")
+    drop_col.file_uploader(
+        "Drop a PNG, JPEG, TIFF, DICOM or NIfTI image, a multi-frame DICOM, all files of one series, or the three "
+        "sequence series of a DICOM study", accept_multiple_files=True, key=uploader_key("file"),
+        on_change=take_upload,
+        help="The server recognises the format from the content, so DICOM files without a suffix are fine; it takes "
+        "three DICOM series as pre-contrast, FLAIR and post-contrast when their descriptions say so unambiguously.",
+    )
+    sample_col.button("Try a sample", on_click=take_sample, help="A synthetic phantom slice: no patient data.")
+    with st.expander("Sequences in separate files (pre-contrast, FLAIR, post-contrast)"):
+        st.caption("The model was trained on all three sequences. Put each one's image or series files in its box; "
+                   "FLAIR is required, a missing pre- or post-contrast is filled with FLAIR. They must share slices "
+                   "and size.")
+        for column, (field, name) in zip(st.columns(3), SEQUENCES.items()):
+            column.file_uploader(name, accept_multiple_files=True, key=uploader_key(field), on_change=take_sequences)
+
+
+# --- the server and the result ------------------------------------------------------------------------------
 
 
 def server_panel(url: str) -> None:
@@ -85,7 +164,7 @@ def server_panel(url: str) -> None:
     st.sidebar.header("Server")
     st.sidebar.caption(url)
     try:
-        health = client(url).health()
+        health = server_health(url)
         info = model_info(url)
     except ServerError as err:
         st.sidebar.error(str(err))
@@ -107,75 +186,142 @@ def server_panel(url: str) -> None:
     st.sidebar.caption(info["intended_use"])
 
 
+def jump_to_picked_lesion(table_key: str, slider_key: str, found: Findings) -> None:
+    """Move the slice slider to the lesion picked in the table (its widest slice), once per pick: the slider stays
+    free afterwards. Runs before the slider is drawn, the only time its value may be set."""
+    state = st.session_state.get(table_key)
+    rows = list(state["selection"]["rows"]) if state else []
+    if st.session_state.get("picked") == (table_key, rows):
+        return
+    st.session_state.picked = (table_key, rows)
+    if rows and rows[0] < len(found.lesions):
+        st.session_state[slider_key] = found.lesions[rows[0]].diameter_slice + 1
+
+
 def result(url: str, upload: Upload) -> None:
-    """Controls, the slice and its overlay, the findings, and the downloads, for one upload."""
-    threshold_col, opacity_col, outline_col = st.columns([2, 2, 1])
+    """Controls, the slice and its overlay, the lesion table, and the downloads, for one upload."""
     try:
-        chosen = model_info(url)["inference_steps"]["threshold"]  # cross-validated; the slider starts there
-    except ServerError:
-        chosen = 0.5  # no answer: the request below shows the error
+        info = model_info(url)
+    except ServerError as err:
+        st.error(str(err))
+        return
+    steps = info["inference_steps"]
+    threshold_col, opacity_col, outline_col = st.columns([2, 2, 1])
     threshold = round(threshold_col.slider(
-        "Probability threshold", 0.05, 0.95, chosen, 0.05,
-        help=f"Sent to the server: a pixel is lesion where the model's probability reaches it (chosen: {chosen}).",
+        "Probability threshold", 0.05, 0.95, steps["threshold"], 0.05,
+        help=f"A pixel is lesion where the model's probability reaches it (the model's chosen one: "
+        f"{steps['threshold']}). Applied here to the server's probabilities: changing it asks the server nothing.",
     ), 2)
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05)
     outline = outline_col.toggle("Outline", value=True, help="Draw the lesion border in solid red.")
+    model = f"{info['model']} {info['version']}"
     try:
+        check_size(upload, info)
+        views = decoded(upload.digest, upload, limits(info))
         with st.spinner("Segmenting…"):
-            report = segment(url, upload.digest, threshold, upload.files)
-            grays = gray_slices(upload.digest, upload.files)
+            probability, seconds = probabilities(url, upload.digest, model, upload)
     except (ServerError, UserError) as err:
         st.error(str(err))
         return
-
-    count = report["slices"]
-    index = 0
-    if count > 1:
-        key = f"slice-{upload.digest}"
-        st.session_state.setdefault(key, findings.busiest_slice(report) + 1)  # start where the lesions are
-        index = st.slider("Slice", 1, count, key=key, help="In series order (inferior to superior for DICOM).") - 1
-    try:
-        mask_png = mask(url, upload.digest, threshold, index, upload.files)
-    except ServerError as err:
-        st.error(str(err))
+    volume = views[0].volume  # the views share one geometry; the first (FLAIR where assigned) stands for all
+    count = len(volume.frames)
+    if probability.shape != (count, *volume.frames[0].shape):
+        st.error(f"The server's probabilities ({'×'.join(map(str, probability.shape))}) do not fit the upload "
+                 f"({count} slice(s) of {'×'.join(map(str, volume.frames[0].shape))}).")
         return
+    found = findings_at(upload.digest, model, threshold, json.dumps(steps, sort_keys=True), probability, volume)
+
+    view, index, table_key = views[0], 0, f"lesions-{upload.digest}-{threshold}"
+    if len(views) > 1:
+        names = [v.name for v in views]
+        view = views[names.index(st.radio("Show", names, horizontal=True, key=f"view-{upload.digest}",
+                                          help="The sequences share one geometry: the lesions are the same on each."))]
+    if count > 1:
+        index = slice_picker(upload, found, table_key)
 
     where = f"slice {index + 1} of {count}" if count > 1 else "one slice"
-    input_col, overlay_col, findings_col = st.columns([1, 1, 1.3])
-    input_col.image(grays[index], caption=f"Input: {upload.label}, {where}", output_format="PNG", width="stretch")
-    blended = display.blend(grays[index], display.read_mask(mask_png), opacity, outline)
+    input_col, overlay_col, findings_col = st.columns([1, 1, 1.2])
+    shown = view.name if len(views) > 1 else upload.label
+    input_col.image(view.gray[index], caption=f"Input: {shown}, {where}", output_format="PNG", width="stretch")
+    blended = display.blend(view.gray[index], found.masks[index], opacity, outline)
     overlay_col.image(blended, caption=f"Lesion in red, threshold {threshold}", output_format="PNG", width="stretch")
     with findings_col:
-        with st.container(horizontal=True, gap="medium"):
-            for label, value in findings.headline(report).items():
-                st.metric(label, value, width="content")
-        st.dataframe(findings.lesion_table(report), hide_index=True, column_config=TABLE_FORMAT)
-        if report["pixel_spacing_mm"] is None:
-            st.caption(f"{report['kind'].upper()} carries no pixel size, so sizes are in pixels; "
-                       "DICOM gives mm² and, for a series, the volume in mL.")
-        st.caption(f"{findings.model_input(report)}. Model `{report['model']}`. "
-                   "Research use only; not for diagnostic purposes.")
-    downloads(url, upload, report, threshold, index, mask_png)
+        findings_panel(upload, volume, found, index, info, seconds)
+    if found.lesions:
+        pick = {"on_select": "rerun", "selection_mode": "single-row"} if count > 1 else {}
+        st.dataframe(findings.lesion_table(found, volume), hide_index=True, column_config=TABLE_FORMAT,
+                     key=table_key, **pick)
+    downloads(url, upload, volume, found, threshold, index, blended)
 
 
-def downloads(url: str, upload: Upload, report: dict, threshold: float, index: int, mask_png: bytes) -> None:
-    """Mask and overlay of the shown slice, and the DICOM SEG of every slice; fetched after the view is drawn."""
-    stem = upload.stem if report["slices"] == 1 else f"{upload.stem}_slice{index + 1}"
-    mask_col, overlay_col, seg_col = st.columns(3)
-    mask_col.download_button("Mask PNG", mask_png, f"{stem}_mask.png", "image/png", on_click="ignore")
-    try:
-        overlay_png = overlay(url, upload.digest, threshold, index, upload.files)
-        overlay_col.download_button("Overlay PNG", overlay_png, f"{stem}_overlay.png", "image/png", on_click="ignore")
-    except ServerError as err:
-        overlay_col.warning(str(err))
-    if report["kind"] != "dicom":
-        return
-    try:
-        seg = dicom_seg(url, upload.digest, threshold, upload.files)
-        seg_col.download_button("DICOM SEG", seg, f"{upload.stem}_seg.dcm", "application/dicom", on_click="ignore",
-                                help="All slices, referencing the uploaded instances; opens in PACS viewers.")
-    except ServerError as err:
-        seg_col.warning(str(err))
+def slice_picker(upload: Upload, found: Findings, table_key: str) -> int:
+    """The slice slider, starting where the lesions are and moved by a pick in the lesion table, with the slices
+    that hold lesion marked under it; the 0-based slice chosen."""
+    count = len(found.masks)
+    slider_key = f"slice-{upload.digest}"
+    st.session_state.setdefault(slider_key, findings.start_slice(found) + 1)
+    jump_to_picked_lesion(table_key, slider_key, found)
+    index = st.slider("Slice", 1, count, key=slider_key, help="In series order (inferior to superior for DICOM).") - 1
+    st.image(display.strip(found.masks.any(axis=(1, 2)), index), width="stretch")
+    st.caption(f"Lesion on slices {findings.lesion_slices(found)} of {count} (red above; the dark mark is the "
+               "slice shown). Pick a lesion in the table below to go to its widest slice.")
+    return index
+
+
+def findings_panel(upload: Upload, volume: Volume, found: Findings, index: int, info: dict, seconds: float) -> None:
+    """The headline numbers, and what they rest on (the lesion table follows under the images)."""
+    with st.container(horizontal=True, gap="medium"):
+        for label, value in findings.headline(found, volume, index).items():
+            st.metric(label, value, width="content")
+    if not found.lesions:
+        st.caption("No lesion at this threshold.")
+    st.caption(findings.steps_caption(found, volume))
+    if volume.pixel_spacing_mm is None:
+        st.caption(f"{volume.kind.upper()} carries no pixel size, so sizes are in pixels and voxels; DICOM and "
+                   "NIfTI give mm and, for a series, mm³.")
+    elif volume.is_volume and volume.voxel_mm3 is None:
+        st.caption("The series gives no slice thickness, so volumes are in voxels.")
+    given = upload.sequences_given(volume.channels)
+    st.caption(f"{findings.model_input(given, info.get('one_channel_dice_loss'))}. Segmented once by the "
+               f"server in {seconds:.1f} s (model `{info['model']}`); slices, threshold and table are worked out "
+               "here. Research use only; not for diagnostic purposes.")
+
+
+def downloads(url: str, upload: Upload, volume: Volume, found: Findings, threshold: float, index: int,
+              blended: np.ndarray) -> None:
+    """The shown slice's mask and overlay (made here), and the whole series' mask files, fetched on request."""
+    stem = file_stem(upload, volume)
+    slice_stem = stem if len(volume.frames) == 1 else f"{stem}_slice{index + 1}"
+    mask_col, overlay_col, series_col = st.columns(3)
+    mask_col.download_button("Mask PNG", to_png_bytes(found.masks[index]), f"{slice_stem}_mask.png", "image/png",
+                             on_click="ignore")
+    overlay_col.download_button("Overlay PNG", lambda: display.png(blended), f"{slice_stem}_overlay.png",
+                                "image/png", on_click="ignore")  # encoded on the click: an RGB PNG takes a while
+    wanted = [("NIfTI mask", f"{stem}_mask.nii.gz", "application/gzip", client(url).nifti)]
+    if volume.kind == "dicom":
+        wanted.append(("DICOM SEG", f"{stem}_seg.dcm", "application/dicom", client(url).seg))
+    key = (upload.digest, threshold)
+    prepared = st.session_state.get("series_files")
+    if prepared is None or prepared[0] != key:
+        what = " and ".join(label for label, *_ in wanted)
+        if not series_col.button(f"Prepare {what}", key=f"prepare-{upload.digest}-{threshold}",
+                                 help=f"Asks the server for the mask of every slice at threshold {threshold}."):
+            return
+        files = {}
+        with series_col, st.spinner("Preparing…"):
+            for label, _, _, fetch in wanted:
+                try:
+                    files[label] = fetch(upload.parts, threshold)
+                except ServerError as err:
+                    files[label] = err
+        prepared = st.session_state.series_files = (key, files)  # one upload's at a time: they may be large
+    for label, name, mime, _ in wanted:
+        answer = prepared[1][label]
+        if isinstance(answer, ServerError):
+            series_col.warning(f"{label}: {answer}")
+        else:
+            series_col.download_button(label, answer, name, mime, on_click="ignore",
+                                       help=f"Every slice at threshold {threshold}.")
 
 
 def main() -> None:
@@ -183,16 +329,10 @@ def main() -> None:
     url = os.environ.get("METASEG_SERVER") or DEFAULT_SERVER
     server_panel(url)
     st.title("metaseg viewer")
-    drop_col, sample_col = st.columns([5, 1], vertical_alignment="center")
-    drop_col.file_uploader(
-        "Drop a PNG, JPEG, TIFF or DICOM slice, a multi-frame DICOM, or all files of one series",
-        accept_multiple_files=True, key=uploader_key(), on_change=take_upload,
-        help="The server recognises the format from the content, so DICOM files without a suffix are fine.",
-    )
-    sample_col.button("Try a sample", on_click=take_sample, help="A synthetic phantom slice: no patient data.")
+    upload_panel()
     upload = st.session_state.get("upload")
     if upload is None:
-        st.info("Drop a file above, or try the phantom sample.")
+        st.info(st.session_state.get("upload_note") or "Drop a file above, or try the phantom sample.")
         return
     result(url, upload)
 

@@ -1,5 +1,9 @@
 """The viewer's only way to the model: HTTP calls to the metaseg server, every failure turned into one line.
 
+The model runs once per upload (`probabilities`); the viewer thresholds, measures and draws from that answer itself
+(ui.findings), so scrolling and a new threshold ask the server nothing. The whole series' mask files (NIfTI, DICOM
+SEG) are fetched only when the user asks for them.
+
 The server answers problems with a status and a JSON `detail`; an unreachable server, a timeout or a dropped
 connection become a sentence that says what to do. Either way the app shows `str(error)`, never a traceback.
 A server started with METASEG_API_TOKEN wants it as a bearer token; the viewer sends the same variable's value.
@@ -7,12 +11,15 @@ A server started with METASEG_API_TOKEN wants it as a bearer token; the viewer s
 
 from __future__ import annotations
 
+import io
 import os
 
 import httpx
+import numpy as np
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 Files = tuple[tuple[str, bytes], ...]  # (file name, bytes) in upload order; several = the slices of one series
+Parts = tuple[tuple[str, Files], ...]  # (multipart field, its files): `file`, or pre_contrast / flair / post_contrast
 
 
 class ServerError(Exception):
@@ -41,25 +48,31 @@ class Client:
     def info(self) -> dict:
         return self._request("GET", "/info", timeout=5).json()
 
-    def segment(self, files: Files, threshold: float) -> dict:
-        """Findings for every slice: lesions with areas in px and mm², totals, volume, inference time."""
-        return self._upload("/segment", files, threshold=threshold).json()
+    def probabilities(self, parts: Parts) -> np.ndarray:
+        """The lesion probability of every slice as uint8 (frames, rows, cols), round(255 p), in series order at the
+        input's size: the model's whole answer, thresholded by the caller."""
+        answer = self._upload("/segment/probabilities", parts).content
+        try:
+            probability = np.load(io.BytesIO(answer), allow_pickle=False)["probability"]
+        except Exception:  # whatever numpy and zipfile raise on bytes that are not such an NPZ
+            raise ServerError(f"The server at {self.url} did not answer with lesion probabilities (an NPZ holding "
+                              "`probability`); is it a metaseg server of the viewer's version?") from None
+        if probability.dtype != np.uint8 or probability.ndim != 3:
+            raise ServerError(f"The server's probabilities are {probability.dtype} {probability.shape}, not uint8 "
+                              "(frames, rows, cols).")
+        return probability
 
-    def mask(self, files: Files, threshold: float, slice_index: int) -> bytes:
-        """One slice's 0/255 mask as PNG, at the input's own size."""
-        return self._upload("/segment/mask", files, threshold=threshold, slice=slice_index).content
+    def nifti(self, parts: Parts, threshold: float) -> bytes:
+        """The final mask of every slice as a gzipped NIfTI-1 (.nii.gz), in the source's geometry where known."""
+        return self._upload("/segment/nifti", parts, threshold=threshold).content
 
-    def overlay(self, files: Files, threshold: float, slice_index: int) -> bytes:
-        """One slice as the server draws it: gray with the lesion in red, as PNG."""
-        return self._upload("/segment/overlay", files, threshold=threshold, slice=slice_index).content
-
-    def seg(self, files: Files, threshold: float) -> bytes:
+    def seg(self, parts: Parts, threshold: float) -> bytes:
         """All slices as a DICOM Segmentation; the server refuses non-DICOM input."""
-        return self._upload("/segment/seg", files, threshold=threshold).content
+        return self._upload("/segment/seg", parts, threshold=threshold).content
 
-    def _upload(self, path: str, files: Files, **params) -> httpx.Response:
-        parts = [("file", (name, data)) for name, data in files]
-        return self._request("POST", path, files=parts, params=params)
+    def _upload(self, path: str, parts: Parts, **params) -> httpx.Response:
+        files = [(name, (filename, data)) for name, part in parts for filename, data in part]
+        return self._request("POST", path, files=files, params=params)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -91,4 +104,7 @@ def _refusal(response: httpx.Response) -> str:
                 "to the server's token.")
     if response.status_code == 503:
         return f"The server is busy (503): {detail}"
+    if response.status_code in (404, 405):
+        return (f"The server does not offer {response.request.url.path} ({response.status_code}); it is older than "
+                "the viewer: update and restart it.")
     return f"The server refused the request ({response.status_code} {response.reason_phrase}): {detail}"

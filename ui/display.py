@@ -1,6 +1,5 @@
-"""What the viewer draws: slices in gray, and the server's mask blended over one of them in red.
-
-Blending happens here, with numpy, so that moving the opacity slider never asks the server for anything.
+"""What the viewer draws: slices in gray, a mask blended over one of them in red, and a strip of the slices that
+hold lesion; with numpy, so that scrolling, the threshold and the opacity never ask the server for anything.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 RED = np.array([255.0, 0.0, 0.0], np.float32)
+STRIP_EMPTY, STRIP_LESION, STRIP_SHOWN = (225, 225, 225), (220, 40, 40), (30, 30, 30)
 
 
 def grayscale(frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -22,11 +22,6 @@ def grayscale(frames: list[np.ndarray]) -> list[np.ndarray]:
     return [np.clip((f - low) * scale, 0, 255).astype(np.uint8) for f in frames]
 
 
-def read_mask(png: bytes) -> np.ndarray:
-    """The server's 0/255 mask PNG as a boolean array."""
-    return np.asarray(Image.open(io.BytesIO(png)).convert("L")) > 127
-
-
 def blend(gray: np.ndarray, mask: np.ndarray, opacity: float, contour: bool) -> np.ndarray:
     """RGB uint8: the lesion filled with red at `opacity`, and with a solid red outline if `contour`."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
@@ -34,3 +29,20 @@ def blend(gray: np.ndarray, mask: np.ndarray, opacity: float, contour: bool) -> 
     if contour:
         rgb[mask & ~binary_erosion(mask)] = RED
     return np.round(rgb).astype(np.uint8)
+
+
+def strip(has_lesion: np.ndarray, shown: int, width: int = 800, height: int = 14) -> np.ndarray:
+    """RGB uint8 bar of the slices left to right: red where a slice holds lesion, light gray where not, with the
+    shown slice's cell darkened at the top and bottom, to sit under the slice slider."""
+    cells = np.where(np.asarray(has_lesion, bool)[:, None], STRIP_LESION, STRIP_EMPTY).astype(np.uint8)
+    cell = max(1, width // len(cells))
+    bar = np.repeat(cells[None], height, axis=0)
+    bar[: height // 4, shown] = bar[-(height // 4) :, shown] = STRIP_SHOWN
+    return np.repeat(bar, cell, axis=1)
+
+
+def png(image: np.ndarray) -> bytes:
+    """A gray or RGB uint8 image as PNG bytes, for a download."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

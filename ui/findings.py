@@ -1,60 +1,151 @@
-"""The server's findings (POST /segment JSON) as the viewer shows them: a lesion table and a few headline numbers."""
+"""The findings of one upload, made here from the server's lesion probabilities with the server's own code: the
+final masks (metaseg.postprocess.upload_masks with the model's inference steps and the chosen threshold), the
+lesions (metaseg.lesions.measure: 3D connected components of a volume), and how the viewer shows them.
+
+A volume (a DICOM series, a multi-frame DICOM, a NIfTI, one multi-page TIFF: metaseg.imageio.Volume.is_volume) has
+3D lesions with a volume where the spacing is known; a single slice, or several pictures uploaded together, has the
+components of each slice on its own, with an area and no volume.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 
+from metaseg.imageio import Volume
+from metaseg.lesions import Lesion, measure
+from metaseg.postprocess import as_float, min_size, upload_masks, with_threshold
+from ui.upload import SEQUENCES
 
-def lesion_table(report: dict) -> pd.DataFrame:
-    """One row per lesion; slices counted from 1 as viewers do, sizes in mm² where the input gives a pixel size."""
-    rows = [
-        {
-            "slice": lesion["slice_index"] + 1,
-            "area (mm²)": lesion["area_mm2"],
-            "area (px)": lesion["area_px"],
-            "centre (r, c)": f"{lesion['centroid']['row']:.0f}, {lesion['centroid']['col']:.0f}",
-            "max prob.": lesion["max_probability"],
-        }
-        for lesion in report["lesions"]
-    ]
-    columns = ["slice", "area (mm²)", "area (px)", "centre (r, c)", "max prob."]
-    table = pd.DataFrame(rows, columns=columns)
-    if report["pixel_spacing_mm"] is None:
-        table = table.drop(columns="area (mm²)")
-    if report["slices"] == 1:
-        table = table.drop(columns="slice")
+
+@dataclass(frozen=True)
+class Findings:
+    masks: np.ndarray  # (frames, rows, cols) bool: the final masks
+    lesions: list[Lesion]
+    volume_steps: list[str]  # the component steps applied, as sentences (none for a slice or separate pictures)
+
+
+def find(probability: np.ndarray, volume: Volume, steps: Mapping, threshold: float) -> Findings:
+    """The findings of uint8 probabilities (frames, rows, cols) of `volume` under the model's `steps` (GET /info
+    `inference_steps`) with `threshold` in place of the chosen one, as the server makes them (from probabilities
+    rounded to 1/255, so a pixel within 1/510 of the threshold may fall the other way)."""
+    steps = with_threshold(steps, threshold)
+    probability = as_float(probability)
+    masks = upload_masks(probability, steps, volume.is_volume, volume.voxel_mm3)
+    masks.flags.writeable = False
+    return Findings(masks, lesions(masks, probability, volume), applied_steps(steps, volume))
+
+
+def lesions(masks: np.ndarray, probability: np.ndarray, volume: Volume) -> list[Lesion]:
+    """A volume's 3D lesions; of other uploads, each slice's own lesions, numbered on across slices."""
+    if volume.is_volume:
+        return measure(masks, probability, volume.pixel_spacing_mm, volume.slice_thickness_mm)
+    found = []
+    for index, (mask, prob) in enumerate(zip(masks, probability)):
+        for lesion in measure(mask[None], prob[None], volume.pixel_spacing_mm):
+            found.append(replace(lesion, id=len(found) + 1, slices=(index,), diameter_slice=index,
+                                 centroid=(float(index), *lesion.centroid[1:])))
+    return found
+
+
+def applied_steps(steps: Mapping, volume: Volume) -> list[str]:
+    """The component steps that `upload_masks` applies to this upload, in words."""
+    if not volume.is_volume:
+        return []
+    applied = []
+    smallest = min_size(steps, volume.voxel_mm3)
+    if smallest > 1:
+        applied.append(f"lesions under {steps['min_lesion_mm3']:g} mm³ ({smallest} voxels) removed"
+                       if volume.voxel_mm3 is not None else f"lesions under {smallest} voxels removed")
+    if steps["largest_component"]:
+        applied.append("only the largest lesion kept")
+    return applied
+
+
+def steps_caption(findings: Findings, volume: Volume) -> str:
+    if not volume.is_volume:
+        what = "a single slice" if len(volume.frames) == 1 else "separate pictures, not one volume"
+        return f"Volume steps: none for {what} (threshold only; each slice's lesions on their own)."
+    if not findings.volume_steps:
+        return "Volume steps: none on (every lesion is kept); lesions are 3D, joined across slices."
+    return f"Volume steps applied: {'; '.join(findings.volume_steps)}; lesions are 3D, joined across slices."
+
+
+def _slices(lesion: Lesion) -> str:
+    first, last = lesion.slices[0] + 1, lesion.slices[-1] + 1
+    return str(first) if first == last else f"{first}–{last}"
+
+
+def lesion_table(findings: Findings, volume: Volume) -> pd.DataFrame:
+    """One row per lesion, slices counted from 1 as viewers do: a volume's size in mm³ (voxels where the spacing is
+    unknown), a slice's area in mm² (px), the longest axial diameter, RANO-BM measurability, highest probability."""
+    spacing = volume.pixel_spacing_mm
+    pixel_mm2 = spacing[0] * spacing[1] if spacing else None
+    rows = []
+    for lesion in findings.lesions:
+        row = {"lesion": lesion.id, "slices": _slices(lesion)}
+        if volume.is_volume:
+            row["volume (mm³)" if volume.voxel_mm3 is not None else "volume (voxels)"] = (
+                lesion.volume_mm3 if lesion.volume_mm3 is not None else lesion.voxels)
+        else:
+            row["area (mm²)" if pixel_mm2 else "area (px)"] = lesion.voxels * pixel_mm2 if pixel_mm2 else lesion.voxels
+        if lesion.longest_diameter_mm is not None:
+            row["diameter (mm)"] = lesion.longest_diameter_mm
+            row["measurable"] = "yes" if lesion.measurable else "no"
+        else:
+            row["diameter (px)"] = lesion.longest_diameter_px
+        row["max prob."] = lesion.max_probability
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(volume.frames) == 1 and len(table):
+        table = table.drop(columns="slices")
     return table
 
 
-MODEL_INPUT = {  # the report's input_channels -> what the network was given (serve/schemas.py SegmentationReport)
-    3: "three sequences (pre-contrast, FLAIR, post-contrast)",
-    1: "one channel, used as FLAIR in all three sequence channels",
-}
-
-
-def model_input(report: dict) -> str:
-    """Which input the model got, so a reader knows a gray upload was segmented from FLAIR alone."""
-    return f"Input: {MODEL_INPUT[report['input_channels']]}"
-
-
-def headline(report: dict) -> dict[str, str]:
-    """Metric label -> value: lesion count, total area (mm² if known, else px), volume for a series, time."""
-    numbers = {"Lesions": str(report["lesion_count"])}
-    if report["total_area_mm2"] is not None:
-        numbers["Total area"] = f"{report['total_area_mm2']:.1f} mm²"
+def headline(findings: Findings, volume: Volume, index: int) -> dict[str, str]:
+    """Metric label -> value: the lesion count, the total volume of a volume (mL, or voxels), the lesion area of the
+    shown slice otherwise (mm², or px), and how many lesions are measurable where mm are known."""
+    found = findings.lesions
+    numbers = {"Lesions": str(len(found))}
+    if volume.is_volume:
+        if volume.voxel_mm3 is not None:
+            numbers["Total volume"] = f"{sum(lesion.volume_mm3 for lesion in found) / 1000:.3g} mL"
+        else:
+            numbers["Total volume"] = f"{sum(lesion.voxels for lesion in found)} voxels"
     else:
-        numbers["Total area"] = f"{report['total_area_px']} px"
-    if report["volume_ml"] is not None:
-        numbers["Volume"] = f"{report['volume_ml']:.2f} mL"
-    numbers["Inference"] = f"{report['inference_ms']:.0f} ms"
+        area = int(findings.masks[index].sum())
+        spacing = volume.pixel_spacing_mm
+        label = "Total area" if len(volume.frames) == 1 else "Area on this slice"
+        numbers[label] = f"{area * spacing[0] * spacing[1]:.1f} mm²" if spacing else f"{area} px"
+    if volume.pixel_spacing_mm is not None:
+        numbers["Measurable"] = f"{sum(bool(lesion.measurable) for lesion in found)} of {len(found)}"
     return numbers
 
 
-def busiest_slice(report: dict) -> int:
-    """0-based slice with the most lesion area, where a reader starts; the middle slice when there is none."""
-    area = Counter()
-    for lesion in report["lesions"]:
-        area[lesion["slice_index"]] += lesion["area_px"]
-    return area.most_common(1)[0][0] if area else report["slices"] // 2
+def lesion_slices(findings: Findings) -> str:
+    """The slices that hold lesion, 1-based, runs joined: "2–4, 9"; "none" without lesions."""
+    held = np.flatnonzero(findings.masks.any(axis=(1, 2))) + 1
+    runs = np.split(held, np.flatnonzero(np.diff(held) > 1) + 1) if len(held) else []
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs) or "none"
+
+
+def start_slice(findings: Findings) -> int:
+    """0-based slice a reader starts on: the widest slice of the largest lesion; the middle one without lesions."""
+    if not findings.lesions:
+        return len(findings.masks) // 2
+    return max(findings.lesions, key=lambda lesion: lesion.voxels).diameter_slice
+
+
+def model_input(given: list[str], one_channel_dice_loss: float | None) -> str:
+    """Which sequences the network got, and what a missing one costs (GET /info `one_channel_dice_loss`)."""
+    if len(given) == len(SEQUENCES):
+        return "The model got all three sequences: pre-contrast, FLAIR and post-contrast"
+    missing = [name for name in SEQUENCES.values() if name not in given]
+    text = f"The model got {' and '.join(given)}; {' and '.join(missing)} filled with FLAIR, as in training"
+    if one_channel_dice_loss is not None:
+        cost = f"{-one_channel_dice_loss:+.2f}".replace("-", "−")
+        text += f". FLAIR alone: about {cost} per-patient Dice out of fold"
+    return text
