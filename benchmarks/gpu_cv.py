@@ -20,10 +20,8 @@ be sent a few tens of MiB gets the data this way. The network then sees the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -14,7 +14,7 @@ the development TIFFs carry none. The longest axial diameter is RANO-BM's measur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -26,6 +26,8 @@ _STRUCTURE = ndimage.generate_binary_structure(3, CONNECTIVITY)
 MEASURABLE_MM = 10.0  # RANO-BM: a metastasis is measurable from a longest diameter of 10 mm
 SIZE_BINS_ML = (0.1, 1.0)  # lesion-size bins where the spacing is known: < 0.1 mL, 0.1-1 mL, > 1 mL
 SIZE_BINS_VOXELS = (100, 1000)  # where it is not: < 100, 100-1000, > 1000 voxels
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # a pixel is on the border when a 4-neighbour in its slice is not
 _CORNERS = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
 
 
@@ -108,10 +110,12 @@ def measure(mask: np.ndarray, probability: np.ndarray | None = None,
     found = []
     for lesion_id, box in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[box] == lesion_id
-        points = np.argwhere(inside) + [s.start for s in box]
+        offset = np.array([s.start for s in box])
+        points = np.argwhere(inside) + offset
+        edge = inside & ~ndimage.binary_erosion(inside, _IN_PLANE, border_value=0)  # the hull needs its border only
         diameters = {}
         for index in np.unique(points[:, 0]):
-            coords = points[points[:, 0] == index, 1:]
+            coords = np.argwhere(edge[index - offset[0]]) + offset[1:]
             diameters[int(index)] = (_longest_diameter(coords, (1.0, 1.0)),
                                      _longest_diameter(coords, pixel_spacing_mm) if pixel_spacing_mm else None)
         key = (lambda i: diameters[i][1]) if pixel_spacing_mm else (lambda i: diameters[i][0])
@@ -130,6 +134,21 @@ def measure(mask: np.ndarray, probability: np.ndarray | None = None,
             centroid=tuple(float(c) for c in points.mean(axis=0)),
             bbox=(int(points[:, 1].min()), int(points[:, 2].min()), int(points[:, 1].max()), int(points[:, 2].max())),
         ))
+    return found
+
+
+def measure_upload(masks: np.ndarray, probability: np.ndarray | None, pixel_spacing_mm: tuple[float, float] | None,
+                   slice_spacing_mm: float | None, is_volume: bool) -> list[Lesion]:
+    """The lesions of an upload's masks: a volume's 3D lesions; of unrelated slices (several pictures), each slice's
+    own, numbered on across the slices, with the upload's slice indices (what the server and the viewer list)."""
+    if is_volume:
+        return measure(masks, probability, pixel_spacing_mm, slice_spacing_mm)
+    found = []
+    for index, mask in enumerate(masks):
+        prob = None if probability is None else probability[index][None]
+        for lesion in measure(mask[None], prob, pixel_spacing_mm):
+            found.append(replace(lesion, id=len(found) + 1, slices=(index,), diameter_slice=index,
+                                 centroid=(float(index), *lesion.centroid[1:])))
     return found
 
 

@@ -134,6 +134,17 @@ def min_size(config: Mapping, voxel_volume_mm3: float | None) -> int:
     return config["min_lesion_voxels"]
 
 
+def applied_volume_steps(steps: Mapping, volume: bool, voxel_volume_mm3: float | None) -> list[str]:
+    """The component steps `mask` applies to an upload, by name: none to unrelated slices; for a volume, the minimum
+    size that removes something (min_lesion_mm3 where the voxel volume is known, else min_lesion_voxels) and
+    largest_component, where on."""
+    if not volume:
+        return []
+    size = "min_lesion_mm3" if voxel_volume_mm3 is not None else "min_lesion_voxels"
+    return [step for step, on in ((size, min_size(steps, voxel_volume_mm3) > 1),
+                                  ("largest_component", steps["largest_component"])) if on]
+
+
 def mask(prob: np.ndarray, config: Mapping, volume: bool = True, voxel_volume_mm3: float | None = None) -> np.ndarray:
     """Boolean lesion mask of a (slices, rows, cols) probability stack; component steps only for a `volume`.
 

@@ -17,6 +17,7 @@ from skimage.measure import label, regionprops
 
 from metaseg import lesions
 from metaseg.imageio import Volume
+from metaseg.postprocess import applied_volume_steps
 from serve.schemas import (
     BoundingBox,
     ImageSize,
@@ -27,7 +28,6 @@ from serve.schemas import (
     VoxelPoint,
 )
 
-SEQUENCES = ["pre-contrast", "FLAIR", "post-contrast"]  # the network's input channels (metadata.json channel_def)
 
 
 def slice_components(mask: np.ndarray, probability: np.ndarray, slice_index: int,
@@ -52,23 +52,16 @@ def slice_components(mask: np.ndarray, probability: np.ndarray, slice_index: int
 
 def lesion_table(volume: Volume, probabilities: np.ndarray, masks: np.ndarray) -> list[Lesion3D]:
     """The lesions of a volume's stack, or of unrelated slices one slice at a time, numbered 1.. in series order."""
-    spacing = volume.pixel_spacing_mm
-    if volume.is_volume:
-        return [_lesion3d(found, found.id, 0)
-                for found in lesions.measure(masks, probabilities, spacing, volume.slice_thickness_mm)]
-    table = []
-    for index, (mask, probability) in enumerate(zip(masks, probabilities)):
-        for found in lesions.measure(mask[None], probability[None], spacing):
-            table.append(_lesion3d(found, len(table) + 1, index))
-    return table
+    return [_lesion3d(found) for found in lesions.measure_upload(masks, probabilities, volume.pixel_spacing_mm,
+                                                                 volume.slice_thickness_mm, volume.is_volume)]
 
 
-def _lesion3d(found: lesions.Lesion, lesion_id: int, first: int) -> Lesion3D:
-    """A measured lesion as the report states it; `first`: the stack's first slice in the upload."""
-    slices = [first + index for index in found.slices]
+def _lesion3d(found: lesions.Lesion) -> Lesion3D:
+    """A measured lesion as the report states it."""
+    slices = list(found.slices)
     row_min, col_min, row_max, col_max = found.bbox
     return Lesion3D(
-        id=lesion_id,
+        id=found.id,
         slices=slices,
         first_slice=slices[0],
         last_slice=slices[-1],
@@ -76,21 +69,17 @@ def _lesion3d(found: lesions.Lesion, lesion_id: int, first: int) -> Lesion3D:
         volume_mm3=found.volume_mm3,
         longest_diameter_px=found.longest_diameter_px,
         longest_diameter_mm=found.longest_diameter_mm,
-        diameter_slice=first + found.diameter_slice,
+        diameter_slice=found.diameter_slice,
         measurable=found.measurable,
         max_probability=found.max_probability,
-        centroid=VoxelPoint(slice=first + found.centroid[0], row=found.centroid[1], col=found.centroid[2]),
+        centroid=VoxelPoint(slice=found.centroid[0], row=found.centroid[1], col=found.centroid[2]),
         bbox=BoundingBox(row_min=row_min, col_min=col_min, row_max=row_max, col_max=col_max),
     )
 
 
 def volume_steps(steps: Mapping, volume: Volume) -> list[str]:
-    """The component steps upload_masks applies to this upload: none to unrelated slices; to a volume those on, the
-    minimum size in mm3 where its voxel volume is known, else in voxels (metaseg.postprocess.min_size)."""
-    if not volume.is_volume:
-        return []
-    size = "min_lesion_mm3" if volume.voxel_mm3 is not None else "min_lesion_voxels"
-    return [step for step in (size, "largest_component") if steps[step]]
+    """The component steps upload_masks applied to this upload (metaseg.postprocess.applied_volume_steps)."""
+    return applied_volume_steps(steps, volume.is_volume, volume.voxel_mm3)
 
 
 def report(

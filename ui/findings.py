@@ -10,14 +10,14 @@ components of each slice on its own, with an area and no volume.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from metaseg.imageio import Volume
-from metaseg.lesions import Lesion, measure
-from metaseg.postprocess import as_float, min_size, upload_masks, with_threshold
+from metaseg.lesions import Lesion, measure_upload
+from metaseg.postprocess import applied_volume_steps, as_float, min_size, upload_masks, with_threshold
 from ui.upload import SEQUENCES
 
 
@@ -36,33 +36,19 @@ def find(probability: np.ndarray, volume: Volume, steps: Mapping, threshold: flo
     probability = as_float(probability)
     masks = upload_masks(probability, steps, volume.is_volume, volume.voxel_mm3)
     masks.flags.writeable = False
-    return Findings(masks, lesions(masks, probability, volume), applied_steps(steps, volume))
+    found = measure_upload(masks, probability, volume.pixel_spacing_mm, volume.slice_thickness_mm, volume.is_volume)
+    return Findings(masks, found, applied_steps(steps, volume))
 
 
-def lesions(masks: np.ndarray, probability: np.ndarray, volume: Volume) -> list[Lesion]:
-    """A volume's 3D lesions; of other uploads, each slice's own lesions, numbered on across slices."""
-    if volume.is_volume:
-        return measure(masks, probability, volume.pixel_spacing_mm, volume.slice_thickness_mm)
-    found = []
-    for index, (mask, prob) in enumerate(zip(masks, probability)):
-        for lesion in measure(mask[None], prob[None], volume.pixel_spacing_mm):
-            found.append(replace(lesion, id=len(found) + 1, slices=(index,), diameter_slice=index,
-                                 centroid=(float(index), *lesion.centroid[1:])))
-    return found
+STEP_WORDS = {"largest_component": "only the largest lesion kept"}
 
 
 def applied_steps(steps: Mapping, volume: Volume) -> list[str]:
     """The component steps that `upload_masks` applies to this upload, in words."""
-    if not volume.is_volume:
-        return []
-    applied = []
     smallest = min_size(steps, volume.voxel_mm3)
-    if smallest > 1:
-        applied.append(f"lesions under {steps['min_lesion_mm3']:g} mm³ ({smallest} voxels) removed"
-                       if volume.voxel_mm3 is not None else f"lesions under {smallest} voxels removed")
-    if steps["largest_component"]:
-        applied.append("only the largest lesion kept")
-    return applied
+    words = {"min_lesion_mm3": f"lesions under {steps['min_lesion_mm3']:g} mm³ ({smallest} voxels) removed",
+             "min_lesion_voxels": f"lesions under {smallest} voxels removed", **STEP_WORDS}
+    return [words[step] for step in applied_volume_steps(steps, volume.is_volume, volume.voxel_mm3)]
 
 
 def steps_caption(findings: Findings, volume: Volume) -> str:
