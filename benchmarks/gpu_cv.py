@@ -15,11 +15,20 @@ fold trained and only predicts the held-out patients and writes the report, from
 anti-aliasing for images, nearest for masks), as uncompressed uint8 TIFFs (xz packs them best): a device that can only
 be sent a few tens of MiB gets the data this way. The network then sees the same input as from the full-size slice but for rounding to uint8.
 `--plan-data` records the full-size data's path in the plan, as the CPU machine's `metaseg cv` will check it.
+
+Comparing recipes needs less than `metaseg cv`'s report (three views of every patient): `score` predicts each held-out
+patient once, at argmax (threshold 0.5, no flip, no component steps), from the full-size data, and writes
+RUNS/argmax_scores.json (resumable, patient by patient); `arms` pairs two recipes by patient, averaged over seeds:
+
+    python benchmarks/gpu_cv.py score --data ../shared/data/lgg/Data --runs runs/gpu/long_s0 --bundle unetpp
+    python benchmarks/gpu_cv.py arms --base runs/gpu/base_s0 runs/gpu/base_s1 --new runs/gpu/long_s0 runs/gpu/long_s1 \
+        --out reports/cv_gpu_epochs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -102,6 +111,83 @@ def train_runs(args) -> None:
             print(line, file=sys.stderr, flush=True)  # stdout carries every fold's training output
 
 
+def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
+    """Per-patient argmax metrics of every held-out patient of a runs folder's trained folds (resumable)."""
+    from metaseg.bundles import bundle_dir
+    from metaseg.compare import by_patient, read_ground_truth
+    from metaseg.engine import Engine
+    from metaseg.files import write_json_atomic
+    from metaseg.imageio import decode
+    from metaseg.metrics import patient_metrics
+    from metaseg.pipeline import model_overrides
+
+    out = runs / "argmax_scores.json"
+    scores = json.loads(out.read_text()) if out.is_file() else {}
+    found = discover(data)
+    plan = json.loads((runs / "cv_plan.json").read_text())
+    for k, split in enumerate(plan["splits"]):
+        fold_dir = runs / bundle_name / f"fold_{k}"
+        todo = [p for p in split["val"] if p not in scores]
+        if not todo or not (fold_dir / "trained.json").is_file():
+            continue
+        engine = Engine(bundle_dir(bundle_name), weights=fold_dir / "models" / "model.pt",
+                        overrides=model_overrides(fold_dir))
+        items = by_patient([vars(pair) for pair in found.pairs if pair.patient in set(todo)])
+        _, truth = read_ground_truth(data, found.root, items)
+        with open_source(data) as files:
+            for patient, slices in items.items():
+                names = [f"{found.root}/{i['image']}" if found.root else i["image"] for i in slices]
+                frames = [decode([(name, files.read(name))]).inputs[0] for name in names]
+                prob = np.stack(engine.probabilities(frames))
+                scores[patient] = {"fold": k, **patient_metrics(truth[patient], prob >= 0.5)}
+                write_json_atomic(out, scores)
+                print(f"{runs.name}: {patient} {scores[patient]['dice_3d']:.3f}", flush=True)
+    return scores
+
+
+ARM_METRICS = ("dice_3d", "lesion_slice_dice", "fp_slice_rate", "lesionwise_dice", "fp_lesions")
+
+
+def arms(base: list[Path], new: list[Path], out: Path) -> dict:
+    """Recipe `new` against `base`, per patient: each run's argmax metrics averaged over its seeds, paired."""
+    from metaseg.files import write_bytes_atomic, write_json_atomic
+    from metaseg.metrics import bootstrap_ci, paired_difference
+
+    def load(runs: list[Path]) -> dict[str, dict]:
+        return {run.name: json.loads((run / "argmax_scores.json").read_text()) for run in runs}
+
+    sides = {"base": load(base), "new": load(new)}
+    patients = sorted(set.intersection(*[set(s) for side in sides.values() for s in side.values()]))
+    result = {"base": [str(r) for r in base], "new": [str(r) for r in new], "n_patients": len(patients),
+              "threshold": 0.5, "metrics": {}}
+    for metric in ARM_METRICS:
+        mean = {name: np.array([np.nanmean([float(run[p][metric]) for run in side.values()]) for p in patients])
+                for name, side in sides.items()}
+        per_seed = {name: {seed: float(np.nanmean([run[p][metric] for p in patients])) for seed, run in side.items()}
+                    for name, side in sides.items()}
+        result["metrics"][metric] = {
+            **{name: {"mean": float(np.nanmean(v)), "ci95": bootstrap_ci(v), "per_seed": per_seed[name]}
+               for name, v in mean.items()},
+            "paired_new_minus_base": paired_difference(mean["new"], mean["base"])}
+    write_json_atomic(out / "arms.json", result)
+    lines = [f"# {', '.join(r.name for r in new)} against {', '.join(r.name for r in base)}", "",
+             f"Out of fold, {len(patients)} patients, argmax (threshold 0.5, no inference steps); each patient's "
+             "figure is the mean over the seeds of a recipe, then paired by patient. Produced by "
+             f"`python benchmarks/gpu_cv.py arms --base {' '.join(map(str, base))} --new {' '.join(map(str, new))} "
+             f"--out {out}`.", "",
+             "| metric | base [95% CI] | new [95% CI] | base per seed | new per seed | new − base [95% CI] | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|"]
+    for metric, row in result["metrics"].items():
+        d = row["paired_new_minus_base"]
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['ci95'][0]:.3f}, {row[n]['ci95'][1]:.3f}]" for n in ("base", "new")]
+        cells += [", ".join(f"{v:.3f}" for v in row[n]["per_seed"].values()) for n in ("base", "new")]
+        p = "n/a" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3g}"
+        cells += [f"{d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", p]
+        lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+    write_bytes_atomic(out / "arms.md", ("\n".join(lines) + "\n").encode())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,9 +205,22 @@ def main() -> None:
     t.add_argument("--spatial-size", type=int, default=128)
     t.add_argument("--folds", type=int, default=3)
     t.add_argument("--jobs", type=int, default=12)
+    c = sub.add_parser("score")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--runs", type=Path, nargs="+", required=True)
+    c.add_argument("--bundle", default="unetpp")
+    a = sub.add_parser("arms")
+    a.add_argument("--base", type=Path, nargs="+", required=True)
+    a.add_argument("--new", type=Path, nargs="+", required=True)
+    a.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "shrink":
         shrink(args.data, args.size, args.out)
+    elif args.command == "score":
+        for runs in args.runs:
+            score_runs(args.data, runs, args.bundle)
+    elif args.command == "arms":
+        arms(args.base, args.new, args.out)
     else:
         train_runs(args)
 
