@@ -9,7 +9,7 @@ recorded (with its evidence), pointing at the shipped copy.
     python scripts/ship_weights.py --cv runs/cv --report reports/cv.md   # `metaseg cv --train-all`: the models
         trained on all patients (RUNS/<bundle>/all), best = the higher out-of-fold mean per-patient 3D Dice
     python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
-    python scripts/ship_weights.py --metrics-only --report reports/cv.md   # only metadata.json's eval_metrics
+    python scripts/ship_weights.py --from-report --report reports/cv.md   # keep the weights; eval_metrics, best.json
 
 Shipping from a cross-validation also writes each bundle's `metadata.json` `eval_metrics`: the out-of-fold figures of
 the recipe with the bundle's inference steps (EVAL_METRICS), from the report named, so the card never shows numbers
@@ -101,15 +101,23 @@ def read_cv(report: Path) -> dict:
 def ship_cv(runs: Path, report: Path) -> None:
     """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
     cv = read_cv(report)
-    dice = {name: cv["models"][name]["mean_dice_3d"] for name in NAMES}
     for name in NAMES:
         if not (runs / name / "all" / "trained.json").is_file():
             raise SystemExit(f"{runs / name / 'all'} has not finished training on all patients")
         copy_run(runs / name / "all", BUNDLES_DIR / name, extra=("trained.json",))
+    record_from_report(cv, report)
+
+
+def record_from_report(cv: dict, report: Path) -> None:
+    """bundles/best.json (the bundle with the higher out-of-fold mean at argmax, the unbiased figure, with its shipped
+    weights) and each bundle's eval_metrics, from a complete cross-validation report."""
+    dice = {name: cv["models"][name]["mean_dice_3d"] for name in NAMES}
     best = max(dice, key=dice.get)
+    patients = len(cv["models"][best]["dice_3d_per_patient"])
     write_best(BEST_FILE, best, default_weights(BUNDLES_DIR / best), {}, report=report,
-               selected_by=f"out-of-fold mean per-patient 3D Dice, {cv['folds']}-fold patient cross-validation "
-               f"(seed {cv['seed']}); shipped weights: the same recipe trained on all {len(cv['models'][best]['dice_3d_per_patient'])} patients",
+               selected_by=f"out-of-fold mean per-patient 3D Dice at argmax, {cv['folds']}-fold patient "
+               f"cross-validation (seed {cv['seed']}, {patients} patients); shipped weights: the same recipe trained on "
+               f"all development patients",
                cv_dice_3d=dice, cv_ci95_dice_3d={name: cv["models"][name]["ci95_dice_3d"] for name in NAMES})
     write_eval_metrics(cv)
     print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
@@ -144,11 +152,11 @@ if __name__ == "__main__":
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "comparison.md")
     parser.add_argument("--torchscript-only", action="store_true", help="only re-export each bundle's model.ts")
     parser.add_argument("--cv", type=Path, help="a `metaseg cv --train-all` runs folder (its report: --report cv.md)")
-    parser.add_argument("--metrics-only", action="store_true", help="only write metadata.json eval_metrics from the "
-                        "cross-validation report (--report cv.md)")
+    parser.add_argument("--from-report", action="store_true", help="keep the shipped weights; write best.json and "
+                        "metadata.json eval_metrics from the cross-validation report (--report cv.md)")
     args = parser.parse_args()
-    if args.metrics_only:
-        write_eval_metrics(read_cv(args.report.resolve()))
+    if args.from_report:
+        record_from_report(read_cv(args.report.resolve()), args.report.resolve())
     elif args.torchscript_only:
         for name in NAMES:
             print(f"exported {export_torchscript(BUNDLES_DIR / name)}")
