@@ -105,6 +105,7 @@ def ship_cv(runs: Path, report: Path) -> None:
         if not (runs / name / "all" / "trained.json").is_file():
             raise SystemExit(f"{runs / name / 'all'} has not finished training on all patients")
         copy_run(runs / name / "all", BUNDLES_DIR / name, extra=("trained.json",))
+    print("shipped both bundles' weights")
     record_from_report(cv, report)
 
 
@@ -120,7 +121,7 @@ def record_from_report(cv: dict, report: Path) -> None:
                f"all development patients",
                cv_dice_3d=dice, cv_ci95_dice_3d={name: cv["models"][name]["ci95_dice_3d"] for name in NAMES})
     write_eval_metrics(cv)
-    print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
+    print(f"best.json and eval_metrics from {report.name}; best: {read_best().bundle.name}")
 
 
 def copy_run(run: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
