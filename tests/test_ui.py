@@ -4,9 +4,9 @@ pictures (no volume), the series downloads on request, the sequences as separate
 readable errors; plus the HTTP client, the drawing pieces and `metaseg ui`.
 
 The server is a fake that follows the API contract (GET /health and /info, POST /segment/probabilities, /nifti and
-/seg) on a real socket (uvicorn in a thread). Its model is an "echo": the lesion probability is the FLAIR's own
-brightness / 255, so every mask is known in advance, and it records each request, so a test sees what the viewer
-asked and when.
+/seg) on a real socket (uvicorn in a thread). It reads and refuses uploads with the real server's code (serve.uploads'
+Form, serve.errors' answers); its model is an "echo": the lesion probability is the FLAIR's own brightness / 255, so
+every mask is known in advance, and it records each request, so a test sees what the viewer asked and when.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from metaseg.cli import main
-from metaseg.errors import UserError
-from metaseg.imageio import decode, to_png_bytes
+from metaseg.errors import Mismatch
+from metaseg.imageio import Limits, Volume, decode, to_png_bytes
 from metaseg.lesions import measure
+from serve.errors import add_handlers
+from serve.uploads import Form
 from ui import display, findings
 from ui.client import Client, ServerError, Unreachable
-from ui.upload import Upload, dicom_series as series_of, file_stem
+from ui.upload import Upload, file_stem
 
 APP = str(REPO / "ui" / "app.py")
 MiB = 2**20
@@ -143,20 +145,18 @@ class Fake:
                       "limits": limits},
         }
 
-    async def flair(self, request: Request) -> list[tuple[str, bytes]]:
-        """The FLAIR files of an upload: field `flair`, or under `file` the series described as FLAIR, if any."""
+    async def volume(self, request: Request) -> Volume:
+        """The upload decoded as the server decodes it (its frames are FLAIR's); a UserError is answered as the
+        server answers it."""
         form = await request.form()
         upload = {name: [(part.filename, await part.read()) for part in form.getlist(name)] for name in form}
         self.fields.append({name: len(files) for name, files in upload.items()})
-        files = upload.get("flair") or upload["file"]
-        if files[0][1][128:132] == b"DICM":
-            described = [pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True).SeriesDescription for _, d in files]
-            files = [f for f, text in zip(files, described) if "FLAIR" in text] or files
-        return files
+        return Form(upload).volume(Limits())
 
 
 def fake_app(fake: Fake) -> FastAPI:
     app = FastAPI()
+    add_handlers(app)
 
     @app.middleware("http")
     async def record(request: Request, call_next):
@@ -175,19 +175,19 @@ def fake_app(fake: Fake) -> FastAPI:
 
     @app.post("/segment/probabilities")
     async def probabilities(request: Request):
-        volume = decode(await fake.flair(request))
+        volume = await fake.volume(request)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, probability=np.clip(np.stack(volume.frames), 0, 255).astype(np.uint8))
         return Response(buffer.getvalue(), media_type="application/octet-stream")
 
     @app.post("/segment/nifti")
     async def nifti(request: Request):
-        await fake.flair(request)
+        await fake.volume(request)
         return Response(NIFTI, media_type="application/gzip")
 
     @app.post("/segment/seg")
     async def seg(request: Request):
-        volume = decode(await fake.flair(request))
+        volume = await fake.volume(request)
         if volume.kind != "dicom":
             return JSONResponse({"detail": f"a DICOM SEG references DICOM instances; this upload is {volume.kind}"},
                                 415)
@@ -299,6 +299,7 @@ def test_the_sample_is_one_slice_with_an_area_and_no_volume(viewer, server):
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"]
     assert [b.label for b in viewer.button if b.label.startswith("Prepare")] == ["Prepare NIfTI mask"]
     assert caption(viewer, "The model got").startswith("The model got all three sequences")  # a 3-channel TIFF
+    assert viewer.radio[0].options == ["FLAIR", "pre-contrast", "post-contrast"]  # each shown from its channel
     assert server.fake.posts() == [("/segment/probabilities", {})]
 
 
@@ -397,19 +398,30 @@ def test_the_series_mask_files_are_fetched_only_when_asked_and_named_from_patien
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"] and server.fake.posts() == asked
 
 
-def test_sequences_in_separate_files_are_sent_as_the_contracts_fields(viewer, server):
+def sequence_files(looks: dict[str, list[np.ndarray]], described: bool = False) -> dict[str, list]:
+    """Each sequence of `looks` (pre_contrast, flair, post_contrast) as a DICOM series of one study and frame of
+    reference; `described`: its SeriesDescription names it, so that the study's series are recognised."""
     study, frame = generate_uid(), generate_uid()
-    looks = {"pre_contrast": TUMOUR, "flair": TUMOUR, "post_contrast": [np.roll(image, 9, axis=1) for image in TUMOUR]}
-    sequences = {field: dicom_series(looks[field], number=n, study=study, frame_of_reference=frame)
-                 for n, field in enumerate(looks, start=1)}
+    texts = {"pre_contrast": "T1 pre", "flair": "FLAIR", "post_contrast": "T1 post contrast"}
+    return {field: dicom_series(images, description=texts[field] if described else "", number=n, study=study,
+                                frame_of_reference=frame)
+            for n, (field, images) in enumerate(looks.items(), start=1)}
+
+
+SHIFTED = [np.roll(image, 9, axis=1) for image in TUMOUR]  # post-contrast: other pixels, the same slices
+
+
+def test_sequences_in_separate_files_are_sent_as_the_contracts_fields(viewer, server):
+    sequences = sequence_files({"pre_contrast": TUMOUR, "flair": TUMOUR, "post_contrast": SHIFTED})
     drop(viewer, sequences["pre_contrast"], uploader=1)
-    assert "Add the FLAIR" in viewer.info[0].value and not server.fake.posts()
+    assert viewer.error[0].value.startswith("FLAIR is missing: it is required") and not server.fake.posts()
     drop(viewer, sequences["flair"], uploader=2)
     assert not viewer.exception and not viewer.error
     assert server.fake.fields == [{"pre_contrast": 5, "flair": 5}]
     assert caption(viewer, "The model got").startswith(
         "The model got pre-contrast and FLAIR; post-contrast filled with FLAIR, as in training. FLAIR alone: about "
         "−0.12 per-patient Dice out of fold. Segmented once by the server")
+    assert viewer.radio[0].options == ["FLAIR", "pre-contrast"]  # not the post-contrast FLAIR stands in for
     drop(viewer, sequences["post_contrast"], uploader=3)
     assert server.fake.fields[-1] == {"pre_contrast": 5, "flair": 5, "post_contrast": 5}
     assert caption(viewer, "The model got").startswith("The model got all three sequences")
@@ -418,20 +430,64 @@ def test_sequences_in_separate_files_are_sent_as_the_contracts_fields(viewer, se
     assert metrics(viewer)["Lesions"] == "2"
     posts = len(server.fake.posts())
     shown = images(viewer)
-    show.set_value("post-contrast").run()
-    assert images(viewer) != shown and len(server.fake.posts()) == posts  # shown here, from the upload
+    show.set_value("pre-contrast").run()
+    assert images(viewer) == shown  # the same pixels as FLAIR: the same pictures
+    viewer.radio[0].set_value("post-contrast").run()
+    strip, picture, overlay = images(viewer)  # the same lesion slices; another input, and the overlay over it
+    assert strip == shown[0] and picture != shown[1] and overlay != shown[2]
+    assert len(server.fake.posts()) == posts  # shown here, from the upload
 
 
-def test_a_dicom_study_of_three_series_goes_under_file_and_the_server_recognises_it(viewer, server):
-    study, frame = generate_uid(), generate_uid()
-    files = [f for n, text in enumerate(("T1 pre", "FLAIR", "T1 post contrast"), start=1)
-             for f in dicom_series(TUMOUR, description=text, number=n, study=study, frame_of_reference=frame)]
-    drop(viewer, files)
+def test_a_dicom_study_of_three_series_goes_under_file_and_is_shown_as_its_sequences(viewer, server):
+    sequences = sequence_files({"post_contrast": SHIFTED, "flair": TUMOUR, "pre_contrast": TUMOUR}, described=True)
+    drop(viewer, [f for files in sequences.values() for f in files])
     assert not viewer.exception and not viewer.error
     assert server.fake.fields == [{"file": 15}]
-    assert viewer.radio[0].options == ["T1 pre", "FLAIR", "T1 post contrast"]
+    show = viewer.radio[0]
+    assert show.options == ["FLAIR", "pre-contrast", "post-contrast"] and show.value == "FLAIR"  # recognised
     assert caption(viewer, "The model got").startswith("The model got all three sequences")
-    assert metrics(viewer)["Lesions"] == "2"
+    assert metrics(viewer)["Lesions"] == "2"  # FLAIR's lesions, not the post-contrast series' (shifted)
+    shown = images(viewer)
+    show.set_value("post-contrast").run()
+    assert images(viewer)[1] != shown[1] and server.fake.fields == [{"file": 15}]  # the input: the strip comes first
+
+
+def study(*descriptions: str) -> list[tuple[str, bytes]]:
+    study_uid, frame = generate_uid(), generate_uid()
+    return [f for n, text in enumerate(descriptions, start=1)
+            for f in dicom_series(TUMOUR, description=text, number=n, study=study_uid, frame_of_reference=frame)]
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ((("file", study("FLAIR", "T1 post contrast")),),
+         "the upload holds 2 DICOM series; send one series, or the sequences in the fields pre_contrast, flair, "
+         "post_contrast"),
+        ((("file", study("FLAIR", "T2 FLAIR", "T1 post contrast")),),
+         "descriptions do not name pre-contrast T1, FLAIR and post-contrast T1 one each"),
+        ((("flair", dicom_series(TUMOUR)), ("post_contrast", dicom_series(SHIFTED[:4]))),
+         "(post-contrast) has 4 slice(s), FLAIR 5; the sequences must be the same slices"),
+        ((("pre_contrast", dicom_series(TUMOUR)), ("flair", [("f.png", png(TUMOUR[0]))])),
+         "(pre-contrast) has 5 slice(s), FLAIR 1"),
+    ],
+    ids=["two-series", "ambiguous-study", "fewer-slices", "one-picture-for-a-series"],
+)
+def test_sequences_the_server_would_refuse_are_refused_here_with_its_message(viewer, server, parts, message):
+    fields = dict(parts)
+    if "file" in fields:
+        drop(viewer, fields["file"])
+    else:
+        for uploader, field in ((1, "pre_contrast"), (3, "post_contrast"), (2, "flair")):  # FLAIR alone is fine
+            if field in fields:
+                drop(viewer, fields[field], uploader=uploader)
+    assert not viewer.exception and len(viewer.error) == 1
+    shown = viewer.error[0].value
+    assert message in shown and "\n" not in shown
+    assert not viewer.image and not server.fake.posts()  # refused here, nothing sent
+    with pytest.raises(ServerError) as answered:  # what the server's own code answers to the same upload
+        Client(server.url).probabilities(tuple((field, tuple(files)) for field, files in parts))
+    assert str(answered.value) == f"The server refused the request (422 Unprocessable Entity): {shown}"
 
 
 def test_without_the_one_channel_cost_the_viewer_leaves_the_number_out(viewer, server):
@@ -556,20 +612,18 @@ def test_client_says_how_to_start_an_absent_server():
         Client("http://server.test", transport=httpx.MockTransport(refuse)).health()
 
 
-def test_sequences_need_the_flair():
-    with pytest.raises(UserError, match="Add the FLAIR"):
-        Upload.sequences({"pre_contrast": [("a", b"a")], "post_contrast": [("b", b"b")]})
-    upload = Upload.sequences({"post_contrast": [("b", b"b")], "flair": [("a", b"a")]})
-    assert [name for name, _ in upload.parts] == ["flair", "post_contrast"]
-    assert upload.sequences_given(channels=1) == ["FLAIR", "post-contrast"]
-    assert Upload.of([("a", b"a")]).sequences_given(channels=1) == ["FLAIR"]
-    assert Upload.of([("a", b"a")]).sequences_given(channels=3) == ["pre-contrast", "FLAIR", "post-contrast"]
-
-
-def test_a_dicom_upload_splits_into_its_series_by_number_and_one_series_does_not():
-    files = dicom_series(SERIES, description="FLAIR", number=2) + dicom_series(SERIES, number=1)
-    assert [(name, len(group)) for name, group in series_of(files)] == [("series 1", 3), ("FLAIR", 3)]
-    assert series_of(dicom_series(SERIES)) is None and series_of([("a.png", png(SERIES[0]))] * 2) is None
+def test_the_assigned_sequences_decode_by_the_library_and_need_the_flair():
+    upload = Upload.sequences({"post_contrast": [("b.png", png(SERIES[1]))], "flair": [("a.png", png(SERIES[0]))]})
+    assert [name for name, _ in upload.parts] == ["flair", "post_contrast"]  # channel order, empty ones left out
+    volume = upload.volume(Limits())
+    assert volume.sequences_given == ("FLAIR", "post-contrast")
+    gray = display.sequence_slices(volume)
+    assert list(gray) == ["FLAIR", "post-contrast"]
+    assert not np.array_equal(gray["FLAIR"][0], gray["post-contrast"][0])
+    assert Upload.of([("a.png", png(SERIES[0]))]).volume(Limits()).sequences_given == ("FLAIR",)
+    assert list(display.sequence_slices(decode([("a.png", png(SERIES[0]))]))) == ["FLAIR"]
+    with pytest.raises(Mismatch, match="FLAIR is missing"):
+        Upload.sequences({"pre_contrast": [("a.png", b"a")]}).volume(Limits())
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,11 @@ away the segmentation.
     metaseg ui [--server URL]        # or: METASEG_SERVER=URL streamlit run ui/app.py
 
 The server runs the model once per upload and answers with the lesion probability of every slice (cached here by
-upload digest). The viewer decodes the upload to show it, and makes the masks, the 3D lesion table and the overlays
-from those probabilities with the server's own code (ui.findings): scrolling, the threshold and the opacity ask the
-server nothing. The whole series' mask files (NIfTI, DICOM SEG) are fetched when the user asks for them.
+upload digest). The viewer decodes the upload as the server does (ui.upload: metaseg.sequences), so that what the
+server would refuse is refused here before it is sent, and shows each sequence the upload holds. It makes the masks,
+the 3D lesion table and the overlays from those probabilities with the server's own code (ui.findings): scrolling,
+the threshold, the opacity and the sequence shown ask the server nothing. The whole series' mask files (NIfTI,
+DICOM SEG) are fetched when the user asks for them.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import numpy as np
 import streamlit as st
 
 from metaseg.errors import TooLarge, UserError
-from metaseg.imageio import Limits, Volume, decode, to_png_bytes
+from metaseg.imageio import Limits, Volume, to_png_bytes
+from metaseg.sequences import FIELDS
 from ui import display, findings
 from ui.client import DEFAULT_SERVER, Client, ServerError
 from ui.findings import Findings
 from ui.sample import sample
-from ui.upload import SEQUENCES, Upload, file_stem
+from ui.upload import Upload, file_stem
 
 DIAMETER = "Longest axial diameter: across the lesion on its widest slice, edge to edge"
 _KEEP = {"ttl": 3600, "show_spinner": False}  # with max_entries below: bounded, these describe patients' scans
@@ -39,12 +42,11 @@ TABLE_FORMAT = {
 
 
 @dataclass(frozen=True)
-class View:
-    """One thing the viewer can show: a sequence or series of the upload, decoded, and its slices in gray."""
+class Decoded:
+    """The upload decoded, and the slices of each of its sequences in gray (display.sequence_slices)."""
 
-    name: str
     volume: Volume
-    gray: list[np.ndarray]
+    gray: dict[str, list[np.ndarray]]
 
 
 @st.cache_resource
@@ -66,13 +68,10 @@ def server_health(url: str) -> dict:
 # Arguments with a leading underscore are left out of the cache key (the digest stands for the upload, so a rerun
 # does not hash it again). cache_resource hands out the cached object itself: nothing below changes it.
 @st.cache_resource(max_entries=4, **_KEEP)
-def decoded(digest: str, _upload: Upload, _limits: Limits) -> list[View]:
-    """The upload's views decoded as the server decodes them, under the server's limits."""
-    views = []
-    for name, files in _upload.views:
-        volume = decode(list(files), _limits)
-        views.append(View(name, volume, display.grayscale(volume.frames)))
-    return views
+def decoded(digest: str, _upload: Upload, _limits: Limits) -> Decoded:
+    """The upload decoded as the server decodes it, under the server's limits."""
+    volume = _upload.volume(_limits)
+    return Decoded(volume, display.sequence_slices(volume))
 
 
 @st.cache_resource(max_entries=8, **_KEEP)
@@ -116,24 +115,18 @@ def uploader_key(field: str) -> str:
 def take_upload() -> None:
     files = st.session_state[uploader_key("file")]
     st.session_state.upload = Upload.of((f.name, f.getvalue()) for f in files) if files else None
-    st.session_state.upload_note = None
     st.session_state.sequence_uploads += 1  # empty sequence boxes: this upload replaces what they held
 
 
 def take_sequences() -> None:
     given = {field: [(f.name, f.getvalue()) for f in st.session_state[uploader_key(field)] or ()]
-             for field in SEQUENCES}
+             for field in FIELDS}
     st.session_state.uploads += 1  # an empty main box: the sequences replace what it held
-    st.session_state.upload, st.session_state.upload_note = None, None
-    if any(given.values()):
-        try:
-            st.session_state.upload = Upload.sequences(given)
-        except UserError as err:
-            st.session_state.upload_note = str(err)
+    st.session_state.upload = Upload.sequences(given) if any(given.values()) else None
 
 
 def take_sample() -> None:
-    st.session_state.upload, st.session_state.upload_note = sample(), None
+    st.session_state.upload = sample()
     st.session_state.uploads += 1  # fresh, empty uploaders: the sample replaces whatever was dropped there
     st.session_state.sequence_uploads += 1
 
@@ -152,7 +145,7 @@ def upload_panel() -> None:
         st.caption("The model was trained on all three sequences. Put each one's image or series files in its box; "
                    "FLAIR is required, a missing pre- or post-contrast is filled with FLAIR. They must share slices "
                    "and size.")
-        for column, (field, name) in zip(st.columns(3), SEQUENCES.items()):
+        for column, (field, name) in zip(st.columns(3), FIELDS.items()):
             column.file_uploader(name, accept_multiple_files=True, key=uploader_key(field), on_change=take_sequences)
 
 
@@ -217,13 +210,13 @@ def result(url: str, upload: Upload) -> None:
     model = f"{info['model']} {info['version']}"
     try:
         check_size(upload, info)
-        views = decoded(upload.digest, upload, limits(info))
+        shown = decoded(upload.digest, upload, limits(info))
         with st.spinner("Segmenting…"):
             probability, seconds = probabilities(url, upload.digest, model, upload)
     except (ServerError, UserError) as err:
         st.error(str(err))
         return
-    volume = views[0].volume  # the views share one geometry; the first (FLAIR where assigned) stands for all
+    volume = shown.volume
     count = len(volume.frames)
     if probability.shape != (count, *volume.frames[0].shape):
         st.error(f"The server's probabilities ({'×'.join(map(str, probability.shape))}) do not fit the upload "
@@ -231,22 +224,22 @@ def result(url: str, upload: Upload) -> None:
         return
     found = findings_at(upload.digest, model, threshold, json.dumps(steps, sort_keys=True), probability, volume)
 
-    view, index, table_key = views[0], 0, f"lesions-{upload.digest}-{threshold}"
-    if len(views) > 1:
-        names = [v.name for v in views]
-        view = views[names.index(st.radio("Show", names, horizontal=True, key=f"view-{upload.digest}",
-                                          help="The sequences share one geometry: the lesions are the same on each."))]
+    name, index, table_key = next(iter(shown.gray)), 0, f"lesions-{upload.digest}-{threshold}"
+    if len(shown.gray) > 1:
+        name = st.radio("Show", list(shown.gray), horizontal=True, key=f"view-{upload.digest}",
+                        help="The sequences are the same slices: the lesions are the same on each.")
+    gray = shown.gray[name]
     if count > 1:
         index = slice_picker(upload, found, table_key)
 
     where = f"slice {index + 1} of {count}" if count > 1 else "one slice"
     input_col, overlay_col, findings_col = st.columns([1, 1, 1.2])
-    shown = view.name if len(views) > 1 else upload.label
-    input_col.image(view.gray[index], caption=f"Input: {shown}, {where}", output_format="PNG", width="stretch")
-    blended = display.blend(view.gray[index], found.masks[index], opacity, outline)
+    what = name if len(shown.gray) > 1 else upload.label
+    input_col.image(gray[index], caption=f"Input: {what}, {where}", output_format="PNG", width="stretch")
+    blended = display.blend(gray[index], found.masks[index], opacity, outline)
     overlay_col.image(blended, caption=f"Lesion in red, threshold {threshold}", output_format="PNG", width="stretch")
     with findings_col:
-        findings_panel(upload, volume, found, index, info, seconds)
+        findings_panel(volume, found, index, info, seconds)
     if found.lesions:
         pick = {"on_select": "rerun", "selection_mode": "single-row"} if count > 1 else {}
         st.dataframe(findings.lesion_table(found, volume), hide_index=True, column_config=TABLE_FORMAT,
@@ -268,7 +261,7 @@ def slice_picker(upload: Upload, found: Findings, table_key: str) -> int:
     return index
 
 
-def findings_panel(upload: Upload, volume: Volume, found: Findings, index: int, info: dict, seconds: float) -> None:
+def findings_panel(volume: Volume, found: Findings, index: int, info: dict, seconds: float) -> None:
     """The headline numbers, and what they rest on (the lesion table follows under the images)."""
     with st.container(horizontal=True, gap="medium"):
         for label, value in findings.headline(found, volume, index).items():
@@ -281,10 +274,9 @@ def findings_panel(upload: Upload, volume: Volume, found: Findings, index: int, 
                    "NIfTI give mm and, for a series, mm³.")
     elif volume.is_volume and volume.voxel_mm3 is None:
         st.caption("The series gives no slice thickness, so volumes are in voxels.")
-    given = upload.sequences_given(volume.channels)
-    st.caption(f"{findings.model_input(given, info.get('one_channel_dice_loss'))}. Segmented once by the "
-               f"server in {seconds:.1f} s (model `{info['model']}`); slices, threshold and table are worked out "
-               "here. Research use only; not for diagnostic purposes.")
+    given = findings.model_input(volume.sequences_given, info.get("one_channel_dice_loss"))
+    st.caption(f"{given}. Segmented once by the server in {seconds:.1f} s (model `{info['model']}`); slices, "
+               "threshold and table are worked out here. Research use only; not for diagnostic purposes.")
 
 
 def downloads(url: str, upload: Upload, volume: Volume, found: Findings, threshold: float, index: int,
@@ -332,7 +324,7 @@ def main() -> None:
     upload_panel()
     upload = st.session_state.get("upload")
     if upload is None:
-        st.info(st.session_state.get("upload_note") or "Drop a file above, or try the phantom sample.")
+        st.info("Drop a file above, or try the phantom sample.")
         return
     result(url, upload)
 

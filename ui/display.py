@@ -1,5 +1,6 @@
-"""What the viewer draws: slices in gray, a mask blended over one of them in red, and a strip of the slices that
-hold lesion; with numpy, so that scrolling, the threshold and the opacity never ask the server for anything.
+"""What the viewer draws: the slices of each sequence in gray, a mask blended over one of them in red, and a strip
+of the slices that hold lesion; with numpy, so that scrolling, the threshold and the opacity never ask the server for
+anything.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import io
 import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_erosion
+
+from metaseg.conventions import FLAIR_CHANNEL, SEQUENCES
+from metaseg.imageio import Volume
 
 RED = np.array([255.0, 0.0, 0.0], np.float32)
 STRIP_EMPTY, STRIP_LESION, STRIP_SHOWN = (225, 225, 225), (220, 40, 40), (30, 30, 30)
@@ -20,6 +24,16 @@ def grayscale(frames: list[np.ndarray]) -> list[np.ndarray]:
     low, high = np.percentile(np.concatenate([f[::4, ::4].ravel() for f in frames]), [1, 99])
     scale = 255 / (high - low) if high > low else 0.0
     return [np.clip((f - low) * scale, 0, 255).astype(np.uint8) for f in frames]
+
+
+def sequence_slices(volume: Volume) -> dict[str, list[np.ndarray]]:
+    """Sequence name -> its slices in gray: FLAIR first, then the other sequences the upload gave (Volume.sequences,
+    not those FLAIR stands in for), each windowed on its own; a one-channel upload has its frames alone, as FLAIR."""
+    flair = SEQUENCES[FLAIR_CHANNEL]
+    if volume.channels == 1:
+        return {flair: grayscale(volume.frames)}
+    shown = [flair, *(name for name in volume.sequences_given if name != flair)]
+    return {name: grayscale([s[SEQUENCES.index(name)] for s in volume.sequences]) for name in shown}
 
 
 def blend(gray: np.ndarray, mask: np.ndarray, opacity: float, contour: bool) -> np.ndarray:

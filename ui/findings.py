@@ -9,16 +9,16 @@ components of each slice on its own, with an area and no volume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from metaseg.conventions import SEQUENCES
 from metaseg.imageio import Volume
 from metaseg.lesions import Lesion, measure_upload
 from metaseg.postprocess import applied_volume_steps, as_float, min_size, upload_masks, with_threshold
-from ui.upload import SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,12 @@ def start_slice(findings: Findings) -> int:
     return max(findings.lesions, key=lambda lesion: lesion.voxels).diameter_slice
 
 
-def model_input(given: list[str], one_channel_dice_loss: float | None) -> str:
-    """Which sequences the network got, and what a missing one costs (GET /info `one_channel_dice_loss`)."""
+def model_input(given: Sequence[str], one_channel_dice_loss: float | None) -> str:
+    """Which sequences the network got (Volume.sequences_given), and what a missing one costs (GET /info
+    `one_channel_dice_loss`)."""
     if len(given) == len(SEQUENCES):
         return "The model got all three sequences: pre-contrast, FLAIR and post-contrast"
-    missing = [name for name in SEQUENCES.values() if name not in given]
+    missing = [name for name in SEQUENCES if name not in given]
     text = f"The model got {' and '.join(given)}; {' and '.join(missing)} filled with FLAIR, as in training"
     if one_channel_dice_loss is not None:
         cost = f"{-one_channel_dice_loss:+.2f}".replace("-", "−")

@@ -1,29 +1,27 @@
-"""One upload as the viewer keeps it: its files by the multipart field they are sent in, and a digest that keys
-every cached answer.
+"""One upload as the viewer keeps it: its files by the multipart field they are sent in, a digest that keys every
+cached answer, and the Volume they decode to by the server's own rules.
 
-An upload is either the files of one image or series under `file` (where the server also recognises a DICOM study's
-three sequence series), or the sequences the user assigned, under `pre_contrast`, `flair` and `post_contrast` (FLAIR
-required; the server fills a missing one with FLAIR, as the training data do).
+An upload is either the files of one image or series under `file`, or the sequences the user assigned, under
+`pre_contrast`, `flair` and `post_contrast` (metaseg.sequences.FIELDS). Both are decoded here exactly as the server
+decodes them (metaseg.sequences: `decode` for `file`, which also takes a DICOM study's three sequence series, and
+`stack` for the fields), so an upload the server would refuse is refused here, with its message, before it is sent.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import PurePath
 
-import pydicom
-
-from metaseg.errors import UserError
-from metaseg.imageio import Volume
+from metaseg import sequences
+from metaseg.imageio import Limits, Volume
+from metaseg.sequences import FIELDS
 from ui.client import Files, Parts
 
-SEQUENCES = {"pre_contrast": "pre-contrast", "flair": "FLAIR", "post_contrast": "post-contrast"}  # channel order
-_SERIES_TAGS = ["SeriesInstanceUID", "SeriesNumber", "SeriesDescription"]
+FILE_FIELD = "file"  # one image or series, or a DICOM study's three sequence series
+FLAIR_FIELD = next(name for name, sequence in FIELDS.items() if sequence == sequences.FLAIR)
 
 
 @dataclass(frozen=True)
@@ -33,16 +31,13 @@ class Upload:
 
     @classmethod
     def of(cls, files: Iterable[tuple[str, bytes]]) -> Upload:
-        """One image or series, sent as `file`."""
-        return cls._of({"file": files})
+        """One image or series (or a DICOM study's three sequence series), sent as `file`."""
+        return cls._of({FILE_FIELD: files})
 
     @classmethod
     def sequences(cls, given: Mapping[str, Iterable[tuple[str, bytes]]]) -> Upload:
-        """The sequences the user assigned (SEQUENCES' fields; empty ones are left out); FLAIR is required."""
-        given = {name: tuple(given.get(name) or ()) for name in SEQUENCES}
-        if not given["flair"]:
-            raise UserError("Add the FLAIR: the model needs it whenever the sequences come in separate files "
-                            "(a missing pre- or post-contrast is filled with FLAIR).")
+        """The sequences the user assigned, by FIELDS' names in channel order; empty ones are left out."""
+        given = {name: tuple(given.get(name) or ()) for name in FIELDS}
         return cls._of({name: files for name, files in given.items() if files})
 
     @classmethod
@@ -56,11 +51,6 @@ class Upload:
         return cls(parts, sha.hexdigest())
 
     @property
-    def assigned(self) -> bool:
-        """Whether the user assigned the sequences (else everything is under `file`)."""
-        return self.parts[0][0] != "file"
-
-    @property
     def files(self) -> Files:
         """Every file, field after field."""
         return tuple(f for _, files in self.parts for f in files)
@@ -70,48 +60,19 @@ class Upload:
         name = PurePath(self.files[0][0]).name
         return name if len(self.files) == 1 else f"{name} and {len(self.files) - 1} more file(s)"
 
-    @cached_property
-    def views(self) -> list[tuple[str, Files]]:
-        """What can be shown, each (name, files): the assigned sequences with FLAIR first, the series of a DICOM
-        upload that holds several (the server takes three as the sequences), or the whole upload. They share one
-        geometry (the server refuses them otherwise), so the first stands for all in sizes and slice order."""
-        if self.assigned:
-            fields = dict(self.parts)
-            return [(SEQUENCES[name], fields[name]) for name in ("flair", "pre_contrast", "post_contrast")
-                    if name in fields]
-        return dicom_series(self.files) or [(self.label, self.files)]
-
-    def sequences_given(self, channels: int) -> list[str]:
-        """The sequences the network gets, by the server's rule: the assigned ones; all three for a DICOM study of
-        three series or a 3-channel image (`channels` of the decoded upload); else FLAIR alone."""
-        if self.assigned:
-            return [SEQUENCES[name] for name, _ in self.parts]
-        return list(SEQUENCES.values()) if channels == 3 or len(self.views) > 1 else ["FLAIR"]
-
-
-def dicom_series(files: Files) -> list[tuple[str, Files]] | None:
-    """The series of an upload of DICOM files, by SeriesNumber, each named by its description (or number); None
-    unless these are DICOM files (with the 'DICM' preamble) of more than one series."""
-    series: dict[str, list] = {}
-    for name, data in files:
-        if data[128:132] != b"DICM":
-            return None
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_SERIES_TAGS)
-        except Exception:  # pydicom raises many kinds on a broken header; decoding the upload says what is wrong
-            return None
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        number = ds.get("SeriesNumber")
-        title = str(ds.get("SeriesDescription") or "").strip() or f"series {number if number is not None else '?'}"
-        series.setdefault(uid, [number if isinstance(number, int) else float("inf"), title, []])[2].append((name, data))
-    if len(series) < 2:
-        return None
-    return [(title, tuple(group)) for _, title, group in sorted(series.values(), key=lambda s: s[0])]
+    def volume(self, limits: Limits) -> Volume:
+        """The upload decoded as the server decodes it (metaseg.sequences), under its `limits`; UserError for what
+        the server would refuse: a Mismatch for sequences that are not the same slices, several DICOM series that
+        are not a study's three sequences, or assigned sequences without FLAIR."""
+        fields = {name: list(files) for name, files in self.parts}
+        if FILE_FIELD in fields:
+            return sequences.decode(fields[FILE_FIELD], limits)
+        return sequences.stack({FIELDS[name]: files for name, files in fields.items()}, limits)
 
 
 def file_stem(upload: Upload, volume: Volume) -> str:
-    """A safe file name stem for what the user downloads: patient and series of DICOM (PatientID_seriesN), else
-    the first file's name without folders or suffixes."""
+    """A safe file name stem for what the user downloads: patient and series of DICOM (PatientID_seriesN; FLAIR's
+    where sequences were stacked), else the first FLAIR file's name without folders or suffixes."""
     if volume.datasets:
         ds = volume.datasets[0]
         patient, number = ds.get("PatientID"), ds.get("SeriesNumber")
@@ -119,7 +80,8 @@ def file_stem(upload: Upload, volume: Volume) -> str:
         stem = _safe("_".join(part for part in named if part))
         if stem:
             return stem
-    return _safe(PurePath(upload.views[0][1][0][0]).name).split(".")[0] or "upload"
+    first = dict(upload.parts).get(FLAIR_FIELD, upload.files)[0][0]
+    return _safe(PurePath(first).name).split(".")[0] or "upload"
 
 
 def _safe(text: str) -> str:
