@@ -59,6 +59,17 @@ _PRE = re.compile(r"\b(?:pre|non|without|no|ohne) ?(?:contrast|kontrast|km|gd|ga
 _POST = re.compile(r"\bpost\b|\bgd\b|\bgad\w*|contrast|kontrast|\bkm\b|\+ ?(?:c|gd|km)\b|\bc ?\+|\bt1 ?(?:c|ce|gd)\b|\bce\b")
 
 
+FILE_FIELD = "file"  # the upload field of one image or series, or of a DICOM study's three sequence series
+
+
+def volume_of(fields: Mapping[str, Files], limits: Limits = Limits()) -> Volume:
+    """An upload's fields as one Volume: FILE_FIELD alone (`decode`), or the sequences' FIELDS (`stack`); the server
+    and the viewer both decode this way."""
+    if FILE_FIELD in fields:
+        return decode(list(fields[FILE_FIELD]), limits)
+    return stack({FIELDS[field]: list(files) for field, files in fields.items()}, limits)
+
+
 def decode(files: Files, limits: Limits = Limits()) -> Volume:
     """One upload: an image or series as imageio.decode gives it, or a study's three sequence series stacked;
     several series that are not recognisably those three are a Mismatch."""

@@ -28,7 +28,7 @@ from metaseg.sequences import FIELDS
 from serve.config import Settings
 from serve.pool import Busy
 
-FIELD = "file"
+FIELD = sequences.FILE_FIELD
 FLAIR_FIELD = next(field for field, sequence in FIELDS.items() if sequence == sequences.FLAIR)
 Files = list[tuple[str, bytes]]  # (file name as uploaded, bytes), in upload order
 BODY_GRACE_S = 2.0  # the minimum body rate applies after this long: connection set-up, first packets
@@ -83,9 +83,7 @@ class Form:
 
     def volume(self, limits: Limits) -> Volume:
         """The upload decoded as one Volume (metaseg.sequences); UserError for bad input. Run it on a pool thread."""
-        if FIELD in self.fields:
-            return sequences.decode(self.fields[FIELD], limits)
-        return sequences.stack({FIELDS[field]: files for field, files in self.fields.items()}, limits)
+        return sequences.volume_of(self.fields, limits)
 
 
 class BodyMemory:

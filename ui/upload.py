@@ -20,7 +20,6 @@ from metaseg.imageio import Limits, Volume
 from metaseg.sequences import FIELDS
 from ui.client import Files, Parts
 
-FILE_FIELD = "file"  # one image or series, or a DICOM study's three sequence series
 FLAIR_FIELD = next(name for name, sequence in FIELDS.items() if sequence == sequences.FLAIR)
 
 
@@ -32,7 +31,7 @@ class Upload:
     @classmethod
     def of(cls, files: Iterable[tuple[str, bytes]]) -> Upload:
         """One image or series (or a DICOM study's three sequence series), sent as `file`."""
-        return cls._of({FILE_FIELD: files})
+        return cls._of({sequences.FILE_FIELD: files})
 
     @classmethod
     def sequences(cls, given: Mapping[str, Iterable[tuple[str, bytes]]]) -> Upload:
@@ -64,10 +63,7 @@ class Upload:
         """The upload decoded as the server decodes it (metaseg.sequences), under its `limits`; UserError for what
         the server would refuse: a Mismatch for sequences that are not the same slices, several DICOM series that
         are not a study's three sequences, or assigned sequences without FLAIR."""
-        fields = {name: list(files) for name, files in self.parts}
-        if FILE_FIELD in fields:
-            return sequences.decode(fields[FILE_FIELD], limits)
-        return sequences.stack({FIELDS[name]: files for name, files in fields.items()}, limits)
+        return sequences.volume_of(dict(self.parts), limits)
 
 
 def file_stem(upload: Upload, volume: Volume) -> str:
