@@ -85,7 +85,8 @@ serve-ui: $(STAMP)
 	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/metaseg ui --server http://127.0.0.1:$(SERVER_PORT) --port $(UI_PORT)
 
-# Both bundles in a real MONAI Label app (infer a PNG and a DICOM slice, train one epoch), in a venv of its own:
+# Both bundles in a MONAI Label server (`monailabel start_server` on a free local port; over REST: infer a PNG and a
+# DICOM slice, train one epoch), in a venv of its own:
 # monailabel pulls torchvision, and PyPI's torchvision does not import beside our torch 2.13.0 CPU wheel, so this venv
 # has torch 2.14.1 + torchvision 0.29.1 (a CUDA build, about 8 GB). torch comes first so that monailabel's source-only
 # dependency (sam2) builds against it instead of fetching a second torch for an isolated build.

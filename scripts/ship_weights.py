@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,16 +35,6 @@ from metaseg.conventions import BEST_FILE, default_weights, read_best, write_bes
 from metaseg.files import write_bytes_atomic  # noqa: E402
 
 MAX_BYTES = 10 * 2**20  # committed weights stay small
-TRACED = {"unetpp"}  # BasicUNetPlusPlus cannot be scripted once its forward picks a head, so it is traced
-
-
-def trace_args(bundle: Path) -> list[str]:
-    """ckpt_export's trace options: one input of the network's own channels at the bundle's spatial_size."""
-    if bundle.name not in TRACED:
-        return []
-    config = ConfigParser.load_config_file(str(bundle / "configs" / "inference.json"))
-    channels, size = config["network_def"]["in_channels"], config["spatial_size"]
-    return ["--use_trace", "True", "--input_shape", f"[1, {channels}, {size}, {size}]"]
 
 
 def export_torchscript(bundle: Path) -> Path:
@@ -55,7 +44,7 @@ def export_torchscript(bundle: Path) -> Path:
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", str(target),
          "--ckpt_file", str(default_weights(bundle)), "--meta_file", str(configs / "metadata.json"),
-         "--config_file", str(configs / "inference.json"), *trace_args(bundle)],
+         "--config_file", str(configs / "inference.json")],
         cwd=bundle, check=True,
     )
     if target.stat().st_size > MAX_BYTES:

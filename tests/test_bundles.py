@@ -242,8 +242,7 @@ def test_torchscript_and_onnx_exports_match_the_eager_network(trained, blocker):
     common = ["--net_id", "network_def", "--ckpt_file", trained.out / "model.pt", "--meta_file", meta, "--config_file", train]
     channels = in_channels(trained.bundle)
     shape = f"[1, {channels}, 64, 64]"
-    trace = ["--use_trace", "True", "--input_shape", shape] if trained.name == "unetpp" else []
-    ok(monai_bundle("ckpt_export", "--filepath", trained.out / "model.ts", *common, *trace, cwd=trained.bundle, blocker=blocker))
+    ok(monai_bundle("ckpt_export", "--filepath", trained.out / "model.ts", *common, cwd=trained.bundle, blocker=blocker))
     ok(monai_bundle("onnx_export", "--filepath", trained.out / "model.onnx", *common, "--input_shape", shape, cwd=trained.bundle, blocker=blocker))
     net = network_def(trained.bundle)
     net.load_state_dict(torch.load(trained.out / "model.pt", weights_only=True))

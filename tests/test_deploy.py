@@ -40,7 +40,8 @@ def without(compose: Compose, names: tuple[str, ...]) -> Compose:
 
 def deploy(bundle: Path, image: np.ndarray, network: torch.nn.Module | None = None) -> np.ndarray:
     """One channel-first image in memory -> the bundle's mask, as MONAI Deploy's bundle operator computes it (with
-    `network` in place of the bundle's models/model.ts, for a test bundle without one)."""
+    `network` in place of the bundle's models/model.ts, for a test bundle without one). The postprocessing gives a
+    2D label image in MONAI's (x, y) order; returned as (1, rows, cols) like the input."""
     parser = ConfigParser()
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.read_config(str(bundle / "configs" / "inference.json"))
@@ -55,7 +56,7 @@ def deploy(bundle: Path, image: np.ndarray, network: torch.nn.Module | None = No
     inputs = pre({"image": MetaTensor(torch.as_tensor(np.array(image), dtype=torch.float32))})
     with torch.no_grad():
         output = inferer(inputs=inputs["image"][None].to(device), network=network)
-    return post({"pred": output[0], "image": inputs["image"]})["pred"].numpy()
+    return post({"pred": output[0], "image": inputs["image"]})["pred"].numpy().T[None]
 
 
 @pytest.fixture(scope="module")
