@@ -58,8 +58,16 @@ EVAL_METRICS = {
     "cv_oof_lesionwise_dice": "lesionwise_dice",
     "cv_oof_lesion_sensitivity_3d": "lesion_sensitivity_3d",
     "cv_oof_fp_lesions_per_patient": "fp_lesions_per_patient",
-    "cv_oof_fp_slice_rate": "fp_slice_rate",
+    "cv_oof_lesion_slice_dice": "mean/lesion_slice_dice",
+    "cv_oof_fp_slice_rate": "mean/fp_slice_rate",
 }
+
+
+def figure(entry: dict, path: str):
+    """A cv.json model entry's figure at `path` ("key" or "mean/key"), None where absent."""
+    for key in path.split("/"):
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
 
 
 def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
@@ -67,8 +75,8 @@ def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
     cross-validation of the recipe: the fold models' figures, the honest estimate for the recipe's weights)."""
     for name in NAMES:
         entry = cv["models"].get(f"{name} + its inference steps") or cv["models"][name]
-        figures = {key: round(float(entry[source]), 4) for key, source in EVAL_METRICS.items()
-                   if entry.get(source) is not None}
+        figures = {key: round(float(figure(entry, source)), 4) for key, source in EVAL_METRICS.items()
+                   if figure(entry, source) is not None}
         path = bundles / name / "configs" / "metadata.json"
         text = path.read_text()  # the one line is replaced: the file keeps its hand-made layout
         new, count = re.subn(r'"eval_metrics": \{[^{}]*\}', lambda _: '"eval_metrics": ' + json.dumps(figures), text)

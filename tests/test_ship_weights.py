@@ -26,7 +26,7 @@ def test_eval_metrics_are_the_reports_served_figures_and_the_rest_of_metadata_is
         (tmp_path / name / "configs").mkdir(parents=True)
         shutil.copy(REPO / "bundles" / name / "configs" / "metadata.json", tmp_path / name / "configs")
     served = {"mean_dice_3d": 0.71234, "lesionwise_dice": 0.6, "lesion_sensitivity_3d": 0.9,
-              "fp_lesions_per_patient": 1.5, "fp_slice_rate": None}
+              "fp_lesions_per_patient": 1.5, "mean": {"fp_slice_rate": 0.05, "lesion_slice_dice": None}}
     cv = {"models": {**{f"{name} + its inference steps": served for name in NAMES},
                      **{name: {"mean_dice_3d": 0.1} for name in NAMES}}}
     module.write_eval_metrics(cv, tmp_path)
@@ -34,7 +34,8 @@ def test_eval_metrics_are_the_reports_served_figures_and_the_rest_of_metadata_is
         before = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
         after = json.loads((tmp_path / name / "configs" / "metadata.json").read_text())
         assert after["eval_metrics"] == {"cv_oof_dice_3d_per_patient": 0.7123, "cv_oof_lesionwise_dice": 0.6,
-                                         "cv_oof_lesion_sensitivity_3d": 0.9, "cv_oof_fp_lesions_per_patient": 1.5}
+                                         "cv_oof_lesion_sensitivity_3d": 0.9, "cv_oof_fp_lesions_per_patient": 1.5,
+                                         "cv_oof_fp_slice_rate": 0.05}
         assert {k: v for k, v in after.items() if k != "eval_metrics"} == \
             {k: v for k, v in before.items() if k != "eval_metrics"}
 
