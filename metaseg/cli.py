@@ -132,7 +132,10 @@ def cmd_cv(args) -> None:
     from metaseg.cv import cross_validate, summary_lines
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
-                            args.bootstrap, args.train_all, **_overrides(args))
+                            args.bootstrap, args.train_all, args.fold, args.collect, **_overrides(args))
+    if result is None:
+        print(f"fold {args.fold} done in {args.runs}; reports: the same command with --collect instead of --fold")
+        return
     print("\n".join(summary_lines(result)))
     done = "all folds done" if result["complete"] else "NOT all folds done (partial reports)"
     print(f"{done}; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--train-all", action="store_true",
                    help="after the folds, train each bundle's recipe on all patients (RUNS/<bundle>/all), to ship")
+    p.add_argument("--fold", type=int, help="train and predict this fold alone (0-based; no report), e.g. one per "
+                   "GPU or job-array task; then the same command with --collect")
+    p.add_argument("--collect", action="store_true", help="train nothing: report over the folds done in --runs")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")

@@ -464,14 +464,23 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
 
 
 def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
-                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, final: bool = False, **overrides) -> dict:
+                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, final: bool = False,
+                   fold: int | None = None, collect: bool = False, **overrides) -> dict | None:
     """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each;
-    with `final`, then each bundle on all patients (train_all)."""
+    with `final`, then each bundle on all patients (train_all).
+
+    As nnU-Net's `nnUNetv2_train DATASET CONFIG FOLD`: `fold` trains and predicts that fold alone (of every bundle;
+    another machine, a job-array task or a GPU each) and writes no report (returns None); `collect` trains nothing and
+    reports over whatever folds are done. Both check the same plan, so the folds of one command line fit together."""
     from metaseg.bundles import bundle_dir
     from metaseg.engine import inference_parser
 
     if not Path(data).exists():
         raise UserError(f"data not found: {data}")
+    if fold is not None and (collect or final):
+        raise UserError("--fold trains one fold: it goes with neither --collect nor --train-all")
+    if fold is not None and not 0 <= fold < folds:
+        raise UserError(f"--fold must be between 0 and {folds - 1} (--folds {folds}), got {fold}")
     resolved = {Path(str(b)).name: bundle_dir(b) for b in dict.fromkeys(bundles)}
     if len(resolved) != len(set(bundles)):
         raise UserError(f"bundles must have different folder names, got {bundles}")
@@ -488,7 +497,17 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *(["--train-all"] if final else []),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    if fold is not None:
+        for name, bundle in resolved.items():
+            if (runs / name / f"fold_{fold}" / "fold.json").is_file():
+                print(f"cv: {name} fold {fold} already done, skipped", flush=True)
+                continue
+            run_fold(bundle, name, data, found, plan, fold, runs,
+                     {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
+        return None
     result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
+    if collect:
+        return result
     for k in range(folds):
         for name, bundle in resolved.items():
             if (runs / name / f"fold_{k}" / "fold.json").is_file():

@@ -580,3 +580,46 @@ def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_p
                                 capture_output=True, text=True, timeout=120)
         assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def fake_fold(bundle, name, data, found, plan, k, runs, overrides, trained: list | None = None):
+    """run_fold without training: seeded probabilities per patient (the same in any runs folder), as predict_fold
+    stores them, and fold.json."""
+    from metaseg.cv import as_uint8, write_npz
+    from metaseg.files import write_json_atomic
+
+    fold_dir = runs / name / f"fold_{k}"
+    for patient in plan["splits"][k]["val"]:
+        slices = sorted(p.slice for p in found.pairs if p.patient == patient)
+        rng = np.random.default_rng([k, len(name), sum(map(ord, patient))])
+        prob = rng.random((len(slices), 256, 256)).astype(np.float32) ** 4
+        write_npz(fold_dir / "oof" / f"{patient}.npz", prob=as_uint8(prob), prob_flip=as_uint8(prob[..., ::-1]),
+                  slices=np.array(slices))
+    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": plan["splits"][k]["val"]})
+    if trained is not None:
+        trained.append((name, k))
+
+
+def test_one_fold_per_command_then_collect_equals_a_whole_run(phantom, tmp_path, monkeypatch):
+    """`--fold K` trains (here: fakes) only fold K of each bundle and reports nothing; `--collect` trains nothing and
+    reports whatever folds are done; folds run apart and then collected give the whole run's report."""
+    import metaseg.cv as cv
+
+    trained = []
+    monkeypatch.setattr(cv, "run_fold", lambda *args: fake_fold(*args, trained=trained))
+    common = dict(data=phantom, bundles=["unetpp", "attention_unet"], folds=2, seed=0, n_resamples=50)
+    assert cv.cross_validate(**common, out=tmp_path / "apart_out", runs=tmp_path / "apart", fold=1) is None
+    assert sorted(trained) == [("attention_unet", 1), ("unetpp", 1)] and not (tmp_path / "apart_out").exists()
+    partial = cv.cross_validate(**common, out=tmp_path / "apart_out", runs=tmp_path / "apart", collect=True)
+    assert not partial["complete"] and partial["folds_done"] == {"unetpp": [1], "attention_unet": [1]}
+    assert len(trained) == 2  # collect trained nothing
+    cv.cross_validate(**common, out=tmp_path / "apart_out", runs=tmp_path / "apart", fold=0)
+    apart = cv.cross_validate(**common, out=tmp_path / "apart_out", runs=tmp_path / "apart", collect=True)
+    whole = cv.cross_validate(**common, out=tmp_path / "whole_out", runs=tmp_path / "whole")
+    assert apart["complete"] and len(trained) == 8  # 2 apart, 2 apart, 4 in the whole run
+    assert json.dumps(apart["models"], sort_keys=True, default=str) == \
+        json.dumps(whole["models"], sort_keys=True, default=str)
+    with pytest.raises(UserError, match="--fold must be between 0 and 1"):
+        cv.cross_validate(**common, runs=tmp_path / "apart", fold=2)
+    with pytest.raises(UserError, match="neither --collect nor --train-all"):
+        cv.cross_validate(**common, runs=tmp_path / "apart", fold=0, collect=True)
