@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,9 +67,7 @@ def shrink(data: Path, size: int, out: Path) -> None:
 
 def train_runs(args) -> None:
     from metaseg.bundles import bundle_dir
-    from metaseg.cv import assign_folds, check_plan, cv_datalist, splits_final
-    from metaseg.files import write_json_atomic
-    from metaseg.pipeline import train
+    from metaseg.cv import assign_folds, check_plan, splits_final, train_fold
 
     found = discover(args.data)
     bundle = bundle_dir(args.bundle)
@@ -93,17 +90,10 @@ def train_runs(args) -> None:
 
     def run(task) -> str:
         runs, plan, k, epochs = task
-        fold_dir = runs / args.bundle / f"fold_{k}"
-        if (fold_dir / "trained.json").is_file():
-            return f"{fold_dir}: already trained"
-        split = plan["splits"][k]
-        datalist = cv_datalist(found, plan, runs, k, split["train"], split["val"])
-        started = time.time()
         overrides = {"epochs": epochs, "val_interval": epochs, "spatial_size": args.spatial_size}
-        train(bundle, args.data, fold_dir, seed=plan["seed"], datalist=datalist, **overrides)  # logs to train.log
-        write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), "resumed": False,
-                                                      "device": "gpu", **overrides})
-        return f"{fold_dir}: trained in {time.time() - started:.0f} s"
+        train_fold(bundle, args.bundle, args.data, found, plan, k, runs, overrides)  # logs to the fold's train.log
+        trained = json.loads((runs / args.bundle / f"fold_{k}" / "trained.json").read_text())
+        return f"{runs / args.bundle / f'fold_{k}'}: trained in {trained['seconds']} s"
 
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by each fold's training process
     with ThreadPoolExecutor(args.jobs) as pool:  # threads: each fold trains in a child process of its own

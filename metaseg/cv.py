@@ -157,8 +157,9 @@ def cv_datalist(found, plan: dict, runs: Path, fold: int | str, training: list[s
     return datalist
 
 
-def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
-    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
+def train_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> dict:
+    """Train fold k of one bundle into RUNS/<name>/fold_<k> (or resume its training; nothing once trained.json is
+    there), and return the fold's datalist."""
     from metaseg.pipeline import train
 
     fold_dir = runs / name / f"fold_{k}"
@@ -173,10 +174,18 @@ def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, run
         train(bundle, data, fold_dir, seed=plan["seed"], datalist=datalist, **overrides)
         write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
                                                       **overrides})
-    print(f"cv: {name} fold {k}: predicting {len(split['val'])} held-out patients", flush=True)
+    return datalist
+
+
+def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
+    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
+    fold_dir = runs / name / f"fold_{k}"
+    datalist = train_fold(bundle, name, data, found, plan, k, runs, overrides)
+    patients = plan["splits"][k]["val"]
+    print(f"cv: {name} fold {k}: predicting {len(patients)} held-out patients", flush=True)
     started = time.time()
     predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
-    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": split["val"],
+    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": patients,
                                                "predict_seconds": round(time.time() - started)})
 
 
@@ -321,7 +330,7 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
         keys = ("config", "mean_dice_3d", "lesion_sensitivity_3d", "steps", "skipped", "smallest_gt_lesion_voxels",
-                "single_slice", "inference_steps")
+                "reference_size_cap_voxels", "single_slice", "inference_steps")
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
@@ -425,7 +434,10 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   "no fewer lesions (3D lesion sensitivity pooled over these patients, as in the lesion table); the "
                   "threshold and the minimum size are chosen among the values that lose no lesion, and minimum "
                   "sizes go up to the smallest ground-truth lesion of these patients"
-                  + (f" ({post['smallest_gt_lesion_voxels']} voxels)." if post["smallest_gt_lesion_voxels"] else "."),
+                  + (f" ({post['smallest_gt_lesion_voxels']} voxels)" if post["smallest_gt_lesion_voxels"] else "")
+                  + " and to what keeps 99% of the reference phantom's metastases"
+                  + (f" ({post['reference_size_cap_voxels']} voxels)." if post.get("reference_size_cap_voxels")
+                     else "."),
                   "",
                   "| step | value | 3D Dice without | with | gain | lesion sensitivity without | with | kept |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -497,26 +509,27 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *(["--train-all"] if final else []),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    def run(k: int, name: str, bundle: Path) -> bool:
+        """Fold k of one bundle unless done; whether it ran."""
+        if (runs / name / f"fold_{k}" / "fold.json").is_file():
+            print(f"cv: {name} fold {k} already done, skipped", flush=True)
+            return False
+        # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
+        run_fold(bundle, name, data, found, plan, k, runs,
+                 {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
+        return True
+
     if fold is not None:
         for name, bundle in resolved.items():
-            if (runs / name / f"fold_{fold}" / "fold.json").is_file():
-                print(f"cv: {name} fold {fold} already done, skipped", flush=True)
-                continue
-            run_fold(bundle, name, data, found, plan, fold, runs,
-                     {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
+            run(fold, name, bundle)
         return None
     result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
     if collect:
         return result
     for k in range(folds):
         for name, bundle in resolved.items():
-            if (runs / name / f"fold_{k}" / "fold.json").is_file():
-                print(f"cv: {name} fold {k} already done, skipped", flush=True)
-                continue
-            # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
-            run_fold(bundle, name, data, found, plan, k, runs,
-                     {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
-            result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
+            if run(k, name, bundle):
+                result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
     if final:
         for name, bundle in resolved.items():
             steps = all_patients_epochs(epochs[name], found, plan)

@@ -214,8 +214,7 @@ def frame_planes(volume: Volume) -> list[tuple[np.ndarray, np.ndarray] | None]:
         if ds is None:
             planes.append(None)
             continue
-        position = _numbers(_frame_macro(ds, frame, "PlanePositionSequence"), "ImagePositionPatient", 3)
-        orientation = _numbers(_frame_macro(ds, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+        position, orientation = _plane(ds, frame)
         planes.append(None if position is None or orientation is None else (position, orientation))
     return planes
 
@@ -804,12 +803,17 @@ def _dicom_slice_thickness(datasets: list[Dataset]) -> float | None:
     return gap if gap > 0 else None
 
 
+def _plane(ds: Dataset, frame: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(ImagePositionPatient, ImageOrientationPatient) of one frame of a dataset, each None where absent."""
+    return (_numbers(_frame_macro(ds, frame, "PlanePositionSequence"), "ImagePositionPatient", 3),
+            _numbers(_frame_macro(ds, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6))
+
+
 def _dicom_affine(datasets: list[Dataset], frames: int) -> np.ndarray | None:
     """(frame, row, col, 1) -> RAS+ mm (see the module docstring), or None without a position, an orientation or a
     pixel spacing. `datasets` in series order, `frames` of them all together."""
     first, last = datasets[0], datasets[-1]
-    orientation = _numbers(_frame_macro(first, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
-    origin = _numbers(_frame_macro(first, 0, "PlanePositionSequence"), "ImagePositionPatient", 3)
+    origin, orientation = _plane(first, 0)
     spacing = _dicom_pixel_spacing(first)
     if orientation is None or origin is None or spacing is None:
         return None
@@ -819,8 +823,7 @@ def _dicom_affine(datasets: list[Dataset], frames: int) -> np.ndarray | None:
         return None
     step = None
     if frames > 1:
-        end = _numbers(_frame_macro(last, _dicom_geometry(last)[0] - 1, "PlanePositionSequence"),
-                       "ImagePositionPatient", 3)
+        end, _ = _plane(last, _dicom_geometry(last)[0] - 1)
         if end is not None and not np.allclose(end, origin):
             step = (end - origin) / (frames - 1)
     if step is None:  # one frame, or frames without their own positions

@@ -225,23 +225,25 @@ REFERENCE_PHANTOM = {"patients": 10, "slices": 32, "seed": 3}
 KEEP_REFERENCE_SHARE = 0.99
 
 
-@functools.cache
-def reference_lesion_voxels() -> tuple[int, ...]:
-    """Voxel counts of the reference phantom's lesions (metaseg.lesions), sorted; made in a temporary folder."""
+def reference_masks() -> list[np.ndarray]:
+    """The reference phantom's perfect masks, one boolean (slices, rows, cols) stack per patient; made in a
+    temporary folder."""
     from metaseg.data import discover, open_source, read_tiff
     from metaseg.synth import synthesize
 
     with tempfile.TemporaryDirectory() as folder:
         synthesize(Path(folder), **REFERENCE_PHANTOM)
         found = discover(Path(folder))
-        sizes = []
         with open_source(Path(folder)) as files:
-            for patient in found.patients:
-                pairs = sorted((p for p in found.pairs if p.patient == patient), key=lambda p: p.slice)
-                stack = np.stack([read_tiff(files.read(p.label)) > 0 for p in pairs])
-                labels, _ = label(stack)
-                sizes += np.bincount(labels.ravel())[1:].tolist()
-    return tuple(sorted(sizes))
+            return [np.stack([read_tiff(files.read(p.label)) > 0 for p in sorted(
+                (p for p in found.pairs if p.patient == patient), key=lambda p: p.slice)])
+                for patient in found.patients]
+
+
+@functools.cache
+def reference_lesion_voxels() -> tuple[int, ...]:
+    """Voxel counts of the reference phantom's lesions (metaseg.lesions), sorted."""
+    return tuple(sorted(int(size) for stack in reference_masks() for size in np.bincount(label(stack)[0].ravel())[1:]))
 
 
 def reference_size_cap(sizes: Sequence[int] | None = None) -> int:

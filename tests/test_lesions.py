@@ -4,15 +4,12 @@ steps, which must keep the metastases of the phantom."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
-import tifffile
 
 from metaseg import lesions, postprocess
 from metaseg.bundles import NAMES, bundle_dir
-from metaseg.synth import synthesize
 
 
 def sphere(radius_mm: float, pixel_mm: tuple[float, float], slice_mm: float) -> np.ndarray:
@@ -69,15 +66,10 @@ def test_a_minimum_size_in_mm3_keeps_a_lesion_of_exactly_that_size_and_voxels_ne
 
 
 @pytest.fixture(scope="module")
-def phantom_masks(tmp_path_factory) -> list[np.ndarray]:
-    """The perfect masks of `metaseg synth OUT --patients 10 --slices 32 --seed 3`, one stack per patient."""
-    out = tmp_path_factory.mktemp("phantom")
-    synthesize(out, 10, 32, 3)
-    stacks = []
-    for patient in sorted(p for p in out.iterdir() if p.is_dir()):
-        files = sorted(patient.glob("*_mask.tif"), key=lambda f: int(re.search(r"_(\d+)_mask", f.name)[1]))
-        stacks.append(np.stack([tifffile.imread(f) > 0 for f in files]))
-    return stacks
+def phantom_masks() -> list[np.ndarray]:
+    """The perfect masks of `metaseg synth OUT --patients 10 --slices 32 --seed 3` (postprocess.REFERENCE_PHANTOM)."""
+    assert postprocess.REFERENCE_PHANTOM == {"patients": 10, "slices": 32, "seed": 3}
+    return postprocess.reference_masks()
 
 
 @pytest.mark.parametrize("name", NAMES)
