@@ -11,9 +11,9 @@ recorded (with its evidence), pointing at the shipped copy.
     python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
     python scripts/ship_weights.py --from-report --report reports/cv.md   # keep the weights; eval_metrics, best.json
 
-Shipping from a cross-validation also writes each bundle's `metadata.json` `eval_metrics`: the out-of-fold figures of
-the recipe with the bundle's inference steps (EVAL_METRICS), from the report named, so the card never shows numbers
-that nothing reproduces.
+Shipping from a cross-validation also writes each bundle's `metadata.json` `eval_metrics` (EVAL_METRICS): the recipe's
+out-of-fold figures at argmax and, marked optimistic, with the bundle's inference steps, from the report named, so the
+card never shows numbers that nothing reproduces.
 """
 
 from __future__ import annotations
@@ -53,30 +53,34 @@ def export_torchscript(bundle: Path) -> Path:
 
 
 # metadata.json eval_metrics key -> the cv.json figure of "<bundle> + its inference steps" (out of fold, as served)
+# metadata.json eval_metrics key -> (cv.json model row, figure): `argmax` the bundle alone at threshold 0.5 (no choice made
+# on the patients it scores: unbiased), `served` with its inference steps, which were chosen on the same out-of-fold
+# patients (optimistic: the keys say so, until the served-model issue cross-fits them)
+ROWS = {"argmax": "{name}", "served": "{name} + its inference steps"}
 EVAL_METRICS = {
-    "cv_oof_dice_3d_per_patient": "mean_dice_3d",
-    "cv_oof_lesionwise_dice": "lesionwise_dice",
-    "cv_oof_lesion_sensitivity_3d": "lesion_sensitivity_3d",
-    "cv_oof_fp_lesions_per_patient": "fp_lesions_per_patient",
-    "cv_oof_lesion_slice_dice": "mean/lesion_slice_dice",
-    "cv_oof_fp_slice_rate": "mean/fp_slice_rate",
+    "cv_oof_argmax_dice_3d_per_patient": ("argmax", "mean_dice_3d"),
+    "cv_oof_served_dice_3d_per_patient_optimistic": ("served", "mean_dice_3d"),
+    "cv_oof_served_lesionwise_dice_optimistic": ("served", "lesionwise_dice"),
+    "cv_oof_served_lesion_sensitivity_3d_optimistic": ("served", "lesion_sensitivity_3d"),
+    "cv_oof_served_fp_lesions_per_patient_optimistic": ("served", "fp_lesions_per_patient"),
+    "cv_oof_served_lesion_slice_dice_optimistic": ("served", "mean/lesion_slice_dice"),
+    "cv_oof_served_fp_slice_rate_optimistic": ("served", "mean/fp_slice_rate"),
 }
 
 
-def figure(entry: dict, path: str):
-    """A cv.json model entry's figure at `path` ("key" or "mean/key"), None where absent."""
+def figure(cv: dict, name: str, row: str, path: str):
+    """A bundle's figure in cv.json: of its `row` (ROWS), at `path` ("key" or "mean/key"); None where absent."""
+    entry = cv["models"].get(ROWS[row].format(name=name))
     for key in path.split("/"):
         entry = entry.get(key) if isinstance(entry, dict) else None
     return entry
 
 
 def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
-    """Each bundle's metadata.json `eval_metrics`: its out-of-fold figures with its inference steps (patient
-    cross-validation of the recipe: the fold models' figures, the honest estimate for the recipe's weights)."""
+    """Each bundle's metadata.json `eval_metrics` from the cross-validation report (EVAL_METRICS)."""
     for name in NAMES:
-        entry = cv["models"].get(f"{name} + its inference steps") or cv["models"][name]
-        figures = {key: round(float(figure(entry, source)), 4) for key, source in EVAL_METRICS.items()
-                   if figure(entry, source) is not None}
+        figures = {key: round(float(value), 4) for key, (row, path) in EVAL_METRICS.items()
+                   if (value := figure(cv, name, row, path)) is not None}
         path = bundles / name / "configs" / "metadata.json"
         text = path.read_text()  # the one line is replaced: the file keeps its hand-made layout
         new, count = re.subn(r'"eval_metrics": \{[^{}]*\}', lambda _: '"eval_metrics": ' + json.dumps(figures), text)

@@ -33,9 +33,10 @@ def test_eval_metrics_are_the_reports_served_figures_and_the_rest_of_metadata_is
     for name in NAMES:
         before = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
         after = json.loads((tmp_path / name / "configs" / "metadata.json").read_text())
-        assert after["eval_metrics"] == {"cv_oof_dice_3d_per_patient": 0.7123, "cv_oof_lesionwise_dice": 0.6,
-                                         "cv_oof_lesion_sensitivity_3d": 0.9, "cv_oof_fp_lesions_per_patient": 1.5,
-                                         "cv_oof_fp_slice_rate": 0.05}
+        assert after["eval_metrics"] == {
+            "cv_oof_argmax_dice_3d_per_patient": 0.1, "cv_oof_served_dice_3d_per_patient_optimistic": 0.7123,
+            "cv_oof_served_lesionwise_dice_optimistic": 0.6, "cv_oof_served_lesion_sensitivity_3d_optimistic": 0.9,
+            "cv_oof_served_fp_lesions_per_patient_optimistic": 1.5, "cv_oof_served_fp_slice_rate_optimistic": 0.05}
         assert {k: v for k, v in after.items() if k != "eval_metrics"} == \
             {k: v for k, v in before.items() if k != "eval_metrics"}
 
