@@ -41,6 +41,7 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.data import discover, open_source, read_tiff  # noqa: E402
+from metaseg.errors import UserError  # noqa: E402
 
 
 def shrink(data: Path, size: int, out: Path) -> None:
@@ -144,6 +145,9 @@ def arms(base: list[Path], new: list[Path], out: Path) -> dict:
     from metaseg.metrics import bootstrap_ci, paired_difference
 
     def load(runs: list[Path]) -> dict[str, dict]:
+        missing = [str(run) for run in runs if not (run / "argmax_scores.json").is_file()]
+        if missing:
+            raise UserError(f"no argmax_scores.json in {', '.join(missing)}: run `gpu_cv.py score` on them first")
         return {run.name: json.loads((run / "argmax_scores.json").read_text()) for run in runs}
 
     sides = {"base": load(base), "new": load(new)}
@@ -216,4 +220,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a missing folder, a runs folder of another plan: one line, as metaseg's CLI says it
+        sys.exit(f"gpu_cv: error: {err}")
