@@ -3,7 +3,7 @@
 The engine reads the bundle as MONAI Label and MONAI Deploy do: `configs/inference.json` alone, taking its
 `network_def`, `preprocessing` without the file loader (the caller has already decoded the upload, and
 metaseg.imageio gives arrays in the same row/column order as the bundle's readers), its `inferer` (class
-probabilities, flip-averaged when the bundle's `inference_steps` say so), and its `postprocessing` up to the
+probabilities averaged over the bundle's fold models, and flip-averaged when its `inference_steps` say so), and its `postprocessing` up to the
 probability map: the lesion channel and the `Invertd` back to each slice's own size. What follows in the bundle (the
 mask and the writer) is left to the caller: metaseg.postprocess.upload_masks applies `inference_steps` (the
 threshold, and the component steps for a volume), and a caller may pick another threshold.
@@ -29,6 +29,7 @@ from metaseg.errors import UserError
 from metaseg.postprocess import checked_steps
 
 
+FOLDS = "other_folds#checkpoints"  # inference.json: the fold models the inferer adds to models/model.pt
 VIEWS = ("plain", "mirrored")  # the bundle's `probabilities`: of the input, and of its mirror mirrored back
 
 
@@ -76,12 +77,30 @@ def inference_parser(bundle: Path, overrides: dict | None = None) -> ConfigParse
     return parser
 
 
+def _load(network: torch.nn.Module, weights: Path, bundle: str) -> None:
+    """`weights` into `network`, or one line saying why they are not a model of this bundle."""
+    if not weights.is_file():
+        raise UserError(f"{bundle}: fold model {weights} is missing (configs/inference.json {FOLDS}): ship every "
+                        f"fold with scripts/ship_weights.py, or set {FOLDS} to []")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises for non-weights
+        raise UserError(f"cannot read weights {weights}: {_first_line(err)}") from None
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:  # e.g. one-channel weights of a bundle before 0.4.0
+        raise UserError(f"weights {weights} do not fit the {bundle} network: {_first_line(err)}") from None
+
+
 class Engine:
     """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
 
     A frame is (rows, cols), one channel, or (channels, rows, cols), e.g. the three sequences of metaseg.imageio's
     `Volume.inputs`; the bundle's own preprocessing makes the network's input channels from either.
     `inference_steps` are the bundle's chosen steps (metaseg.postprocess.BUNDLE_STEPS), for upload_masks.
+    `weights`: the bundle's own models/model.pt (the default) serves its fold ensemble (`models`: fold 0 and the
+    folds of inference.json `other_folds`); any other model.pt (a fold of `metaseg cv`, a `metaseg train` run) is
+    served alone.
     """
 
     def __init__(self, bundle: Path, weights: Path | None = None, batch_size: int = 16, overrides: dict | None = None):
@@ -90,22 +109,20 @@ class Engine:
         if not weights.is_file():
             raise UserError(f"no trained weights at {weights}: train the bundle or pass its model.pt")
         parser = inference_parser(bundle, overrides)
+        shipped = weights.resolve() == default_weights(bundle).resolve()
+        if not shipped:  # another model.pt (a fold of `metaseg cv`, a run of `metaseg train`): it alone
+            parser[FOLDS] = []
+        folds = [Path(path) for path in parser.get_parsed_content(FOLDS)]
         self.one_lesion_per_patient = bool(parser.get("one_lesion_per_patient", False))
         self.inference_steps = checked_steps(parser.get_parsed_content("inference_steps"), bundle.name,
                                              self.one_lesion_per_patient)
         with bundle_imports(bundle):
             network = parser.get_parsed_content("network_def")
+            for path in [*folds, weights]:  # a bad fold is one line before the inferer loads it; `weights` last
+                _load(network, path, bundle.name)
             self.inferer = parser.get_parsed_content("inferer")
             views = parser.get_parsed_content("probabilities")
         self.views = {name: views[name] for name in VIEWS}
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises for non-weights
-            raise UserError(f"cannot read weights {weights}: {_first_line(err)}") from None
-        try:
-            network.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as err:  # e.g. one-channel weights of a bundle before 0.4.0
-            raise UserError(f"weights {weights} do not fit the {bundle.name} network: {_first_line(err)}") from None
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
         steps = parser.get_parsed_content("preprocessing").transforms
@@ -114,6 +131,7 @@ class Engine:
         self.restore = Compose(post[: next(i for i, t in enumerate(post) if isinstance(t, AsDiscreted))])
         self.bundle = bundle
         self.weights = weights
+        self.models = [weights, *folds]  # the fold ensemble the inferer averages (one model unless `shipped`)
         self.metadata = parser["_meta_"]
         self.spatial_size = parser["spatial_size"]
         self.batch_size = batch_size

@@ -1,19 +1,22 @@
-"""Ship trained runs as the bundles' weights: the last step after `make train` on the real data.
+"""Ship a finished `metaseg cv` as the bundles' fold ensembles: the last step of a cross-validation on the real data.
 
-For each bundle run in RUNS it copies `models/model.pt` to `bundles/<name>/models/model.pt` and the evidence that made
-it (run.json, datalist.json, train.log) to `bundles/<name>/docs/`, exports `models/model.ts` (TorchScript, with MONAI's
-`ckpt_export`, as the model zoo ships it); then it writes `bundles/best.json` naming the model that `metaseg compare`
-recorded (with its evidence), pointing at the shipped copy.
+For each bundle, the k fold models of RUNS become its ensemble (nnU-Net ships its fold models the same way):
 
-    python scripts/ship_weights.py runs/lgg --report reports/comparison.md
-    python scripts/ship_weights.py --cv runs/cv --report reports/cv.md   # `metaseg cv --train-all`: the models
-        trained on all patients (RUNS/<bundle>/all), best = the higher out-of-fold mean per-patient 3D Dice
-    python scripts/ship_weights.py --torchscript-only     # re-export model.ts from the shipped model.pt
-    python scripts/ship_weights.py --from-report --report reports/cv.md   # keep the weights; eval_metrics, best.json
+    models/model.pt, models/model.ts               fold 0 (what `network_def` loads: MONAI Label, the Model Zoo)
+    models/fold_<k>/model.pt, model.ts             fold k = 1..k-1 (configs/inference.json `other_folds`)
+    docs/training/                                 the evidence: cv_plan.json, splits_final.json, shipped.json (the
+                                                   cv command, seed, report) and fold_<k>/ (run.json, datalist.json,
+                                                   train.log, trained.json, fold.json)
 
-Shipping from a cross-validation also writes each bundle's `metadata.json` `eval_metrics` (EVAL_METRICS): the recipe's
-out-of-fold figures at argmax and, marked optimistic, with the bundle's inference steps, from the report named, so the
-card never shows numbers that nothing reproduces.
+Each model.ts is MONAI's `ckpt_export` of its model.pt (it embeds metadata.json and inference.json). Then
+inference.json's `other_folds` lists the shipped folds, its `inference_steps` are those the report chose on all
+out-of-fold patients, metadata.json `eval_metrics` are the report's figures (EVAL_METRICS: the cross-fitted served
+estimate, and the argmax one), and bundles/best.json names the bundle of the report's `served`. No model that the
+cross-validation did not score is shipped.
+
+    python scripts/ship_weights.py --cv runs/ship --report reports/cv.md
+    python scripts/ship_weights.py --from-report --report reports/cv.md   # keep the weights; the figures, best.json
+    python scripts/ship_weights.py --torchscript-only                     # re-export every model.ts
 """
 
 from __future__ import annotations
@@ -31,63 +34,92 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.bundles import BUNDLES_DIR, NAMES  # noqa: E402
-from metaseg.conventions import BEST_FILE, default_weights, read_best, write_best  # noqa: E402
-from metaseg.files import write_bytes_atomic  # noqa: E402
+from metaseg.conventions import BEST_FILE, default_weights, write_best  # noqa: E402
+from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 
-MAX_BYTES = 10 * 2**20  # committed weights stay small
+MAX_BYTES = 10 * 2**20  # each committed file stays under the Model Zoo's limit
+MAX_BUNDLE_BYTES = 50 * 2**20  # all weights of one bundle
+EVIDENCE = ("run.json", "datalist.json", "train.log", "trained.json", "fold.json")
+
+# metadata.json eval_metrics key -> (cv.json entry, figure): `served` the bundle's cross-fitted estimate of what it
+# serves (steps chosen on the other folds), `argmax` its fold models alone at threshold 0.5 (no choice made at all)
+EVAL_METRICS = {
+    "cv_oof_argmax_dice_3d_per_patient": ("argmax", "mean_dice_3d"),
+    "cv_served_crossfitted_dice_3d_per_patient": ("served", "mean_dice_3d"),
+    "cv_served_crossfitted_lesion_slice_dice": ("served", "lesion_slice_dice"),
+    "cv_served_crossfitted_fp_slice_rate": ("served", "fp_slice_rate"),
+    "cv_served_crossfitted_lesionwise_dice": ("served", "lesionwise_dice"),
+    "cv_served_crossfitted_lesion_sensitivity_3d": ("served", "lesion_sensitivity_3d"),
+    "cv_served_crossfitted_fp_lesions_per_patient": ("served", "fp_lesions_per_patient"),
+}
 
 
-def export_torchscript(bundle: Path) -> Path:
-    """models/model.ts from models/model.pt by MONAI's ckpt_export (it embeds metadata.json and inference.json)."""
-    target = bundle / "models" / "model.ts"
+def fold_weights(bundle: Path, k: int) -> Path:
+    """Where fold k's model.pt lives in a bundle: fold 0 is the bundle's own model.pt."""
+    return default_weights(bundle) if k == 0 else bundle / "models" / f"fold_{k}" / "model.pt"
+
+
+def shipped_folds(bundle: Path) -> list[Path]:
+    return [default_weights(bundle), *sorted((bundle / "models").glob("fold_*/model.pt"))]
+
+
+def export_torchscript(bundle: Path, weights: Path) -> Path:
+    """model.ts beside `weights` by MONAI's ckpt_export (it embeds metadata.json and inference.json)."""
+    target = weights.with_suffix(".ts")
     configs = bundle / "configs"
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", str(target),
-         "--ckpt_file", str(default_weights(bundle)), "--meta_file", str(configs / "metadata.json"),
+         "--ckpt_file", str(weights), "--meta_file", str(configs / "metadata.json"),
          "--config_file", str(configs / "inference.json")],
-        cwd=bundle, check=True,
+        cwd=bundle, check=True, stdout=subprocess.DEVNULL,
     )
     if target.stat().st_size > MAX_BYTES:
         raise SystemExit(f"{target} is over {MAX_BYTES} bytes")
     return target
 
 
-# metadata.json eval_metrics key -> the cv.json figure of "<bundle> + its inference steps" (out of fold, as served)
-# metadata.json eval_metrics key -> (cv.json model row, figure): `argmax` the bundle alone at threshold 0.5 (no choice made
-# on the patients it scores: unbiased), `served` with its inference steps, which were chosen on the same out-of-fold
-# patients (optimistic: the keys say so, until the served-model issue cross-fits them)
-ROWS = {"argmax": "{name}", "served": "{name} + its inference steps"}
-EVAL_METRICS = {
-    "cv_oof_argmax_dice_3d_per_patient": ("argmax", "mean_dice_3d"),
-    "cv_oof_served_dice_3d_per_patient_optimistic": ("served", "mean_dice_3d"),
-    "cv_oof_served_lesionwise_dice_optimistic": ("served", "lesionwise_dice"),
-    "cv_oof_served_lesion_sensitivity_3d_optimistic": ("served", "lesion_sensitivity_3d"),
-    "cv_oof_served_fp_lesions_per_patient_optimistic": ("served", "fp_lesions_per_patient"),
-    "cv_oof_served_lesion_slice_dice_optimistic": ("served", "mean/lesion_slice_dice"),
-    "cv_oof_served_fp_slice_rate_optimistic": ("served", "mean/fp_slice_rate"),
-}
-
-
-def figure(cv: dict, name: str, row: str, path: str):
-    """A bundle's figure in cv.json: of its `row` (ROWS), at `path` ("key" or "mean/key"); None where absent."""
-    entry = cv["models"].get(ROWS[row].format(name=name))
-    for key in path.split("/"):
-        entry = entry.get(key) if isinstance(entry, dict) else None
-    return entry
+def figure(cv: dict, name: str, entry: str, key: str):
+    """A bundle's figure in cv.json: of its cross-fitted `served` entry or its `argmax` model row; None where absent."""
+    found = cv.get("served_per_bundle", {}).get(name) if entry == "served" else cv["models"].get(name)
+    return (found or {}).get(key)
 
 
 def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
     """Each bundle's metadata.json `eval_metrics` from the cross-validation report (EVAL_METRICS)."""
     for name in NAMES:
-        figures = {key: round(float(value), 4) for key, (row, path) in EVAL_METRICS.items()
-                   if (value := figure(cv, name, row, path)) is not None}
-        path = bundles / name / "configs" / "metadata.json"
-        text = path.read_text()  # the one line is replaced: the file keeps its hand-made layout
-        new, count = re.subn(r'"eval_metrics": \{[^{}]*\}', lambda _: '"eval_metrics": ' + json.dumps(figures), text)
+        figures = {key: round(float(value), 4) for key, (entry, field) in EVAL_METRICS.items()
+                   if (value := figure(cv, name, entry, field)) is not None}
+        replace_line(bundles / name / "configs" / "metadata.json", r'"eval_metrics": \{[^{}]*\}',
+                     '"eval_metrics": ' + json.dumps(figures))
+
+
+def replace_line(path: Path, pattern: str, new: str) -> None:
+    """Replace the one match of `pattern` in a JSON config, keeping the file's hand-made layout."""
+    text, count = re.subn(pattern, lambda _: new, path.read_text())
+    if count != 1:
+        raise SystemExit(f"{path}: expected one match of {pattern}")
+    json.loads(text)
+    write_bytes_atomic(path, text.encode())
+
+
+def write_folds(bundle: Path, folds: int) -> None:
+    """inference.json `other_folds`: the shipped folds after fold 0."""
+    listed = json.dumps([f"$@ckpt_dir + '/fold_{k}/model.pt'" for k in range(1, folds)])
+    replace_line(bundle / "configs" / "inference.json", r'"checkpoints": \[[^\]]*\]', f'"checkpoints": {listed}')
+
+
+def write_steps(bundle: Path, steps: dict) -> None:
+    """inference.json `inference_steps`: each value on its line, the `_desc_` kept."""
+    path = bundle / "configs" / "inference.json"
+    block = re.search(r'"inference_steps": \{[^{}]*\}', path.read_text())
+    if block is None:
+        raise SystemExit(f"{path}: no flat inference_steps entry")
+    new = block.group(0)
+    for key, value in steps.items():
+        new, count = re.subn(rf'("{key}": )[^,\n]+', lambda m: m.group(1) + json.dumps(value), new)
         if count != 1:
-            raise SystemExit(f"{path}: expected one flat eval_metrics entry")
-        json.loads(new)
-        write_bytes_atomic(path, new.encode())
+            raise SystemExit(f"{path}: expected one {key} in inference_steps")
+    replace_line(path, re.escape(block.group(0)), new)
 
 
 def read_cv(report: Path) -> dict:
@@ -96,64 +128,77 @@ def read_cv(report: Path) -> dict:
     cv = json.loads((report.parent / "cv.json").read_text())
     if not cv["complete"]:
         raise SystemExit(f"{report.parent / 'cv.json'} is partial: finish the cross-validation first")
+    if not cv.get("served") or set(cv.get("served_per_bundle", {})) != set(NAMES):
+        raise SystemExit(f"{report.parent / 'cv.json'} has no cross-fitted `served` figures for {', '.join(NAMES)}: "
+                         f"collect it again with this metaseg (`metaseg cv ... --collect`)")
     return cv
 
 
-def ship_cv(runs: Path, report: Path) -> None:
-    """The models `metaseg cv --train-all` trained on all patients; best.json by out-of-fold mean 3D Dice."""
+def ship_cv(runs: Path, report: Path, bundles: Path = BUNDLES_DIR) -> None:
+    """Every bundle's fold models of a finished `metaseg cv` in RUNS as its shipped ensemble (module docstring);
+    everything is checked before anything is written."""
     cv = read_cv(report)
-    for name in NAMES:
-        if not (runs / name / "all" / "trained.json").is_file():
-            raise SystemExit(f"{runs / name / 'all'} has not finished training on all patients")
-        copy_run(runs / name / "all", BUNDLES_DIR / name, extra=("trained.json",))
-    print("shipped both bundles' weights")
-    record_from_report(cv, report)
+    folds = {name: [runs / name / f"fold_{k}" for k in range(cv["folds"])] for name in NAMES}
+    for name, dirs in folds.items():
+        for fold in dirs:
+            if not (fold / "fold.json").is_file():
+                raise SystemExit(f"{fold} is not finished (no fold.json): run `metaseg cv ... --fold K` for it")
+            torch.load(default_weights(fold), weights_only=True)  # a complete, plain state dict
+        size = 2 * sum(default_weights(fold).stat().st_size for fold in dirs)  # with a model.ts about as large
+        if size > MAX_BUNDLE_BYTES:
+            raise SystemExit(f"{name}: {len(dirs)} fold models make ~{size} bytes with TorchScript, over "
+                             f"{MAX_BUNDLE_BYTES}")
+    for name, dirs in folds.items():
+        ship_folds(cv, runs, dirs, bundles / name, report)
+    print(f"shipped the fold ensembles of {', '.join(NAMES)} ({cv['folds']} folds each)")
+    record_from_report(cv, report, bundles)
 
 
-def record_from_report(cv: dict, report: Path) -> None:
-    """bundles/best.json (the bundle with the higher out-of-fold mean at argmax, the unbiased figure, with its shipped
-    weights) and each bundle's eval_metrics, from a complete cross-validation report."""
-    dice = {name: cv["models"][name]["mean_dice_3d"] for name in NAMES}
-    best = max(dice, key=dice.get)
-    patients = len(cv["models"][best]["dice_3d_per_patient"])
-    write_best(BEST_FILE, best, default_weights(BUNDLES_DIR / best), {}, report=report,
-               selected_by=f"out-of-fold mean per-patient 3D Dice at argmax, {cv['folds']}-fold patient "
-               f"cross-validation (seed {cv['seed']}, {patients} patients); shipped weights: the same recipe trained on "
-               f"all development patients",
-               cv_dice_3d=dice, cv_ci95_dice_3d={name: cv["models"][name]["ci95_dice_3d"] for name in NAMES})
-    write_eval_metrics(cv)
-    print(f"best.json and eval_metrics from {report.name}; best: {read_best().bundle.name}")
+def ship_folds(cv: dict, runs: Path, folds: list[Path], bundle: Path, report: Path) -> None:
+    """One bundle's fold models, TorchScript exports, evidence and configs."""
+    for stale in (bundle / "models").glob("fold_*"):
+        shutil.rmtree(stale)
+    training = bundle / "docs" / "training"
+    shutil.rmtree(training, ignore_errors=True)
+    write_folds(bundle, len(folds))
+    write_steps(bundle, cv["served_per_bundle"][bundle.name]["inference_steps"])
+    for k, fold in enumerate(folds):
+        target = fold_weights(bundle, k)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, default_weights(fold).read_bytes())
+        export_torchscript(bundle, target)
+        (training / fold.name).mkdir(parents=True)
+        for evidence in EVIDENCE:
+            if (fold / evidence).is_file():
+                shutil.copyfile(fold / evidence, training / fold.name / evidence)
+    for plan in ("cv_plan.json", "splits_final.json"):
+        shutil.copyfile(runs / plan, training / plan)
+    write_json_atomic(training / "shipped.json", {
+        "command": cv["command"], "seed": cv["seed"], "folds": cv["folds"], "recipe": cv["recipe"],
+        "report": str(report.relative_to(REPO) if report.is_relative_to(REPO) else report),
+        "weights": {f"fold_{k}": str(fold_weights(bundle, k).relative_to(bundle)) for k in range(len(folds))}})
 
 
-def copy_run(run: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
-    """A run's model.pt as the bundle's weights (+ model.ts), and the evidence that made it into bundle/docs."""
-    weights = default_weights(run)
-    torch.load(weights, weights_only=True)  # a complete, plain state dict
-    if weights.stat().st_size > MAX_BYTES:
-        raise SystemExit(f"{weights} is over {MAX_BYTES} bytes")
-    write_bytes_atomic(default_weights(bundle), weights.read_bytes())
-    export_torchscript(bundle)
-    for evidence in ("run.json", "datalist.json", "train.log", *extra):
-        target = "datalist_lgg.json" if evidence == "datalist.json" else evidence
-        shutil.copyfile(run / evidence, bundle / "docs" / target)
-
-
-def ship(runs: Path, report: Path) -> None:
-    chosen = json.loads((runs / "best.json").read_text())
-    for name in NAMES:
-        copy_run(runs / name, BUNDLES_DIR / name)
-    evidence = {key: value for key, value in chosen.items() if key not in ("bundle", "weights", "overrides", "report")}
-    write_best(BEST_FILE, chosen["bundle"], default_weights(BUNDLES_DIR / chosen["bundle"]), chosen.get("overrides", {}),
-               report=report, **evidence)
-    print(f"shipped both bundles' weights; best: {read_best().bundle.name}")
+def record_from_report(cv: dict, report: Path, bundles: Path = BUNDLES_DIR) -> None:
+    """bundles/best.json (the bundle of the report's cross-fitted `served`, with its shipped ensemble) and each
+    bundle's eval_metrics, from a complete cross-validation report."""
+    served = cv["served"]
+    per_bundle = cv["served_per_bundle"]
+    best = served["bundle"]
+    write_best(bundles / BEST_FILE.name, best, default_weights(bundles / best), {}, report=report,
+               selected_by=f"{served['chosen_by']}; {cv['folds']}-fold patient cross-validation (seed {cv['seed']}, "
+               f"{served['n_patients']} patients); shipped: the bundle's {cv['folds']} fold models, averaged",
+               cv_served_dice_3d={name: per_bundle[name]["mean_dice_3d"] for name in NAMES},
+               cv_served_ci95_dice_3d={name: per_bundle[name]["ci95_dice_3d"] for name in NAMES})
+    write_eval_metrics(cv, bundles)
+    print(f"best.json and eval_metrics from {report.name}; best: {best}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="?", help="folder holding <bundle>/ runs and the best.json of `metaseg compare`")
-    parser.add_argument("--report", type=Path, default=REPO / "reports" / "comparison.md")
-    parser.add_argument("--torchscript-only", action="store_true", help="only re-export each bundle's model.ts")
-    parser.add_argument("--cv", type=Path, help="a `metaseg cv --train-all` runs folder (its report: --report cv.md)")
+    parser.add_argument("--report", type=Path, default=REPO / "reports" / "cv.md", help="the cv.md of the run")
+    parser.add_argument("--torchscript-only", action="store_true", help="only re-export every shipped model.ts")
+    parser.add_argument("--cv", type=Path, help="a finished `metaseg cv` runs folder (its report: --report)")
     parser.add_argument("--from-report", action="store_true", help="keep the shipped weights; write best.json and "
                         "metadata.json eval_metrics from the cross-validation report (--report cv.md)")
     args = parser.parse_args()
@@ -161,10 +206,9 @@ if __name__ == "__main__":
         record_from_report(read_cv(args.report.resolve()), args.report.resolve())
     elif args.torchscript_only:
         for name in NAMES:
-            print(f"exported {export_torchscript(BUNDLES_DIR / name)}")
+            for weights in shipped_folds(BUNDLES_DIR / name):
+                print(f"exported {export_torchscript(BUNDLES_DIR / name, weights)}")
     elif args.cv:
         ship_cv(args.cv, args.report.resolve())
-    elif args.runs:
-        ship(args.runs, args.report.resolve())
     else:
-        parser.error("give RUNS, or --torchscript-only")
+        parser.error("give --cv RUNS, --from-report or --torchscript-only")

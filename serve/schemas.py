@@ -66,6 +66,10 @@ class ModelInfo(BaseModel):
         description="the bundle declares its data one lesion per patient (configs/inference.json), the only case in "
         "which largest_component may be a step; metastases come several to a patient"
     )
+    fold_models: int = Field(
+        description="how many models the served inferer averages: the bundle's fold ensemble (its k cross-validation "
+        "fold models), or 1 for a single model.pt"
+    )
     test_metrics: dict[str, float] | None = Field(
         description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
     )

@@ -38,7 +38,8 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs/metadata.json"),
          "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle), "--input_dir", str(inputs),
-         "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--spatial_size", "32"],
+         "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--spatial_size", "32",
+         "--other_folds#checkpoints", "[]"],  # one model.pt, not a shipped fold ensemble
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

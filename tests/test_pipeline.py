@@ -78,7 +78,7 @@ def test_other_training_into_a_run_folder_is_refused_then_restarted(stages, tiny
         bundle = tmp_path / "attention_unet"
         shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models"))
         train_json = bundle / "configs" / "train.json"
-        train_json.write_text(train_json.read_text().replace('"epochs": 30', '"epochs": 31'))
+        train_json.write_text(train_json.read_text().replace('"learning_rate": 0.002', '"learning_rate": 0.003'))
     with pytest.raises(UserError, match=rf"holds a checkpoint of another training \(other [a-z, ]*{differs}") as err:
         train(bundle, data, run, **kwargs)
     assert "--restart" in str(err.value) and "\n" not in str(err.value)

@@ -43,6 +43,7 @@ def info(engine: EngineDep, settings: SettingsDep, recorded: RecordedDep) -> Mod
         ),
         inference_steps=InferenceSteps(**engine.inference_steps),
         one_lesion_per_patient=engine.one_lesion_per_patient,
+        fold_models=len(engine.models),
         test_metrics=recorded.test_metrics,
         one_channel_dice_loss=recorded.one_channel_dice_loss,
     )
