@@ -18,7 +18,13 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        as a fold did: epochs x (mean training slices of a fold / all slices)
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
                                        until all folds of all bundles are done), lesion-wise ones included
-                                       (metaseg.metrics), paired comparison, per-fold table
+                                       (metaseg.metrics), paired comparison, per-fold table; the inference steps
+                                       chosen on all these patients (`postprocessing`, `postprocessing_per_model`)
+                                       and their in-sample rows (`selected`, DEPLOYED: chosen and scored on the
+                                       same patients, optimistic); `served_per_bundle`, per bundle with every fold
+                                       done, what it serves estimated cross-fitted (served_entry: each fold scored
+                                       with the steps chosen on the others; SERVED rows), and `served`, the best
+                                       of them (`served_skipped` says why a bundle has none)
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
     OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
 
@@ -48,7 +54,7 @@ from metaseg.conventions import FLAIR_CHANNEL
 from metaseg.data import discover, open_source
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic, write_json_atomic
-from metaseg.metrics import paired_difference, patient_metrics
+from metaseg.metrics import paired_difference
 
 MONITOR_PATIENTS = 3
 SELECTION = "final epoch of each fold (no early stopping); the bundle's validation runs once on training-fold patients"
@@ -140,7 +146,9 @@ def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndar
 
 
 ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
-DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone, as served
+DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
+SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
+SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
 
 
 def cv_datalist(found, plan: dict, runs: Path, fold: int | str, training: list[str], test: list[str]) -> dict:
@@ -232,12 +240,6 @@ def done_folds(runs: Path, name: str, folds: int) -> list[int]:
     return [k for k in range(folds) if (runs / name / f"fold_{k}" / "fold.json").is_file()]
 
 
-def score_config(truth: dict, probs: dict, config: dict) -> list[dict]:
-    """nnU-Net's metric_per_case for one configuration: every metric of metaseg.metrics per patient."""
-    return [{"patient": p, **patient_metrics(gt, postprocess.mask(postprocess.probability(probs[p], config), config))}
-            for p, gt in truth.items()]
-
-
 def lesion_figures(summary: dict) -> dict:
     """The lesion-wise figures of a model as cv.json names them (tools read these keys), with their 95% CIs."""
     mean, ci95, pooled = summary["mean"], summary["ci95"], summary["pooled"]
@@ -270,6 +272,37 @@ def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resample
                      for k, v in sorted(per_fold.items())},
         "metric_per_patient": per_patient,
     }
+
+
+def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: postprocess.Scorer, one_lesion: bool,
+                 n_resamples: int, seed: int) -> tuple[dict, dict]:
+    """What bundle `name` serves, estimated cross-fitted: each patient of `truth` (every fold of the bundle) gets its
+    out-of-fold probabilities with the steps chosen for the bundle alone (the server runs one bundle) on the other
+    folds' patients (postprocess.cross_fitted), scored as the model rows are. Returns cv.json's served_per_bundle
+    entry and the model row; the entry's `inference_steps` are those chosen on all these patients, what ships.
+    `score`: a Scorer of these patients or more."""
+    fitted = postprocess.cross_fitted(truth, probs, [name], fold_of, score, one_lesion)
+    chosen = fitted["selections"]
+    row = model_entry(fitted["metric_per_patient"], fold_of, {str(k): c["config"] for k, c in chosen.items()},
+                      n_resamples, seed)
+    shipped = postprocess.select(truth, probs, [name], score.subset(list(truth)), one_lesion)["inference_steps"]
+    entry = {"bundle": name, **{key: row[key] for key in ("mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient")},
+             **{key: row["mean"][key] for key in ("lesion_slice_dice", "fp_slice_rate")},
+             **{key: row[key] for key in ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
+                                          "n_patients")},
+             "inference_steps": shipped, "steps_per_fold": {str(k): c["inference_steps"] for k, c in chosen.items()},
+             "chosen_by": "inference steps chosen for the bundle alone on the other folds' out-of-fold predictions, "
+                          "applied to the held-out fold"}
+    return entry, row
+
+
+def served_skipped(done: list[int], folds: int) -> str | None:
+    """Why a bundle has no served entry (None where it has one): each fold's steps are chosen on all the others."""
+    if len(done) < folds:
+        return f"{len(done)} of {folds} folds done: each fold's steps are chosen on all the other folds"
+    if folds < 2:
+        return "one fold only: there are no other folds to choose the steps on"
+    return None
 
 
 def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str], command: str,
@@ -307,12 +340,12 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
                     probs[patient][ONE_CHANNEL.format(name=name)] = {"prob": maps["prob_one_channel"]}
     for name in names:
         if covered[name]:
-            config = {**postprocess.DEFAULT, "models": [name]}
-            per_patient = score_config({p: truth[p] for p in covered[name]}, probs, config)
+            config, scored = {**postprocess.DEFAULT, "models": [name]}, {p: truth[p] for p in covered[name]}
+            per_patient = postprocess.score_config(scored, probs, config)
             result["models"][name] = model_entry(per_patient, fold_of, config, n_resamples, seed)
             one = ONE_CHANNEL.format(name=name)
             if all(one in probs[p] for p in covered[name]):
-                per_patient = score_config({p: truth[p] for p in covered[name]}, probs, {**config, "models": [one]})
+                per_patient = postprocess.score_config(scored, probs, {**config, "models": [one]})
                 result["models"][one] = model_entry(per_patient, fold_of, {**config, "models": [one]}, n_resamples,
                                                     seed)
                 result.setdefault("one_channel_loss", {})[name] = {
@@ -322,23 +355,23 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
                                         n_resamples, seed)}
     common = sorted(set.intersection(*(set(covered[name]) for name in names)))
     selection = None
+    score = postprocess.Scorer({p: truth[p] for p in all_patients}, probs)  # shared by every selection below
     if common:
         truth_common = {p: truth[p] for p in common}
-        score = postprocess.Scorer(truth_common, probs)  # shared by the three selections below
-        selection = postprocess.select(truth_common, probs, names, score, all(declared.values()))
+        selection = postprocess.select(truth_common, probs, names, score.subset(common), all(declared.values()))
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
-        per_patient = score_config(truth_common, probs, selection["config"])
+        per_patient = postprocess.score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
         keys = ("config", "mean_dice_3d", "lesion_sensitivity_3d", "steps", "skipped", "smallest_gt_lesion_voxels",
                 "reference_size_cap_voxels", "single_slice", "inference_steps")
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
-            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score, declared[name]).items()
-                   if k in keys}
+            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score.subset(common),
+                                                       declared[name]).items() if k in keys}
             for name in names}
         for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
-            per_patient = score_config(truth_common, probs, own["config"])
+            per_patient = postprocess.score_config(truth_common, probs, own["config"])
             result["models"][DEPLOYED.format(name=name)] = model_entry(per_patient, fold_of, own["config"],
                                                                        n_resamples, seed)
         if len(names) == 2:
@@ -346,6 +379,18 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
             dice = {n: [result["models"][n]["dice_3d_per_patient"][p] for p in common] for n in names}
             result["paired_test"] = {"metric": "dice_3d", "models": [a, b], "difference": f"{a} - {b}",
                                      **paired_difference(dice[a], dice[b], n_resamples, seed)}
+    result["served_per_bundle"], result["served_skipped"] = {}, {}
+    for name in names:
+        why = served_skipped(done[name], folds)
+        if why:
+            result["served_skipped"][name] = why
+            continue
+        entry, row = served_entry(name, {p: truth[p] for p in covered[name]}, probs, fold_of, score, declared[name],
+                                  n_resamples, seed)
+        result["served_per_bundle"][name], result["models"][SERVED.format(name=name)] = entry, row
+    if not result["served_skipped"]:  # every bundle has its served entry: the best of them is served
+        best = max(result["served_per_bundle"].values(), key=lambda entry: entry["mean_dice_3d"])
+        result["served"] = {**best, "chosen_by": SERVED_CHOICE}
     write_bytes_atomic(out / "cv_folds.png", folds_figure(result))
     return _write(out, result, selection)
 
@@ -392,8 +437,52 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _steps(steps: dict) -> str:
+    """A bundle's inference_steps in words."""
+    words = [*(["flip TTA"] if steps["flip_tta"] else []), f"threshold {steps['threshold']}",
+             *([f"min {steps['min_lesion_voxels']} voxels"] if steps["min_lesion_voxels"] else []),
+             *([f"min {steps['min_lesion_mm3']} mm3"] if steps["min_lesion_mm3"] else []),
+             *(["largest component"] if steps["largest_component"] else [])]
+    return ", ".join(words)
+
+
+def served_lines(result: dict) -> list[str]:
+    """cv.md's section on the served model: the cross-fitted figures of each bundle and the bundle served."""
+    per_bundle, skipped = result.get("served_per_bundle", {}), result.get("served_skipped", {})
+    if not per_bundle and not skipped:
+        return []
+    lines = ["", "## Served model, cross-fitted", "",
+             "What a bundle serves, estimated without choosing on the patients scored: for each fold, the bundle's "
+             "inference steps are chosen (as above, for the bundle alone: the server runs one bundle) on the other "
+             "folds' out-of-fold predictions and applied to the held-out fold's. The figures are of the fold models, "
+             "the parts of the shipped fold ensemble, each on the patients it never trained on (as nnU-Net reports "
+             "its cross-validation); the ensemble itself has no out-of-fold patients. The steps that ship "
+             "(configs/inference.json) are those chosen on all patients, the in-sample ones above.", ""]
+    if per_bundle:
+        lines += ["| bundle | patients | `dice_3d` | lesion-wise Dice | lesion sensitivity (3D) | FP lesions / patient "
+                  "| steps shipped (all patients) | " + " | ".join(f"steps without fold {k}" for k in
+                                                                  range(result["folds"])) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * result["folds"]]
+        for name, entry in per_bundle.items():
+            row = result["models"][SERVED.format(name=name)]
+            cells = [ci_cell(row, metric) for metric in ("dice_3d", "lesionwise_dice", "lesion_sensitivity_3d",
+                                                         "fp_lesions")]
+            steps = [_steps(entry["steps_per_fold"][str(k)]) for k in range(result["folds"])]
+            lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + f" | "
+                         f"{_steps(entry['inference_steps'])} | " + " | ".join(steps) + " |")
+    lines += [f"- {name}: no served figures: {why}." for name, why in skipped.items()]
+    served = result.get("served")
+    if served:
+        lines += ["", f"Served: **{served['bundle']}** ({served['chosen_by']}, {served['mean_dice_3d']:.3f}). "
+                  "Choosing between the bundles on these same patients leaves a small optimism in the served "
+                  "bundle's figure; the steps within each bundle carry none."]
+    return lines
+
+
 def markdown(result: dict, out: Path = Path("reports")) -> str:
-    folds, models = result["folds"], result["models"]
+    folds = result["folds"]
+    in_sample = {"selected", *(DEPLOYED.format(name=name) for name in result["folds_done"])}
+    models = {f"{name} (in-sample)" if name in in_sample else name: entry for name, entry in result["models"].items()}
     n_done = {name: len(d) for name, d in result["folds_done"].items()}
     status = ("All folds done." if result["complete"] else
               "**PARTIAL: not every fold is done** (" + ", ".join(f"{n}: {d} of {folds} folds" for n, d in
@@ -413,8 +502,11 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
             lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
         lines += ["", "Lesions (3D), per model:", "", *lesion_rows(models), "", lesion_note(out)]
         lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions, "
-                  "`+ its inference steps` = those chosen for one bundle alone, as it is served (optimistic figures: "
-                  "chosen and scored on the same patients, as nnU-Net's find_best_configuration)."]
+                  "`+ its inference steps` = those chosen for one bundle alone, as it is served: **in-sample, "
+                  "optimistic** figures (steps chosen and scored on the same patients, as nnU-Net's "
+                  "find_best_configuration). `served (cross-fitted steps)` = each fold scored with the steps chosen "
+                  "on the other folds, the honest estimate of what a bundle serves (Served model, cross-fitted, "
+                  "below)."]
     paired = result.get("paired_test")
     if paired:
         a, b = paired["models"]
@@ -461,6 +553,7 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
                   "chosen on 3D components of a patient's stack and are not applied to one slice. The ensemble, if "
                   "chosen, is reported but not deployed: a bundle holds one network."]
+    lines += served_lines(result)
     if models:
         lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
                   "| model | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",

@@ -22,6 +22,9 @@ never the other way round. A volume is a DICOM series, a multi-frame DICOM, a NI
 the threshold, and no component step (a lesion's area on one slice is not its 3D size, and a second metastasis on the
 same slice must not be dropped as "not the largest").
 
+The selection's own figures are in-sample (chosen and scored on the same patients); `cross_fitted` scores each fold
+with the steps chosen on the other folds, the estimate of what the chosen steps do on patients they were not chosen on.
+
 Deployed, the chosen steps but `models` are a bundle's `inference_steps` (configs/inference.json): the bundle's own
 inferer does the flip TTA (plain MONAI, metaseg's engine, and `network_maps` here all run it), its postprocessing the
 threshold, and `upload_masks` below the threshold and component steps for `metaseg predict` and the server.
@@ -40,7 +43,7 @@ import numpy as np
 
 from metaseg.errors import UserError
 from metaseg.lesions import label, min_voxels
-from metaseg.metrics import Target, detected, dice_3d, targets
+from metaseg.metrics import Target, detected, dice_3d, patient_metrics, targets
 
 DEFAULT = {"models": [], "flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
            "largest_component": False}
@@ -169,6 +172,13 @@ def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mappin
     return {p: dice_3d(gt, mask(probability(probs[p], config), config)) for p, gt in truth.items()}
 
 
+def score_config(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
+                 config: dict) -> list[dict]:
+    """nnU-Net's metric_per_case for one configuration: every metric of metaseg.metrics per patient of `truth`."""
+    return [{"patient": p, **patient_metrics(gt, mask(probability(probs[p], config), config))}
+            for p, gt in truth.items()]
+
+
 @dataclass(frozen=True)
 class Score:
     """What the selection weighs for one configuration over the out-of-fold patients: the mean per-patient 3D Dice,
@@ -186,32 +196,38 @@ class Score:
         return {"mean_dice_3d": self.mean_dice_3d, "lesion_sensitivity_3d": self.lesion_sensitivity_3d}
 
 
-def selection_score(truth: Mapping[str, np.ndarray], found: Mapping[str, list[Target]],
-                    probs: Mapping[str, Mapping[str, Probs]], config: dict) -> Score:
-    """The Score of a configuration (the masks of volumes without a spacing, as the out-of-fold data are); `found`:
-    each patient's ground-truth lesions (metaseg.metrics.targets)."""
-    dice, hits = [], 0
-    for patient, gt in truth.items():
-        predicted = mask(probability(probs[patient], config), config)
-        dice.append(dice_3d(gt, predicted))
-        hits += detected(found[patient], predicted)
-    return Score(float(np.mean(dice)), hits, sum(t.scored for lesions in found.values() for t in lesions))
+def patient_score(gt: np.ndarray, found: list[Target], maps: Mapping[str, Probs], config: dict) -> tuple[float, int]:
+    """One patient's 3D Dice under a configuration (its mask as of a volume without a spacing, as the out-of-fold data
+    are) and how many of its ground-truth lesions `found` (metaseg.metrics.targets) the mask detects."""
+    predicted = mask(probability(maps, config), config)
+    return dice_3d(gt, predicted), detected(found, predicted)
 
 
 class Scorer:
-    """`selection_score` over these patients, remembered per configuration: selections over the same out-of-fold maps
-    (the ensemble's and each bundle's own) share their common configurations instead of scoring them again."""
+    """The Score of a configuration over these patients, each patient's `patient_score` remembered per configuration:
+    selections over the same out-of-fold maps (the ensemble's and each bundle's own, and those of `cross_fitted` on
+    subsets of the patients) share their common configurations instead of scoring them again."""
 
-    def __init__(self, truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]]):
+    def __init__(self, truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
+                 found: Mapping[str, list[Target]] | None = None, memo: dict | None = None):
+        """`found` and `memo` are for `subset`: the patients' lesions, and (configuration JSON, patient) -> score."""
         self.truth, self.probs = truth, probs
-        self.found = {patient: targets(gt) for patient, gt in truth.items()}
-        self.scores: dict[str, Score] = {}
+        self.found = found if found is not None else {patient: targets(gt) for patient, gt in truth.items()}
+        self.memo: dict[tuple[str, str], tuple[float, int]] = {} if memo is None else memo
 
     def __call__(self, config: dict) -> Score:
         key = json.dumps(config, sort_keys=True)
-        if key not in self.scores:
-            self.scores[key] = selection_score(self.truth, self.found, self.probs, config)
-        return self.scores[key]
+        for patient, gt in self.truth.items():
+            if (key, patient) not in self.memo:
+                self.memo[key, patient] = patient_score(gt, self.found[patient], self.probs[patient], config)
+        dice, hits = zip(*(self.memo[key, patient] for patient in self.truth))
+        return Score(float(np.mean(dice)), sum(hits),
+                     sum(t.scored for patient in self.truth for t in self.found[patient]))
+
+    def subset(self, patients: Sequence[str]) -> Scorer:
+        """A Scorer over some of these patients, sharing what was scored."""
+        return Scorer({p: self.truth[p] for p in patients}, self.probs, {p: self.found[p] for p in patients},
+                      self.memo)
 
     def smallest_lesion(self) -> int | None:
         """Voxels of the smallest scored ground-truth lesion of these patients (None without any)."""
@@ -326,3 +342,27 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
             "smallest_gt_lesion_voxels": smallest, "reference_size_cap_voxels": cap, "n_patients": len(truth),
             "single_slice": {key: config[key] for key in SLICE_STEPS},
             "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}
+
+
+def cross_fitted(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
+                 fold_of: Mapping[str, int], score: Scorer | None = None,
+                 one_lesion_per_patient: bool = False) -> dict:
+    """The steps chosen without each fold, scored on it: for each fold k of the patients of `truth` (`fold_of`:
+    patient -> fold), `select` on the patients of the other folds only, its configuration applied to fold k's.
+
+    No patient's mask depends on its own ground truth, unlike `select`'s figures (chosen and scored on the same
+    patients). Returns `metric_per_patient` (`score_config`'s rows, in the order of `truth`) and `selections`: fold
+    -> what `select` returned without it. `score`: a Scorer of truth and probs (or of more patients), whose subsets
+    the k selections share. A UserError with fewer than two folds: there are no other folds to choose on."""
+    score = score or Scorer(truth, probs)
+    folds = sorted({fold_of[p] for p in truth})
+    if len(folds) < 2:
+        raise UserError(f"cross-fitting needs patients of at least two folds, got fold(s) {folds}")
+    selections, rows = {}, {}
+    for k in folds:
+        others = [p for p in truth if fold_of[p] != k]
+        selections[k] = select({p: truth[p] for p in others}, probs, models, score.subset(others),
+                               one_lesion_per_patient)
+        held_out = {p: gt for p, gt in truth.items() if fold_of[p] == k}
+        rows.update((row["patient"], row) for row in score_config(held_out, probs, selections[k]["config"]))
+    return {"metric_per_patient": [rows[p] for p in truth], "selections": selections}

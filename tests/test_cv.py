@@ -208,24 +208,59 @@ def test_the_reference_size_cap_keeps_99_percent_of_the_reference_metastases():
 
 
 def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuration_once(monkeypatch):
-    """cv's report runs the ensemble's selection and each bundle's over the same maps: common configurations are
-    scored once, and sharing changes no choice."""
-    truth = {"A": stack(LESION, SECOND) > 0}
+    """cv's report runs the ensemble's selection and each bundle's over the same maps, and the cross-fitted ones on
+    subsets of the patients: a configuration is scored once per patient, and sharing changes no choice."""
+    truth = {"A": stack(LESION, SECOND) > 0, "B": stack(LESION) > 0}
     good = stack(LESION, SECOND)
     wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
-    probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
+    probs = {patient: {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}
+             for patient in truth}
     scored = []
-    real = postprocess.selection_score
-    monkeypatch.setattr(postprocess, "selection_score",
-                        lambda t, f, p, config: scored.append(config) or real(t, f, p, config))
-    runs = (["good", "wrong"], ["good"], ["wrong"])
-    alone = [postprocess.select(truth, probs, models) for models in runs]
+    real = postprocess.patient_score
+    monkeypatch.setattr(postprocess, "patient_score",
+                        lambda gt, found, maps, config: scored.append((config, maps)) or real(gt, found, maps, config))
+    runs = [(truth, models) for models in (["good", "wrong"], ["good"], ["wrong"])]
+    runs += [({"A": truth["A"]}, ["good", "wrong"]), ({"B": truth["B"]}, ["good"])]  # subsets, as cross_fitted's
+    alone = [postprocess.select(patients, probs, models) for patients, models in runs]
     unshared, scored[:] = len(scored), []
     score = postprocess.Scorer(truth, probs)
-    shared = [postprocess.select(truth, probs, models, score) for models in runs]
+    shared = [postprocess.select(patients, probs, models, score.subset(list(patients))) for patients, models in runs]
     assert shared == alone
-    keys = [json.dumps(config, sort_keys=True) for config in scored]
-    assert len(keys) == len(set(keys)) < unshared  # nothing scored twice, less work than three selections alone
+    keys = [(json.dumps(config, sort_keys=True), id(maps)) for config, maps in scored]
+    assert len(keys) == len(set(keys)) < unshared  # nothing scored twice, less work than the selections alone
+    assert score.subset(["B"])({**postprocess.DEFAULT, "models": ["good"]}) == \
+        postprocess.Scorer({"B": truth["B"]}, probs)({**postprocess.DEFAULT, "models": ["good"]})
+
+
+def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
+    """Patient A (fold 0) needs a threshold below 0.5 (an under-confident network); B and C (fold 1) have a faint
+    false blob (0.4) that such a threshold keeps. Chosen on all three, threshold 0.45 suits everyone (Dice 1 each);
+    cross-fitted, fold 0's steps come from B and C (0.5: A is missed) and fold 1's from A (0.3: the blobs come back).
+    Each fold's selection is given the other folds' patients only."""
+    truth = {patient: stack(LESION) > 0 for patient in "ABC"}
+    confident = stack(LESION + (0.9,), SECOND + (0.4,))
+    probs = {"A": {"net": {"prob": stack(LESION + (0.45,))}}, "B": {"net": {"prob": confident}},
+             "C": {"net": {"prob": confident}}}
+    for maps in probs.values():
+        maps["net"]["prob_flip"] = maps["net"]["prob"]
+    fold_of = {"A": 0, "B": 1, "C": 1}
+    in_sample = postprocess.select(truth, probs, ["net"])
+    assert in_sample["config"]["threshold"] == 0.45 and in_sample["mean_dice_3d"] == 1.0
+    seen = []
+    real = postprocess.select
+    monkeypatch.setattr(postprocess, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
+    fitted = postprocess.cross_fitted(truth, probs, ["net"], fold_of)
+    assert seen == [["B", "C"], ["A"]]  # fold 0's steps chosen on fold 1's patients, and the other way round
+    for k, patients in enumerate(seen):
+        assert not {p for p in patients if fold_of[p] == k}
+    chosen = {k: selection["config"]["threshold"] for k, selection in fitted["selections"].items()}
+    assert chosen == {0: 0.5, 1: 0.3}  # neither is the in-sample choice
+    dice = {row["patient"]: row["dice_3d"] for row in fitted["metric_per_patient"]}
+    blob_dice = 2 * 576 / (576 + 576 + 450)
+    assert dice == pytest.approx({"A": 0.0, "B": blob_dice, "C": blob_dice})
+    assert [row["patient"] for row in fitted["metric_per_patient"]] == list(truth)
+    with pytest.raises(UserError, match="at least two folds"):
+        postprocess.cross_fitted(truth, probs, ["net"], {p: 0 for p in truth})
 
 
 def test_ensemble_and_flip_average_probabilities_and_read_uint8():
@@ -277,9 +312,9 @@ LESION_KEYS = ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patie
                "lesion_precision_3d", "lesion_sensitivity_3d_by_size")
 
 
-def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, tmp_path):
-    """cv.json/cv.md from hand-written out-of-fold maps (the format a `metaseg cv` run writes): one bundle predicts
-    the ground truth, the other nothing; every model row has the lesion-wise keys, the step rows the sensitivity."""
+def hand_written_runs(phantom: Path, runs: Path) -> tuple:
+    """Out-of-fold maps in the format a `metaseg cv` run writes, for a 2-fold plan of the phantom: bundle `perfect`
+    predicts the ground truth, `empty` nothing. Returns the data found, its ground truth and the plan."""
     import metaseg.cv as cv
     from metaseg.compare import by_patient, read_ground_truth
     from metaseg.data import discover
@@ -290,17 +325,32 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
             "splits": splits_final(assign_folds(found.patients, 2, 0))}
     for name, prob in (("perfect", lambda gt: gt), ("empty", np.zeros_like)):
         for k, split in enumerate(plan["splits"]):
-            fold = tmp_path / "runs" / name / f"fold_{k}"
+            fold = runs / name / f"fold_{k}"
             for patient in split["val"]:
                 maps = cv.as_uint8(prob(truth[patient]).astype(np.float32))
                 cv.write_npz(fold / "oof" / f"{patient}.npz", prob=maps, prob_flip=maps)
             (fold / "fold.json").write_text("{}")
+    return found, truth, plan
+
+
+SERVED_KEYS = {"bundle", "mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient", "lesion_slice_dice", "fp_slice_rate",
+               "lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient", "n_patients", "inference_steps",
+               "steps_per_fold", "chosen_by"}
+
+
+def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, tmp_path):
+    """cv.json/cv.md from hand-written out-of-fold maps: every model row has the lesion-wise keys, the step rows the
+    sensitivity; each bundle has its cross-fitted served entry, and the better one is served."""
+    import metaseg.cv as cv
+
+    found, truth, plan = hand_written_runs(phantom, tmp_path / "runs")
     out = tmp_path / "reports"
     result = cv.report(phantom, found, tmp_path / "runs", out, plan, ["perfect", "empty"], "metaseg cv", 50,
                        {"perfect": True, "empty": False})
     saved = json.loads((out / "cv.json").read_text())
     assert set(saved["models"]) == {"perfect", "empty", "selected", "perfect + its inference steps",
-                                    "empty + its inference steps"}
+                                    "empty + its inference steps", "perfect served (cross-fitted steps)",
+                                    "empty served (cross-fitted steps)"}
     for name, entry in saved["models"].items():
         assert all(key in entry for key in LESION_KEYS), name
     lesions = sum(lesions_of(gt) for gt in truth.values())
@@ -326,6 +376,41 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
     assert (out / link).resolve() == (REPO / "metaseg" / "lesions.py").resolve()
     assert f"| perfect | {lesions} | 1.000 [1.000, 1.000] |" in md
     assert "| lesion sensitivity without | with |" in md and "largest_component not tried" in md
+
+    served = saved["served_per_bundle"]
+    assert set(served) == {"perfect", "empty"} and saved["served_skipped"] == {}
+    for name, entry in served.items():
+        assert set(entry) == SERVED_KEYS and entry["bundle"] == name and entry["n_patients"] == len(truth)
+        assert set(entry["steps_per_fold"]) == {"0", "1"}
+        assert all(set(steps) == set(postprocess.BUNDLE_STEPS) for steps in entry["steps_per_fold"].values())
+        # what ships is what configs/inference.json records: the steps chosen on all patients
+        assert entry["inference_steps"] == saved["postprocessing_per_model"][name]["inference_steps"]
+        row = saved["models"][f"{name} served (cross-fitted steps)"]
+        assert entry["dice_3d_per_patient"] == row["dice_3d_per_patient"] and set(row["dice_3d_per_patient"]) == \
+            set(truth)
+        assert entry["lesion_slice_dice"] == row["mean"]["lesion_slice_dice"]
+    assert served["perfect"]["mean_dice_3d"] == served["perfect"]["lesionwise_dice"] == 1
+    assert served["empty"]["mean_dice_3d"] == 0 and served["empty"]["lesion_sensitivity_3d"] == 0
+    best = max(served, key=lambda name: served[name]["mean_dice_3d"])
+    assert saved["served"] == {**served[best], "chosen_by": "highest cross-fitted served mean per-patient 3D Dice"}
+    assert saved["served"]["bundle"] == "perfect"
+    assert "## Served model, cross-fitted" in md and "Served: **perfect**" in md and "| selected (in-sample) |" in md
+
+
+def test_served_figures_wait_for_every_fold_of_a_bundle(phantom, tmp_path):
+    """A bundle with a fold not done has no served entry (its steps would be chosen on fewer folds), a note says so,
+    and no bundle is served until every bundle has its entry."""
+    import metaseg.cv as cv
+
+    found, truth, plan = hand_written_runs(phantom, tmp_path / "runs")
+    (tmp_path / "runs" / "empty" / "fold_1" / "fold.json").unlink()
+    out = tmp_path / "reports"
+    result = cv.report(phantom, found, tmp_path / "runs", out, plan, ["perfect", "empty"], "metaseg cv", 50)
+    assert set(result["served_per_bundle"]) == {"perfect"} and "served" not in result
+    assert result["served_skipped"] == {"empty": "1 of 2 folds done: each fold's steps are chosen on all the other "
+                                                 "folds"}
+    assert "- empty: no served figures: 1 of 2 folds done" in (out / "cv.md").read_text()
+    assert cv.served_skipped([0], 1) == "one fold only: there are no other folds to choose the steps on"
 
 
 def lesions_of(gt: np.ndarray) -> int:
@@ -404,7 +489,9 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert sorted(p for ids in report["patients"].values() for p in ids) == patients
     one_channel = {f"{n} (one-channel input)" for n in ("unetpp", "attention_unet")}
     deployed = {f"{n} + its inference steps" for n in ("unetpp", "attention_unet")}
-    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *deployed}
+    served = {f"{n} served (cross-fitted steps)" for n in ("unetpp", "attention_unet")}
+    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *deployed, *served}
+    assert report["served"]["bundle"] in {"unetpp", "attention_unet"}
     assert set(report["one_channel_loss"]) == {"unetpp", "attention_unet"}
     plan = json.loads((runs / "splits_final.json").read_text())
     assert [s["val"] for s in plan] == list(report["patients"].values())
