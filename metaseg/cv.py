@@ -279,8 +279,9 @@ def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: post
     """What bundle `name` serves, estimated cross-fitted: each patient of `truth` (every fold of the bundle) gets its
     out-of-fold probabilities with the steps chosen for the bundle alone (the server runs one bundle) on the other
     folds' patients (postprocess.cross_fitted), scored as the model rows are. Returns cv.json's served_per_bundle
-    entry and the model row; the entry's `inference_steps` are those chosen on all these patients, what ships.
-    `score`: a Scorer of these patients or more."""
+    entry and the model row (its `config`: fold -> the configuration chosen without that fold); the entry's
+    `inference_steps` are those chosen on all these patients, what ships. `score`: a Scorer of these patients or
+    more."""
     fitted = postprocess.cross_fitted(truth, probs, [name], fold_of, score, one_lesion)
     chosen = fitted["selections"]
     row = model_entry(fitted["metric_per_patient"], fold_of, {str(k): c["config"] for k, c in chosen.items()},
@@ -479,10 +480,15 @@ def served_lines(result: dict) -> list[str]:
     return lines
 
 
-def markdown(result: dict, out: Path = Path("reports")) -> str:
-    folds = result["folds"]
+def labelled(result: dict) -> dict:
+    """The model rows by the names the reports show: the rows with steps chosen on the patients they score marked
+    (in-sample)."""
     in_sample = {"selected", *(DEPLOYED.format(name=name) for name in result["folds_done"])}
-    models = {f"{name} (in-sample)" if name in in_sample else name: entry for name, entry in result["models"].items()}
+    return {f"{name} (in-sample)" if name in in_sample else name: entry for name, entry in result["models"].items()}
+
+
+def markdown(result: dict, out: Path = Path("reports")) -> str:
+    folds, models = result["folds"], labelled(result)
     n_done = {name: len(d) for name, d in result["folds_done"].items()}
     status = ("All folds done." if result["complete"] else
               "**PARTIAL: not every fold is done** (" + ", ".join(f"{n}: {d} of {folds} folds" for n, d in
@@ -632,9 +638,11 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
 
 def summary_lines(result: dict) -> list[str]:
     lines = []
-    for name, entry in result["models"].items():
+    for name, entry in labelled(result).items():
         low, high = entry["ci95_dice_3d"]
         mean = entry["mean_dice_3d"]
         lines.append(f"{name}: out-of-fold per-patient 3D Dice {mean:.3f} [{low:.3f}, {high:.3f}] over "
                      f"{entry['n_patients']} patients" if mean is not None and not math.isnan(mean) else name)
+    if result.get("served"):
+        lines.append(f"served: {result['served']['bundle']} ({result['served']['chosen_by']})")
     return lines
