@@ -132,7 +132,7 @@ def cmd_cv(args) -> None:
     from metaseg.cv import cross_validate, summary_lines
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
-                            args.bootstrap, args.train_all, args.fold, args.collect, **_overrides(args))
+                            args.bootstrap, args.fold, args.collect, **_overrides(args))
     if result is None:
         print(f"fold {args.fold} done in {args.runs}; reports: the same command with --collect instead of --fold")
         return
@@ -268,8 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"), help="folder for cv.json, cv.md (reports)")
     p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold runs (runs/cv); rerun to resume")
     p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--train-all", action="store_true",
-                   help="after the folds, train each bundle's recipe on all patients (RUNS/<bundle>/all), to ship")
     p.add_argument("--fold", type=int, help="train and predict this fold alone (0-based; no report), e.g. one per "
                    "GPU or job-array task; then the same command with --collect")
     p.add_argument("--collect", action="store_true", help="train nothing: report over the folds done in --runs")

@@ -12,10 +12,6 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        for slices of three sequences also `prob_one_channel`: FLAIR alone as
                                        the input (what a one-channel upload gets)
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
-    RUNS/<bundle>/all/                 with --train-all, after every fold: the same recipe on all patients (nnU-Net's
-                                       fold "all"), the model to ship; trained.json when done. As in nnU-Net, where
-                                       an epoch is a fixed number of iterations, it makes as many optimizer steps
-                                       as a fold did: epochs x (mean training slices of a fold / all slices)
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
                                        until all folds of all bundles are done), lesion-wise ones included
                                        (metaseg.metrics), paired comparison, per-fold table; the inference steps
@@ -41,7 +37,6 @@ import json
 import math
 import shlex
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -151,16 +146,16 @@ SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps cho
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
 
 
-def cv_datalist(found, plan: dict, runs: Path, fold: int | str, training: list[str], test: list[str]) -> dict:
-    """The `metaseg train` datalist of fold k (test: its held-out patients) or of "all" (no test patients): the
-    bundle's validation monitors a few of the training patients, recorded as such."""
+def cv_datalist(found, plan: dict, runs: Path, fold: int, training: list[str], test: list[str]) -> dict:
+    """The `metaseg train` datalist of fold k (test: its held-out patients): the bundle's validation monitors a few
+    of the training patients, recorded as such."""
     from metaseg.datalist import build_datalist
 
-    monitor = monitor_patients(training, plan["folds"] if fold == "all" else fold, plan["seed"])
+    monitor = monitor_patients(training, fold, plan["seed"])
     datalist = build_datalist(found, split={"training": training, "validation": monitor, "test": test})
-    who = "training patients" if fold == "all" else "training-fold patients"
     datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
-                    cv={"fold": fold, "folds": plan["folds"], "validation": f"{who}, monitor only: " + SELECTION,
+                    cv={"fold": fold, "folds": plan["folds"],
+                        "validation": "training-fold patients, monitor only: " + SELECTION,
                         "splits": str((runs / "splits_final.json").resolve())})
     return datalist
 
@@ -195,33 +190,6 @@ def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, run
     predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
     write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": patients,
                                                "predict_seconds": round(time.time() - started)})
-
-
-def train_all(bundle: Path, name: str, data: Path, found, plan: dict, runs: Path, overrides: dict) -> Path:
-    """The cross-validated recipe trained once more on every patient (monitor patients as in a fold); resumable."""
-    from metaseg.pipeline import train
-
-    run = runs / name / "all"
-    if (run / "trained.json").is_file():
-        print(f"cv: {name} on all patients already trained, skipped", flush=True)
-        return run
-    patients = sorted(found.patients)
-    datalist = cv_datalist(found, plan, runs, "all", patients, [])
-    resumed = (run / "models" / "checkpoint.pt").is_file()
-    print(f"cv: {name}: {'resuming' if resumed else 'training'} on all {len(patients)} patients", flush=True)
-    keep_log(run / "train.log")
-    started = time.time()
-    train(bundle, data, run, seed=plan["seed"], datalist=datalist, **overrides)
-    write_json_atomic(run / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
-                                             "patients": len(patients), **overrides})
-    return run
-
-
-def all_patients_epochs(epochs: int, found, plan: dict) -> int:
-    """Epochs on all patients that make as many optimizer steps as `epochs` on a fold's training patients."""
-    slices = Counter(pair.patient for pair in found.pairs)
-    per_fold = np.mean([sum(slices[p] for p in split["train"]) for split in plan["splits"]])
-    return max(1, round(epochs * per_fold / sum(slices.values())))
 
 
 def keep_log(log: Path) -> None:
@@ -575,10 +543,10 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
 
 
 def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
-                   runs: Path = Path("runs/cv"), n_resamples: int = 2000, final: bool = False,
+                   runs: Path = Path("runs/cv"), n_resamples: int = 2000,
                    fold: int | None = None, collect: bool = False, **overrides) -> dict | None:
-    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each;
-    with `final`, then each bundle on all patients (train_all).
+    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each.
+    What ships is the k fold models of each bundle (scripts/ship_weights.py), as nnU-Net's fold ensemble.
 
     As nnU-Net's `nnUNetv2_train DATASET CONFIG FOLD`: `fold` trains and predicts that fold alone (of every bundle;
     another machine, a job-array task or a GPU each) and writes no report (returns None); `collect` trains nothing and
@@ -588,8 +556,8 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
 
     if not Path(data).exists():
         raise UserError(f"data not found: {data}")
-    if fold is not None and (collect or final):
-        raise UserError("--fold trains one fold: it goes with neither --collect nor --train-all")
+    if fold is not None and collect:
+        raise UserError("--fold trains one fold: it does not go with --collect")
     if fold is not None and not 0 <= fold < folds:
         raise UserError(f"--fold must be between 0 and {folds - 1} (--folds {folds}), got {fold}")
     resolved = {Path(str(b)).name: bundle_dir(b) for b in dict.fromkeys(bundles)}
@@ -606,7 +574,6 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     check_plan(runs, plan)
     command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
-                          *(["--train-all"] if final else []),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
     def run(k: int, name: str, bundle: Path) -> bool:
         """Fold k of one bundle unless done; whether it ran."""
@@ -629,10 +596,6 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
         for name, bundle in resolved.items():
             if run(k, name, bundle):
                 result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
-    if final:
-        for name, bundle in resolved.items():
-            steps = all_patients_epochs(epochs[name], found, plan)
-            train_all(bundle, name, data, found, plan, runs, {**overrides, "epochs": steps, "val_interval": steps})
     return result
 
 

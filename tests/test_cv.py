@@ -478,7 +478,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert "PARTIAL" in (out / "cv.md").read_text()
     stamps = {f: f.stat().st_mtime_ns for f in (first / "models" / "model.pt", first / "train.log")}
 
-    result = metaseg(*args, "--train-all")
+    result = metaseg(*args)
     assert result.returncode == 0, result.stderr
     assert "cv: unetpp fold 0 already done, skipped" in result.stdout
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # the finished fold was not trained again
@@ -532,13 +532,6 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     md = (out / "cv.md").read_text()
     assert "All folds done." in md and "| attention_unet | 6 |" in md and "A single uploaded 2D slice gets" in md
     assert (out / "cv_folds.png").stat().st_size > 0
-
-    # --train-all: each bundle's recipe once more on every patient, to ship
-    for name in ("unetpp", "attention_unet"):
-        final = runs / name / "all"
-        assert (final / "trained.json").is_file() and (final / "models" / "model.pt").is_file()
-        datalist = json.loads((final / "datalist.json").read_text())
-        assert datalist["patients"]["training"] == patients and datalist["patients"]["test"] == []
 
     # a rerun with another plan is refused rather than mixed into these folds
     assert_user_error(metaseg(*args[:-2], "--seed", 1), "holds a cross-validation with other")
@@ -708,5 +701,5 @@ def test_one_fold_per_command_then_collect_equals_a_whole_run(phantom, tmp_path,
         json.dumps(whole["models"], sort_keys=True, default=str)
     with pytest.raises(UserError, match="--fold must be between 0 and 1"):
         cv.cross_validate(**common, runs=tmp_path / "apart", fold=2)
-    with pytest.raises(UserError, match="neither --collect nor --train-all"):
+    with pytest.raises(UserError, match="does not go with --collect"):
         cv.cross_validate(**common, runs=tmp_path / "apart", fold=0, collect=True)
