@@ -145,17 +145,40 @@ class Engine:
 
         By the bundle's `inferer` (with flip TTA when its inference_steps say so); `view` "plain" or "mirrored" runs
         that one of the bundle's `probabilities` alone instead, which metaseg cv keeps apart to choose flip TTA.
+        In batches of `batch_size`: `prepare`, `forward`, `restored`.
         """
-        infer = self.inferer if view is None else self.views[view]
         maps = []
         for start in range(0, len(frames), self.batch_size):
-            items = [self._prepare(frame) for frame in frames[start : start + self.batch_size]]
-            batch = torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
-            with torch.inference_mode():
-                probs = infer(batch, self.network).float().cpu()
-            for item, prob in zip(items, probs):
-                restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
-                maps.append(np.clip(restored[0].numpy(), 0.0, 1.0).astype(np.float32))
+            items, batch = self.prepare(frames[start : start + self.batch_size])
+            maps += self.restored(items, self.forward(batch, view))
+        return maps
+
+    def warm_up(self) -> None:
+        """One slice through every step, so that torch's one-time set-up (oneDNN's kernels for these shapes, the
+        allocator's pools) is not paid by the first caller's timing."""
+        side = int(self.spatial_size)
+        self.probabilities([np.arange(side * side, dtype=np.float32).reshape(side, side) % 251])
+
+    def prepare(self, frames: Sequence[np.ndarray]) -> tuple[list[dict], torch.Tensor]:
+        """The bundle's preprocessing of each frame (kept for `restored`, which inverts it) and the network's input
+        batch of them all, on the engine's device."""
+        items = [self._prepare(frame) for frame in frames]
+        return items, torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
+
+    def forward(self, batch: torch.Tensor, view: str | None = None) -> torch.Tensor:
+        """The bundle's `inferer` (every fold model; or the `view` of its `probabilities`) on a prepared batch: class
+        probabilities (batch, classes, size, size), float32 on the CPU."""
+        infer = self.inferer if view is None else self.views[view]
+        with torch.inference_mode():
+            return infer(batch, self.network).float().cpu()
+
+    def restored(self, items: Sequence[dict], probs: torch.Tensor) -> list[np.ndarray]:
+        """The lesion channel of `forward`'s probabilities, back at each prepared frame's own size and orientation
+        (the bundle's postprocessing up to its mask: the inverse of its preprocessing)."""
+        maps = []
+        for item, prob in zip(items, probs):
+            restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
+            maps.append(np.clip(restored[0].numpy(), 0.0, 1.0).astype(np.float32))
         return maps
 
     def _prepare(self, frame: np.ndarray) -> dict:
