@@ -1,11 +1,19 @@
-"""Server latency: a real uvicorn on 127.0.0.1, a bounded number of /segment requests, then it is stopped.
+"""Server latency against its floor: a real uvicorn on 127.0.0.1, a bounded number of /segment requests, then it is
+stopped.
 
-For a 256x256 PNG (a data-set-like RGB slice) and a 256x256 DICOM MR slice: N sequential requests, then N more
-at a concurrency of 8; p50/p95 latency, throughput, and the server's peak RSS (VmHWM). In the same run, before the
-server starts: the raw cost of the same PNG in this process (decode + the engine's forward pass), the baseline the
-HTTP latency is compared with (goal <= 1.2x); and a 40-slice DICOM series sent as one request (goal <= 2 s). The model is the recorded
-best (bundles/best.json) when there is one, else attention_unet with seeded random weights at its own input size
-(same network, same cost; the results file says which).
+The floor is what no server of this model can avoid: decoding the upload and the engine's forward of the preprocessed
+batch (metaseg.engine.Engine.forward: the bundle's inferer, every fold model of the served ensemble, k forwards), run
+in this process the way the server runs it (serve.allocator's malloc settings, the model on one thread with the same
+torch thread count, serve.pool.on_model_thread). Everything else the server does (the bundle's preprocessing and its
+inverse, the findings, HTTP) is the overhead that the goal bounds: server p50 <= 1.2x the floor's p50.
+
+For a 256x256 PNG (a data-set-like RGB slice) and a 256x256 DICOM MR slice: N sequential requests, measured in
+blocks alternating with the floor (so that the load of anything else on the machine weighs on both alike), then N
+at a concurrency of 8; p50/p95 latency, throughput, the server's peak RSS (VmHWM); and a 40-slice DICOM series sent
+as one request (goal <= 2 s), with its own floor (decode + the forwards of its batches of serve's BATCH_SIZE). Also
+in-process medians of each step of one slice (decode, prepare, forward, restored, findings), where the overhead is.
+The model is the recorded best (bundles/best.json, the bundle's fold ensemble) when there is one, else
+attention_unet with seeded random weights at its own input size (one model; the results file says which).
 
     python benchmarks/serve_latency.py                  # 100 + 100 requests per input
     python benchmarks/serve_latency.py --requests 10    # a quick smoke run
@@ -40,10 +48,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.conventions import BEST_FILE, read_best  # noqa: E402
 from metaseg.engine import Engine, bundle_imports  # noqa: E402
-from metaseg.imageio import decode  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
+from metaseg.imageio import decode  # noqa: E402
+from metaseg.postprocess import upload_masks  # noqa: E402
+from serve import findings  # noqa: E402
+from serve.allocator import tune_malloc  # noqa: E402
+from serve.pool import on_model_thread, set_torch_threads  # noqa: E402
+from serve.routers.segment import BATCH_SIZE  # noqa: E402
 
 CONCURRENCY = 8
+BLOCK = 10  # sequential requests per block, alternating with as many floor measurements
 HOST = "127.0.0.1"  # loopback only: the benchmark never listens on a network interface
 
 
@@ -93,28 +107,60 @@ def dicom_series(slices: int = 40) -> list[tuple[str, bytes]]:
     ]
 
 
-def raw_latency(engine: Engine, upload: tuple[str, bytes], requests: int) -> dict:
-    """The same work without HTTP: decode the bytes and run the engine, in this process."""
-    engine.probabilities(decode([upload]).inputs)  # warm-up
-    times = []
-    for _ in range(requests):
+def ms(seconds: list[float] | np.ndarray, q: float = 50) -> float:
+    return round(float(np.percentile(seconds, q)) * 1000, 1)
+
+
+def floor_once(engine: Engine, files: list[tuple[str, bytes]], batch: torch.Tensor) -> float:
+    """Seconds to decode `files` and run the engine's forward on `batch` (their preprocessed slices, prepared once
+    beforehand) in batches of serve's BATCH_SIZE, on the model thread as the server runs it."""
+    start = time.perf_counter()
+    decode(files)
+    for first in range(0, len(batch), BATCH_SIZE):
+        on_model_thread(engine.forward, batch[first : first + BATCH_SIZE])
+    return time.perf_counter() - start
+
+
+def prepared(engine: Engine, files: list[tuple[str, bytes]]) -> torch.Tensor:
+    return on_model_thread(engine.prepare, decode(files).inputs)[1]
+
+
+def steps_ms(engine: Engine, upload: tuple[str, bytes], repeats: int) -> dict:
+    """Median milliseconds of each step of one slice in this process, on the model thread where the server runs it."""
+    times: dict[str, list[float]] = {}
+
+    def clock(name, func, *args):
         start = time.perf_counter()
-        engine.probabilities(decode([upload]).inputs)
-        times.append(time.perf_counter() - start)
-    return {"requests": requests, "p50_ms": round(float(np.percentile(times, 50)) * 1000, 1),
-            "p95_ms": round(float(np.percentile(times, 95)) * 1000, 1)}
+        result = func(*args)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+
+    for _ in range(repeats + 1):
+        volume = clock("decode", decode, [upload])
+        items, batch = clock("prepare", on_model_thread, engine.prepare, volume.inputs)
+        probs = clock("forward", on_model_thread, engine.forward, batch)
+        maps = clock("restored", on_model_thread, engine.restored, items, probs)
+        masks = clock("masks", upload_masks, maps, engine.inference_steps, volume.is_volume, volume.voxel_mm3)
+        clock("findings", findings.report, volume, maps, masks, engine.inference_steps, engine.name, 0.0)
+    return {name: ms(values[1:]) for name, values in times.items()}  # the first is a warm-up
 
 
-def series_latency(url: str, files: list[tuple[str, bytes]], repeats: int = 5) -> dict:
+def series_latency(url: str, engine: Engine, files: list[tuple[str, bytes]], repeats: int = 5) -> dict:
+    """The series as one request, `repeats` times after a warm-up, each after its floor."""
+    batch = prepared(engine, files)
+    floor_once(engine, files, batch)  # warm-up
+    floors, times = [], []
     with httpx.Client() as client:
         client.post(f"{url}/segment", files=[("file", f) for f in files], timeout=120).raise_for_status()  # warm-up
-        times = []
         for _ in range(repeats):
+            floors.append(floor_once(engine, files, batch))
             start = time.perf_counter()
             client.post(f"{url}/segment", files=[("file", f) for f in files], timeout=120).raise_for_status()
             times.append(time.perf_counter() - start)
-    return {"slices": len(files), "repeats": repeats, "p50_s": round(float(np.median(times)), 3),
-            "max_s": round(float(max(times)), 3), "goal_s": 2.0}
+    return {"slices": len(files), "repeats": repeats, "batch_size": BATCH_SIZE,
+            "p50_s": round(float(np.median(times)), 3), "max_s": round(float(max(times)), 3),
+            "floor_p50_s": round(float(np.median(floors)), 3),
+            "server_vs_floor_p50": round(float(np.median(times) / np.median(floors)), 3), "goal_s": 2.0}
 
 
 def payloads() -> dict[str, tuple[str, bytes]]:
@@ -190,6 +236,26 @@ def timed(client: httpx.Client, url: str, upload: tuple[str, bytes]) -> float:
     return elapsed
 
 
+def against_floor(url: str, engine: Engine, upload: tuple[str, bytes], requests: int) -> dict:
+    """`requests` sequential uploads on one keep-alive connection and as many floor measurements of the same bytes,
+    in alternating blocks of BLOCK; p50/p95 of each and the ratio of the p50s."""
+    batch = prepared(engine, [upload])
+    floors, latencies = [], []
+    with httpx.Client() as client:
+        timed(client, url, upload)  # warm-up: first-call allocations are not latency
+        floor_once(engine, [upload], batch)
+        while len(latencies) < requests:
+            block = min(BLOCK, requests - len(latencies))
+            floors += [floor_once(engine, [upload], batch) for _ in range(block)]
+            latencies += [timed(client, url, upload) for _ in range(block)]
+    return {
+        "sequential": {"requests": requests, "concurrency": 1, "p50_ms": ms(latencies), "p95_ms": ms(latencies, 95),
+                       "throughput_rps": round(1 / float(np.mean(latencies)), 2)},
+        "floor_decode_forward": {"requests": requests, "p50_ms": ms(floors), "p95_ms": ms(floors, 95)},
+        "server_vs_floor_p50": round(float(np.median(latencies) / np.median(floors)), 3),
+    }
+
+
 def run(url: str, upload: tuple[str, bytes], requests: int, concurrency: int) -> dict:
     """`requests` uploads from `concurrency` clients (one keep-alive connection each)."""
     local, clients = threading.local(), []
@@ -209,8 +275,8 @@ def run(url: str, upload: tuple[str, bytes], requests: int, concurrency: int) ->
     return {
         "requests": requests,
         "concurrency": concurrency,
-        "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
-        "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 1),
+        "p50_ms": ms(latencies),
+        "p95_ms": ms(latencies, 95),
         "throughput_rps": round(requests / wall, 2),
     }
 
@@ -233,48 +299,46 @@ def main() -> None:
     args = parser.parse_args()
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows in the latencies
+    malloc = tune_malloc()  # as serve.main does: the floor gets every setting the server gets
+    torch_threads = set_torch_threads(None)  # torch's default, as the server's unset METASEG_TORCH_THREADS
     with tempfile.TemporaryDirectory() as tmp:
         model, chosen_env = server_model(Path(tmp))
         env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")} | chosen_env
         if chosen_env:
-            engine = Engine(REPO / "bundles" / "attention_unet", Path(chosen_env["METASEG_WEIGHTS"]))
+            engine = on_model_thread(Engine, REPO / "bundles" / "attention_unet", Path(chosen_env["METASEG_WEIGHTS"]))
         else:
             chosen = read_best()
-            engine = Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides)
-        raw = raw_latency(engine, payloads()["png_256x256_rgb"], args.requests)
-        del engine
-        print("raw decode + forward", raw, flush=True)
+            engine = on_model_thread(lambda: Engine(chosen.bundle, chosen.weights, overrides=chosen.overrides))
+        on_model_thread(engine.warm_up)
         server, url = start_server(env)
         try:
             info = httpx.get(f"{url}/info", timeout=10).json()
             health = httpx.get(f"{url}/health", timeout=10).json()
             results = {}
             for name, upload in payloads().items():
-                with httpx.Client() as client:
-                    timed(client, url, upload)  # warm-up: first-call allocations are not latency
-                results[name] = {
-                    "sequential": run(url, upload, args.requests, 1),
-                    f"concurrency_{CONCURRENCY}": run(url, upload, args.requests, CONCURRENCY),
-                }
+                results[name] = against_floor(url, engine, upload, args.requests)
+                results[name][f"concurrency_{CONCURRENCY}"] = run(url, upload, args.requests, CONCURRENCY)
                 print(name, results[name], flush=True)
-            results["png_256x256_rgb"]["raw_decode_forward_in_process"] = raw
-            results["png_256x256_rgb"]["http_vs_raw_p50"] = round(
-                results["png_256x256_rgb"]["sequential"]["p50_ms"] / raw["p50_ms"], 3)
-            results["dicom_series_40x256x256"] = series_latency(url, dicom_series(40))
+            results["dicom_series_40x256x256"] = series_latency(url, engine, dicom_series(40))
             print("series", results["dicom_series_40x256x256"], flush=True)
             rss = peak_rss_mib(server.pid)
         finally:
             stop_server(server)
+        steps = steps_ms(engine, payloads()["png_256x256_rgb"], args.requests)
+        print("in-process steps of one PNG slice (ms)", steps, flush=True)
 
     write_json_atomic(args.out, {
         "command": " ".join(["python", "benchmarks/serve_latency.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "load_average_at_start": load_at_start},
         "model": {"which": model, "name": info["model"], "architecture": info["architecture"],
-                  "spatial_size": info["input"]["spatial_size"]},
+                  "spatial_size": info["input"]["spatial_size"], "fold_models_k": info["fold_models"]},
         "server": {"host": HOST, "uvicorn_workers": 1, "capacity": health["capacity"],
-                   "settings": "defaults (METASEG_POOL_SIZE, METASEG_QUEUE_LIMIT unset)"},
+                   "torch_threads": info["torch_threads"], "floor_torch_threads": torch_threads,
+                   "malloc": malloc, "settings": "defaults (METASEG_POOL_SIZE, METASEG_QUEUE_LIMIT unset)"},
+        "goal": "server p50 <= 1.2x the floor's p50 (decode + the k forwards of the preprocessed batch)",
         "results": results,
+        "in_process_steps_png_ms": steps,
         "server_peak_rss_mib": rss,
     })
     print(f"wrote {args.out}")

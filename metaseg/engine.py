@@ -21,7 +21,16 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import AsDiscreted, Compose, LoadImaged
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    LoadImaged,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    ScaleIntensityRangePercentilesd,
+)
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from metaseg.bundles import STAGES
 from metaseg.conventions import default_weights
@@ -92,6 +101,38 @@ def _load(network: torch.nn.Module, weights: Path, bundle: str) -> None:
         raise UserError(f"weights {weights} do not fit the {bundle} network: {_first_line(err)}") from None
 
 
+class OneSortPercentiles(ScaleIntensityRangePercentiles):
+    """MONAI's channel-wise ScaleIntensityRangePercentiles with both percentiles of every channel from one
+    torch.quantile call, one sort of all channels instead of two sorts per channel (a third of the time), then MONAI's
+    own ScaleIntensityRange per channel: the same values bit for bit (tests/test_engine.py). Whatever MONAI does
+    otherwise (not channel-wise, relative, or a channel of over 10^6 pixels, where it uses numpy) it does itself."""
+
+    @classmethod
+    def like(cls, scaler: ScaleIntensityRangePercentiles) -> ScaleIntensityRangePercentiles:
+        return cls(scaler.lower, scaler.upper, scaler.b_min, scaler.b_max, scaler.clip, scaler.relative,
+                   scaler.channel_wise, scaler.dtype)
+
+    def __call__(self, img):
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        img_t = convert_to_tensor(img, track_meta=False)
+        if not self.channel_wise or self.relative or img_t.ndim < 2 or img_t[0].numel() > 1_000_000:
+            return super().__call__(img)
+        q = torch.as_tensor(np.array([self.lower, self.upper]) / 100.0, dtype=img_t.dtype)  # as MONAI's percentile
+        low, high = torch.quantile(img_t.flatten(1), q, dim=1)
+        scaled = [convert_to_tensor(ScaleIntensityRange(a, b, self.b_min, self.b_max, self.clip, self.dtype)(c),
+                                    track_meta=False) for c, a, b in zip(img_t, low, high)]
+        return convert_to_dst_type(torch.stack(scaled), dst=img, dtype=self.dtype)[0]
+
+
+def fast_preprocessing(steps: Sequence) -> list:
+    """The bundle's preprocessing steps with MONAI's percentile scaling computed by OneSortPercentiles (same
+    result, faster); the bundle's own config is untouched, so MONAI users run MONAI's."""
+    for step in steps:
+        if isinstance(step, ScaleIntensityRangePercentilesd) and type(step.scaler) is ScaleIntensityRangePercentiles:
+            step.scaler = OneSortPercentiles.like(step.scaler)
+    return list(steps)
+
+
 class Engine:
     """One bundle, loaded once: `probabilities(frames)` returns a lesion probability map per 2D frame.
 
@@ -126,7 +167,7 @@ class Engine:
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
         steps = parser.get_parsed_content("preprocessing").transforms
-        self.preprocess = Compose([t for t in steps if not isinstance(t, LoadImaged)])
+        self.preprocess = Compose(fast_preprocessing([t for t in steps if not isinstance(t, LoadImaged)]))
         post = parser.get_parsed_content("postprocessing").transforms
         self.restore = Compose(post[: next(i for i, t in enumerate(post) if isinstance(t, AsDiscreted))])
         self.bundle = bundle
@@ -145,17 +186,40 @@ class Engine:
 
         By the bundle's `inferer` (with flip TTA when its inference_steps say so); `view` "plain" or "mirrored" runs
         that one of the bundle's `probabilities` alone instead, which metaseg cv keeps apart to choose flip TTA.
+        In batches of `batch_size`: `prepare`, `forward`, `restored`.
         """
-        infer = self.inferer if view is None else self.views[view]
         maps = []
         for start in range(0, len(frames), self.batch_size):
-            items = [self._prepare(frame) for frame in frames[start : start + self.batch_size]]
-            batch = torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
-            with torch.inference_mode():
-                probs = infer(batch, self.network).float().cpu()
-            for item, prob in zip(items, probs):
-                restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
-                maps.append(np.clip(restored[0].numpy(), 0.0, 1.0).astype(np.float32))
+            items, batch = self.prepare(frames[start : start + self.batch_size])
+            maps += self.restored(items, self.forward(batch, view))
+        return maps
+
+    def warm_up(self) -> None:
+        """One slice through every step, so that torch's one-time set-up (oneDNN's kernels for these shapes, the
+        allocator's pools) is not paid by the first caller's timing."""
+        side = int(self.spatial_size)
+        self.probabilities([np.arange(side * side, dtype=np.float32).reshape(side, side) % 251])
+
+    def prepare(self, frames: Sequence[np.ndarray]) -> tuple[list[dict], torch.Tensor]:
+        """The bundle's preprocessing of each frame (kept for `restored`, which inverts it) and the network's input
+        batch of them all, on the engine's device."""
+        items = [self._prepare(frame) for frame in frames]
+        return items, torch.stack([item["image"].as_tensor() for item in items]).to(self.device)
+
+    def forward(self, batch: torch.Tensor, view: str | None = None) -> torch.Tensor:
+        """The bundle's `inferer` (every fold model; or the `view` of its `probabilities`) on a prepared batch: class
+        probabilities (batch, classes, size, size), float32 on the CPU."""
+        infer = self.inferer if view is None else self.views[view]
+        with torch.inference_mode():
+            return infer(batch, self.network).float().cpu()
+
+    def restored(self, items: Sequence[dict], probs: torch.Tensor) -> list[np.ndarray]:
+        """The lesion channel of `forward`'s probabilities, back at each prepared frame's own size and orientation
+        (the bundle's postprocessing up to its mask: the inverse of its preprocessing)."""
+        maps = []
+        for item, prob in zip(items, probs):
+            restored = self.restore({"image": item["image"], "pred": MetaTensor(prob)})["pred"]
+            maps.append(np.clip(restored[0].numpy(), 0.0, 1.0).astype(np.float32))
         return maps
 
     def _prepare(self, frame: np.ndarray) -> dict:

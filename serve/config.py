@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     inference_timeout_s: float = Field(120, gt=0, description="most seconds of inference per request (else 413)")
     # the whole server
     pool_size: int = Field(2, ge=1, description="inference threads")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of the model's thread (torch); unset: torch's default, one per core"
+    )
     queue_limit: int = Field(64, ge=0, description="received requests waiting for a thread before new ones get 503")
     queue_timeout_s: float = Field(30, gt=0, description="most seconds a received request waits for a thread (else 503)")
     max_buffered_bytes: int = Field(

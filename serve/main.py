@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 
 import metaseg
 from serve import model
+from serve.allocator import tune_malloc
 from serve.config import Settings, get_settings
 from serve.deps import token_guard
 from serve.errors import UNAUTHORIZED, add_handlers
-from serve.pool import InferencePool
+from serve.pool import InferencePool, on_model_thread, set_torch_threads
 from serve.routers import health, info, segment
 from serve.uploads import BodyMemory
 
@@ -32,20 +33,26 @@ log = logging.getLogger(__name__)
 # the server's log.
 _TAG_QUOTING_LOGGERS = ("pydicom", "highdicom")
 
+MALLOC = tune_malloc()  # before the model and the first request allocate (serve/allocator.py)
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the model and start the inference pool once; settings honour `app.dependency_overrides`."""
+    """Load the model on the model thread, set torch's thread count there and warm it up (the first request then
+    pays no one-time set-up), and start the inference pool; settings honour `app.dependency_overrides`."""
     settings = app.dependency_overrides.get(get_settings, get_settings)()
-    app.state.engine, app.state.recorded = model.load(settings)
+    app.state.torch_threads = set_torch_threads(settings.torch_threads)
+    app.state.engine, app.state.recorded = on_model_thread(model.load, settings)
+    on_model_thread(app.state.engine.warm_up)
     app.state.pool = InferencePool(settings.pool_size, settings.queue_limit, settings.queue_timeout_s)
     app.state.body_memory = BodyMemory(settings.max_buffered_bytes)
     quieted = {name: logging.getLogger(name).level for name in _TAG_QUOTING_LOGGERS}
     for name in quieted:
         logging.getLogger(name).setLevel(logging.ERROR)
     log.info(
-        "serving %s with %d inference thread(s), queue of %d, %s", app.state.engine.name, settings.pool_size,
-        settings.queue_limit, "bearer token required" if settings.api_token else "no token",
+        "serving %s (%d model(s), %d torch thread(s)) with %d inference thread(s), queue of %d, %s, malloc %s",
+        app.state.engine.name, len(app.state.engine.models), app.state.torch_threads, settings.pool_size,
+        settings.queue_limit, "bearer token required" if settings.api_token else "no token", MALLOC or "as it was",
     )
     try:
         yield

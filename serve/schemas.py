@@ -70,6 +70,9 @@ class ModelInfo(BaseModel):
         description="how many models the served inferer averages: the bundle's fold ensemble (its k cross-validation "
         "fold models), or 1 for a single model.pt"
     )
+    torch_threads: int = Field(
+        description="intra-op threads (torch) of the one thread the model runs on, for every request in turn"
+    )
     test_metrics: dict[str, float] | None = Field(
         description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import PIL.Image
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRangePercentiles
 
 from conftest import REPO
-from metaseg.engine import Engine
+from metaseg.engine import Engine, OneSortPercentiles
 from metaseg.errors import UserError
 from metaseg.imageio import decode
 from test_bundles import NAMES, network_def
@@ -114,3 +117,21 @@ def test_near_constant_slice_is_segmented_not_crashed(tmp_path):
     engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
     prob = engine.probabilities([frame])[0]
     assert prob.shape == (256, 256) and np.isfinite(prob).all()
+
+
+def test_the_engines_percentile_scaling_is_monais_bit_for_bit(tmp_path):
+    """OneSortPercentiles (both percentiles of every channel from one sort) gives MONAI's values exactly, so the
+    engine's masks stay those of the bundle's own preprocessing; the engine uses it."""
+    monai = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True, channel_wise=True)
+    ours = OneSortPercentiles.like(monai)
+    rng = np.random.default_rng(0)
+    near_constant = np.zeros((3, 64, 64))
+    near_constant[:, 10:12, 10:13] = 3.0
+    for image in (rng.normal(100, 30, (3, 128, 128)), rng.integers(0, 4096, (3, 128, 128)), rng.random((1, 37, 53)),
+                  near_constant, np.zeros((3, 8, 8))):
+        x = MetaTensor(torch.as_tensor(image, dtype=torch.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI's divide-by-zero warning of a constant channel, both alike
+            torch.testing.assert_close(ours(x), monai(x), rtol=0, atol=0)
+    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    assert any(isinstance(getattr(step, "scaler", None), OneSortPercentiles) for step in engine.preprocess.transforms)

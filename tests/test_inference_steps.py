@@ -51,6 +51,7 @@ def bundle_with(folder: Path, steps: dict, network_def: dict | None = None) -> P
     config["inference_steps"] = {"_desc_": config["inference_steps"]["_desc_"], **steps}
     config["one_lesion_per_patient"] = steps["largest_component"]  # a bundle may keep one lesion only if it declares it
     config["spatial_size"] = 32
+    config["other_folds"]["checkpoints"] = []  # one model.pt, not a fold ensemble: for MONAI, predict and the server
     if network_def is None:
         random_weights("attention_unet", bundle / "models")
     else:

@@ -1,6 +1,6 @@
 """What the loaded model is and what it expects, so that clients need not read the bundle."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from serve.deps import EngineDep, RecordedDep, SettingsDep
 from serve.schemas import InferenceSteps, InputSpec, ModelInfo, UploadLimits
@@ -16,7 +16,7 @@ CHANNEL_RULE = (  # the bundles' preprocessing (configs/inference.json), for cli
 
 
 @router.get("", response_model=ModelInfo)
-def info(engine: EngineDep, settings: SettingsDep, recorded: RecordedDep) -> ModelInfo:
+def info(request: Request, engine: EngineDep, settings: SettingsDep, recorded: RecordedDep) -> ModelInfo:
     """The model's identity (from the bundle's metadata.json), its input expectations, its chosen inference steps,
     the server's limits, and what the report behind the served model measured."""
     meta = engine.metadata
@@ -44,6 +44,7 @@ def info(engine: EngineDep, settings: SettingsDep, recorded: RecordedDep) -> Mod
         inference_steps=InferenceSteps(**engine.inference_steps),
         one_lesion_per_patient=engine.one_lesion_per_patient,
         fold_models=len(engine.models),
+        torch_threads=request.app.state.torch_threads,
         test_metrics=recorded.test_metrics,
         one_channel_dice_loss=recorded.one_channel_dice_loss,
     )

@@ -29,10 +29,14 @@ class FoldEnsembleInferer(Inferer):
             fold = copy.deepcopy(network_def)
             fold.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             self.folds.append(fold.eval())
+        self._device = torch.device("cpu")  # where the folds are: moved once, to the first inputs' device
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         batch = torch.cat([inputs, inputs.flip(-1)]) if self.flip_tta else inputs
-        networks = [network, *(fold.to(inputs.device) for fold in self.folds)]
+        if inputs.device != self._device:
+            self.folds = [fold.to(inputs.device) for fold in self.folds]
+            self._device = inputs.device
+        networks = [network, *self.folds]
         probs = torch.stack([torch.softmax(net(batch, *args, **kwargs), dim=1) for net in networks]).mean(0)
         if self.flip_tta:
             plain, mirrored = probs.chunk(2)
