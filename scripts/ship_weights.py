@@ -168,7 +168,7 @@ def ship_folds(cv: dict, runs: Path, folds: list[Path], bundle: Path, report: Pa
         write_bytes_atomic(target, default_weights(fold).read_bytes())
         export_torchscript(bundle, target)
         (training / fold.name).mkdir(parents=True)
-        for evidence in EVIDENCE:
+        for evidence in [*EVIDENCE, *(log.name for log in fold.glob("train.log.*"))]:  # with interrupted logs
             if (fold / evidence).is_file():
                 shutil.copyfile(fold / evidence, training / fold.name / evidence)
     for plan in ("cv_plan.json", "splits_final.json"):

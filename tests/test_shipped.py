@@ -68,7 +68,11 @@ def test_metadata_figures_are_the_reports(name):
     metrics = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())["eval_metrics"]
     assert metrics == {key: round(ship.figure(cv, name, entry, field), 4)
                        for key, (entry, field) in ship.EVAL_METRICS.items()}
-    assert metrics["cv_served_crossfitted_lesion_sensitivity_3d"] >= 0.99  # the served steps lose no lesion
+    # the shipped steps were chosen to lose no lesion that the fold models find at argmax (on the patients they were
+    # chosen on; cross-fitted, a threshold chosen on two folds may lose one on the third: cv.md shows it)
+    chosen_on_all = cv["models"][f"{name} + its inference steps"]
+    assert chosen_on_all["config"]["models"] == [name]
+    assert chosen_on_all["lesion_sensitivity_3d"] >= cv["models"][name]["lesion_sensitivity_3d"]
 
 
 @pytest.mark.parametrize("name", NAMES)
