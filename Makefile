@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 268435456
 
 .PHONY: setup test demo train $(addprefix train-,$(BUNDLES)) $(addprefix evaluate-,$(BUNDLES)) serve-ui \
-  monailabel-check clean
+  monailabel-check bench clean
 
 # The browser test drives Debian's Chromium; apt needs root, so sudo is used when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo sudo)
@@ -99,6 +99,12 @@ $(ML_STAMP): requirements-monailabel.txt
 	$(ML_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $$(grep -E '^(torch|setuptools|wheel)==' requirements-monailabel.txt)
 	$(ML_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-monailabel.txt
 	touch $@
+
+# Speed and load, never in `make test`: results to benchmarks/results/*.json (run on a quiet machine; ~6 min here).
+bench: setup
+	$(BIN)/python benchmarks/synth_speed.py
+	$(BIN)/python benchmarks/serve_latency.py --requests 30
+	$(BIN)/python benchmarks/serve_load.py
 
 monailabel-check: setup $(ML_STAMP)
 	nice -n 10 $(ML_VENV)/bin/python scripts/monailabel_check.py --metaseg-python $(BIN)/python \

@@ -1,5 +1,5 @@
 """The HTTP server: every input format, findings in pixels and mm, DICOM SEG, limits and errors (always a 4xx,
-never a 5xx), a saturated pool, logs without patient data, and a real uvicorn under 50 concurrent clients.
+never a 5xx), a saturated pool, logs without patient data, and a real uvicorn that stops in time (load: `make bench`).
 
 The model is the attention_unet bundle with seeded random weights at spatial_size 32 (fast, no training);
 where exact masks matter, an "echo" engine whose probability is the slice's own brightness stands in for it.
@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -866,21 +865,3 @@ def uvicorn_server(weights: Path, **settings: str):
             server.wait()
         server.stdout.close()
     assert server.returncode in (0, -signal.SIGTERM)  # stopped by our SIGTERM in time: neither crashed nor killed
-
-
-def test_uvicorn_serves_50_concurrent_clients_with_default_settings(weights):
-    """50 clients x 2 requests at once against the default pool (2 threads) and queue: all served, none turned
-    away (the issue's goal allows 5)."""
-    with uvicorn_server(weights) as url:
-        start = threading.Barrier(50)
-
-        def client(n: int) -> list[httpx.Response]:
-            image = blobs((32, 32), ((n % 20, 4, 6, 6),))
-            start.wait()
-            with httpx.Client(timeout=120) as http:
-                return [http.post(f"{url}/segment", files={"file": (f"{n}.png", encode(image))}) for _ in range(2)]
-
-        with ThreadPoolExecutor(50) as pool:
-            responses = [r for pair in pool.map(client, range(50)) for r in pair]
-    assert [r.status_code for r in responses] == [200] * 100
-    assert all(r.json()["image_size"] == {"rows": 32, "cols": 32} for r in responses)
