@@ -15,7 +15,8 @@ export MALLOC_TRIM_THRESHOLD_ := 268435456
 .PHONY: setup test demo train $(addprefix train-,$(BUNDLES)) $(addprefix evaluate-,$(BUNDLES)) serve-ui \
   monailabel-check bench clean
 
-# The browser test drives Debian's Chromium; apt needs root, so sudo is used when not root and sudo exists.
+# The browser test drives Debian's Chromium and the DICOM SEG test Debian's dicom3tools (dciodvfy); apt needs root,
+# so sudo is used when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo sudo)
 
 setup: $(STAMP) $(BROWSER_STAMP)
@@ -36,8 +37,9 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 $(BROWSER_STAMP): | $(STAMP)
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v dciodvfy >/dev/null || { \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	  --no-install-recommends chromium chromium-driver dicom3tools; }
 	touch $@
 
 test: setup
