@@ -10,7 +10,7 @@ inverse, the findings, HTTP) is the overhead that the goal bounds: server p50 <=
 For a 256x256 PNG (a data-set-like RGB slice) and a 256x256 DICOM MR slice: N sequential requests, measured in
 blocks alternating with the floor (so that the load of anything else on the machine weighs on both alike), then N
 at a concurrency of 8; p50/p95 latency, throughput, the server's peak RSS (VmHWM); and a 40-slice DICOM series sent
-as one request (goal <= 2 s), with its own floor (decode + the forwards of its batches of serve's BATCH_SIZE). Also
+as one request (goal <= 2 s), with its own floor (decode + the forwards of its batches of the engine's batch_size). Also
 in-process medians of each step of one slice (decode, prepare, forward, restored, findings), where the overhead is.
 The model is the recorded best (bundles/best.json, the bundle's fold ensemble) when there is one, else
 attention_unet with seeded random weights at its own input size (one model; the results file says which).
@@ -54,7 +54,6 @@ from metaseg.postprocess import upload_masks  # noqa: E402
 from serve import findings  # noqa: E402
 from serve.allocator import tune_malloc  # noqa: E402
 from serve.pool import on_model_thread, set_torch_threads  # noqa: E402
-from serve.routers.segment import BATCH_SIZE  # noqa: E402
 
 CONCURRENCY = 8
 BLOCK = 10  # sequential requests per block, alternating with as many floor measurements
@@ -113,11 +112,11 @@ def ms(seconds: list[float] | np.ndarray, q: float = 50) -> float:
 
 def floor_once(engine: Engine, files: list[tuple[str, bytes]], batch: torch.Tensor) -> float:
     """Seconds to decode `files` and run the engine's forward on `batch` (their preprocessed slices, prepared once
-    beforehand) in batches of serve's BATCH_SIZE, on the model thread as the server runs it."""
+    beforehand) in batches of the engine's batch_size, on the model thread as the server runs it."""
     start = time.perf_counter()
     decode(files)
-    for first in range(0, len(batch), BATCH_SIZE):
-        on_model_thread(engine.forward, batch[first : first + BATCH_SIZE])
+    for first in range(0, len(batch), engine.batch_size):
+        on_model_thread(engine.forward, batch[first : first + engine.batch_size])
     return time.perf_counter() - start
 
 
@@ -157,7 +156,7 @@ def series_latency(url: str, engine: Engine, files: list[tuple[str, bytes]], rep
             start = time.perf_counter()
             client.post(f"{url}/segment", files=[("file", f) for f in files], timeout=120).raise_for_status()
             times.append(time.perf_counter() - start)
-    return {"slices": len(files), "repeats": repeats, "batch_size": BATCH_SIZE,
+    return {"slices": len(files), "repeats": repeats, "batch_size": engine.batch_size,
             "p50_s": round(float(np.median(times)), 3), "max_s": round(float(max(times)), 3),
             "floor_p50_s": round(float(np.median(floors)), 3),
             "server_vs_floor_p50": round(float(np.median(times) / np.median(floors)), 3), "goal_s": 2.0}

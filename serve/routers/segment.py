@@ -3,8 +3,9 @@ NIfTI, or all slices' lesion probabilities (NPZ) for a client that thresholds an
 
 Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes
 (`_decode`, the one place an upload becomes a Volume) and encodes the answer on it, with the model run in between on
-the model thread (serve.pool.on_model_thread), so the event loop keeps answering /health while the CPU works. Decoding and inference each have a time limit, checked between frames
-and between batches of slices. Nothing is written to disk: every answer is built in memory.
+the model thread (serve.pool.on_model_thread), so the event loop keeps answering /health while the CPU works.
+Decoding and inference each have a time limit, checked between frames and between batches of slices. Nothing is
+written to disk: every answer is built in memory.
 
 Masks are the bundle's chosen inference steps (metaseg.postprocess.upload_masks, as `metaseg predict` makes them),
 with the request's `threshold` in place of the chosen one when given: a volume (metaseg.imageio: a DICOM series or
@@ -37,8 +38,6 @@ from serve.uploads import REQUEST_BODY, Form
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 4  # slices per forward of each fold model, between two checks of the time limit: on a 2-core CPU 4 is
-# the fastest per slice (measured, unetpp x3 folds with flip TTA, ms per slice: batch 1 177, 2 165, 4 160, 8 185, 16 268)
 
 router = APIRouter(prefix="/segment", tags=["segment"], responses=ERROR_RESPONSES)
 
@@ -157,14 +156,15 @@ def _decode(files: Form, settings: Settings) -> Volume:
 def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[list[np.ndarray], float]:
     """Probabilities of all frames, and the milliseconds they took; TooLarge once past `limit_s`.
 
-    A batch of BATCH_SIZE slices at a time, on the model thread (serve.pool): every fold model's forward takes the
-    whole batch at once, and another request's batch may go between two of this one's."""
+    A batch of the engine's `batch_size` slices at a time (its measured fastest), on the model thread (serve.pool):
+    every fold model's forward takes the whole batch at once, the time limit is checked between batches, and another
+    request's batch may go between two of this one's."""
     start = time.perf_counter()
     probabilities = []
-    for first in range(0, len(frames), BATCH_SIZE):
+    for first in range(0, len(frames), engine.batch_size):
         if time.perf_counter() - start > limit_s:
             raise TooLarge(f"segmenting the upload takes more than the limit of {limit_s:g} s; send fewer slices")
-        probabilities += on_model_thread(engine.probabilities, frames[first : first + BATCH_SIZE])
+        probabilities += on_model_thread(engine.probabilities, frames[first : first + engine.batch_size])
     return probabilities, (time.perf_counter() - start) * 1000
 
 
