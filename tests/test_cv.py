@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -527,8 +528,16 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert "not declared one lesion per patient" in chosen["skipped"]["largest_component"]  # as the bundles say
     for name, entry in report["models"].items():
         assert all(key in entry for key in LESION_KEYS), name
-    assert report["models"]["selected"]["mean_dice_3d"] >= max(report["models"][n]["mean_dice_3d"]
-                                                               for n in ("unetpp", "attention_unet")) - 1e-9
+    # the served figure is each fold's held-out patients under the steps chosen without them, from the saved maps
+    for name, served in report["served_per_bundle"].items():
+        assert set(served["steps_per_fold"]) == set(report["patients"])
+        for k, ids in report["patients"].items():
+            config = {**postprocess.DEFAULT, **served["steps_per_fold"][k], "models": [name]}
+            for patient in ids:
+                with np.load(runs / name / f"fold_{k}" / "oof" / f"{patient}.npz") as npz:
+                    maps = {name: {key: npz[key] for key in ("prob", "prob_flip")}}
+                expected = dice_3d(truth[patient], postprocess.mask(postprocess.probability(maps, config), config))
+                assert served["dice_3d_per_patient"][patient] == pytest.approx(expected), (name, patient)
     md = (out / "cv.md").read_text()
     assert "All folds done." in md and "| attention_unet | 6 |" in md and "A single uploaded 2D slice gets" in md
     assert (out / "cv_folds.png").stat().st_size > 0
@@ -543,6 +552,25 @@ def test_cv_bad_arguments_are_one_line(phantom, tmp_path):
     assert_user_error(metaseg("cv", "--data", phantom, "--bundle", "nope", "--runs", tmp_path), "not a bundle")
 
 
+def script(name: str, *args) -> None:
+    """scripts/NAME.py's main(ARGS) in this process, as `python scripts/NAME.py ARGS` runs it."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(a) for a in args])
+
+
+def assert_script_error(name: str, args: list, fragment: str, out: Path) -> None:
+    """The script stops with one readable line (SystemExit with a message: Python prints it alone and exits 1),
+    and writes nothing."""
+    with pytest.raises(SystemExit) as stopped:
+        script(name, *args, "--out", out)
+    message = stopped.value.code
+    assert isinstance(message, str) and "\n" not in message and "Traceback" not in message, message
+    assert message.startswith(f"{name}: ") and fragment in message, message
+    assert not out.exists()
+
+
 def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_path):
     """scripts/compare_cv.py: model A of one cv.json against model B of another, over the patients both scored."""
     def cv_json(path: Path, seed: int, dice: dict) -> Path:
@@ -553,10 +581,7 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
 
     a = cv_json(tmp_path / "a.json", 0, {"p1": 0.8, "p2": 0.6, "p3": 0.7, "p4": 0.9})
     b = cv_json(tmp_path / "b.json", 0, {"p1": 0.7, "p2": 0.6, "p3": 0.5})  # a partial run: p4 not scored yet
-    script = [sys.executable, str(REPO / "scripts" / "compare_cv.py")]
-    done = subprocess.run([*script, a, b, "--pair", "net=net", "--out", tmp_path / "out"], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    script("compare_cv", a, b, "--pair", "net=net", "--out", tmp_path / "out")
     (row,) = json.loads((tmp_path / "out" / "comparison.json").read_text())["rows"]
     assert row["patients"] == ["p1", "p2", "p3"]
     assert row["paired_a_minus_b"]["mean_difference"] == pytest.approx(0.1)
@@ -566,13 +591,9 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
                            ([a, b, "--pair", "net=missing"], "no model missing in B"),
                            ([a, tmp_path / "none.json", "--pair", "net=net"], "cannot read a cv.json"),
                            ([a, REPO / "bundles" / "best.json", "--pair", "net=net"], "not a cv.json")):
-        failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True, timeout=120)
-        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
-        assert not (tmp_path / "bad").exists()
+        assert_script_error("compare_cv", args, fragment, tmp_path / "bad")
     # told that the folds differ (3 against 5 folds, say), it pairs by patient all the same and says so
-    done = subprocess.run([*script, a, other_seed, "--pair", "net=net", "--other-folds", "--out", tmp_path / "k"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    script("compare_cv", a, other_seed, "--pair", "net=net", "--other-folds", "--out", tmp_path / "k")
     assert json.loads((tmp_path / "k" / "comparison.json").read_text())["rows"][0]["patients"] == ["p1"]
     assert "Different folds (A: 2 folds, seed 0; B: 2 folds, seed 1)" in (tmp_path / "k" / "comparison.md").read_text()
 
@@ -590,10 +611,7 @@ def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp
     cv = tmp_path / "cv.json"
     cv.write_text(json.dumps({"folds": 2, "seed": 0, "patients": {}, "complete": True, "command": "metaseg cv",
                               "models": {"net": {"dice_3d_per_patient": dice}}}))
-    script = [sys.executable, str(REPO / "scripts" / "dice_by_volume.py"), cv, "--data", phantom]
-    done = subprocess.run([*script, "--model", "net", "--out", tmp_path / "out"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    script("dice_by_volume", cv, "--data", phantom, "--model", "net", "--out", tmp_path / "out")
     result = json.loads((tmp_path / "out" / "dice_by_volume.json").read_text())
     small, large = result["halves"]["smaller"], result["halves"]["larger"]
     assert small["patients"] + large["patients"] == len(with_lesion)
@@ -602,10 +620,7 @@ def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp
     assert [row["patient"] for row in result["lowest"]][:2] == with_lesion[:2]
     for args, fragment in ((["--model", "missing"], "no model 'missing'"),
                            (["--model", "net", "--data", tmp_path / "none"], "data not found")):
-        failed = subprocess.run([*script, *args, "--out", tmp_path / "bad"], capture_output=True, text=True,
-                                timeout=120)
-        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
-        assert not (tmp_path / "bad").exists()
+        assert_script_error("dice_by_volume", [cv, "--data", phantom, *args], fragment, tmp_path / "bad")
 
 
 def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_path):
@@ -634,11 +649,8 @@ def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_p
         return folder
 
     perfect, empty = runs("a", 0, lambda gt: gt.astype(float)), runs("b", 1, lambda gt: np.zeros(gt.shape))
-    script = [sys.executable, str(REPO / "scripts" / "seed_ensemble.py"), "--data", phantom, "--bundle",
-              "attention_unet"]
-    done = subprocess.run([*script, "--runs", perfect, "--runs", empty, "--out", tmp_path / "out"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    bundle = ["--data", phantom, "--bundle", "attention_unet"]
+    script("seed_ensemble", *bundle, "--runs", perfect, "--runs", empty, "--out", tmp_path / "out")
     result = json.loads((tmp_path / "out" / "seed_ensemble.json").read_text())
     means = {row["label"]: row["argmax"]["mean_dice_3d"] for row in result["rows"]}
     assert means == {str(perfect): 1.0, str(empty): 0.0, "ensemble": 1.0}
@@ -656,10 +668,7 @@ def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_p
                                (["--runs", empty], "at least twice"),
                                (["--runs", empty, "--runs", tmp_path / "none"], "no readable cv_plan"),
                                (["--runs", empty, "--runs", also_empty, "--data", one_patient], "are not in")):
-        failed = subprocess.run([*script, *bad_args, "--out", tmp_path / "bad"],
-                                capture_output=True, text=True, timeout=120)
-        assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and fragment in failed.stderr
-        assert not (tmp_path / "bad").exists()
+        assert_script_error("seed_ensemble", [*bundle, *bad_args], fragment, tmp_path / "bad")
 
 
 def fake_fold(bundle, name, data, found, plan, k, runs, overrides, trained: list | None = None):
