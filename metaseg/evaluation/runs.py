@@ -62,13 +62,14 @@ def comparable_items(runs: list[Run], split: str) -> list[dict]:
     return first.datalist[split]
 
 
-def again(run: Run, split: str) -> str:
+def evaluate_command(run: Run, split: str) -> str:
+    """The `metaseg evaluate` command that (re)writes a run's masks of `split`."""
     return f"metaseg evaluate --bundle {run.name} --run {run.path} --split {split}"
 
 
 def check_masks(run: Run, split: str, items: list[dict]) -> None:
     """Every slice of the split needs its predicted mask; say which patients lack how many, and how to fix it."""
-    again = again(run, split)
+    again = evaluate_command(run, split)
     if not (run.path / split / "masks").is_dir():
         raise UserError(f"no {split} masks in {run.path / split / 'masks'} ({run.name}): run `{again}` first")
     missing: dict[str, int] = {}
@@ -93,7 +94,7 @@ def read_evaluation(run: Run, split: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{file} does not name the inference steps that made the {split} masks of {run.name} (masks "
                         f"of an older `metaseg evaluate` or of the bundle's evaluate.json are not what is served): "
-                        f"rerun `{again(run, split)}`") from None
+                        f"rerun `{evaluate_command(run, split)}`") from None
     return evaluation
 
 
