@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.engine import bundle_imports  # noqa: E402
+from metaseg.bundles import config  # noqa: E402
+from metaseg.conventions import model_overrides  # noqa: E402
+from metaseg.inference.engine import bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
-from metaseg.metrics import dice_3d  # noqa: E402
+from metaseg.evaluation.metrics import dice_3d  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "lgg" / "Data"
 NAMES = ("attention_unet", "unetpp")
@@ -34,10 +35,9 @@ MASK_DICE_MIN, GT_DICE_SHIFT_MAX = 0.99, 0.005
 def masks(name: str, data: Path, split: str) -> tuple[dict, dict, dict]:
     """Per patient: ground truth, fp32 masks and bf16 masks, slices stacked in datalist order."""
     bundle = REPO / "bundles" / name
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
-    parser.update({"dataset_dir": str(data), "device": "$torch.device('cpu')",
-                   **ConfigParser.load_config_file(str(bundle / "docs" / "run.json"))["overrides"]})
+    # the shipped weights' input size, from the run record of the fold they were trained as
+    parser = config(bundle, "training", {"dataset_dir": str(data), "device": "$torch.device('cpu')",
+                                         **model_overrides(bundle / "docs" / "training" / "fold_0")})
     items = parser.get_parsed_content("split_data")(split)
     loader = DataLoader(Dataset(items, parser.get_parsed_content("validate#preprocessing")), batch_size=16)
     with bundle_imports(bundle):

@@ -40,7 +40,7 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.data import discover, open_source, read_tiff  # noqa: E402
+from metaseg.data.discovery import discover, open_source, read_tiff  # noqa: E402
 from metaseg.errors import UserError  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def shrink(data: Path, size: int, out: Path) -> None:
 
 def train_runs(args) -> None:
     from metaseg.bundles import bundle_dir
-    from metaseg.cv import assign_folds, check_plan, splits_final, train_fold
+    from metaseg.training.cv import assign_folds, check_plan, splits_final, train_fold
 
     found = discover(args.data)
     bundle = bundle_dir(args.bundle)
@@ -105,12 +105,13 @@ def train_runs(args) -> None:
 def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
     """Per-patient argmax metrics of every held-out patient of a runs folder's trained folds (resumable)."""
     from metaseg.bundles import bundle_dir
-    from metaseg.compare import by_patient, read_ground_truth
-    from metaseg.engine import Engine
+    from metaseg.data.datalist import by_patient
+    from metaseg.data.ground_truth import read_ground_truth
+    from metaseg.inference.engine import Engine
     from metaseg.files import write_json_atomic
-    from metaseg.imageio import decode
-    from metaseg.metrics import patient_metrics
-    from metaseg.pipeline import model_overrides
+    from metaseg.imageio.reader import decode
+    from metaseg.evaluation.metrics import patient_metrics
+    from metaseg.conventions import model_overrides
 
     out = runs / "argmax_scores.json"
     scores = json.loads(out.read_text()) if out.is_file() else {}
@@ -142,7 +143,7 @@ ARM_METRICS = ("dice_3d", "lesion_slice_dice", "fp_slice_rate", "lesionwise_dice
 def arms(base: list[Path], new: list[Path], out: Path) -> dict:
     """Recipe `new` against `base`, per patient: each run's argmax metrics averaged over its seeds, paired."""
     from metaseg.files import write_bytes_atomic, write_json_atomic
-    from metaseg.metrics import bootstrap_ci, paired_difference
+    from metaseg.evaluation.metrics import bootstrap_ci, paired_difference
 
     def load(runs: list[Path]) -> dict[str, dict]:
         missing = [str(run) for run in runs if not (run / "argmax_scores.json").is_file()]

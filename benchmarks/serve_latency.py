@@ -2,9 +2,9 @@
 stopped.
 
 The floor is what no server of this model can avoid: decoding the upload and the engine's forward of the preprocessed
-batch (metaseg.engine.Engine.forward: the bundle's inferer, every fold model of the served ensemble, k forwards), run
-in this process the way the server runs it (serve.allocator's malloc settings, the model on one thread with the same
-torch thread count, serve.pool.on_model_thread). Everything else the server does (the bundle's preprocessing and its
+batch (metaseg.inference.engine.Engine.forward: the bundle's inferer, every fold model of the served ensemble, k
+forwards), run in this process the way the server runs it (serve.allocator's malloc settings, the model on one thread
+with the same torch thread count, serve.pool.on_model_thread). Everything else the server does (the bundle's preprocessing and its
 inverse, the findings, HTTP) is the overhead that the goal bounds: server p50 <= 1.2x the floor's p50.
 
 For a 256x256 PNG (a data-set-like RGB slice) and a 256x256 DICOM MR slice: N sequential requests, measured in
@@ -39,18 +39,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from metaseg.bundles import config  # noqa: E402
 from metaseg.conventions import BEST_FILE, read_best  # noqa: E402
-from metaseg.engine import Engine, bundle_imports  # noqa: E402
+from metaseg.inference.engine import Engine, bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
-from metaseg.imageio import decode  # noqa: E402
-from metaseg.postprocess import upload_masks  # noqa: E402
+from metaseg.imageio.reader import decode  # noqa: E402
+from metaseg.inference.steps import upload_masks  # noqa: E402
 from serve import findings  # noqa: E402
 from serve.allocator import tune_malloc  # noqa: E402
 from serve.pool import on_model_thread, set_torch_threads  # noqa: E402
@@ -62,8 +62,7 @@ HOST = "127.0.0.1"  # loopback only: the benchmark never listens on a network in
 
 def random_weights(folder: Path) -> Path:
     bundle = REPO / "bundles" / "attention_unet"
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser = config(bundle, "training")
     torch.manual_seed(0)
     with bundle_imports(bundle):
         net = parser.get_parsed_content("network_def")

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.files import write_json_atomic  # noqa: E402
-from metaseg.synth import synthesize  # noqa: E402
+from metaseg.data.phantom import synthesize  # noqa: E402
 
 
 def main() -> None:

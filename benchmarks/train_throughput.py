@@ -37,9 +37,10 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.engine import bundle_imports  # noqa: E402
+from metaseg.bundles import config  # noqa: E402
+from metaseg.inference.engine import bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
-from metaseg.synth import synthesize  # noqa: E402
+from metaseg.data.phantom import synthesize  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "lgg" / "Data"
 NAMES = ("attention_unet", "unetpp")
@@ -65,13 +66,10 @@ def sync(device: torch.device) -> float:
 
 def bundle_parser(name: str, data: Path, work: Path, epochs: int, **overrides) -> ConfigParser:
     bundle = REPO / "bundles" / name
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
-    parser.update({
-        "bundle_root": str(bundle), "dataset_dir": str(data), "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "eval"), "epochs": epochs, "val_interval": epochs + 1, **overrides,
+    return config(bundle, "training", {
+        "dataset_dir": str(data), "ckpt_dir": str(work / "models"), "output_dir": str(work / "eval"), "epochs": epochs,
+        "val_interval": epochs + 1, **overrides,
     })
-    return parser
 
 
 class PlainLoop:

@@ -1,4 +1,5 @@
-"""The bundles metaseg ships, and the one way it runs them: MONAI's own `python -m monai.bundle run`.
+"""The bundles metaseg ships, the one way it runs them (MONAI's own `python -m monai.bundle run`), and the one way
+anything in the repository reads their configs (`config`).
 
 Each stage runs in a child process, exactly the command a MONAI user would type, so that the bundle's `scripts`
 package and its config never meet another bundle's in one interpreter, and a stage's log is the bundle's log.
@@ -9,8 +10,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaseg.errors import UserError
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ("unetpp", "attention_unet")
@@ -30,6 +35,20 @@ def bundle_dir(name_or_path: str | Path) -> Path:
     if not (path / "configs" / "metadata.json").is_file():
         raise UserError(f"not a bundle (no configs/metadata.json): {name_or_path}; shipped bundles: {', '.join(NAMES)}")
     return path.resolve()
+
+
+def config(bundle: Path, stage: str, overrides: dict | None = None) -> ConfigParser:
+    """The merged configs of one stage (STAGES) with the bundle's metadata, `bundle_root` the bundle, and `overrides`
+    (config id -> value, e.g. the spatial_size a model was trained at) set on top, as `--key value` sets them."""
+    from monai.bundle import ConfigParser  # here: the stages that only run bundles never import MONAI
+
+    parser = ConfigParser()
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.read_config([str(bundle / "configs" / name) for name in STAGES[stage]])
+    parser["bundle_root"] = str(bundle)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
 
 
 def command(bundle: Path, stage: str, **overrides) -> list[str]:

@@ -38,7 +38,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_synth(args) -> None:
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     stats = synthesize(args.out, patients=args.patients, slices=args.slices, seed=args.seed)
     print(
@@ -48,8 +48,8 @@ def cmd_synth(args) -> None:
 
 
 def cmd_datalist(args) -> None:
-    from metaseg.data import discover
-    from metaseg.datalist import build_datalist, summary, write_datalist
+    from metaseg.data.datalist import build_datalist, summary, write_datalist
+    from metaseg.data.discovery import discover
 
     datalist = build_datalist(discover(args.data), args.seed, args.test_fraction, args.val_fraction)
     write_datalist(datalist, args.out)
@@ -67,7 +67,7 @@ def _overrides(args) -> dict:
 
 def cmd_train(args) -> None:
     from metaseg.bundles import bundle_dir
-    from metaseg.pipeline import train
+    from metaseg.training.pipeline import train
 
     run = args.out or Path("runs") / Path(args.bundle).name
     model = train(bundle_dir(args.bundle), args.data, run, seed=args.seed, restart=args.restart, **_overrides(args))
@@ -78,7 +78,7 @@ def cmd_evaluate(args) -> None:
     import json
 
     from metaseg.bundles import bundle_dir
-    from metaseg.pipeline import evaluate
+    from metaseg.training.pipeline import evaluate
 
     if not (args.run / "datalist.json").is_file():
         raise UserError(f"no datalist.json in {args.run}: train into it first (metaseg train --out {args.run})")
@@ -100,8 +100,8 @@ def _probability(text: str) -> float:
 def cmd_predict(args) -> None:
     from metaseg.bundles import bundle_dir
     from metaseg.conventions import Model, default_weights, read_best
-    from metaseg.engine import Engine
-    from metaseg.predict import predict
+    from metaseg.inference.engine import Engine
+    from metaseg.inference.predict import predict
 
     if args.bundle:
         model = Model(bundle_dir(args.bundle), args.weights or default_weights(bundle_dir(args.bundle)))
@@ -116,7 +116,8 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from metaseg.compare import compare, parse_run
+    from metaseg.evaluation.comparison import compare
+    from metaseg.evaluation.runs import parse_run
 
     report = compare(args.data, [parse_run(r) for r in args.run], args.split, args.out, args.best_out,
                      args.bootstrap, args.seed)
@@ -129,7 +130,8 @@ def cmd_compare(args) -> None:
 
 def cmd_cv(args) -> None:
     from metaseg.bundles import NAMES
-    from metaseg.cv import cross_validate, summary_lines
+    from metaseg.evaluation.cv_report import summary_lines
+    from metaseg.training.cv import cross_validate
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
                             args.bootstrap, args.fold, args.collect, **_overrides(args))

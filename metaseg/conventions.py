@@ -1,5 +1,6 @@
-"""The conventions every part of metaseg shares, each written once: where weights live, the best-model record,
-mask file names and the sequences (input channels).
+"""The conventions every part of metaseg shares, each written once: where weights live, the best-model record and a
+run's record of its overrides, mask file names, the sequences (input channels) and the inference steps a bundle
+records.
 
 The bundles cannot import this module (a bundle copied out of the repo runs in plain MONAI), so they state the same
 facts in their configs (`flair_channel`, the writer's `output_postfix`/`output_ext`, `models/model.pt`) and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,10 @@ FLAIR_CHANNEL = SEQUENCES.index("FLAIR")  # the channel shown to users, and the 
 MASK_POSTFIX, MASK_EXT = "seg", ".png"  # <stem>_seg.png, 0/255
 WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best network, a plain state dict
 BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
+
+# A bundle's chosen inference steps (configs/inference.json `inference_steps`; metaseg.inference.steps applies them)
+BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "min_lesion_mm3", "largest_component")
+RUN_RECORD = "run.json"  # in a run folder: the bundle, data, seed and config overrides it was trained with
 
 # Config overrides a model needs again at inference (its input size; the inference steps its scores were made with),
 # and the only ones a best-model record may carry: a record is a file on disk, and a string reaching ConfigParser
@@ -65,10 +71,40 @@ def checked_overrides(overrides) -> dict:
     if size is not None and not (SPATIAL_MULTIPLE <= size <= 4096 and size % SPATIAL_MULTIPLE == 0):
         raise UserError(f"override spatial_size must be a multiple of {SPATIAL_MULTIPLE} in [16, 4096], got {size}")
     if "inference_steps" in overrides:  # numbers and booleans only; the engine checks largest_component against
-        from metaseg.postprocess import checked_steps  # the bundle's one_lesion_per_patient (scipy: imported here)
-
+        # the bundle's one_lesion_per_patient
         overrides = {**overrides, "inference_steps": checked_steps(overrides["inference_steps"], "override", True)}
     return dict(overrides)
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def checked_steps(steps: Mapping, bundle: str, one_lesion_per_patient: bool = False) -> dict:
+    """A bundle's `inference_steps` without its `_desc_`; a hand-edited one that is not usable is a UserError, and so
+    is `largest_component` in a bundle whose data are not declared one lesion per patient."""
+    steps = {key: value for key, value in steps.items() if key != "_desc_"}
+    if set(steps) != set(BUNDLE_STEPS):
+        raise UserError(f"{bundle}: inference_steps must hold exactly {', '.join(BUNDLE_STEPS)}, got {sorted(steps)}")
+    threshold, voxels, mm3 = steps["threshold"], steps["min_lesion_voxels"], steps["min_lesion_mm3"]
+    if not all(isinstance(steps[key], bool) for key in ("flip_tta", "largest_component")) \
+            or not _number(threshold) or not 0 <= threshold <= 1 \
+            or isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0 or not _number(mm3) or mm3 < 0:
+        raise UserError(f"{bundle}: inference_steps need true/false flip_tta and largest_component, a threshold in "
+                        f"[0, 1], a whole min_lesion_voxels >= 0 and a min_lesion_mm3 >= 0, got {steps}")
+    if steps["largest_component"] and not one_lesion_per_patient:
+        raise UserError(f"{bundle}: inference_steps keep only the largest lesion, but the bundle does not declare "
+                        f"one_lesion_per_patient: that step would delete all metastases but one")
+    return steps
+
+
+def model_overrides(run: Path) -> dict:
+    """The overrides a run's model needs at inference (its input size), from its RUN_RECORD."""
+    try:
+        recorded = json.loads((Path(run) / RUN_RECORD).read_text())["overrides"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"no readable {RUN_RECORD} in {run}: train into it first ({err})") from None
+    return {k: v for k, v in recorded.items() if k in MODEL_OVERRIDES}
 
 
 def read_best(record: Path = BEST_FILE) -> Model:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metaseg.errors import UserError  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
-from metaseg.metrics import paired_difference  # noqa: E402
+from metaseg.evaluation.metrics import paired_difference  # noqa: E402
 
 
 KEYS = ("folds", "seed", "patients", "models", "command")  # what `metaseg cv` writes and the pairing reads

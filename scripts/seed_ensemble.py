@@ -24,15 +24,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metaseg import postprocess  # noqa: E402
 from metaseg.bundles import bundle_dir  # noqa: E402
-from metaseg.compare import by_patient, read_ground_truth  # noqa: E402
-from metaseg.cv import done_folds, load_oof  # noqa: E402
-from metaseg.data import discover  # noqa: E402
-from metaseg.engine import inference_parser  # noqa: E402
+from metaseg.conventions import checked_steps  # noqa: E402
+from metaseg.data.datalist import by_patient  # noqa: E402
+from metaseg.data.discovery import discover  # noqa: E402
+from metaseg.data.ground_truth import read_ground_truth  # noqa: E402
 from metaseg.errors import UserError  # noqa: E402
+from metaseg.evaluation.metrics import bootstrap_ci, paired_difference  # noqa: E402
+from metaseg.evaluation.out_of_fold import done_folds, fold_dir, load_oof  # noqa: E402
+from metaseg.evaluation.selection import Scorer, dice_per_patient, select  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
-from metaseg.metrics import bootstrap_ci, paired_difference  # noqa: E402
+from metaseg.inference.engine import inference_parser  # noqa: E402
+from metaseg.inference.steps import DEFAULT, as_float  # noqa: E402
 
 KINDS = {"argmax": "argmax", "steps": "the bundle's steps", "own_steps": "its own steps"}
 
@@ -47,7 +50,7 @@ def run_maps(runs: Path, bundle: str) -> tuple[dict, dict]:
         raise UserError(f"{runs}: not every fold of {bundle} is done")
     maps = {}
     for k, split in enumerate(plan["splits"]):
-        maps.update(load_oof(runs / bundle / f"fold_{k}", split["val"]))
+        maps.update(load_oof(fold_dir(runs, bundle, k), split["val"]))
     return plan, maps
 
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("give --runs at least twice: the runs to compare and average")
         parser = inference_parser(bundle_dir(args.bundle))
         one_lesion = bool(parser.get("one_lesion_per_patient", False))
-        steps = postprocess.checked_steps(parser.get_parsed_content("inference_steps"), args.bundle, one_lesion)
+        steps = checked_steps(parser.get_parsed_content("inference_steps"), args.bundle, one_lesion)
         plans, maps = {}, {}
         for runs in args.runs:
             label = str(runs)
@@ -118,19 +121,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"seed_ensemble: {err}") from None
     for patient in patients:  # the mean of the runs as a model of its own, so that steps can be chosen for it
         per_run = maps[patient]
-        per_run["ensemble"] = {key: np.mean([postprocess.as_float(per_run[label][key]) for label in labels], axis=0)
+        per_run["ensemble"] = {key: np.mean([as_float(per_run[label][key]) for label in labels], axis=0)
                                for key in ("prob", "prob_flip")}
     truth = {p: truth[p] for p in patients}
-    score = postprocess.Scorer(truth, maps)
+    score = Scorer(truth, maps)
     rows = []
     for name in labels + ["ensemble"]:
-        own = postprocess.select(truth, maps, [name], score, one_lesion)["config"]
-        configs = {"argmax": {**postprocess.DEFAULT, "models": [name]}, "steps": {**steps, "models": [name]},
+        own = select(truth, maps, [name], score, one_lesion)["config"]
+        configs = {"argmax": {**DEFAULT, "models": [name]}, "steps": {**steps, "models": [name]},
                    "own_steps": own}
         row = {"label": name, "plan": "mean" if name == "ensemble" else
                f"{plans[name]['folds']} folds, seed {plans[name]['seed']}"}
         for kind, config in configs.items():
-            dice = postprocess.dice_per_patient(truth, maps, config)
+            dice = dice_per_patient(truth, maps, config)
             row[kind] = {**summary(dice), "dice_3d_per_patient": dice, "config": config}
         rows.append(row)
     singles = {kind: [np.mean([row[kind]["dice_3d_per_patient"][p] for row in rows[:-1]]) for p in patients]

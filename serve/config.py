@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metaseg.conventions import BEST_FILE
-from metaseg.imageio import Limits
+from metaseg.imageio.limits import Limits
 
 _MiB = 2**20
 

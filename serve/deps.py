@@ -11,7 +11,7 @@ from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from serve.config import Settings, get_settings
 from serve.model import Recorded
 from serve.pool import InferencePool

@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 
 import metaseg
 from metaseg.errors import UserError
-from metaseg.imageio import Volume
+from metaseg.imageio.volume import Volume
 
 log = logging.getLogger(__name__)
 

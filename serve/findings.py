@@ -1,8 +1,8 @@
-"""The findings of an upload from its final masks (metaseg.postprocess.upload_masks): the lesion table, and each slice's
-lesion cross-sections.
+"""The findings of an upload from its final masks (metaseg.inference.steps.upload_masks): the lesion table, and each
+slice's lesion cross-sections.
 
-A lesion is metaseg.lesions': a 3D connected component of a volume's mask stack, measured there (voxels, mm3, the
-RANO-BM longest diameter). Unrelated slices (several pictures uploaded together) are measured one by one, each
+A lesion is metaseg.inference.lesions': a 3D connected component of a volume's mask stack, measured there (voxels,
+mm3, the RANO-BM longest diameter). Unrelated slices (several pictures uploaded together) are measured one by one, each
 component a lesion of one slice, so nothing joins slices that were never neighbours. The volume in mL is the lesions'
 volume: only a volume with a known spacing has one (per-slice areas added over slices are not a volume, and a single
 slice has none).
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 from skimage.measure import label, regionprops
 
-from metaseg import lesions
-from metaseg.imageio import Volume
-from metaseg.postprocess import applied_volume_steps
+from metaseg.inference import lesions
+from metaseg.imageio.volume import Volume
+from metaseg.inference.steps import applied_volume_steps
 from serve.schemas import (
     BoundingBox,
     ImageSize,
@@ -78,7 +78,7 @@ def _lesion3d(found: lesions.Lesion) -> Lesion3D:
 
 
 def volume_steps(steps: Mapping, volume: Volume) -> list[str]:
-    """The component steps upload_masks applied to this upload (metaseg.postprocess.applied_volume_steps)."""
+    """The component steps upload_masks applied to this upload (metaseg.inference.steps.applied_volume_steps)."""
     return applied_volume_steps(steps, volume.is_volume, volume.voxel_mm3)
 
 

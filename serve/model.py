@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from metaseg.bundles import bundle_dir
 from metaseg.conventions import Model, default_weights, read_best
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
 from serve import dicomseg
 from serve.config import Settings

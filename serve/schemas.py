@@ -109,8 +109,8 @@ class VoxelPoint(BaseModel):
 
 
 class Lesion3D(BaseModel):
-    """One lesion (metaseg.lesions): a 3D connected component (26-neighbourhood) of a volume's final masks, so one
-    tumour drawn on seven slices is one lesion; of unrelated slices, a connected component of one slice."""
+    """One lesion (metaseg.inference.lesions): a 3D connected component (26-neighbourhood) of a volume's final masks,
+    so one tumour drawn on seven slices is one lesion; of unrelated slices, a connected component of one slice."""
 
     id: int = Field(description="1-based, in series order of the lesion's first voxel (slice, then row, then column)")
     slices: list[int] = Field(description="0-based indices (series order) of every slice the lesion appears on")

@@ -2,7 +2,7 @@
 
 The form holds either `file` (one image, the files of one series, or a DICOM study's three sequence series) or the
 sequences one by one: `pre_contrast`, `flair` (required), `post_contrast`, each one image or one series' files
-(metaseg.sequences turns either into one Volume). Other fields are skipped, their bytes and parts still counted.
+(metaseg.imageio.sequences turns either into one Volume). Other fields are skipped, their bytes and parts still counted.
 
 Starlette's form parser spools files over 1 MiB to temporary files on disk and learns the size only at the
 end; uploads here never touch the disk, and a body is refused as soon as it crosses a limit, whatever
@@ -22,9 +22,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from metaseg import sequences
-from metaseg.imageio import Limits, Volume
-from metaseg.sequences import FIELDS
+from metaseg.imageio import sequences
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.volume import Volume
+from metaseg.imageio.sequences import FIELDS
 from serve.config import Settings
 from serve.pool import Busy
 
@@ -82,7 +83,8 @@ class Form:
         return [file for files in self.fields.values() for file in files]
 
     def volume(self, limits: Limits) -> Volume:
-        """The upload decoded as one Volume (metaseg.sequences); UserError for bad input. Run it on a pool thread."""
+        """The upload decoded as one Volume (metaseg.imageio.sequences); UserError for bad input. Run it on a pool
+        thread."""
         return sequences.volume_of(self.fields, limits)
 
 

@@ -23,7 +23,7 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
 from conftest import REPO, THRESHOLD_NET, threshold_weights
-from metaseg.engine import bundle_imports
+from metaseg.inference.engine import bundle_imports
 
 BUNDLES = REPO / "bundles"
 NAMES = ("unetpp", "attention_unet")
@@ -39,7 +39,7 @@ class Trained:
 
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory) -> Path:
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     root = tmp_path_factory.mktemp("phantom") / "Data"
     synthesize(root, patients=6, slices=6, seed=1)

@@ -12,24 +12,16 @@ from PIL import Image
 
 from conftest import assert_user_error, metaseg
 from metaseg.bundles import NAMES, bundle_dir
-from metaseg.compare import compare, curves_from_events, curves_from_log
-from metaseg.data import discover, read_tiff
+from metaseg.evaluation.comparison import compare
+from metaseg.evaluation.figures import curves_from_events, curves_from_log
+from metaseg.data.discovery import discover, read_tiff
 from metaseg.conventions import read_best, write_best
 from metaseg.errors import UserError
-from metaseg.datalist import build_datalist
+from metaseg.data.datalist import build_datalist
 from metaseg.files import write_json_atomic
-from metaseg.pipeline import STEPS, STEPS_OFF
-from metaseg.metrics import (
-    bootstrap_ci,
-    dice_3d,
-    fp_slice_rate,
-    hd95_per_slice,
-    lesion_slice_dice_iou,
-    paired_difference,
-    patient_metrics,
-    slice_component_detection,
-    slice_dice,
-)
+from metaseg.training.pipeline import STEPS, STEPS_OFF
+from metaseg.evaluation.metrics import (bootstrap_ci, dice_3d, fp_slice_rate, hd95_per_slice, lesion_slice_dice_iou,
+                                        paired_difference, patient_metrics, slice_component_detection, slice_dice)
 
 SHIFT = 3  # px the imperfect model's masks are moved by
 
@@ -205,7 +197,7 @@ def write_run(run: Path, data: Path, datalist: dict, perfect_on: str, steps: str
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Synthetic data and two runs: unetpp is perfect on test and worse on validation, attention_unet the reverse."""
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     root = tmp_path_factory.mktemp("compare")
     data = root / "SYN"
@@ -248,7 +240,7 @@ def test_compare_end_to_end_serves_the_cross_validated_architecture_not_the_best
     entry = shifted["metric_per_patient"][0]
     assert entry["prediction_dir"].endswith(f"test/masks/{entry['patient']}") and entry["n_slices"] == 6
     gt = next(iter(truth.values()))
-    assert set(patient_metrics(gt, gt)) <= set(entry)  # every metric of metaseg.metrics, whatever it holds
+    assert set(patient_metrics(gt, gt)) <= set(entry)  # every metric of metaseg.evaluation.metrics, whatever it holds
     assert (perfect["inference_steps"], shifted["inference_steps"]) == (CHOSEN, STEPS_OFF)
     paired = report["paired_test"]
     assert paired["models"] == ["unetpp", "attention_unet"] and paired["mean_difference"] > 0
@@ -295,10 +287,10 @@ def test_the_shipped_cross_validation_chooses_even_where_the_compared_split_woul
 
 
 def test_the_report_has_a_column_for_every_metric(runs, tmp_path, monkeypatch):
-    """A metric added to metaseg.metrics.METRICS reaches the tables of comparison.md and comparison.json."""
-    import metaseg.compare
+    """A metric added to metaseg.evaluation.metrics.METRICS reaches the tables of comparison.md and comparison.json."""
+    import metaseg.evaluation.reports
 
-    monkeypatch.setattr(metaseg.compare, "METRICS", (*metaseg.compare.METRICS, "gt_lesions"))
+    monkeypatch.setattr(metaseg.evaluation.reports, "METRICS", (*metaseg.evaluation.reports.METRICS, "gt_lesions"))
     root, out = runs["root"], tmp_path / "reports"
     report = compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
                      out=out, n_resamples=50)

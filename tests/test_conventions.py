@@ -14,10 +14,10 @@ from monai.bundle import ConfigParser
 from conftest import PLAIN_STEPS, REPO
 from metaseg import conventions
 from metaseg.cli import main
-from metaseg.data import discover
-from metaseg.datalist import build_datalist
+from metaseg.data.discovery import discover
+from metaseg.data.datalist import build_datalist
 from metaseg.errors import UserError
-from metaseg.imageio import decode
+from metaseg.imageio.reader import decode
 from test_bundles import NAMES
 
 BUNDLES = REPO / "bundles"

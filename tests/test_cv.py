@@ -19,11 +19,13 @@ import pytest
 
 from conftest import REPO, assert_user_error, metaseg
 from test_engine import random_weights
-from metaseg import postprocess
-from metaseg.cv import assign_folds, monitor_patients, splits_final
-from metaseg.engine import Engine
+from metaseg.conventions import BUNDLE_STEPS
+from metaseg.evaluation import selection
+from metaseg.inference import steps as inference_steps
+from metaseg.training.cv import assign_folds, monitor_patients, splits_final
+from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
-from metaseg.metrics import dice_3d
+from metaseg.evaluation.metrics import dice_3d
 
 
 # --- fold assignment ---
@@ -59,11 +61,11 @@ def test_largest_component_is_3d_and_connects_diagonally_across_slices():
     blob(pred, slice(0, 1), slice(2, 6), slice(2, 6))  # 16 voxels on slice 0 ...
     blob(pred, slice(1, 2), slice(6, 10), slice(6, 10))  # ... touching this one only at a corner: one 3D lesion
     blob(pred, slice(3, 4), slice(15, 20), slice(15, 20))  # 25 voxels in one slice: larger in plane, smaller in 3D
-    config = {**postprocess.DEFAULT, "largest_component": True}
-    kept = postprocess.mask(pred, config)
+    config = {**inference_steps.DEFAULT, "largest_component": True}
+    kept = inference_steps.mask(pred, config)
     assert kept.sum() == 32 and kept[0].sum() == kept[1].sum() == 16 and not kept[3].any()
-    assert postprocess.mask(pred, config, volume=False).sum() == 57  # a single slice gets no component step
-    assert not postprocess.mask(np.zeros_like(pred), config).any()
+    assert inference_steps.mask(pred, config, volume=False).sum() == 57  # a single slice gets no component step
+    assert not inference_steps.mask(np.zeros_like(pred), config).any()
 
 
 def test_minimum_size_removes_only_components_below_it():
@@ -71,11 +73,11 @@ def test_minimum_size_removes_only_components_below_it():
     blob(pred, slice(0, 2), slice(0, 3), slice(0, 3))  # 18 voxels over two slices
     blob(pred, slice(2, 3), slice(20, 24), slice(20, 24))  # 16 voxels
     blob(pred, slice(0, 1), slice(10, 12), slice(28, 30))  # 4 voxels
-    config = {**postprocess.DEFAULT, "min_lesion_voxels": 17}
-    assert postprocess.mask(pred, config).sum() == 18
-    assert postprocess.mask(pred, {**config, "min_lesion_voxels": 5}).sum() == 34
-    assert postprocess.mask(pred, {**config, "min_lesion_voxels": 0}).sum() == 38
-    assert postprocess.mask(pred, config, volume=False).sum() == 38
+    config = {**inference_steps.DEFAULT, "min_lesion_voxels": 17}
+    assert inference_steps.mask(pred, config).sum() == 18
+    assert inference_steps.mask(pred, {**config, "min_lesion_voxels": 5}).sum() == 34
+    assert inference_steps.mask(pred, {**config, "min_lesion_voxels": 0}).sum() == 38
+    assert inference_steps.mask(pred, config, volume=False).sum() == 38
 
 
 def stack(*blobs) -> np.ndarray:
@@ -100,7 +102,7 @@ def test_selection_keeps_a_step_only_when_it_raises_the_mean_dice():
     }
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]  # flipping changes nothing: no gain, not kept
-    chosen = postprocess.select(truth, probs, ["net"], one_lesion_per_patient=True, keep_reference=False)
+    chosen = selection.select(truth, probs, ["net"], one_lesion_per_patient=True, keep_reference=False)
     steps = {s["step"]: s for s in chosen["steps"]}
     assert steps["baseline"]["mean_dice_3d"] == 0.0 and steps["baseline"]["lesion_sensitivity_3d"] == 0.0
     assert not steps["flip_tta"]["kept"] and steps["flip_tta"]["gain"] == 0
@@ -111,14 +113,14 @@ def test_selection_keeps_a_step_only_when_it_raises_the_mean_dice():
     assert steps["largest_component"]["kept"] and steps["largest_component"]["gain"] > 0
     assert steps["largest_component"]["lesion_sensitivity_3d_without"] == 1.0 == \
         steps["largest_component"]["lesion_sensitivity_3d_with"]  # the blob was no lesion
-    assert chosen["config"] == {**postprocess.DEFAULT, "models": ["net"], "threshold": 0.3, "largest_component": True}
+    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "threshold": 0.3, "largest_component": True}
     assert chosen["mean_dice_3d"] == 1.0 and chosen["single_slice"] == {"models": ["net"], "flip_tta": False,
                                                                          "threshold": 0.3}
-    assert set(chosen["inference_steps"]) == set(postprocess.BUNDLE_STEPS)
-    undeclared = postprocess.select(truth, probs, ["net"])  # metastasis data: keeping one lesion is no candidate
+    assert set(chosen["inference_steps"]) == set(BUNDLE_STEPS)
+    undeclared = selection.select(truth, probs, ["net"])  # metastasis data: keeping one lesion is no candidate
     assert "largest_component" not in {s["step"] for s in undeclared["steps"]}
     assert "not declared one lesion per patient" in undeclared["skipped"]["largest_component"]
-    assert undeclared["config"] == {**postprocess.DEFAULT, "models": ["net"], "threshold": 0.3}
+    assert undeclared["config"] == {**inference_steps.DEFAULT, "models": ["net"], "threshold": 0.3}
 
 
 def test_selection_rejects_steps_that_hurt():
@@ -127,13 +129,13 @@ def test_selection_rejects_steps_that_hurt():
     good = stack(LESION, SECOND)
     wrong = stack((slice(0, 4), slice(20, 25), slice(0, 5)))
     probs = {"A": {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}}
-    chosen = postprocess.select(truth, probs, ["good", "wrong"], one_lesion_per_patient=True)
+    chosen = selection.select(truth, probs, ["good", "wrong"], one_lesion_per_patient=True)
     steps = {s["step"]: s for s in chosen["steps"]}
     assert steps["baseline"]["value"] == "good" and steps["baseline"]["mean_dice_3d"] == 1.0
     assert not steps["ensemble"]["kept"] and steps["ensemble"]["gain"] < 0
     assert not steps["largest_component"]["kept"] and steps["largest_component"]["gain"] < 0
     assert not any(s["kept"] for s in chosen["steps"][1:])
-    assert chosen["config"] == {**postprocess.DEFAULT, "models": ["good"]}
+    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["good"]}
 
 
 SMALL = (slice(1, 3), slice(30, 33), slice(2, 7))  # 30 voxels: a small metastasis
@@ -147,18 +149,18 @@ def test_a_step_that_raises_dice_by_deleting_a_metastasis_is_never_kept():
     truth = {"A": stack(LESION, SMALL) > 0}
     prob = stack(LESION, SMALL, BLOB)
     probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
-    largest = {**postprocess.DEFAULT, "models": ["net"], "largest_component": True}
-    score = postprocess.Scorer(truth, probs)
+    largest = {**inference_steps.DEFAULT, "models": ["net"], "largest_component": True}
+    score = selection.Scorer(truth, probs)
     assert score(largest).mean_dice_3d > score({**largest, "largest_component": False}).mean_dice_3d
     assert score(largest).detected == 1 < score({**largest, "largest_component": False}).detected == 2
-    undeclared = postprocess.select(truth, probs, ["net"], score)
+    undeclared = selection.select(truth, probs, ["net"], score)
     assert "largest_component" in undeclared["skipped"] and not undeclared["config"]["largest_component"]
-    declared = postprocess.select(truth, probs, ["net"], score, one_lesion_per_patient=True)
+    declared = selection.select(truth, probs, ["net"], score, one_lesion_per_patient=True)
     step = declared["steps"][-1]
     assert step["step"] == "largest_component" and step["gain"] > 0 and not step["kept"]
     assert (step["lesion_sensitivity_3d_without"], step["lesion_sensitivity_3d_with"]) == (1.0, 0.5)
     assert step["note"] == "loses 1 of 2 lesions"
-    assert declared["config"] == {**postprocess.DEFAULT, "models": ["net"]} and declared["lesion_sensitivity_3d"] == 1
+    assert declared["config"] == {**inference_steps.DEFAULT, "models": ["net"]} and declared["lesion_sensitivity_3d"] == 1
 
 
 def test_only_thresholds_that_keep_every_found_lesion_compete():
@@ -167,7 +169,7 @@ def test_only_thresholds_that_keep_every_found_lesion_compete():
     truth = {"A": stack(LESION, SMALL) > 0}
     prob = stack(LESION + (0.9,), SMALL + (0.55,), BLOB + (0.55,))
     probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
-    chosen = postprocess.select(truth, probs, ["net"])
+    chosen = selection.select(truth, probs, ["net"])
     step = next(s for s in chosen["steps"] if s["step"] == "threshold")
     high = step["candidates"]["0.6"]
     assert high["mean_dice_3d"] > step["mean_dice_3d_without"] and high["lesion_sensitivity_3d"] == 0.5
@@ -184,28 +186,28 @@ def test_minimum_sizes_never_exceed_the_smallest_ground_truth_lesion():
              "B": {"net": {"prob": stack(LESION, found, (slice(0, 1), slice(10, 14), slice(30, 40)))}}}
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]
-    score = postprocess.Scorer(truth, probs)
-    plain = {**postprocess.DEFAULT, "models": ["net"]}
+    score = selection.Scorer(truth, probs)
+    plain = {**inference_steps.DEFAULT, "models": ["net"]}
     assert score({**plain, "min_lesion_voxels": 50}).mean_dice_3d > score(plain).mean_dice_3d
     assert score({**plain, "min_lesion_voxels": 50}).detected == score(plain).detected == 4
-    chosen = postprocess.select(truth, probs, ["net"], score, keep_reference=False)
+    chosen = selection.select(truth, probs, ["net"], score, keep_reference=False)
     step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_voxels")
     assert chosen["smallest_gt_lesion_voxels"] == 30 and list(step["candidates"]) == ["10", "25"]
     assert not step["kept"] and chosen["config"]["min_lesion_voxels"] == 0 and chosen["config"]["min_lesion_mm3"] == 0
     tiny = {"A": stack((slice(0, 1), slice(0, 2), slice(0, 4))) > 0}  # an 8-voxel lesion: no candidate at all
-    alone = postprocess.select(tiny, {"A": probs["A"]}, ["net"], keep_reference=False)
+    alone = selection.select(tiny, {"A": probs["A"]}, ["net"], keep_reference=False)
     assert "exceeds the smallest ground-truth lesion (8 voxels)" in alone["skipped"]["min_lesion_voxels"]
     # by default the reference phantom's metastases (down to 5 voxels) bound the sizes too: no candidate of 10+
-    guarded = postprocess.select(truth, probs, ["net"], score)
+    guarded = selection.select(truth, probs, ["net"], score)
     assert "min_lesion_voxels" not in {s["step"] for s in guarded["steps"]}
     assert "reference phantom's metastases (5 voxels)" in guarded["skipped"]["min_lesion_voxels"]
 
 
 def test_the_reference_size_cap_keeps_99_percent_of_the_reference_metastases():
-    assert postprocess.reference_size_cap([5] + [100] * 99) == 100  # dropping 1 of 100 is allowed
-    assert postprocess.reference_size_cap([5, 6] + [100] * 98) == 6  # 2 of 100 is not
-    sizes = postprocess.reference_lesion_voxels()
-    assert len(sizes) == 43 and sizes[0] == 5 and postprocess.reference_size_cap() == 5
+    assert selection.reference_size_cap([5] + [100] * 99) == 100  # dropping 1 of 100 is allowed
+    assert selection.reference_size_cap([5, 6] + [100] * 98) == 6  # 2 of 100 is not
+    sizes = selection.reference_lesion_voxels()
+    assert len(sizes) == 43 and sizes[0] == 5 and selection.reference_size_cap() == 5
 
 
 def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuration_once(monkeypatch):
@@ -217,20 +219,20 @@ def test_selections_sharing_a_scorer_choose_the_same_and_score_each_configuratio
     probs = {patient: {"good": {"prob": good, "prob_flip": good}, "wrong": {"prob": wrong, "prob_flip": wrong}}
              for patient in truth}
     scored = []
-    real = postprocess.patient_score
-    monkeypatch.setattr(postprocess, "patient_score",
+    real = selection.patient_score
+    monkeypatch.setattr(selection, "patient_score",
                         lambda gt, found, maps, config: scored.append((config, maps)) or real(gt, found, maps, config))
     runs = [(truth, models) for models in (["good", "wrong"], ["good"], ["wrong"])]
     runs += [({"A": truth["A"]}, ["good", "wrong"]), ({"B": truth["B"]}, ["good"])]  # subsets, as cross_fitted's
-    alone = [postprocess.select(patients, probs, models) for patients, models in runs]
+    alone = [selection.select(patients, probs, models) for patients, models in runs]
     unshared, scored[:] = len(scored), []
-    score = postprocess.Scorer(truth, probs)
-    shared = [postprocess.select(patients, probs, models, score.subset(list(patients))) for patients, models in runs]
+    score = selection.Scorer(truth, probs)
+    shared = [selection.select(patients, probs, models, score.subset(list(patients))) for patients, models in runs]
     assert shared == alone
     keys = [(json.dumps(config, sort_keys=True), id(maps)) for config, maps in scored]
     assert len(keys) == len(set(keys)) < unshared  # nothing scored twice, less work than the selections alone
-    assert score.subset(["B"])({**postprocess.DEFAULT, "models": ["good"]}) == \
-        postprocess.Scorer({"B": truth["B"]}, probs)({**postprocess.DEFAULT, "models": ["good"]})
+    assert score.subset(["B"])({**inference_steps.DEFAULT, "models": ["good"]}) == \
+        selection.Scorer({"B": truth["B"]}, probs)({**inference_steps.DEFAULT, "models": ["good"]})
 
 
 def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
@@ -245,12 +247,12 @@ def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]
     fold_of = {"A": 0, "B": 1, "C": 1}
-    in_sample = postprocess.select(truth, probs, ["net"])
+    in_sample = selection.select(truth, probs, ["net"])
     assert in_sample["config"]["threshold"] == 0.45 and in_sample["mean_dice_3d"] == 1.0
     seen = []
-    real = postprocess.select
-    monkeypatch.setattr(postprocess, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
-    fitted = postprocess.cross_fitted(truth, probs, ["net"], fold_of)
+    real = selection.select
+    monkeypatch.setattr(selection, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
+    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of)
     assert seen == [["B", "C"], ["A"]]  # fold 0's steps chosen on fold 1's patients, and the other way round
     for k, patients in enumerate(seen):
         assert not {p for p in patients if fold_of[p] == k}
@@ -261,16 +263,16 @@ def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
     assert dice == pytest.approx({"A": 0.0, "B": blob_dice, "C": blob_dice})
     assert [row["patient"] for row in fitted["metric_per_patient"]] == list(truth)
     with pytest.raises(UserError, match="at least two folds"):
-        postprocess.cross_fitted(truth, probs, ["net"], {p: 0 for p in truth})
+        selection.cross_fitted(truth, probs, ["net"], {p: 0 for p in truth})
 
 
 def test_ensemble_and_flip_average_probabilities_and_read_uint8():
     a = {"prob": np.full((1, 2, 2), 255, np.uint8), "prob_flip": np.zeros((1, 2, 2), np.uint8)}
     b = {"prob": np.zeros((1, 2, 2), np.float32), "prob_flip": np.zeros((1, 2, 2), np.float32)}
-    config = {**postprocess.DEFAULT, "models": ["a", "b"]}
-    assert postprocess.probability({"a": a, "b": b}, config).max() == 0.5
-    assert postprocess.probability({"a": a, "b": b}, {**config, "flip_tta": True}).max() == 0.25
-    assert postprocess.probability({"a": a}, {**config, "models": ["a"]}).max() == 1.0
+    config = {**inference_steps.DEFAULT, "models": ["a", "b"]}
+    assert inference_steps.probability({"a": a, "b": b}, config).max() == 0.5
+    assert inference_steps.probability({"a": a, "b": b}, {**config, "flip_tta": True}).max() == 0.25
+    assert inference_steps.probability({"a": a}, {**config, "models": ["a"]}).max() == 1.0
 
 
 def test_flip_tta_is_the_bundles_own_mirror_and_what_cv_scores_is_what_is_deployed(tmp_path):
@@ -281,19 +283,19 @@ def test_flip_tta_is_the_bundles_own_mirror_and_what_cv_scores_is_what_is_deploy
     bundle, weights = REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path)
     frame = np.random.default_rng(0).integers(0, 255, (3, 48, 40)).astype(np.float32)
     engine = Engine(bundle, weights, overrides={"spatial_size": 32, "inference_steps#flip_tta": False})
-    maps = postprocess.network_maps(engine, [frame])
+    maps = inference_steps.network_maps(engine, [frame])
     np.testing.assert_array_equal(maps["prob"][0], engine.probabilities([frame])[0])  # the bundle's flip_tta is off
     assert np.abs(maps["prob"] - maps["prob_flip"]).max() > 0.1  # random weights: the network is not symmetric
     mirrored_input = engine.probabilities([np.ascontiguousarray(frame[..., ::-1])])[0]
     assert np.abs(maps["prob_flip"][0] - mirrored_input[:, ::-1]).max() < 0.05
     assert np.abs(maps["prob_flip"][0] - mirrored_input).max() > 0.1  # (without mirroring back it would be far off)
     deployed = Engine(bundle, weights, overrides={"spatial_size": 32, "inference_steps#flip_tta": True})
-    config = {**postprocess.DEFAULT, "models": ["m"], "flip_tta": True, "threshold": 0.4}
-    np.testing.assert_allclose(deployed.probabilities([frame])[0], postprocess.probability({"m": maps}, config)[0],
+    config = {**inference_steps.DEFAULT, "models": ["m"], "flip_tta": True, "threshold": 0.4}
+    np.testing.assert_allclose(deployed.probabilities([frame])[0], inference_steps.probability({"m": maps}, config)[0],
                                atol=1e-5)
-    np.testing.assert_array_equal(postprocess.segment({"m": engine}, [frame], config, volume=False),
-                                  postprocess.upload_masks(deployed.probabilities([frame]), config))
-    assert "prob_flip" not in postprocess.network_maps(engine, [frame], flip=False)
+    np.testing.assert_array_equal(inference_steps.segment({"m": engine}, [frame], config, volume=False),
+                                  inference_steps.upload_masks(deployed.probabilities([frame]), config))
+    assert "prob_flip" not in inference_steps.network_maps(engine, [frame], flip=False)
 
 
 # --- the command on a tiny phantom ---
@@ -301,7 +303,7 @@ def test_flip_tta_is_the_bundles_own_mirror_and_what_cv_scores_is_what_is_deploy
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     data = tmp_path_factory.mktemp("cv") / "Data"
     synthesize(data, patients=6, slices=4, seed=0)
@@ -316,9 +318,10 @@ LESION_KEYS = ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patie
 def hand_written_runs(phantom: Path, runs: Path) -> tuple:
     """Out-of-fold maps in the format a `metaseg cv` run writes, for a 2-fold plan of the phantom: bundle `perfect`
     predicts the ground truth, `empty` nothing. Returns the data found, its ground truth and the plan."""
-    import metaseg.cv as cv
-    from metaseg.compare import by_patient, read_ground_truth
-    from metaseg.data import discover
+    from metaseg.evaluation import out_of_fold as cv
+    from metaseg.data.datalist import by_patient
+    from metaseg.data.ground_truth import read_ground_truth
+    from metaseg.data.discovery import discover
 
     found = discover(phantom)
     _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
@@ -342,7 +345,7 @@ SERVED_KEYS = {"bundle", "mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient", 
 def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, tmp_path):
     """cv.json/cv.md from hand-written out-of-fold maps: every model row has the lesion-wise keys, the step rows the
     sensitivity; each bundle has its cross-fitted served entry, and the better one is served."""
-    import metaseg.cv as cv
+    from metaseg.evaluation import cv_report as cv
 
     found, truth, plan = hand_written_runs(phantom, tmp_path / "runs")
     out = tmp_path / "reports"
@@ -369,12 +372,12 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
     assert "largest_component" in own["empty"]["skipped"] and "largest_component" in saved["postprocessing"]["skipped"]
     for step in saved["postprocessing"]["steps"][1:]:
         assert {"lesion_sensitivity_3d_without", "lesion_sensitivity_3d_with"} <= set(step)
-    assert set(saved["postprocessing"]["inference_steps"]) == set(postprocess.BUNDLE_STEPS)
+    assert set(saved["postprocessing"]["inference_steps"]) == set(BUNDLE_STEPS)
     assert result["models"]["selected"]["lesion_sensitivity_3d"] == 1.0
     md = (out / "cv.md").read_text()
     assert "| model | GT lesions | lesion-wise Dice |" in md
-    link = re.search(r"\[metaseg/lesions.py\]\(([^)]+)\)", md)[1]  # the one definition of a lesion, linked
-    assert (out / link).resolve() == (REPO / "metaseg" / "lesions.py").resolve()
+    link = re.search(r"\[metaseg/inference/lesions.py\]\(([^)]+)\)", md)[1]  # the one definition of a lesion, linked
+    assert (out / link).resolve() == (REPO / "metaseg" / "inference" / "lesions.py").resolve()
     assert f"| perfect | {lesions} | 1.000 [1.000, 1.000] |" in md
     assert "| lesion sensitivity without | with |" in md and "largest_component not tried" in md
 
@@ -383,7 +386,7 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
     for name, entry in served.items():
         assert set(entry) == SERVED_KEYS and entry["bundle"] == name and entry["n_patients"] == len(truth)
         assert set(entry["steps_per_fold"]) == {"0", "1"}
-        assert all(set(steps) == set(postprocess.BUNDLE_STEPS) for steps in entry["steps_per_fold"].values())
+        assert all(set(steps) == set(BUNDLE_STEPS) for steps in entry["steps_per_fold"].values())
         # what ships is what configs/inference.json records: the steps chosen on all patients
         assert entry["inference_steps"] == saved["postprocessing_per_model"][name]["inference_steps"]
         row = saved["models"][f"{name} served (cross-fitted steps)"]
@@ -401,7 +404,7 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
 def test_served_figures_wait_for_every_fold_of_a_bundle(phantom, tmp_path):
     """A bundle with a fold not done has no served entry (its steps would be chosen on fewer folds), a note says so,
     and no bundle is served until every bundle has its entry."""
-    import metaseg.cv as cv
+    from metaseg.evaluation import cv_report as cv
 
     found, truth, plan = hand_written_runs(phantom, tmp_path / "runs")
     (tmp_path / "runs" / "empty" / "fold_1" / "fold.json").unlink()
@@ -415,7 +418,7 @@ def test_served_figures_wait_for_every_fold_of_a_bundle(phantom, tmp_path):
 
 
 def lesions_of(gt: np.ndarray) -> int:
-    from metaseg import lesions
+    from metaseg.inference import lesions
 
     labels, n = lesions.label(gt)
     return int((np.bincount(labels.ravel())[1:] > 2).sum())
@@ -423,9 +426,9 @@ def lesions_of(gt: np.ndarray) -> int:
 
 def test_an_interrupted_fold_resumes_in_its_run_folder_and_keeps_its_log(phantom, tmp_path, monkeypatch):
     """No trained.json: training runs again in the same folder (the bundle resumes from models/checkpoint.pt)."""
-    import metaseg.cv as cv
-    import metaseg.pipeline
-    from metaseg.data import discover
+    import metaseg.training.pipeline
+    from metaseg.training import cv
+    from metaseg.data.discovery import discover
 
     found = discover(phantom)
     plan = {"folds": 2, "seed": 0, "splits": splits_final(assign_folds(found.patients, 2, 0))}
@@ -434,7 +437,7 @@ def test_an_interrupted_fold_resumes_in_its_run_folder_and_keeps_its_log(phantom
     (fold / "models" / "checkpoint.pt").write_bytes(b"epoch 1 of 2")
     (fold / "train.log").write_text("epoch 1 of 2\n")
     calls = []
-    monkeypatch.setattr(metaseg.pipeline, "train", lambda bundle, data, run, **kw: calls.append((run, kw)))
+    monkeypatch.setattr(metaseg.training.pipeline, "train", lambda bundle, data, run, **kw: calls.append((run, kw)))
     monkeypatch.setattr(cv, "predict_fold", lambda *args: calls.append("predicted"))
     cv.run_fold(Path("bundle"), "attention_unet", phantom, found, plan, 1, tmp_path, {"epochs": 2, "val_interval": 2})
     (run, kwargs), predicted = calls
@@ -456,8 +459,8 @@ def first_fold_reported(out: Path) -> bool:
 
 
 def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
-    from metaseg.compare import read_ground_truth
-    from metaseg.data import discover
+    from metaseg.data.ground_truth import read_ground_truth
+    from metaseg.data.discovery import discover
 
     out, runs = tmp_path / "reports", tmp_path / "runs"
     args = ["cv", "--data", phantom, "--folds", 2, "--epochs", 1, "--spatial-size", 32, "--out", out, "--runs", runs,
@@ -505,7 +508,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     found = discover(phantom)
     from dataclasses import asdict
 
-    from metaseg.compare import by_patient
+    from metaseg.data.datalist import by_patient
 
     _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
     model = report["models"]["attention_unet"]
@@ -600,7 +603,7 @@ def test_compare_cv_pairs_two_recipes_by_patient_and_refuses_unpaired_runs(tmp_p
 
 def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp_path):
     """scripts/dice_by_volume.py: a model's out-of-fold Dice per patient against the lesion volume in the data."""
-    from metaseg.data import discover
+    from metaseg.data.discovery import discover
 
     volume = {}
     for pair in discover(phantom).pairs:
@@ -626,8 +629,9 @@ def test_dice_by_volume_splits_patients_at_the_median_lesion_volume(phantom, tmp
 def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_path):
     """scripts/seed_ensemble.py on hand-made runs: one run's maps are the truth, the other's are empty; their mean
     (0.5) still passes the 0.5 threshold, so the ensemble scores as the perfect run does."""
-    from metaseg.compare import by_patient, read_ground_truth
-    from metaseg.data import discover
+    from metaseg.data.datalist import by_patient
+    from metaseg.data.ground_truth import read_ground_truth
+    from metaseg.data.discovery import discover
 
     found = discover(phantom)
     _, truth = read_ground_truth(phantom, found.root, by_patient([asdict(p) for p in found.pairs]))
@@ -674,7 +678,7 @@ def test_seed_ensemble_scores_each_run_and_their_mean_out_of_fold(phantom, tmp_p
 def fake_fold(bundle, name, data, found, plan, k, runs, overrides, trained: list | None = None):
     """run_fold without training: seeded probabilities per patient (the same in any runs folder), as predict_fold
     stores them, and fold.json."""
-    from metaseg.cv import as_uint8, write_npz
+    from metaseg.evaluation.out_of_fold import as_uint8, write_npz
     from metaseg.files import write_json_atomic
 
     fold_dir = runs / name / f"fold_{k}"
@@ -692,7 +696,7 @@ def fake_fold(bundle, name, data, found, plan, k, runs, overrides, trained: list
 def test_one_fold_per_command_then_collect_equals_a_whole_run(phantom, tmp_path, monkeypatch):
     """`--fold K` trains (here: fakes) only fold K of each bundle and reports nothing; `--collect` trains nothing and
     reports whatever folds are done; folds run apart and then collected give the whole run's report."""
-    import metaseg.cv as cv
+    from metaseg.training import cv
 
     trained = []
     monkeypatch.setattr(cv, "run_fold", lambda *args: fake_fold(*args, trained=trained))

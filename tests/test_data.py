@@ -14,7 +14,7 @@ from monai.data import PILReader
 from monai.transforms import LoadImage
 
 from conftest import write_pair
-from metaseg.data import discover
+from metaseg.data.discovery import discover
 from metaseg.errors import UserError
 
 

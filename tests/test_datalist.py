@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from metaseg.data import discover
-from metaseg.datalist import SPLITS, build_datalist, split_patients
+from metaseg.data.discovery import discover
+from metaseg.data.datalist import SPLITS, build_datalist, split_patients
 from metaseg.errors import UserError
 
 PATIENTS = [f"P{i:02d}" for i in range(44)]

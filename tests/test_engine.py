@@ -16,9 +16,9 @@ from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRangePercentiles
 
 from conftest import REPO
-from metaseg.engine import Engine, OneSortPercentiles
+from metaseg.inference.engine import Engine, OneSortPercentiles
 from metaseg.errors import UserError
-from metaseg.imageio import decode
+from metaseg.imageio.reader import decode
 from test_bundles import NAMES, network_def
 
 SIZE = {"spatial_size": 32}

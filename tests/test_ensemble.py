@@ -14,9 +14,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import REPO
-from metaseg.engine import Engine, bundle_imports
+from metaseg.inference.engine import Engine, bundle_imports
 from metaseg.errors import UserError
-from metaseg.imageio import decode
+from metaseg.imageio.reader import decode
 from test_bundles import NAMES, blocker, monai_bundle, network_def, ok  # noqa: F401 (blocker: a fixture)
 
 SIZE = 32

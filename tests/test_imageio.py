@@ -26,7 +26,11 @@ from pydicom.uid import (
 )
 
 from metaseg.errors import UserError
-from metaseg.imageio import Limits, Volume, decode, to_nifti_bytes, to_png_bytes
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.nifti import to_nifti_bytes
+from metaseg.imageio.picture import to_png_bytes
+from metaseg.imageio.reader import decode
+from metaseg.imageio.volume import Volume
 
 SERIES_UID = generate_uid()
 

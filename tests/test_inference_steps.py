@@ -25,11 +25,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import write_dicom
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
-from metaseg.imageio import decode
-from metaseg.postprocess import upload_masks
-from metaseg.predict import predict
+from metaseg.imageio.reader import decode
+from metaseg.inference.steps import upload_masks
+from metaseg.inference.predict import predict
 from serve.config import Settings
 from serve.main import create_app
 from test_bundles import blocker, copy_bundle, monai_bundle, ok  # noqa: F401 (blocker: a fixture)

@@ -1,5 +1,5 @@
-"""One definition of a lesion (metaseg.lesions): 3D components, their sizes and diameters, and the shipped inference
-steps, which must keep the metastases of the phantom."""
+"""One definition of a lesion (metaseg.inference.lesions): 3D components, their sizes and diameters, and the shipped
+inference steps, which must keep the metastases of the phantom."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from metaseg import lesions, postprocess
+from metaseg import conventions
+from metaseg.evaluation import selection
+from metaseg.inference import lesions
+from metaseg.inference import steps as inference_steps
 from metaseg.bundles import NAMES, bundle_dir
 
 
@@ -56,32 +59,32 @@ def test_a_minimum_size_in_mm3_keeps_a_lesion_of_exactly_that_size_and_voxels_ne
     mask[1, 1:3, 1:3] = True  # 4 voxels of 0.5 mm3 = 2 mm3
     mask[1, 6, 6] = True  # 1 voxel
     prob = mask.astype(np.float32)
-    config = {**postprocess.DEFAULT, "min_lesion_mm3": 2.0}
-    assert postprocess.mask(prob, config, voxel_volume_mm3=0.5).sum() == 4
-    assert postprocess.mask(prob, config).sum() == 5  # mm3 means nothing without a spacing
-    voxels = {**postprocess.DEFAULT, "min_lesion_voxels": 2}
-    assert postprocess.mask(prob, voxels).sum() == 4
-    assert postprocess.mask(prob, voxels, voxel_volume_mm3=0.5).sum() == 5  # nor voxels of unknown size with one
-    assert postprocess.mask(prob, voxels, volume=False).sum() == 5  # unrelated slices: no component step
+    config = {**inference_steps.DEFAULT, "min_lesion_mm3": 2.0}
+    assert inference_steps.mask(prob, config, voxel_volume_mm3=0.5).sum() == 4
+    assert inference_steps.mask(prob, config).sum() == 5  # mm3 means nothing without a spacing
+    voxels = {**inference_steps.DEFAULT, "min_lesion_voxels": 2}
+    assert inference_steps.mask(prob, voxels).sum() == 4
+    assert inference_steps.mask(prob, voxels, voxel_volume_mm3=0.5).sum() == 5  # nor voxels of unknown size with one
+    assert inference_steps.mask(prob, voxels, volume=False).sum() == 5  # unrelated slices: no component step
 
 
 @pytest.fixture(scope="module")
 def phantom_masks() -> list[np.ndarray]:
-    """The perfect masks of `metaseg synth OUT --patients 10 --slices 32 --seed 3` (postprocess.REFERENCE_PHANTOM)."""
-    assert postprocess.REFERENCE_PHANTOM == {"patients": 10, "slices": 32, "seed": 3}
-    return postprocess.reference_masks()
+    """The perfect masks of `metaseg synth OUT --patients 10 --slices 32 --seed 3` (selection.REFERENCE_PHANTOM)."""
+    assert selection.REFERENCE_PHANTOM == {"patients": 10, "slices": 32, "seed": 3}
+    return selection.reference_masks()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_shipped_steps_keep_the_metastases_of_the_phantom(name, phantom_masks):
     """Applied to perfect masks of several small metastases per patient, the served steps keep >= 99% of them."""
     config = json.loads((bundle_dir(name) / "configs" / "inference.json").read_text())
-    steps = postprocess.checked_steps(config["inference_steps"], name, config.get("one_lesion_per_patient", False))
+    steps = conventions.checked_steps(config["inference_steps"], name, config.get("one_lesion_per_patient", False))
     total = kept = 0
     for truth in phantom_masks:
         labels, n = lesions.label(truth)
         assert 2 <= n <= 6  # the phantom: several metastases per patient
-        served = postprocess.mask(truth.astype(np.float32), steps)  # probability 1 inside, 0 outside
+        served = inference_steps.mask(truth.astype(np.float32), steps)  # probability 1 inside, 0 outside
         total += n
         kept += len(np.unique(labels[served & truth]))
     assert total >= 40 and kept / total >= 0.99, f"{name} keeps {kept} of {total} lesions"

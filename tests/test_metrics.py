@@ -1,4 +1,4 @@
-"""Lesion-wise metrics (metaseg.metrics, BraTS-METS 2023) on hand-made volumes with known answers."""
+"""Lesion-wise metrics (metaseg.evaluation.metrics, BraTS-METS 2023) on hand-made volumes with known answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from monai.metrics import compute_hausdorff_distance
 
-from metaseg.metrics import HD95_MISS, lesionwise, patient_metrics, pooled
+from metaseg.evaluation.metrics import HD95_MISS, lesionwise, patient_metrics, pooled
 
 LESION = (slice(1, 4), slice(2, 8), slice(2, 8))  # 3 x 6 x 6 = 108 voxels
 SMALL = (slice(1, 3), slice(20, 24), slice(20, 24))  # 32 voxels, far from LESION

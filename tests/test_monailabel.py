@@ -28,8 +28,8 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, SaveImaged
 
 from conftest import REPO, write_dicom
-from metaseg.engine import Engine, bundle_imports
-from metaseg.predict import predict
+from metaseg.inference.engine import Engine, bundle_imports
+from metaseg.inference.predict import predict
 from test_bundles import NAMES
 from ui.sample import sample
 

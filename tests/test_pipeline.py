@@ -13,18 +13,18 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from metaseg import pipeline
+from metaseg.training import pipeline
 from conftest import REPO, assert_user_error, metaseg
 from metaseg.bundles import NAMES, STAGES, bundle_dir
 from metaseg.cli import main
-from metaseg.compare import by_patient
+from metaseg.data.datalist import by_patient
 from metaseg.conventions import default_weights, mask_file, read_best
-from metaseg.data import discover, read_tiff
-from metaseg.datalist import build_datalist, write_datalist
+from metaseg.data.discovery import discover, read_tiff
+from metaseg.data.datalist import build_datalist, write_datalist
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
-from metaseg.metrics import patient_metrics
-from metaseg.pipeline import FINGERPRINT, STEPS, STEPS_OFF, evaluate, train
+from metaseg.evaluation.metrics import patient_metrics
+from metaseg.training.pipeline import FINGERPRINT, STEPS, STEPS_OFF, evaluate, train
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ SIZE = 96  # the networks' input in these runs (the shipped weights are convolut
 def shipped_runs(tmp_path_factory) -> dict:
     """A phantom of 6 patients x 3 slices (2 test patients) and, per bundle, a run folder as `metaseg train` leaves
     it, holding the shipped weights as if trained at SIZE: real networks, no training, a quarter of the compute."""
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     root = tmp_path_factory.mktemp("shipped")
     data = root / "Data"
@@ -159,7 +159,7 @@ def test_the_bundles_evaluate_json_gives_the_engines_masks_with_the_steps_off(sh
     component steps)."""
     from monai.bundle import ConfigWorkflow
 
-    from metaseg.engine import bundle_imports
+    from metaseg.inference.engine import bundle_imports
 
     name = "attention_unet"  # the bundles' configs differ only in network and steps (tests/test_bundle_configs.py)
     bundle, run, data = bundle_dir(name), run_copy(shipped_runs, name, tmp_path), shipped_runs["data"]
@@ -187,7 +187,7 @@ def test_the_bundles_evaluate_json_gives_the_engines_masks_with_the_steps_off(sh
 def test_compare_records_the_model_and_steps_whose_masks_evaluate_scored(shipped_runs, tmp_path):
     """The demo's path: evaluate (the architecture to serve with the steps off, the other with its bundle's steps),
     compare, then `metaseg predict --best` and the server: the served masks are the scored ones."""
-    from metaseg.engine import Engine
+    from metaseg.inference.engine import Engine
     from serve.config import Settings
     from serve.model import load
 

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import (PLAIN_STEPS, REPO, THRESHOLD_NET, assert_user_error, metaseg, threshold_weights, write_dicom,
                       write_pair)
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
-from metaseg.predict import predict
+from metaseg.inference.predict import predict
 
 
 @pytest.fixture(scope="module")

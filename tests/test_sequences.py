@@ -1,5 +1,5 @@
-"""Sequences as users hold them (metaseg.sequences, the segment routes' fields): a DICOM study's three single-sequence
-series, under `file` or in the fields pre_contrast/flair/post_contrast, reach the network as the three channels of
+"""Sequences as users hold them (metaseg.imageio.sequences, the segment routes' fields): a DICOM study's three
+single-sequence series, under `file` or in the fields pre_contrast/flair/post_contrast, reach the network as the three channels of
 their RGB TIFF, in the network's order; sequences that are not the same slices, several series that are not such a
 trio, and forms of the wrong fields are refused with a 4xx saying what to send; the upload limits hold across fields.
 
@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from conftest import PLAIN_STEPS
-from metaseg import sequences
+from metaseg.imageio import sequences
 from metaseg.errors import Mismatch, TooLarge
-from metaseg.imageio import Limits, decode
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.reader import decode
 from serve.config import Settings
 from serve.main import create_app
 from test_inference_steps import BRIGHT_NET, bundle_with, png
@@ -190,7 +191,7 @@ def test_the_body_limits_hold_across_the_fields(client):
     refused(response, 413, "more than 1024 parts")
 
 
-# --- metaseg.sequences ----------------------------------------------------------------------------------------------
+# --- metaseg.imageio.sequences ------------------------------------------------------------------------------------------
 
 
 def test_decoding_limits_are_shared_by_the_sequences():

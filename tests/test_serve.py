@@ -44,10 +44,12 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from starlette.requests import Request
 
 from conftest import REPO, flair
-from metaseg import imageio, lesions
+from metaseg.imageio import detect, reader
+from metaseg.imageio.volume import Volume
+from metaseg.inference import lesions
 from metaseg.cli import main
 from metaseg.errors import UserError
-from metaseg.postprocess import upload_masks
+from metaseg.inference.steps import upload_masks
 from serve import dicomseg
 from serve.config import Settings
 from serve.deps import get_engine
@@ -417,22 +419,22 @@ def test_mask_and_overlay_of_one_series_slice(echo):
 # --- all slices: NIfTI mask, probabilities -------------------------------------------------------------------
 
 
-def read_nifti(response) -> imageio.Volume:
+def read_nifti(response) -> Volume:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/gzip"
-    return imageio.decode([("mask.nii.gz", response.content)])
+    return reader.decode([("mask.nii.gz", response.content)])
 
 
 def test_nifti_mask_reads_back_as_the_masks_in_series_order(echo):
     files = series_files(order=(1, 2, 0))
     mask = read_nifti(post(echo, "/segment/nifti", *files))
     np.testing.assert_array_equal(np.stack(mask.frames), np.stack(SERIES_SLICES) > 100)
-    np.testing.assert_allclose(mask.affine, imageio.decode(files).affine, atol=1e-5)  # on the DICOM's own voxels
+    np.testing.assert_allclose(mask.affine, reader.decode(files).affine, atol=1e-5)  # on the DICOM's own voxels
     at_one = read_nifti(post(echo, "/segment/nifti", *files, threshold=1))
     assert np.stack(at_one.frames).sum() == np.sum(np.stack(SERIES_SLICES) == 200)  # the threshold applies
     source = [("a.nii.gz", nifti(VOXELS, gz=True))]
     mask = read_nifti(post(echo, "/segment/nifti", *source))
-    expected = np.stack([f / f.max() >= 0.5 for f in imageio.decode(source).frames])
+    expected = np.stack([f / f.max() >= 0.5 for f in reader.decode(source).frames])
     np.testing.assert_array_equal(np.stack(mask.frames), expected)
     pictures = read_nifti(post(echo, "/segment/nifti", *[(f"{z}.png", encode(s)) for z, s in enumerate(SERIES_SLICES)]))
     np.testing.assert_array_equal(np.stack(pictures.frames), np.stack(SERIES_SLICES) > 100)
@@ -452,19 +454,19 @@ def test_probabilities_are_the_engines_within_a_255th(client):
     probability = read_npz(post(client, "/segment/probabilities", *files))
     assert probability.dtype == np.uint8 and probability.shape == (3, 24, 32)
     engine = client.app.state.engine
-    expected = np.stack(engine.probabilities(imageio.decode(files).inputs))  # series order
+    expected = np.stack(engine.probabilities(reader.decode(files).inputs))  # series order
     assert np.abs(probability / 255 - expected).max() <= 0.5 / 255 + 1e-6
     assert probability.std() > 0  # a real map, not a constant
 
 
 def test_a_client_with_the_probabilities_finds_what_segment_reports(echo):
     """The recipe of POST /segment/probabilities: upload_masks of probability / 255 with the /info steps, then
-    metaseg.lesions.measure, gives /segment's masks and lesions."""
+    metaseg.inference.lesions.measure, gives /segment's masks and lesions."""
     files = series_files()
     probability = read_npz(post(echo, "/segment/probabilities", *files)) / 255
-    volume = imageio.decode(files)
+    volume = reader.decode(files)
     masks = upload_masks(list(probability), EchoEngine.inference_steps, volume.is_volume, volume.voxel_mm3)
-    np.testing.assert_array_equal(masks, np.stack(imageio.decode(
+    np.testing.assert_array_equal(masks, np.stack(reader.decode(
         [("m.nii.gz", post(echo, "/segment/nifti", *files).content)]).frames) > 0)
     report = post(echo, "/segment", *files).json()
     found = lesions.measure(masks, probability, volume.pixel_spacing_mm, volume.slice_thickness_mm)
@@ -686,7 +688,7 @@ def test_bad_upload_is_a_4xx_with_a_detail(client, send, status):
 
 
 def test_every_format_the_decoder_reads_has_malformed_uploads():
-    formats = {kind for _, kind in imageio._MAGIC} | {"dicom", "nifti", "gzip"}
+    formats = {kind for _, kind in detect.MAGIC} | {"dicom", "nifti", "gzip"}
     assert formats <= {case[0].split("-")[0] for case in BAD_UPLOADS}
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from metaseg.bundles import NAMES
 from metaseg.conventions import read_best
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from test_bundles import network_def
 
 FOLDS = 3

@@ -16,10 +16,10 @@ import torch
 from conftest import REPO
 from metaseg.bundles import NAMES
 from metaseg.conventions import read_best
-from metaseg.data import discover, open_source, read_tiff
-from metaseg.engine import Engine
-from metaseg.imageio import decode
-from metaseg.metrics import dice_3d
+from metaseg.data.discovery import discover, open_source, read_tiff
+from metaseg.inference.engine import Engine
+from metaseg.imageio.reader import decode
+from metaseg.evaluation.metrics import dice_3d
 
 CV = REPO / "reports" / "cv.json"
 MAX_FILE, MAX_BUNDLE = 10 * 2**20, 50 * 2**20

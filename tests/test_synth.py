@@ -10,7 +10,7 @@ import tifffile
 from scipy import ndimage
 
 from metaseg.errors import UserError
-from metaseg.synth import synthesize
+from metaseg.data.phantom import synthesize
 
 PATIENTS, SLICES = 6, 20
 

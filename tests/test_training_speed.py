@@ -16,14 +16,14 @@ from monai.transforms import ToDeviced
 from monai.utils import set_determinism
 
 from conftest import REPO
-from metaseg.engine import bundle_imports
+from metaseg.inference.engine import bundle_imports
 
 NAMES = ("unetpp", "attention_unet")
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    from metaseg.synth import synthesize
+    from metaseg.data.phantom import synthesize
 
     root = tmp_path_factory.mktemp("phantom") / "Data"
     synthesize(root, patients=5, slices=4, seed=2)

@@ -35,8 +35,11 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO
 from metaseg.cli import main
 from metaseg.errors import Mismatch
-from metaseg.imageio import Limits, Volume, decode, to_png_bytes
-from metaseg.lesions import measure
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.picture import to_png_bytes
+from metaseg.imageio.reader import decode
+from metaseg.imageio.volume import Volume
+from metaseg.inference.lesions import measure
 from serve.errors import add_handlers
 from serve.uploads import Form
 from ui import display, findings

@@ -4,8 +4,8 @@ away the segmentation.
     metaseg ui [--server URL]        # or: METASEG_SERVER=URL streamlit run ui/app.py
 
 The server runs the model once per upload and answers with the lesion probability of every slice (cached here by
-upload digest). The viewer decodes the upload as the server does (ui.upload: metaseg.sequences), so that what the
-server would refuse is refused here before it is sent, and shows each sequence the upload holds. It makes the masks,
+upload digest). The viewer decodes the upload as the server does (ui.upload: metaseg.imageio.sequences), so that what
+the server would refuse is refused here before it is sent, and shows each sequence the upload holds. It makes the masks,
 the 3D lesion table and the overlays from those probabilities with the server's own code (ui.findings): scrolling,
 the threshold, the opacity and the sequence shown ask the server nothing. The whole series' mask files (NIfTI,
 DICOM SEG) are fetched when the user asks for them.
@@ -22,8 +22,10 @@ import numpy as np
 import streamlit as st
 
 from metaseg.errors import TooLarge, UserError
-from metaseg.imageio import Limits, Volume, to_png_bytes
-from metaseg.sequences import FIELDS
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.picture import to_png_bytes
+from metaseg.imageio.volume import Volume
+from metaseg.imageio.sequences import FIELDS
 from ui import display, findings
 from ui.client import DEFAULT_SERVER, Client, ServerError
 from ui.findings import Findings

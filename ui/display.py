@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 from metaseg.conventions import FLAIR_CHANNEL, SEQUENCES
-from metaseg.imageio import Volume
+from metaseg.imageio.volume import Volume
 
 RED = np.array([255.0, 0.0, 0.0], np.float32)
 STRIP_EMPTY, STRIP_LESION, STRIP_SHOWN = (225, 225, 225), (220, 40, 40), (30, 30, 30)

@@ -1,6 +1,6 @@
 """The findings of one upload, made here from the server's lesion probabilities with the server's own code: the
-final masks (metaseg.postprocess.upload_masks with the model's inference steps and the chosen threshold), the
-lesions (metaseg.lesions.measure: 3D connected components of a volume), and how the viewer shows them.
+final masks (metaseg.inference.steps.upload_masks with the model's inference steps and the chosen threshold), the
+lesions (metaseg.inference.lesions.measure: 3D connected components of a volume), and how the viewer shows them.
 
 A volume (a DICOM series, a multi-frame DICOM, a NIfTI, one multi-page TIFF: metaseg.imageio.Volume.is_volume) has
 3D lesions with a volume where the spacing is known; a single slice, or several pictures uploaded together, has the
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from metaseg.conventions import SEQUENCES
-from metaseg.imageio import Volume
-from metaseg.lesions import Lesion, measure_upload
-from metaseg.postprocess import applied_volume_steps, as_float, min_size, upload_masks, with_threshold
+from metaseg.imageio.volume import Volume
+from metaseg.inference.lesions import Lesion, measure_upload
+from metaseg.inference.steps import applied_volume_steps, as_float, min_size, upload_masks, with_threshold
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The "Try a sample" slice: drawn by metaseg.synth with a fixed seed, so the viewer ships no patient data."""
+"""The "Try a sample" slice: drawn by metaseg.data.phantom with a fixed seed, so the viewer ships no patient data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from metaseg.synth import synthesize
+from metaseg.data.phantom import synthesize
 from ui.upload import Upload
 
 SEED = 0

@@ -2,9 +2,9 @@
 cached answer, and the Volume they decode to by the server's own rules.
 
 An upload is either the files of one image or series under `file`, or the sequences the user assigned, under
-`pre_contrast`, `flair` and `post_contrast` (metaseg.sequences.FIELDS). Both are decoded here exactly as the server
-decodes them (metaseg.sequences: `decode` for `file`, which also takes a DICOM study's three sequence series, and
-`stack` for the fields), so an upload the server would refuse is refused here, with its message, before it is sent.
+`pre_contrast`, `flair` and `post_contrast` (metaseg.imageio.sequences.FIELDS). Both are decoded here exactly as the
+server decodes them (metaseg.imageio.sequences: `decode` for `file`, which also takes a DICOM study's three sequence
+series, and `stack` for the fields), so an upload the server would refuse is refused here, with its message, before it is sent.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-from metaseg import sequences
-from metaseg.imageio import Limits, Volume
-from metaseg.sequences import FIELDS
+from metaseg.imageio import sequences
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.volume import Volume
+from metaseg.imageio.sequences import FIELDS
 from ui.client import Files, Parts
 
 FLAIR_FIELD = next(name for name, sequence in FIELDS.items() if sequence == sequences.FLAIR)
@@ -60,8 +61,8 @@ class Upload:
         return name if len(self.files) == 1 else f"{name} and {len(self.files) - 1} more file(s)"
 
     def volume(self, limits: Limits) -> Volume:
-        """The upload decoded as the server decodes it (metaseg.sequences), under its `limits`; UserError for what
-        the server would refuse: a Mismatch for sequences that are not the same slices, several DICOM series that
+        """The upload decoded as the server decodes it (metaseg.imageio.sequences), under its `limits`; UserError for
+        what the server would refuse: a Mismatch for sequences that are not the same slices, several DICOM series that
         are not a study's three sequences, or assigned sequences without FLAIR."""
         return sequences.volume_of(dict(self.parts), limits)
 

@@ -7,7 +7,7 @@ the model thread (serve.pool.on_model_thread), so the event loop keeps answering
 Decoding and inference each have a time limit, checked between frames and between batches of slices. Nothing is
 written to disk: every answer is built in memory.
 
-Masks are the bundle's chosen inference steps (metaseg.postprocess.upload_masks, as `metaseg predict` makes them),
+Masks are the bundle's chosen inference steps (metaseg.inference.steps.upload_masks, as `metaseg predict` makes them),
 with the request's `threshold` in place of the chosen one when given: a volume (metaseg.imageio: a DICOM series or
 multi-frame file, a NIfTI, one multi-page TIFF) gets the component steps; a single slice, and several pictures
 uploaded together, do not.
@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import APIRouter, HTTPException, Response
 
-from metaseg.engine import Engine
+from metaseg.inference.engine import Engine
 from metaseg.errors import TooLarge
-from metaseg.imageio import Volume, to_nifti_bytes, to_png_bytes
-from metaseg.postprocess import has_volume_steps, upload_masks, with_threshold
+from metaseg.imageio.nifti import to_nifti_bytes
+from metaseg.imageio.picture import to_png_bytes
+from metaseg.imageio.volume import Volume
+from metaseg.inference.steps import has_volume_steps, upload_masks, with_threshold
 from serve import dicomseg, findings
 from serve.config import Settings
 from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, Upload
@@ -138,9 +140,9 @@ async def probabilities(files: Upload, engine: EngineDep, pool: PoolDep, setting
     (`numpy.savez_compressed`; read it with `numpy.load(io.BytesIO(body), allow_pickle=False)`) holding
     `probability`: uint8 (slices, rows, cols) = round(255 p), in series order, at the input's own size.
 
-    A client that keeps it can change the threshold without asking again: `metaseg.postprocess.upload_masks(
+    A client that keeps it can change the threshold without asking again: `metaseg.inference.steps.upload_masks(
     probability / 255, steps, volume.is_volume, volume.voxel_mm3)` with the steps of GET /info and the upload decoded
-    by metaseg.imageio, then `metaseg.lesions.measure`, is what POST /segment does."""
+    by metaseg.imageio, then `metaseg.inference.lesions.measure`, is what POST /segment does."""
     return NPZResponse(await pool.run(_probabilities_npz, engine, files, settings))
 
 
@@ -148,7 +150,7 @@ async def probabilities(files: Upload, engine: EngineDep, pool: PoolDep, setting
 
 
 def _decode(files: Form, settings: Settings) -> Volume:
-    """The upload as one Volume, under the server's limits: every route decodes here (metaseg.sequences for the
+    """The upload as one Volume, under the server's limits: every route decodes here (metaseg.imageio.sequences for the
     sequence fields or a DICOM study of three sequence series, else metaseg.imageio)."""
     return files.volume(settings.limits())
 

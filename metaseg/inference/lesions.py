@@ -2,8 +2,8 @@
 
 A mask stack is `(slices, rows, cols)` in series order. Two voxels belong to one lesion when they touch by a face, an
 edge or a corner (`CONNECTIVITY` = 3, the 26-neighbourhood of scipy/scikit-image/MONAI), so a metastasis drawn on five
-adjacent slices is one lesion, not five. The metrics (metaseg.metrics), the inference steps (metaseg.postprocess),
-the server's lesion table and the reports all label lesions with `label` below.
+adjacent slices is one lesion, not five. The metrics (metaseg.evaluation.metrics), the inference steps
+(metaseg.inference.steps), the server's lesion table and the reports all label lesions with `label` below.
 
 One uploaded 2D slice is a stack of one slice: its lesions are its 2D components (8-connected), with an area but no
 volume. Sizes: voxels always; mm3 and mL only where the input gives the spacing (DICOM, NIfTI), since pictures and
@@ -20,6 +20,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
+
+from metaseg.imageio.volume import voxel_mm3
 
 CONNECTIVITY = 3  # voxels sharing a face, an edge or a corner are neighbours (26-neighbourhood)
 _STRUCTURE = ndimage.generate_binary_structure(3, CONNECTIVITY)
@@ -42,13 +44,6 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
         raise ValueError(f"expected a (slices, rows, cols) mask, got shape {mask.shape}")
     labels, n = ndimage.label(mask, _STRUCTURE)
     return labels, int(n)
-
-
-def voxel_mm3(pixel_spacing_mm: tuple[float, float] | None, slice_spacing_mm: float | None) -> float | None:
-    """Volume of one voxel, or None when the in-plane or the slice spacing is unknown."""
-    if pixel_spacing_mm is None or not slice_spacing_mm:
-        return None
-    return float(pixel_spacing_mm[0] * pixel_spacing_mm[1] * slice_spacing_mm)
 
 
 def size_bin(voxels: int, voxel_volume_mm3: float | None) -> str:

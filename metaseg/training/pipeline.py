@@ -7,10 +7,11 @@
     <run>/models/model.pt    the best network by validation Dice; <run>/models/checkpoint.pt to resume
     <run>/train.log          the bundle's training log (+ TensorBoard events in <run>/eval)
     <run>/<split>/masks/<patient>/<stem>_seg.png  a split's (test or validation) masks as users get them: the
-                             run's weights through metaseg.engine, each patient folder one volume, with the bundle's
-                             chosen inference steps (or none, `steps="off"`), by metaseg.predict's own code
+                             run's weights through metaseg.inference.engine, each patient folder one volume, with the
+                             bundle's chosen inference steps (or none, `steps="off"`), by metaseg.inference.predict
     <run>/<split>/metrics.json  the steps those masks were made with and their per-patient metrics
-                             (metaseg.metrics.patient_metrics), nnU-Net style: `mean`, `ci95`, `metric_per_case`
+                             (metaseg.evaluation.metrics.patient_metrics), nnU-Net style: `mean`, `ci95`,
+                             `metric_per_case`
 
 `evaluate` scores what is served (`metaseg predict`, the server): `metaseg compare` reads these masks and records
 their steps in best.json. The bundle's own evaluate.json (MONAI's evaluator, argmax, no steps) stays for plain-MONAI
@@ -25,14 +26,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metaseg.bundles import run_stage
-from metaseg.conventions import MODEL_OVERRIDES, SPATIAL_MULTIPLE, default_weights
+from metaseg.bundles import config, run_stage
+from metaseg.conventions import BUNDLE_STEPS, RUN_RECORD, SPATIAL_MULTIPLE, default_weights, model_overrides
+from metaseg.data.datalist import build_datalist, by_patient, summary, write_datalist
+from metaseg.data.discovery import discover, member
+from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
+from metaseg.evaluation.reports import null_nan, summarize
+from metaseg.evaluation.runs import Run, read_predictions, score
 from metaseg.files import write_json_atomic
-from metaseg.postprocess import BUNDLE_STEPS, DEFAULT
+from metaseg.inference.steps import DEFAULT
 
 if TYPE_CHECKING:
-    from metaseg.engine import Engine
+    from metaseg.inference.engine import Engine
 
 FINGERPRINT = "fingerprint.json"
 CHECKPOINTS = ("models/checkpoint.pt", "models/model.pt")  # what the bundle's training resumes from or keeps
@@ -52,16 +58,13 @@ def train(bundle: Path, data: Path, run: Path, seed: int = 0, restart: bool = Fa
 
     A checkpoint already in `run` is resumed only if it was trained from the same bundle configs, data, split
     and overrides; otherwise UserError, unless `restart`, which deletes the run's checkpoints first."""
-    from metaseg.data import discover  # here, not at the top: `metaseg compare` imports this module without MONAI
-    from metaseg.datalist import build_datalist, summary, write_datalist
-
     _check_patch_size(bundle, overrides)
     datalist = datalist or build_datalist(discover(data), seed=seed)
     ours = fingerprint(bundle, datalist, overrides)
     _check_resume(run, ours, restart)
     write_json_atomic(run / FINGERPRINT, ours)
     write_datalist(datalist, run / "datalist.json")
-    write_json_atomic(run / "run.json", {"bundle": str(bundle), "data": str(data.resolve()), "seed": seed, "overrides": overrides})
+    write_json_atomic(run / RUN_RECORD, {"bundle": str(bundle), "data": str(data.resolve()), "seed": seed, "overrides": overrides})
     print(summary(datalist), flush=True)
     run_stage(
         bundle,
@@ -82,7 +85,7 @@ def _check_patch_size(bundle: Path, overrides: dict) -> None:
     patch = overrides.get("patch_size")
     if patch is None:
         return
-    size = overrides.get("spatial_size") or json.loads((bundle / "configs" / "train.json").read_text())["spatial_size"]
+    size = overrides.get("spatial_size") or config(bundle, "training")["spatial_size"]
     if not isinstance(size, int):
         raise UserError(f"this bundle's spatial_size is {size!r}, not a number: give --spatial-size with --patch-size")
     if patch % SPATIAL_MULTIPLE or patch > size:
@@ -130,19 +133,10 @@ def _check_resume(run: Path, ours: dict, restart: bool) -> None:
                     f"pass --restart to delete its checkpoints and train from scratch, or choose another --out")
 
 
-def model_overrides(run: Path) -> dict:
-    """The overrides a run's model needs at inference (its input size), from its run.json."""
-    try:
-        recorded = json.loads((run / "run.json").read_text())["overrides"]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"no readable run.json in {run}: train into it first ({err})") from None
-    return {k: v for k, v in recorded.items() if k in MODEL_OVERRIDES}
-
-
 def evaluate(bundle: Path, data: Path, run: Path, split: str = "test", steps: str = "chosen") -> Path:
     """Segment one split of the run's patients with its best model as `metaseg predict` and the server do, with the
     bundle's chosen inference steps or (`steps="off"`) none, and score those masks; returns the metrics file."""
-    from metaseg.engine import Engine  # here: the training stages run without importing torch in this process
+    from metaseg.inference.engine import Engine  # here: the training stages run without torch in this process
 
     if steps not in STEPS:
         raise UserError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
@@ -152,14 +146,12 @@ def evaluate(bundle: Path, data: Path, run: Path, split: str = "test", steps: st
 
 def evaluate_engine(engine: Engine, data: Path, run: Path, split: str, steps_note: str,
                     n_resamples: int = 2000) -> Path:
-    """`evaluate` with a loaded metaseg.engine.Engine; `steps_note` says which inference steps it runs (a STEPS
+    """`evaluate` with a loaded metaseg.inference.engine.Engine; `steps_note` says which inference steps it runs (a STEPS
     value), for the reports and best.json.
 
     <run>/<split>/ is this stage's own folder: it is replaced, so no mask of an earlier evaluation (or of the
     bundle's evaluate.json) is ever scored as this one's."""
-    from metaseg.compare import (Run, by_patient, member, null_nan, read_ground_truth, read_predictions, score,
-                                 summarize)
-    from metaseg.predict import predict
+    from metaseg.inference.predict import predict  # here: it imports the engine (torch)
 
     try:
         datalist = json.loads((run / "datalist.json").read_text())

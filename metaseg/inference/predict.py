@@ -1,6 +1,6 @@
 """Segment every image of a Data folder/zip or of a plain image folder, writing one 0/255 PNG mask per slice.
 
-Masks come from the bundle's chosen inference steps (metaseg.postprocess.upload_masks), as in the server: a Data
+Masks come from the bundle's chosen inference steps (metaseg.inference.steps.upload_masks), as in the server: a Data
 patient folder (`<patient>/<patient>_<n>.*`, slices in the order of n) is one volume, and so is a multi-frame file
 (DICOM, NIfTI, multi-page TIFF); every other file is a single slice, which gets no component step.
 
@@ -21,12 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from metaseg.conventions import mask_file
-from metaseg.data import MASK_SUFFIX, SLICE_NUMBER, is_hidden, open_source
-from metaseg.engine import Engine
+from metaseg.data.discovery import MASK_SUFFIX, SLICE_NUMBER, is_hidden, open_source
 from metaseg.errors import UserError
 from metaseg.files import write_bytes_atomic
-from metaseg.imageio import decode, to_png_bytes
-from metaseg.postprocess import upload_masks, with_threshold
+from metaseg.imageio.picture import to_png_bytes
+from metaseg.imageio.reader import decode
+from metaseg.inference.engine import Engine
+from metaseg.inference.steps import upload_masks, with_threshold
 
 log = logging.getLogger(__name__)
 

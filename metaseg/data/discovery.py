@@ -123,6 +123,23 @@ def _check_pair(image_bytes: bytes, mask_bytes: bytes) -> int:
     return int(np.count_nonzero(mask))
 
 
+def member(root: str, path: str) -> str:
+    """A patient-relative path of a datalist as a name in the data source (whose patients sit under `root`)."""
+    return f"{root}/{path}" if root else path
+
+
+def patients_root(names: set[str], recorded: str, label: str) -> str:
+    """Where the patient folders sit in this source: the run's recorded root, else wherever `label` is found.
+
+    So a Data folder and its Data.zip (with or without a top folder) both serve a run trained on either.
+    """
+    found = sorted(name[: -len(label) - 1] for name in names if name.endswith(f"/{label}"))
+    for root in (recorded, "", *found):
+        if member(root, label) in names:
+            return root
+    raise UserError(f"ground truth {label} not in the data source: is this the data the runs were trained on?")
+
+
 def is_hidden(path: PurePosixPath) -> bool:
     """Dot files and macOS zip debris, which no data set means to include."""
     return any(part.startswith((".", "__MACOSX")) for part in path.parts)

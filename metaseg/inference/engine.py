@@ -5,7 +5,7 @@ The engine reads the bundle as MONAI Label and MONAI Deploy do: `configs/inferen
 metaseg.imageio gives arrays in the same row/column order as the bundle's readers), its `inferer` (class
 probabilities averaged over the bundle's fold models, and flip-averaged when its `inference_steps` say so), and its `postprocessing` up to the
 probability map: the lesion channel and the `Invertd` back to each slice's own size. What follows in the bundle (the
-mask and the writer) is left to the caller: metaseg.postprocess.upload_masks applies `inference_steps` (the
+mask and the writer) is left to the caller: metaseg.inference.steps.upload_masks applies `inference_steps` (the
 threshold, and the component steps for a volume), and a caller may pick another threshold.
 """
 
@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import (
@@ -32,10 +32,12 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from metaseg.bundles import STAGES
-from metaseg.conventions import default_weights
+from metaseg.bundles import config
+from metaseg.conventions import checked_steps, default_weights
 from metaseg.errors import UserError
-from metaseg.postprocess import checked_steps
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 
 FOLDS = "other_folds#checkpoints"  # inference.json: the fold models the inferer adds to models/model.pt
@@ -73,12 +75,7 @@ def _first_line(err: Exception, limit: int = 300) -> str:
 
 def inference_parser(bundle: Path, overrides: dict | None = None) -> ConfigParser:
     """The bundle's inference config (with `overrides`), refused with one line if it predates the chosen steps."""
-    parser = ConfigParser()
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.read_config([str(bundle / "configs" / name) for name in STAGES["inference"]])
-    parser["bundle_root"] = str(bundle)
-    for key, value in (overrides or {}).items():  # e.g. the spatial_size a test model was trained at
-        parser[key] = value
+    parser = config(bundle, "inference", overrides)  # overrides: e.g. the spatial_size a test model was trained at
     missing = [key for key in ("inference_steps", "probabilities") if key not in parser]
     if missing:
         raise UserError(f"{bundle.name}: configs/inference.json has no {' or '.join(missing)}: a bundle from "
@@ -138,7 +135,7 @@ class Engine:
 
     A frame is (rows, cols), one channel, or (channels, rows, cols), e.g. the three sequences of metaseg.imageio's
     `Volume.inputs`; the bundle's own preprocessing makes the network's input channels from either.
-    `inference_steps` are the bundle's chosen steps (metaseg.postprocess.BUNDLE_STEPS), for upload_masks.
+    `inference_steps` are the bundle's chosen steps (metaseg.conventions.BUNDLE_STEPS), for upload_masks.
     `weights`: the bundle's own models/model.pt (the default) serves its fold ensemble (`models`: fold 0 and the
     folds of inference.json `other_folds`); any other model.pt (a fold of `metaseg cv`, a `metaseg train` run) is
     served alone. `batch_size` 4: slices per forward; per slice on a 2-core CPU (U-Net++, 3 folds, flip TTA) 4

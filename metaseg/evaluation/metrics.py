@@ -7,8 +7,8 @@ Conventions (nnU-Net's, STYLE.md 3 and 5.6), stated once here and copied into ev
 - false positives on lesion-free slices are not hidden: they lower the pooled 3D Dice and lesion precision and are
   counted on their own as the FP slice rate.
 
-Lesion-wise metrics follow BraTS-METS 2023 (github.com/rachitsaluja/BraTS-2023-Metrics) on metaseg.lesions' lesions
-(3D components, 26-neighbourhood):
+Lesion-wise metrics follow BraTS-METS 2023 (github.com/rachitsaluja/BraTS-2023-Metrics) on the lesions of
+metaseg.inference.lesions (3D components, 26-neighbourhood):
 - a ground-truth lesion is *matched* by every predicted component that overlaps it dilated by one voxel (one
   iteration of the 18-neighbourhood, BraTS-MET's dilation factor 1); it is *detected* when it has any match;
 - its lesion Dice and HD95 are of the lesion against the union of its matched components; a missed lesion scores
@@ -17,9 +17,10 @@ Lesion-wise metrics follow BraTS-METS 2023 (github.com/rachitsaluja/BraTS-2023-M
   it has neither (nothing to find, nothing found);
 - as BraTS-MET, ground-truth lesions of at most `UNSCORED_GT_VOXELS` voxels (its 2 mm3 at 1 mm isotropic) are left
   out of every lesion-wise figure (annotation specks), though components matching them are no false positives;
-- unlike BraTS, ground-truth lesions whose dilations touch stay two lesions: metaseg.lesions is the one definition;
-- distances are in voxels (each voxel taken as a unit cube) and sizes bin by voxels (metaseg.lesions.size_bin):
-  the development TIFFs carry no spacing;
+- unlike BraTS, ground-truth lesions whose dilations touch stay two lesions: metaseg.inference.lesions is the one
+  definition;
+- distances are in voxels (each voxel taken as a unit cube) and sizes bin by voxels
+  (metaseg.inference.lesions.size_bin): the development TIFFs carry no spacing;
 - detection sensitivity (detected / scored ground-truth lesions) and precision (matched / predicted components) are
   pooled over patients in a report (`pooled`), so a patient with five metastases weighs five times one with one.
 """
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, stats
 
-from metaseg.lesions import label, size_bin, size_bins
+from metaseg.inference.lesions import label, size_bin, size_bins
 
 # 8-connectivity within a slice and none across slices: the 2D components of the per-slice detection figures.
 IN_PLANE_8 = np.zeros((3, 3, 3), bool)
@@ -159,7 +160,7 @@ class Target:
 
 
 def targets(gt: np.ndarray) -> list[Target]:
-    """The ground-truth lesions of a boolean stack (metaseg.lesions.label), in label order."""
+    """The ground-truth lesions of a boolean stack (metaseg.inference.lesions.label), in label order."""
     labels, _ = label(gt)
     found = []
     for lesion_id, box in enumerate(ndimage.find_objects(labels), start=1):

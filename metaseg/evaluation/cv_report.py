@@ -1,211 +1,43 @@
-"""`metaseg cv`: patient k-fold cross-validation of the bundles, with out-of-fold probabilities kept for selection.
+"""The cross-validation's reports over the finished folds of `metaseg cv` (layout in metaseg.training.cv):
 
-nnU-Net's layout, one file per stage, each written atomically so an interrupted run resumes where it stopped:
-
-    RUNS/splits_final.json             [{"train": [...], "val": [...]}, ...]: folds over sorted patient ids, seeded
-    RUNS/cv_plan.json                  data, folds, seed, recipe; a rerun with another plan is refused, not mixed
-    RUNS/<bundle>/fold_<k>/            a `metaseg train` run folder (datalist.json, run.json, models/, train.log)
-        trained.json                   training finished (else a rerun resumes it from models/checkpoint.pt,
-                                       keeping the interrupted log as train.log.<n>)
-        oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
-                                       `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA;
-                                       for slices of three sequences also `prob_one_channel`: FLAIR alone as
-                                       the input (what a one-channel upload gets)
-        fold.json                      the fold is done: its patients and their per-patient 3D Dice
     OUT/cv.json, OUT/cv.md             out-of-fold metrics per model over every finished fold (marked partial
                                        until all folds of all bundles are done), lesion-wise ones included
-                                       (metaseg.metrics), paired comparison, per-fold table; the inference steps
-                                       chosen on all these patients (`postprocessing`, `postprocessing_per_model`)
+                                       (metaseg.evaluation.metrics), paired comparison, per-fold table; the inference
+                                       steps chosen on all these patients (`postprocessing`, `postprocessing_per_model`)
                                        and their in-sample rows (`selected`, DEPLOYED: chosen and scored on the
                                        same patients, optimistic); `served_per_bundle`, per bundle with every fold
                                        done, what it serves estimated cross-fitted (served_entry: each fold scored
                                        with the steps chosen on the others; SERVED rows), and `served`, the best
                                        of them (`served_skipped` says why a bundle has none)
-    OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities (metaseg.postprocess)
+    OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities
+                                       (metaseg.evaluation.selection)
     OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
-
-Model selection inside a fold: none. Each fold's model is its final epoch (nnU-Net ships checkpoint_final too);
-a small validation on held-out patients picked the best epoch by noise in this project (issue 10). The bundle's
-validation key holds MONITOR_PATIENTS of the fold's own training patients and runs once, after the last epoch, so
-its `models/model.pt` is the final network and its log line only shows the fit on training patients.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import shlex
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from metaseg import postprocess
-from metaseg.compare import (CONVENTIONS, slice_columns, by_patient, ci_cell, lesion_note, lesion_rows, null_nan,
-                             read_ground_truth, summarize)
-from metaseg.conventions import FLAIR_CHANNEL
-from metaseg.data import discover, open_source
-from metaseg.errors import UserError
+from metaseg.data.datalist import by_patient
+from metaseg.data.ground_truth import read_ground_truth
+from metaseg.evaluation.figures import folds_figure
+from metaseg.evaluation.metrics import paired_difference
+from metaseg.evaluation.out_of_fold import SELECTION, done_folds, fold_dir, load_oof
+from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, lesion_note, lesion_rows, null_nan, slice_columns,
+                                        summarize)
+from metaseg.evaluation.selection import Scorer, cross_fitted, score_config, select
 from metaseg.files import write_bytes_atomic, write_json_atomic
-from metaseg.metrics import paired_difference
-
-MONITOR_PATIENTS = 3
-SELECTION = "final epoch of each fold (no early stopping); the bundle's validation runs once on training-fold patients"
-
-
-def assign_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]:
-    """Disjoint folds covering every patient once: MONAI's partition_dataset over the sorted ids, seeded shuffle."""
-    from monai.data import partition_dataset
-
-    patients = sorted(set(patients))
-    if folds < 2 or folds > len(patients):
-        raise UserError(f"--folds must be between 2 and the number of patients ({len(patients)}), got {folds}")
-    parts = partition_dataset(patients, num_partitions=folds, shuffle=True, seed=seed, even_divisible=False)
-    return [sorted(part) for part in parts]
-
-
-def splits_final(folds: list[list[str]]) -> list[dict]:
-    """nnU-Net's splits_final.json: per fold, the training patients (all other folds) and the held-out ones."""
-    return [{"train": sorted(p for j, f in enumerate(folds) if j != k for p in f), "val": fold}
-            for k, fold in enumerate(folds)]
-
-
-def monitor_patients(train: list[str], fold: int, seed: int) -> list[str]:
-    """The training-fold patients the bundle's one validation pass looks at (seeded per fold)."""
-    rng = np.random.default_rng([seed, fold])
-    return sorted(rng.choice(sorted(train), min(MONITOR_PATIENTS, len(train)), replace=False).tolist())
-
-
-def bundle_epochs(bundle: Path) -> int:
-    try:
-        return int(json.loads((bundle / "configs" / "train.json").read_text())["epochs"])
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read epochs from {bundle}/configs/train.json: {err}") from None
-
-
-def check_plan(runs: Path, plan: dict) -> None:
-    """Write the plan, or refuse to resume a runs folder that was made with another one."""
-    file = runs / "cv_plan.json"
-    if file.is_file():
-        recorded = json.loads(file.read_text())
-        changed = sorted(k for k in plan if recorded.get(k) != plan[k])
-        if changed:
-            raise UserError(f"{runs} holds a cross-validation with other {', '.join(changed)} ({file}): "
-                            f"pass another --runs folder, or delete it to start over")
-    write_json_atomic(file, plan)
-    write_json_atomic(runs / "splits_final.json", plan["splits"])
-
-
-def write_npz(path: Path, **arrays) -> Path:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return write_bytes_atomic(path, buffer.getvalue())
-
-
-def as_uint8(prob: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
-
-
-def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: list[dict]) -> None:
-    """Save each held-out patient's lesion probabilities, plain and with the mirrored input (patients done are kept)."""
-    from metaseg.engine import Engine
-    from metaseg.imageio import decode
-    from metaseg.pipeline import model_overrides
-
-    engine = Engine(bundle, weights=fold_dir / "models" / "model.pt", overrides=model_overrides(fold_dir))
-    with open_source(data) as files:
-        for patient, slices in by_patient(items).items():
-            out = fold_dir / "oof" / f"{patient}.npz"
-            if out.is_file():
-                continue
-            frames = []
-            for item in slices:
-                name = f"{root}/{item['image']}" if root else item["image"]
-                frames.append(decode([(name, files.read(name))]).inputs[0])
-            maps = postprocess.network_maps(engine, frames, flip=True)
-            if frames[0].ndim == 3:  # the slices bring three sequences: also FLAIR alone
-                maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames],
-                                                                         view="plain"))
-            write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
-                      slices=np.array([i["slice"] for i in slices]))
-
-
-def load_oof(fold_dir: Path, patients: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    loaded = {}
-    for patient in patients:
-        with np.load(fold_dir / "oof" / f"{patient}.npz") as npz:
-            loaded[patient] = {key: npz[key] for key in ("prob", "prob_flip", "prob_one_channel") if key in npz}
-    return loaded
-
+from metaseg.inference.steps import DEFAULT
 
 ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
 DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
 SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
-
-
-def cv_datalist(found, plan: dict, runs: Path, fold: int, training: list[str], test: list[str]) -> dict:
-    """The `metaseg train` datalist of fold k (test: its held-out patients): the bundle's validation monitors a few
-    of the training patients, recorded as such."""
-    from metaseg.datalist import build_datalist
-
-    monitor = monitor_patients(training, fold, plan["seed"])
-    datalist = build_datalist(found, split={"training": training, "validation": monitor, "test": test})
-    datalist.update(seed=plan["seed"], test_fraction=None, val_fraction=None,
-                    cv={"fold": fold, "folds": plan["folds"],
-                        "validation": "training-fold patients, monitor only: " + SELECTION,
-                        "splits": str((runs / "splits_final.json").resolve())})
-    return datalist
-
-
-def train_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> dict:
-    """Train fold k of one bundle into RUNS/<name>/fold_<k> (or resume its training; nothing once trained.json is
-    there), and return the fold's datalist."""
-    from metaseg.pipeline import train
-
-    fold_dir = runs / name / f"fold_{k}"
-    split = plan["splits"][k]
-    datalist = cv_datalist(found, plan, runs, k, split["train"], split["val"])
-    if not (fold_dir / "trained.json").is_file():
-        resumed = (fold_dir / "models" / "checkpoint.pt").is_file()
-        print(f"cv: {name} fold {k}: {'resuming' if resumed else 'training'} on {len(split['train'])} patients",
-              flush=True)
-        keep_log(fold_dir / "train.log")
-        started = time.time()
-        train(bundle, data, fold_dir, seed=plan["seed"], datalist=datalist, **overrides)
-        write_json_atomic(fold_dir / "trained.json", {"seconds": round(time.time() - started), "resumed": resumed,
-                                                      **overrides})
-    return datalist
-
-
-def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
-    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
-    fold_dir = runs / name / f"fold_{k}"
-    datalist = train_fold(bundle, name, data, found, plan, k, runs, overrides)
-    patients = plan["splits"][k]["val"]
-    print(f"cv: {name} fold {k}: predicting {len(patients)} held-out patients", flush=True)
-    started = time.time()
-    predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
-    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": patients,
-                                               "predict_seconds": round(time.time() - started)})
-
-
-def keep_log(log: Path) -> None:
-    """An interrupted training's log becomes train.log.<n> (the resumed run writes a fresh train.log)."""
-    if log.is_file():
-        n = 1
-        while log.with_name(f"{log.name}.{n}").exists():
-            n += 1
-        log.rename(log.with_name(f"{log.name}.{n}"))
-
-
-# --- reports over the finished folds ---
-
-
-def done_folds(runs: Path, name: str, folds: int) -> list[int]:
-    return [k for k in range(folds) if (runs / name / f"fold_{k}" / "fold.json").is_file()]
 
 
 def lesion_figures(summary: dict) -> dict:
@@ -242,19 +74,19 @@ def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resample
     }
 
 
-def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: postprocess.Scorer, one_lesion: bool,
+def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: Scorer, one_lesion: bool,
                  n_resamples: int, seed: int) -> tuple[dict, dict]:
     """What bundle `name` serves, estimated cross-fitted: each patient of `truth` (every fold of the bundle) gets its
     out-of-fold probabilities with the steps chosen for the bundle alone (the server runs one bundle) on the other
-    folds' patients (postprocess.cross_fitted), scored as the model rows are. Returns cv.json's served_per_bundle
+    folds' patients (cross_fitted), scored as the model rows are. Returns cv.json's served_per_bundle
     entry and the model row (its `config`: fold -> the configuration chosen without that fold); the entry's
     `inference_steps` are those chosen on all these patients, what ships. `score`: a Scorer of these patients or
     more."""
-    fitted = postprocess.cross_fitted(truth, probs, [name], fold_of, score, one_lesion)
+    fitted = cross_fitted(truth, probs, [name], fold_of, score, one_lesion)
     chosen = fitted["selections"]
     row = model_entry(fitted["metric_per_patient"], fold_of, {str(k): c["config"] for k, c in chosen.items()},
                       n_resamples, seed)
-    shipped = postprocess.select(truth, probs, [name], score.subset(list(truth)), one_lesion)["inference_steps"]
+    shipped = select(truth, probs, [name], score.subset(list(truth)), one_lesion)["inference_steps"]
     entry = {"bundle": name, **{key: row[key] for key in ("mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient")},
              **{key: row["mean"][key] for key in ("lesion_slice_dice", "fp_slice_rate")},
              **{key: row[key] for key in ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
@@ -303,18 +135,18 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     probs: dict[str, dict] = {p: {} for p in all_patients}
     for name in names:
         for k in done[name]:
-            for patient, maps in load_oof(runs / name / f"fold_{k}", plan["splits"][k]["val"]).items():
+            for patient, maps in load_oof(fold_dir(runs, name, k), plan["splits"][k]["val"]).items():
                 probs[patient][name] = maps
                 if "prob_one_channel" in maps:
                     probs[patient][ONE_CHANNEL.format(name=name)] = {"prob": maps["prob_one_channel"]}
     for name in names:
         if covered[name]:
-            config, scored = {**postprocess.DEFAULT, "models": [name]}, {p: truth[p] for p in covered[name]}
-            per_patient = postprocess.score_config(scored, probs, config)
+            config, scored = {**DEFAULT, "models": [name]}, {p: truth[p] for p in covered[name]}
+            per_patient = score_config(scored, probs, config)
             result["models"][name] = model_entry(per_patient, fold_of, config, n_resamples, seed)
             one = ONE_CHANNEL.format(name=name)
             if all(one in probs[p] for p in covered[name]):
-                per_patient = postprocess.score_config(scored, probs, {**config, "models": [one]})
+                per_patient = score_config(scored, probs, {**config, "models": [one]})
                 result["models"][one] = model_entry(per_patient, fold_of, {**config, "models": [one]}, n_resamples,
                                                     seed)
                 result.setdefault("one_channel_loss", {})[name] = {
@@ -324,23 +156,23 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
                                         n_resamples, seed)}
     common = sorted(set.intersection(*(set(covered[name]) for name in names)))
     selection = None
-    score = postprocess.Scorer({p: truth[p] for p in all_patients}, probs)  # shared by every selection below
+    score = Scorer({p: truth[p] for p in all_patients}, probs)  # shared by every selection below
     if common:
         truth_common = {p: truth[p] for p in common}
-        selection = postprocess.select(truth_common, probs, names, score.subset(common), all(declared.values()))
+        selection = select(truth_common, probs, names, score.subset(common), all(declared.values()))
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
-        per_patient = postprocess.score_config(truth_common, probs, selection["config"])
+        per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
         keys = ("config", "mean_dice_3d", "lesion_sensitivity_3d", "steps", "skipped", "smallest_gt_lesion_voxels",
                 "reference_size_cap_voxels", "single_slice", "inference_steps")
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
-            name: {k: v for k, v in postprocess.select(truth_common, probs, [name], score.subset(common),
+            name: {k: v for k, v in select(truth_common, probs, [name], score.subset(common),
                                                        declared[name]).items() if k in keys}
             for name in names}
         for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
-            per_patient = postprocess.score_config(truth_common, probs, own["config"])
+            per_patient = score_config(truth_common, probs, own["config"])
             result["models"][DEPLOYED.format(name=name)] = model_entry(per_patient, fold_of, own["config"],
                                                                        n_resamples, seed)
         if len(names) == 2:
@@ -371,35 +203,6 @@ def _write(out: Path, result: dict, selection: dict | None) -> dict:
     write_bytes_atomic(out / "cv.md", markdown(result, out).encode())
     return result
 
-
-def folds_figure(result: dict) -> bytes:
-    """Per-patient 3D Dice of every fold, one colour per model, the fold mean as a bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from metaseg.compare import figure_png
-
-    models = result["models"]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * result["folds"], 4))
-    width = 0.8 / max(len(models), 1)
-    fold_of = {p: int(k) for k, ids in result["patients"].items() for p in ids}
-    for i, (name, entry) in enumerate(models.items()):
-        x_of = {k: k - 0.4 + width * (i + 0.5) for k in range(result["folds"])}
-        xs = [x_of[fold_of[p]] for p in entry["dice_3d_per_patient"]]
-        ax.plot(xs, list(entry["dice_3d_per_patient"].values()), "o", color=f"C{i}", alpha=0.6, markersize=4,
-                label=f"{name} (mean {entry['mean_dice_3d']:.3f})")
-        for k, fold in entry["per_fold"].items():
-            ax.hlines(fold["mean_dice_3d"], x_of[int(k)] - width / 2, x_of[int(k)] + width / 2, color=f"C{i}")
-    ax.set(title="out-of-fold per-patient 3D Dice (lines: fold means)", xlabel="fold", ylabel="3D Dice",
-           ylim=(-0.02, 1.02), xticks=range(result["folds"]))
-    ax.grid(alpha=0.3)
-    if models:
-        ax.legend(fontsize=8, loc="lower left")
-    data = figure_png(fig)
-    plt.close(fig)
-    return data
 
 
 def _share(value: float | None) -> str:
@@ -541,62 +344,6 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
     lines += [f"- fold {k} ({len(ids)}): {', '.join(ids)}" for k, ids in result["patients"].items()]
     return "\n".join(lines) + "\n"
 
-
-def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
-                   runs: Path = Path("runs/cv"), n_resamples: int = 2000,
-                   fold: int | None = None, collect: bool = False, **overrides) -> dict | None:
-    """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each.
-    What ships is the k fold models of each bundle (scripts/ship_weights.py), as nnU-Net's fold ensemble.
-
-    As nnU-Net's `nnUNetv2_train DATASET CONFIG FOLD`: `fold` trains and predicts that fold alone (of every bundle;
-    another machine, a job-array task or a GPU each) and writes no report (returns None); `collect` trains nothing and
-    reports over whatever folds are done. Both check the same plan, so the folds of one command line fit together."""
-    from metaseg.bundles import bundle_dir
-    from metaseg.engine import inference_parser
-
-    if not Path(data).exists():
-        raise UserError(f"data not found: {data}")
-    if fold is not None and collect:
-        raise UserError("--fold trains one fold: it does not go with --collect")
-    if fold is not None and not 0 <= fold < folds:
-        raise UserError(f"--fold must be between 0 and {folds - 1} (--folds {folds}), got {fold}")
-    resolved = {Path(str(b)).name: bundle_dir(b) for b in dict.fromkeys(bundles)}
-    if len(resolved) != len(set(bundles)):
-        raise UserError(f"bundles must have different folder names, got {bundles}")
-    found = discover(data)
-    epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
-    declared = {name: bool(inference_parser(bundle).get("one_lesion_per_patient", False))
-                for name, bundle in resolved.items()}
-    recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
-              **{k: overrides[k] for k in ("spatial_size", "patch_size") if k in overrides}}
-    plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
-            "patients": found.patients, "splits": splits_final(assign_folds(found.patients, folds, seed))}
-    check_plan(runs, plan)
-    command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
-                          *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
-                          *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
-    def run(k: int, name: str, bundle: Path) -> bool:
-        """Fold k of one bundle unless done; whether it ran."""
-        if (runs / name / f"fold_{k}" / "fold.json").is_file():
-            print(f"cv: {name} fold {k} already done, skipped", flush=True)
-            return False
-        # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
-        run_fold(bundle, name, data, found, plan, k, runs,
-                 {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
-        return True
-
-    if fold is not None:
-        for name, bundle in resolved.items():
-            run(fold, name, bundle)
-        return None
-    result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
-    if collect:
-        return result
-    for k in range(folds):
-        for name, bundle in resolved.items():
-            if run(k, name, bundle):
-                result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
-    return result
 
 
 def summary_lines(result: dict) -> list[str]:

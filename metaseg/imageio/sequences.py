@@ -2,7 +2,7 @@
 hold them: one series, or one file, per sequence.
 
 A DICOM study keeps each sequence in a series of its own. `decode(files)` takes one upload: one image or one series
-(imageio.decode), or a study's three sequence series, recognised from their descriptions (`sequence_of`); any other
+(reader.decode), or a study's three sequence series, recognised from their descriptions (`sequence_of`); any other
 set of several series is refused, asking for the sequences one by one. `stack(by_sequence)` takes the sequences the
 user assigned, FLAIR required. The sequences must be the same slices: the same number of frames of the same size,
 the same pixel spacing where both know it, and for DICOM the same slice positions and orientation within a tolerance;
@@ -37,12 +37,14 @@ from dataclasses import replace
 import numpy as np
 from pydicom.dataset import Dataset
 
-from metaseg import imageio
 from metaseg.conventions import FLAIR_CHANNEL, SEQUENCES
 from metaseg.errors import Mismatch, TooLarge
-from metaseg.imageio import Limits, Volume
+from metaseg.imageio import reader
+from metaseg.imageio.dicom import dicom_datasets, frame_planes
+from metaseg.imageio.limits import Limits
+from metaseg.imageio.volume import Volume
 
-Files = list[tuple[str, bytes]]  # (file name, bytes), as imageio.decode takes them
+Files = list[tuple[str, bytes]]  # (file name, bytes), as reader.decode takes them
 
 FLAIR = SEQUENCES[FLAIR_CHANNEL]
 FIELDS = dict(zip(("pre_contrast", "flair", "post_contrast"), SEQUENCES))  # each sequence's name as an identifier
@@ -71,11 +73,11 @@ def volume_of(fields: Mapping[str, Files], limits: Limits = Limits()) -> Volume:
 
 
 def decode(files: Files, limits: Limits = Limits()) -> Volume:
-    """One upload: an image or series as imageio.decode gives it, or a study's three sequence series stacked;
+    """One upload: an image or series as reader.decode gives it, or a study's three sequence series stacked;
     several series that are not recognisably those three are a Mismatch."""
     series = _sequence_series(files, limits)
     if series is None:
-        return imageio.decode(files, limits)
+        return reader.decode(files, limits)
     return stack({sequence: [files[i] for i in indices] for sequence, indices in series.items()}, limits)
 
 
@@ -127,13 +129,13 @@ def _description(ds: Dataset) -> str:
 def _sequence_series(files: Files, limits: Limits) -> dict[str, list[int]] | None:
     """The indices of each sequence's files when the upload is several DICOM series; None for one series (or files
     that name none) and for other kinds. The headers are parsed under the upload's limits, files allowed for three."""
-    datasets = imageio.dicom_datasets(files, replace(limits, max_files=len(SEQUENCES) * limits.max_files))
+    datasets = dicom_datasets(files, replace(limits, max_files=len(SEQUENCES) * limits.max_files))
     if datasets is None:
         return None
     uids = [str(ds.get("SeriesInstanceUID") or "") for ds in datasets]
     series = {uid: [i for i, other in enumerate(uids) if other == uid] for uid in dict.fromkeys(uids)}
     if len(series.keys() - {""}) <= 1:
-        return None  # one series: imageio.decode checks the rest as ever
+        return None  # one series: reader.decode checks the rest as ever
     if "" in series:
         raise Mismatch(f"{len(series) - 1} DICOM series and files of no series; {ASK_FOR_FIELDS}")
     if len(series) != len(SEQUENCES):
@@ -160,7 +162,7 @@ def _decode_each(by_sequence: Mapping[str, Files], limits: Limits) -> dict[str, 
             if left <= 0:
                 raise TooLarge(f"decoding takes more than the limit of {limits.max_seconds:g} s")
             share = replace(share, max_seconds=left)
-        volumes[sequence] = imageio.decode(files, share)
+        volumes[sequence] = reader.decode(files, share)
     return volumes
 
 
@@ -191,7 +193,7 @@ def _check_same_slices(name: str, sequence: str, volume: Volume, flair: Volume) 
     if spacing and flair_spacing and not np.allclose(spacing, flair_spacing, rtol=SPACING_TOLERANCE, atol=0):
         raise differs(f"has a pixel spacing of {spacing[0]:g} x {spacing[1]:g} mm, "
                       f"FLAIR {flair_spacing[0]:g} x {flair_spacing[1]:g} mm")
-    for index, (plane, flair_plane) in enumerate(zip(imageio.frame_planes(volume), imageio.frame_planes(flair))):
+    for index, (plane, flair_plane) in enumerate(zip(frame_planes(volume), frame_planes(flair))):
         if plane is None or flair_plane is None:
             continue
         (position, orientation), (flair_position, flair_orientation) = plane, flair_plane

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from monai.data import partition_dataset
 
-from metaseg.data import Discovery
+from metaseg.data.discovery import Discovery
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
 
@@ -62,6 +62,14 @@ def build_datalist(found: Discovery, seed: int = 0, test_fraction: float = 0.2, 
         "ignored": found.ignored,
         **items,
     }
+
+
+def by_patient(items: list[dict]) -> dict[str, list[dict]]:
+    """Datalist items grouped by patient, patients sorted and each patient's slices in slice order."""
+    groups: dict[str, list[dict]] = {}
+    for item in sorted(items, key=lambda i: (i["patient"], i["slice"])):
+        groups.setdefault(item["patient"], []).append(item)
+    return groups
 
 
 def write_datalist(datalist: dict, out: str | Path) -> Path:
