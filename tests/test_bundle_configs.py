@@ -102,7 +102,8 @@ def chains(name: str) -> tuple[Compose, Compose]:
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / name / "configs" / file))
         parser["spatial_size"] = 32
-        steps = parser.get_parsed_content(key).transforms
+        with bundle_imports(BUNDLES / name):  # the chains use the bundle's scripts/transforms.py
+            steps = parser.get_parsed_content(key).transforms
         built.append(Compose([t for t in steps if not isinstance(t, LoadImaged)]))
     return built[0], built[1]
 
@@ -135,7 +136,8 @@ def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
     parser["sequence_dropout"] = 1.0
-    dropout = parser.get_parsed_content("train#random_transforms")[0]
+    with bundle_imports(BUNDLES / name):
+        dropout = parser.get_parsed_content("train#random_transforms")[0]
     assert isinstance(dropout, RandLambdad) and parser["train#random_transforms"][0]["keys"] == "image"
     flair = parser["flair_channel"]
     slice_ = np.random.default_rng(1).integers(0, 255, (3, 40, 56))
@@ -145,7 +147,8 @@ def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
     assert dropped.shape == (3, 32, 32) and torch.equal(dropped, upload)
     assert not torch.equal(kept.as_tensor(), upload)  # without the dropout the three sequences stay
     parser["sequence_dropout"] = 0.0
-    never = parser.get_parsed_content("train#random_transforms", lazy=False)[0]
+    with bundle_imports(BUNDLES / name):
+        never = parser.get_parsed_content("train#random_transforms", lazy=False)[0]
     assert torch.equal(never({"image": kept})["image"].as_tensor(), kept.as_tensor())
 
 
@@ -157,7 +160,9 @@ def test_patches_are_cut_from_the_full_size_slice_and_often_centred_on_a_lesion(
     parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
     assert parser["patch_size"] == "@spatial_size"
     parser.update({"spatial_size": 64, "patch_size": 32})
-    preprocessing = parser.get_parsed_content("train#preprocessing")
+    with bundle_imports(BUNDLES / name):
+        preprocessing = parser.get_parsed_content("train#preprocessing")
+        whole = parser.get_parsed_content("validate#preprocessing")
     assert sum(isinstance(t, RandCropByPosNegLabeld) for t in preprocessing.transforms) == 1
     mask = next(m for m in sorted(phantom.rglob("*_mask.tif")) if np.asarray(PIL.Image.open(m)).any())
     item = {"image": str(mask).replace("_mask.tif", ".tif"), "label": str(mask)}
@@ -168,10 +173,10 @@ def test_patches_are_cut_from_the_full_size_slice_and_often_centred_on_a_lesion(
         assert patch["image"].shape == (3, 32, 32) and patch["label"].shape == (1, 32, 32)
         on_lesion += bool(patch["label"].any())
     assert on_lesion >= 6  # half the patches are centred on a lesion pixel
-    whole = parser.get_parsed_content("validate#preprocessing")(dict(item))
-    assert whole["image"].shape == (3, 64, 64)
+    assert whole(dict(item))["image"].shape == (3, 64, 64)
     parser["patch_size"] = 64
-    plain = parser.get_parsed_content("train#preprocessing", lazy=False)
+    with bundle_imports(BUNDLES / name):
+        plain = parser.get_parsed_content("train#preprocessing", lazy=False)
     assert not any(isinstance(t, RandCropByPosNegLabeld) for t in plain.transforms)
 
 

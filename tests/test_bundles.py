@@ -291,6 +291,25 @@ def test_the_bundles_differ_only_in_network_loss_and_chosen_steps():
         assert metadata["version"] in metadata["changelog"]
 
 
+def test_the_bundles_carry_the_same_scripts_and_no_metaseg():
+    """Code both bundles call (ensemble, data, transforms, compute, handlers) is one file copied byte for byte: each
+    bundle is self-contained, so neither can import the other's nor metaseg; only U-Net++'s network is its own."""
+    files = {name: {p.name: p.read_bytes() for p in (BUNDLES / name / "scripts").glob("*.py")} for name in NAMES}
+    assert set(files["unetpp"]) - set(files["attention_unet"]) == {"unetpp.py"}
+    assert set(files["attention_unet"]) - set(files["unetpp"]) == set()
+    assert {"ensemble.py", "data.py", "transforms.py", "compute.py", "handlers.py"} <= set(files["attention_unet"])
+    for file, code in files["attention_unet"].items():
+        assert files["unetpp"][file] == code, file
+    imported = set()
+    for path in BUNDLES.glob("*/scripts/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+    assert "metaseg" not in imported and "torch" in imported  # the walk saw the imports
+
+
 def test_every_torch_load_is_weights_only():
     assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)  # what the configs use
     offenders = []

@@ -1,0 +1,70 @@
+"""The preprocessing steps MONAI has no transform for, and the order of the training chain."""
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+from skimage.exposure import equalize_adapthist
+
+
+def three_sequences(image: torch.Tensor) -> torch.Tensor:
+    """The network's three input channels (pre-contrast, FLAIR, post-contrast, as the data set's slices hold them);
+    a one-channel image (a gray PNG, a DICOM slice) is taken as FLAIR and copied into all three, as the data set
+    does where a sequence is missing."""
+    return image[:3] if image.shape[0] >= 3 else image[:1].repeat(3, 1, 1)
+
+
+def flair_only(image: torch.Tensor, channel: int) -> torch.Tensor:
+    """The slice as a one-channel upload arrives: its FLAIR `channel` in all three (training's sequence dropout)."""
+    return image[channel : channel + 1].repeat(3, 1, 1)
+
+
+class CLAHE(Transform):
+    """Contrast-limited adaptive histogram equalisation of each channel (scikit-image's equalize_adapthist), on a
+    channel-first image scaled to [0, 1]; clamped to [0, 1] first, because the percentile scaling before it skips
+    its clip on a near-constant slice. Returns a new image of the input's type, dtype and metadata."""
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, clip_limit: float = 0.01) -> None:
+        self.clip_limit = clip_limit
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        channels = convert_to_tensor(img, track_meta=False).clamp(0, 1).cpu().numpy()
+        equalised = np.stack([equalize_adapthist(c, clip_limit=self.clip_limit) for c in channels])
+        return convert_to_dst_type(equalised, dst=img, dtype=img.dtype)[0]
+
+
+class CLAHEd(MapTransform):
+    """Dictionary version of CLAHE."""
+
+    backend = CLAHE.backend
+
+    def __init__(self, keys: KeysCollection, clip_limit: float = 0.01, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.clahe = CLAHE(clip_limit)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.clahe(d[key])
+        return d
+
+
+def training_chain(
+    deterministic: Sequence,
+    random: Sequence,
+    drop_meta: Transform,
+    to_device: Transform,
+    patch_crop: Transform,
+    on_device: bool,
+    crop: bool,
+) -> list:
+    """The training transforms in order: the deterministic steps (cached), then `to_device` if `on_device` (the
+    cache and the random steps on the GPU), the metadata dropped (training needs none), `patch_crop` if `crop`
+    (patches of the full-size slice), the random steps, and the metadata dropped again (they may add it back)."""
+    steps = [*deterministic, *([to_device] if on_device else []), drop_meta]
+    return steps + [*([patch_crop] if crop else []), *random, drop_meta]

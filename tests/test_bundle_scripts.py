@@ -1,0 +1,260 @@
+"""The code the bundles' configs call from their scripts/ package (data, transforms, compute, handlers), checked
+function by function and through the configs that name them."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from skimage.exposure import equalize_adapthist
+
+from conftest import REPO
+from metaseg.datalist import split_patients as metaseg_split_patients
+from metaseg.engine import bundle_imports
+from metaseg.errors import UserError
+
+BUNDLES = REPO / "bundles"
+MODULES = ("data", "transforms", "compute", "handlers")
+
+
+@pytest.fixture(scope="module")
+def scripts() -> SimpleNamespace:
+    """The bundles' scripts modules (the same bytes in both bundles, tests/test_bundles.py)."""
+    with bundle_imports(BUNDLES / "attention_unet"):
+        return SimpleNamespace(**{name: importlib.import_module(f"scripts.{name}") for name in MODULES})
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from metaseg.synth import synthesize
+
+    root = tmp_path_factory.mktemp("phantom") / "Data"
+    synthesize(root, patients=10, slices=2, seed=3)
+    return root
+
+
+def train_parser(name: str, *extra: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / name / "configs" / f) for f in ("train.json", *extra)])
+    parser.update({"spatial_size": 32, **overrides})
+    return parser
+
+
+# data.py
+
+
+def test_data_folder_takes_a_folder_as_it_is(scripts, phantom, tmp_path):
+    assert scripts.data.data_folder(str(phantom), str(tmp_path / "unused")) == str(phantom)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_data_folder_unpacks_a_zip_and_the_config_reads_the_same_slices(scripts, phantom, tmp_path):
+    archive = shutil.make_archive(str(tmp_path / "lgg"), "zip", phantom.parent, phantom.name)
+    extracted = scripts.data.data_folder(archive, str(tmp_path / "out"))
+    assert extracted == str(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "Data").rglob("*_mask.tif")) == sorted(
+        p.name for p in phantom.rglob("*_mask.tif"))
+    lists = {}
+    for source, out in ((phantom, tmp_path / "a"), (archive, tmp_path / "b")):
+        parser = train_parser("attention_unet", dataset_dir=str(source), output_dir=str(out))
+        with bundle_imports(BUNDLES / "attention_unet"):
+            root, items = parser.get_parsed_content("patients_root"), parser.get_parsed_content("train#data")
+        lists[source] = [{key: str(Path(path).relative_to(root)) for key, path in item.items()} for item in items]
+    assert lists[phantom] == lists[archive] and len(lists[phantom]) == 7 * 2  # 10 patients: 7 train x 2 slices
+
+
+def test_data_folder_refuses_a_missing_path_in_one_line(scripts, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset_dir .*nowhere is neither a folder nor a zip file"):
+        scripts.data.data_folder(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="no \\*_mask.tif masks under"):
+        scripts.data.mask_files(str(tmp_path))
+
+
+def test_split_patients_on_a_hand_made_list(scripts):
+    patients = [f"TCGA_{i:02d}" for i in (7, 3, 9, 1, 0, 5, 2, 8, 6, 4)]
+    split = scripts.data.split_patients(patients, seed=0)
+    assert {name: len(part) for name, part in split.items()} == {"training": 7, "validation": 1, "test": 2}
+    assert sorted(sum(split.values(), [])) == sorted(patients)  # every patient once, none on two sides
+    assert all(part == sorted(part) for part in split.values())
+    assert split == scripts.data.split_patients(list(reversed(patients)), seed=0)  # the order given does not matter
+    assert split != scripts.data.split_patients(patients, seed=1)
+    no_test = scripts.data.split_patients(patients, seed=0, test_fraction=0.0)
+    assert no_test["test"] == [] and len(no_test["validation"]) == 1
+
+
+@pytest.mark.parametrize("count", [3, 5, 10, 44, 101])
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+@pytest.mark.parametrize(("test_fraction", "val_fraction"), [(0.2, 0.1), (0.0, 0.25), (0.3, 0.2)])
+def test_split_patients_is_exactly_metaseg_s(scripts, count, seed, test_fraction, val_fraction):
+    patients = [f"P{(i * 37) % 1000:03d}" for i in range(count)]
+    try:
+        expected = metaseg_split_patients(patients, seed, test_fraction, val_fraction)
+    except UserError as err:
+        with pytest.raises(ValueError) as ours:
+            scripts.data.split_patients(patients, seed, test_fraction, val_fraction)
+        assert str(ours.value) == str(err)
+        return
+    assert scripts.data.split_patients(patients, seed, test_fraction, val_fraction) == expected
+
+
+@pytest.mark.parametrize(("test_fraction", "val_fraction"), [(1.0, 0.1), (0.2, 0.0), (0.5, 0.5), (-0.1, 0.1)])
+def test_split_patients_refuses_bad_fractions_as_metaseg_does(scripts, test_fraction, val_fraction):
+    with pytest.raises(UserError) as theirs:
+        metaseg_split_patients(["a", "b", "c"], 0, test_fraction, val_fraction)
+    with pytest.raises(ValueError) as ours:
+        scripts.data.split_patients(["a", "b", "c"], 0, test_fraction, val_fraction)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_training_takes_the_split_without_test_patients(scripts):
+    """Five patients leave the test split empty: split_patients refuses that (a datalist records a test split),
+    partition_patients, what train.json uses, gives the same patients for training and validation."""
+    patients = ["a", "b", "c", "d", "e"]
+    with pytest.raises(ValueError, match="5 patients are too few for this split: test would be empty"):
+        scripts.data.split_patients(patients)
+    split = scripts.data.partition_patients(patients)
+    assert split["test"] == [] and split["validation"] and len(split["training"]) == 4
+
+
+def test_the_config_split_is_the_datalist_split(phantom, tmp_path):
+    """A data folder without a datalist trains on exactly the patients `metaseg datalist` would pick."""
+    parser = train_parser("unetpp", dataset_dir=str(phantom), output_dir=str(tmp_path))
+    with bundle_imports(BUNDLES / "unetpp"):
+        ours = parser.get_parsed_content("patient_split")
+        items = {s: parser.get_parsed_content("split_data")(s) for s in ("training", "validation", "test")}
+    patients = sorted(p.name for p in phantom.iterdir() if p.is_dir())
+    assert ours == metaseg_split_patients(patients, seed=0)
+    for name, pairs in items.items():
+        assert sorted({Path(d["label"]).parent.name for d in pairs}) == ours[name]
+        assert all(d["image"] == d["label"].replace("_mask.tif", ".tif") for d in pairs)
+
+
+def test_sample_weights_favour_slices_with_a_lesion(scripts, tmp_path):
+    import PIL.Image
+
+    empty, lesion = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+    lesion[2, 3] = 255
+    for stem, mask in (("empty", empty), ("lesion", lesion)):
+        PIL.Image.fromarray(mask).save(tmp_path / f"{stem}_mask.tif")
+    data = [{"label": str(tmp_path / f"{s}_mask.tif")} for s in ("lesion", "empty", "lesion")]
+    assert scripts.data.sample_weights(data, positive_weight=2.5) == [2.5, 1.0, 2.5]
+
+
+def test_input_files_are_the_images_without_the_data_set_masks(scripts, tmp_path):
+    for name in ("b.png", "a/one.DCM", "a/two.tif", "a/two_mask.tif", "notes.txt", "c.jpeg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = [str(Path(f).relative_to(tmp_path)) for f in scripts.data.input_files(str(tmp_path))]
+    assert found == ["a/one.DCM", "a/two.tif", "b.png", "c.jpeg"]
+
+
+# transforms.py
+
+
+def old_clahe(x: torch.Tensor, clip_limit: float = 0.01) -> torch.Tensor:
+    """The expression train.json and inference.json held before scripts/transforms.py, verbatim."""
+    return x.copy_(torch.stack([torch.from_numpy(equalize_adapthist(c.clamp(0, 1).numpy(), clip_limit=clip_limit))
+                                for c in x]))
+
+
+def test_clahe_on_a_constant_slice_stays_constant_and_leaves_its_input(scripts):
+    image = MetaTensor(torch.full((3, 24, 24), 0.4), meta={"filename_or_obj": "slice.tif"})
+    out = scripts.transforms.CLAHE(0.01)(image)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "slice.tif"
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert all(torch.unique(c).numel() == 1 for c in out) and 0 <= out.min() <= out.max() <= 1
+    assert torch.equal(image.as_tensor(), torch.full((3, 24, 24), 0.4))  # a new image, not the input changed
+
+
+def test_clahe_gives_exactly_the_old_expression_s_output(scripts):
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 40, 56)), rng.normal(0.5, 0.6, (3, 32, 32)), np.full((1, 16, 16), 1.7)]
+    transform = scripts.transforms.CLAHEd(keys="image", clip_limit=0.02)
+    for array in images:
+        image = MetaTensor(torch.as_tensor(array, dtype=torch.float32))
+        expected = old_clahe(image.clone(), clip_limit=0.02)
+        assert torch.equal(transform({"image": image})["image"].as_tensor(), expected.as_tensor())
+
+
+def test_the_sequence_steps(scripts):
+    three, gray = torch.arange(4 * 2 * 2.0).reshape(4, 2, 2), torch.ones(1, 2, 2)
+    assert torch.equal(scripts.transforms.three_sequences(three), three[:3])
+    assert torch.equal(scripts.transforms.three_sequences(gray), gray.repeat(3, 1, 1))
+    assert torch.equal(scripts.transforms.flair_only(three, 1), three[1:2].repeat(3, 1, 1))
+
+
+def test_training_chain_order(scripts):
+    chain = scripts.transforms.training_chain
+    args = dict(deterministic=["load", "scale"], random=["flip"], drop_meta="drop", to_device="gpu", patch_crop="crop")
+    assert chain(**args, on_device=False, crop=False) == ["load", "scale", "drop", "flip", "drop"]
+    assert chain(**args, on_device=True, crop=True) == ["load", "scale", "gpu", "drop", "crop", "flip", "drop"]
+
+
+# compute.py
+
+
+def test_cpu_bf16_follows_the_kernel_s_flags(scripts, tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert scripts.compute.cpu_flags(str(info)) == {"fpu", "sse", "avx512f", "amx_bf16"}
+    assert scripts.compute.cpu_flags(str(tmp_path / "none")) == set()  # not Linux: no native bf16 assumed
+    monkeypatch.setattr(scripts.compute, "cpu_flags", lambda: {"avx512f"})
+    assert scripts.compute.native_bf16("cpu") is False
+    monkeypatch.setattr(scripts.compute, "cpu_flags", lambda: {"avx512_bf16"})
+    assert scripts.compute.native_bf16(torch.device("cpu")) is True
+
+
+# handlers.py
+
+
+def test_metrics_json_is_written_whole(scripts, tmp_path):
+    writer = scripts.handlers.MetricsJSON(str(tmp_path / "eval"))
+    writer(SimpleNamespace(state=SimpleNamespace(metrics={"val_dice": torch.tensor(0.5), "val_mean_dice": 0.25})))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {"val_dice": 0.5, "val_mean_dice": 0.25}
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize(("rank", "expected"), [
+    (0, ["LrScheduleHandler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]),
+    (1, ["LrScheduleHandler", "ValidationHandler"]),
+])
+def test_multi_gpu_drops_the_logging_handlers_by_name_on_other_ranks(rank, expected, monkeypatch, tmp_path):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    parser = train_parser("attention_unet", "multi_gpu_train.json", output_dir=str(tmp_path), device="cpu")
+    parser["validate#evaluator"] = None  # the validator is not what this test is about
+    parser["network"] = "$@network_def.to(@device)"  # DistributedDataParallel needs a process group
+    with bundle_imports(BUNDLES / "attention_unet"):
+        handlers = parser.get_parsed_content("train#trainer#train_handlers")
+    assert [type(h).__name__ for h in handlers] == expected
+
+
+# the configs as recipes
+
+
+def test_no_config_expression_holds_logic():
+    """What the configs compute is in scripts/: every `$` expression left is a reference, a call or a short line."""
+    long = []
+    for path in BUNDLES.glob("*/configs/*.json"):
+
+        def walk(node):
+            if isinstance(node, dict):
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+            elif isinstance(node, str) and node.startswith("$") and (len(node) > 110 or "torch.cpu._" in node):
+                long.append(f"{path.parent.parent.name}/{path.name}: {node[:60]}")
+
+        walk(json.loads(path.read_text()))
+    assert not long
