@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.bundles import config  # noqa: E402
 from metaseg.conventions import model_overrides  # noqa: E402
-from metaseg.inference.engine import bundle_imports  # noqa: E402
+from metaseg.bundles import bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
 from metaseg.evaluation.metrics import dice_3d  # noqa: E402
 

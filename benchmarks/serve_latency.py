@@ -45,9 +45,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from metaseg.bundles import config  # noqa: E402
+from metaseg.bundles import bundle_imports, config  # noqa: E402
 from metaseg.conventions import BEST_FILE, read_best  # noqa: E402
-from metaseg.inference.engine import Engine, bundle_imports  # noqa: E402
+from metaseg.inference.engine import Engine  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
 from metaseg.imageio.reader import decode  # noqa: E402
 from metaseg.inference.steps import upload_masks  # noqa: E402

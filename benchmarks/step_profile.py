@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import NAMES, REPO, PlainLoop, bundle_parser, cpu_model  # noqa: E402
-from metaseg.inference.engine import bundle_imports  # noqa: E402
+from metaseg.bundles import bundle_imports  # noqa: E402
 from metaseg.files import write_json_atomic  # noqa: E402
 
 TOP_OPS = 12

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,26 @@ def config(bundle: Path, stage: str, overrides: dict | None = None) -> ConfigPar
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
+
+
+@contextmanager
+def bundle_imports(bundle: Path):
+    """Make `bundle/scripts` importable while its config is parsed, as MONAI's `run` does (the configs' components live there).
+
+    Every bundle's package is called `scripts`, so a cached one from another bundle is dropped first and after.
+    """
+
+    def forget_scripts():
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+    forget_scripts()
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+        forget_scripts()
 
 
 def command(bundle: Path, stage: str, **overrides) -> list[str]:

@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, RandCropByPosNegLabeld, RandLambdad
 
 from conftest import REPO
-from metaseg.inference.engine import bundle_imports
+from metaseg.bundles import bundle_imports
 from test_bundles import NAMES, phantom  # noqa: F401 (a fixture)
 
 BUNDLES = REPO / "bundles"

@@ -23,7 +23,7 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
 from conftest import REPO, THRESHOLD_NET, threshold_weights
-from metaseg.inference.engine import bundle_imports
+from metaseg.bundles import bundle_imports
 
 BUNDLES = REPO / "bundles"
 NAMES = ("unetpp", "attention_unet")

@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 
 from conftest import PLAIN_STEPS, REPO
 from metaseg import conventions
+from metaseg.bundles import bundle_imports
 from metaseg.cli import main
 from metaseg.data.discovery import discover
 from metaseg.data.datalist import build_datalist
@@ -57,7 +58,8 @@ def test_the_decoder_shows_the_flair_channel_and_passes_all_three_in_order():
 def test_the_bundle_splits_patients_as_metaseg_datalist_does(name, seed, tiny_data, tmp_path):
     ours = build_datalist(discover(tiny_data), seed=seed)["patients"]
     theirs = parser(name, "train.json", dataset_dir=str(tiny_data), output_dir=str(tmp_path), seed=seed)
-    split = theirs.get_parsed_content("patient_split")
+    with bundle_imports(BUNDLES / name):  # the split is the bundle's scripts/data.py, as MONAI's `run` imports it
+        split = theirs.get_parsed_content("patient_split")
     assert {k: sorted(v) for k, v in split.items()} == ours
     assert ours["test"] and ours["validation"]  # a real split, not three empty lists agreeing
 

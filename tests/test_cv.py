@@ -535,11 +535,11 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     for name, served in report["served_per_bundle"].items():
         assert set(served["steps_per_fold"]) == set(report["patients"])
         for k, ids in report["patients"].items():
-            config = {**postprocess.DEFAULT, **served["steps_per_fold"][k], "models": [name]}
+            config = {**inference_steps.DEFAULT, **served["steps_per_fold"][k], "models": [name]}
             for patient in ids:
                 with np.load(runs / name / f"fold_{k}" / "oof" / f"{patient}.npz") as npz:
                     maps = {name: {key: npz[key] for key in ("prob", "prob_flip")}}
-                expected = dice_3d(truth[patient], postprocess.mask(postprocess.probability(maps, config), config))
+                expected = dice_3d(truth[patient], inference_steps.mask(inference_steps.probability(maps, config), config))
                 assert served["dice_3d_per_patient"][patient] == pytest.approx(expected), (name, patient)
     md = (out / "cv.md").read_text()
     assert "All folds done." in md and "| attention_unet | 6 |" in md and "A single uploaded 2D slice gets" in md

@@ -27,7 +27,7 @@ from monai.transforms import Compose
 
 from conftest import REPO, write_dicom
 from metaseg.cli import main
-from metaseg.inference.engine import bundle_imports
+from metaseg.bundles import bundle_imports
 from test_bundles import NAMES
 from ui.sample import sample
 

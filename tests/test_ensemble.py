@@ -14,7 +14,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import REPO
-from metaseg.inference.engine import Engine, bundle_imports
+from metaseg.bundles import bundle_imports
+from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
 from metaseg.imageio.reader import decode
 from test_bundles import NAMES, blocker, monai_bundle, network_def, ok  # noqa: F401 (blocker: a fixture)

@@ -28,7 +28,8 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, SaveImaged
 
 from conftest import REPO, write_dicom
-from metaseg.inference.engine import Engine, bundle_imports
+from metaseg.bundles import bundle_imports
+from metaseg.inference.engine import Engine
 from metaseg.inference.predict import predict
 from test_bundles import NAMES
 from ui.sample import sample

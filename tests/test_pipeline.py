@@ -159,7 +159,7 @@ def test_the_bundles_evaluate_json_gives_the_engines_masks_with_the_steps_off(sh
     component steps)."""
     from monai.bundle import ConfigWorkflow
 
-    from metaseg.inference.engine import bundle_imports
+    from metaseg.bundles import bundle_imports
 
     name = "attention_unet"  # the bundles' configs differ only in network and steps (tests/test_bundle_configs.py)
     bundle, run, data = bundle_dir(name), run_copy(shipped_runs, name, tmp_path), shipped_runs["data"]

@@ -16,7 +16,7 @@ from monai.transforms import ToDeviced
 from monai.utils import set_determinism
 
 from conftest import REPO
-from metaseg.inference.engine import bundle_imports
+from metaseg.bundles import bundle_imports
 
 NAMES = ("unetpp", "attention_unet")
 
@@ -28,6 +28,15 @@ def phantom(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom") / "Data"
     synthesize(root, patients=5, slices=4, seed=2)
     return root
+
+
+@pytest.fixture(autouse=True)
+def bundle_scripts(request):
+    """The test's bundle's scripts/ importable while it parses train.json, as MONAI's `run` makes them."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("name", "attention_unet") if callspec else "attention_unet"
+    with bundle_imports(REPO / "bundles" / name):
+        yield
 
 
 def parser_for(name: str, data: Path | None = None, **overrides) -> ConfigParser:
@@ -48,8 +57,7 @@ def cpu_flags() -> set[str]:
 def dtype_inside(name: str, **overrides) -> torch.dtype:
     """The dtype the network's first convolution computes in under the bundle's own `forward`."""
     parser = parser_for(name, **overrides)
-    with bundle_imports(REPO / "bundles" / name):
-        net = parser.get_parsed_content("network_def")
+    net = parser.get_parsed_content("network_def")
     seen = []
     next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
         lambda m, i, o: seen.append(o.dtype))
@@ -78,9 +86,8 @@ def test_bf16_and_fp32_training_steps_agree(name):
     outcome = {}
     for bf16 in (True, False):
         parser = parser_for(name, **{"mixed_precision#enabled": bf16})
-        with bundle_imports(REPO / "bundles" / name):
-            torch.manual_seed(1)
-            net = parser.get_parsed_content("network_def")
+        torch.manual_seed(1)
+        net = parser.get_parsed_content("network_def")
         forward, loss_fn = parser.get_parsed_content("forward"), parser.get_parsed_content("loss")
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
         inner = []

@@ -29,7 +29,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 from monai.bundle.scripts import _get_fake_spatial_shape
 
 from conftest import REPO
-from metaseg.inference.engine import bundle_imports
+from metaseg.bundles import bundle_imports
 from test_bundles import NAMES
 
 SCHEMA = REPO / "tests" / "meta_schema_20240725.json"

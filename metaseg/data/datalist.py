@@ -1,7 +1,7 @@
 """Split patients (never slices) into training / validation / test, and write a MONAI datalist.
 
-The split is `monai.data.partition_dataset` over the sorted patient ids with a seed: the bundles' own configs make
-the same call when they are given a data folder without a datalist, so both routes give the same patients.
+The split is the bundles' (`monai.data.partition_dataset` over the sorted patient ids with a seed, in their
+scripts/data.py): a bundle given a data folder without a datalist makes the same split.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from monai.data import partition_dataset
-
+from metaseg.bundles import NAMES, bundle_dir, bundle_imports
 from metaseg.data.discovery import Discovery
 from metaseg.errors import UserError
 from metaseg.files import write_json_atomic
@@ -21,20 +20,16 @@ SPLITS = ("training", "validation", "test")
 def split_patients(
     patients: list[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1
 ) -> dict[str, list[str]]:
-    """Seeded patient split: `test_fraction` of all patients for test, `val_fraction` for validation, rest training."""
-    if not 0 <= test_fraction < 1 or not 0 < val_fraction < 1 or test_fraction + val_fraction >= 1:
-        raise UserError(
-            f"fractions must satisfy 0 <= test < 1, 0 < val < 1, test + val < 1 (got {test_fraction}, {val_fraction})"
-        )
-    ratios = [1 - test_fraction - val_fraction, val_fraction, test_fraction]
-    parts = partition_dataset(sorted(patients), ratios=ratios, shuffle=True, seed=seed)
-    split = {name: sorted(part) for name, part in zip(SPLITS, parts)}
-    empty = [name for name in SPLITS if not split[name] and not (name == "test" and test_fraction == 0)]
-    if empty:
-        raise UserError(
-            f"{len(patients)} patients are too few for this split: {', '.join(empty)} would be empty"
-        )
-    return split
+    """Seeded patient split: `test_fraction` of all patients for test, `val_fraction` for validation, rest training.
+
+    The bundles' own function (scripts/data.py, the same file in both), so that `metaseg datalist` and a bundle run
+    in plain MONAI on a data folder split alike: one implementation, which the bundle must carry to run alone."""
+    with bundle_imports(bundle_dir(NAMES[0])):
+        from scripts.data import split_patients as bundle_split
+    try:
+        return bundle_split(patients, seed, test_fraction, val_fraction)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def build_datalist(found: Discovery, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,

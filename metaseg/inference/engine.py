@@ -12,9 +12,7 @@ threshold, and the component steps for a volume), and a caller may pick another 
 from __future__ import annotations
 
 import pickle
-import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +30,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from metaseg.bundles import config
+from metaseg.bundles import bundle_imports, config
 from metaseg.conventions import checked_steps, default_weights
 from metaseg.errors import UserError
 
@@ -42,26 +40,6 @@ if TYPE_CHECKING:
 
 FOLDS = "other_folds#checkpoints"  # inference.json: the fold models the inferer adds to models/model.pt
 VIEWS = ("plain", "mirrored")  # the bundle's `probabilities`: of the input, and of its mirror mirrored back
-
-
-@contextmanager
-def bundle_imports(bundle: Path):
-    """Make `bundle/scripts` importable while its network is built, as MONAI's workflow does.
-
-    Every bundle's package is called `scripts`, so a cached one from another bundle is dropped first and after.
-    """
-
-    def forget_scripts():
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
-
-    forget_scripts()
-    sys.path.insert(0, str(bundle))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(bundle))
-        forget_scripts()
 
 
 def _first_line(err: Exception, limit: int = 300) -> str:
@@ -161,12 +139,12 @@ class Engine:
                 _load(network, path, bundle.name)
             self.inferer = parser.get_parsed_content("inferer")
             views = parser.get_parsed_content("probabilities")
+            steps = parser.get_parsed_content("preprocessing").transforms
+            post = parser.get_parsed_content("postprocessing").transforms
         self.views = {name: views[name] for name in VIEWS}
         self.device = parser.get_parsed_content("device")
         self.network = network.to(self.device).eval()
-        steps = parser.get_parsed_content("preprocessing").transforms
         self.preprocess = Compose(fast_preprocessing([t for t in steps if not isinstance(t, LoadImaged)]))
-        post = parser.get_parsed_content("postprocessing").transforms
         self.restore = Compose(post[: next(i for i, t in enumerate(post) if isinstance(t, AsDiscreted))])
         self.bundle = bundle
         self.weights = weights
