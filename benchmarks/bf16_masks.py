@@ -38,16 +38,16 @@ def masks(name: str, data: Path, split: str) -> tuple[dict, dict, dict]:
     # the shipped weights' input size, from the run record of the fold they were trained as
     parser = config(bundle, "training", {"dataset_dir": str(data), "device": "$torch.device('cpu')",
                                          **model_overrides(bundle / "docs" / "training" / "fold_0")})
-    items = parser.get_parsed_content("split_data")(split)
-    loader = DataLoader(Dataset(items, parser.get_parsed_content("validate#preprocessing")), batch_size=16)
-    with bundle_imports(bundle):
+    with bundle_imports(bundle):  # the configs' components are the bundle's scripts/
+        items = parser.get_parsed_content("split_data")(split)
+        loader = DataLoader(Dataset(items, parser.get_parsed_content("validate#preprocessing")), batch_size=16)
         net = parser.get_parsed_content("network_def")
+        forwards = {}
+        for bf16 in (True, False):
+            parser.update({"mixed_precision#enabled": bf16})
+            forwards[bf16] = parser.get_parsed_content("forward", lazy=False)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
     net.eval()
-    forwards = {}
-    for bf16 in (True, False):
-        parser.update({"mixed_precision#enabled": bf16})
-        forwards[bf16] = parser.get_parsed_content("forward", lazy=False)
     labels, preds = [], {True: [], False: []}
     with torch.no_grad():
         for batch in loader:
