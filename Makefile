@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-setup
 BROWSER_STAMP := $(VENV)/.stamp-browser
 DEMO   := runs/demo
-DEMO_TRAIN := --epochs 30 --spatial-size 64
+DEMO_TRAIN := --epochs 30 --spatial-size 64 --restart  # a demo trains from scratch: a checkpoint left by an older bundle never stops it
 BUNDLES := attention_unet unetpp
 
 # glibc malloc: keep big tensor buffers in the heap instead of mmap/munmap on every step (faster CPU training).
