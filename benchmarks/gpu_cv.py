@@ -11,6 +11,10 @@ fold trained and only predicts the held-out patients and writes the report, from
     python benchmarks/gpu_cv.py train --data .gpu/Data --plan-data ../shared/data/lgg/Data --runs runs/gpu \
         --bundle unetpp --seeds 0 1 --arm base:6 --arm long:18 --spatial-size 128 --jobs 12
 
+An arm may set train.json values after its epochs (`--arm crop:6:brain_crop=true`, values as JSON); such an arm is
+scored with `score`, as `metaseg cv` has no option for them. On the CPU machine the same command with `--jobs 2`
+trains two folds at once, one per core, from the full-size data (`--data` and `--plan-data` the same folder).
+
 `shrink` writes the data set resized to the network size with the bundles' own deterministic resize (bilinear with
 anti-aliasing for images, nearest for masks), as uncompressed uint8 TIFFs (xz packs them best): a device that can only
 be sent a few tens of MiB gets the data this way. The network then sees the same input as from the full-size slice but for rounding to uint8.
@@ -66,6 +70,23 @@ def shrink(data: Path, size: int, out: Path) -> None:
                     tifffile.imwrite(target, rgb, photometric="rgb")
 
 
+def parse_arm(arm: str) -> tuple[str, str, dict]:
+    """LABEL:EPOCHS[:KEY=VALUE,...] -> (label, epochs, train.json settings); each VALUE is JSON (true, 0.1, "x")."""
+    label, epochs, *rest = arm.split(":", 2)
+    settings = {}
+    for item in filter(None, (rest[0] if rest else "").split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("no '='")
+            settings[key] = json.loads(value)
+        except ValueError as err:
+            raise UserError(f"--arm {arm}: {item!r} is not KEY=JSON ({err})") from None
+    if not epochs.isdigit():
+        raise UserError(f"--arm {arm}: EPOCHS must be a whole number")
+    return label, epochs, settings
+
+
 def train_runs(args) -> None:
     from metaseg.bundles import bundle_dir
     from metaseg.training.cv import assign_folds, check_plan, splits_final, train_fold
@@ -74,24 +95,25 @@ def train_runs(args) -> None:
     bundle = bundle_dir(args.bundle)
     tasks = []
     for arm in args.arm:
-        label, epochs = arm.split(":")
+        label, epochs, settings = parse_arm(arm)
         for seed in args.seeds:
             runs = args.runs / f"{label}_s{seed}"
-            recipe = {"epochs": int(epochs), "spatial_size": args.spatial_size}
+            recipe = {"epochs": int(epochs), "spatial_size": args.spatial_size, **settings}
             plan = {"data": str(Path(args.plan_data).resolve()), "folds": args.folds, "seed": seed, "recipe": recipe,
                     "patients": found.patients,
                     "splits": splits_final(assign_folds(found.patients, args.folds, seed))}
             check_plan(runs, plan)
-            print("then, on the CPU machine: " + shlex.join(
-                ["metaseg", "cv", "--data", args.plan_data, "--folds", str(args.folds), "--seed", str(seed),
-                 "--bundle", args.bundle, "--runs", str(runs), "--out", f"reports/tmp/{label}_s{seed}",
-                 "--epochs", epochs, "--spatial-size", str(args.spatial_size)]), file=sys.stderr, flush=True)
+            if not settings:  # an arm with train.json settings is scored with `score`, as metaseg cv has no such options
+                print("then, on the CPU machine: " + shlex.join(
+                    ["metaseg", "cv", "--data", args.plan_data, "--folds", str(args.folds), "--seed", str(seed),
+                     "--bundle", args.bundle, "--runs", str(runs), "--out", f"reports/tmp/{label}_s{seed}",
+                     "--epochs", epochs, "--spatial-size", str(args.spatial_size)]), file=sys.stderr, flush=True)
             for k in range(args.folds):
-                tasks.append((runs, plan, k, int(epochs)))
+                tasks.append((runs, plan, k, int(epochs), settings))
 
     def run(task) -> str:
-        runs, plan, k, epochs = task
-        overrides = {"epochs": epochs, "val_interval": epochs, "spatial_size": args.spatial_size}
+        runs, plan, k, epochs, settings = task
+        overrides = {"epochs": epochs, "val_interval": epochs, "spatial_size": args.spatial_size, **settings}
         train_fold(bundle, args.bundle, args.data, found, plan, k, runs, overrides)  # logs to the fold's train.log
         trained = json.loads((runs / args.bundle / f"fold_{k}" / "trained.json").read_text())
         return f"{runs / args.bundle / f'fold_{k}'}: trained in {trained['seconds']} s"
@@ -196,7 +218,8 @@ def main() -> None:
     t.add_argument("--runs", type=Path, required=True)
     t.add_argument("--bundle", default="unetpp")
     t.add_argument("--seeds", type=int, nargs="+", default=[0])
-    t.add_argument("--arm", action="append", required=True, help="LABEL:EPOCHS")
+    t.add_argument("--arm", action="append", required=True,
+                   help="LABEL:EPOCHS[:KEY=JSON,...], e.g. crop:6:brain_crop=true (train.json settings)")
     t.add_argument("--spatial-size", type=int, default=128)
     t.add_argument("--folds", type=int, default=3)
     t.add_argument("--jobs", type=int, default=12)

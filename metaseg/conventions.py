@@ -34,7 +34,7 @@ RUN_RECORD = "run.json"  # in a run folder: the bundle, data, seed and config ov
 # Config overrides a model needs again at inference (its input size; the inference steps its scores were made with),
 # and the only ones a best-model record may carry: a record is a file on disk, and a string reaching ConfigParser
 # could be a `$` expression.
-MODEL_OVERRIDES = {"spatial_size": int, "inference_steps": dict}
+MODEL_OVERRIDES = {"spatial_size": int, "brain_crop": bool, "inference_steps": dict}
 SPATIAL_MULTIPLE = 16  # the networks halve the input four times
 
 
@@ -99,7 +99,7 @@ def checked_steps(steps: Mapping, bundle: str, one_lesion_per_patient: bool = Fa
 
 
 def model_overrides(run: Path) -> dict:
-    """The overrides a run's model needs at inference (its input size), from its RUN_RECORD."""
+    """The overrides a run's model needs at inference (its input size, its brain crop), from its RUN_RECORD."""
     try:
         recorded = json.loads((Path(run) / RUN_RECORD).read_text())["overrides"]
     except (OSError, ValueError, KeyError) as err:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, partition_dataset
+from monai.transforms import Compose, Invertd, LoadImaged, Resized
 from skimage.exposure import equalize_adapthist
 
 from conftest import REPO
@@ -148,6 +149,24 @@ def test_sample_weights_favour_slices_with_a_lesion(scripts, tmp_path):
     assert scripts.data.sample_weights(data, positive_weight=2.5) == [2.5, 1.0, 2.5]
 
 
+def test_lesion_area_sampling_draws_slices_by_lesion_pixels_plus_a_uniform_share(scripts, tmp_path):
+    import PIL.Image
+
+    areas = {"empty": 0, "small": 10, "large": 30}
+    for stem, area in areas.items():
+        mask = np.zeros((8, 8), np.uint8)
+        mask.flat[:area] = 255
+        PIL.Image.fromarray(mask).save(tmp_path / f"{stem}_mask.tif")
+    data = [{"label": str(tmp_path / f"{s}_mask.tif")} for s in ("empty", "small", "large", "empty")]
+    weights = np.array(scripts.data.sample_weights(data, 2.0, lesion_area=True, uniform_share=0.1))
+    assert np.allclose(weights, [0.025, 0.9 * 10 / 40 + 0.025, 0.9 * 30 / 40 + 0.025, 0.025])
+    draws = torch.utils.data.WeightedRandomSampler(weights.tolist(), 20000, generator=torch.Generator().manual_seed(0))
+    lesion_fraction = np.isin(list(draws), [1, 2]).mean()
+    assert abs(lesion_fraction - 0.95) < 0.01  # 90% by area, and half of the 10% uniform share
+    only_empty = [data[0], data[3]]
+    assert scripts.data.sample_weights(only_empty, 2.0, lesion_area=True) == [0.5, 0.5]
+
+
 def test_input_files_are_the_images_without_the_data_set_masks(scripts, tmp_path):
     for name in ("b.png", "a/one.DCM", "a/two.tif", "a/two_mask.tif", "notes.txt", "c.jpeg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +208,57 @@ def test_the_sequence_steps(scripts):
     assert torch.equal(scripts.transforms.three_sequences(three), three[:3])
     assert torch.equal(scripts.transforms.three_sequences(gray), gray.repeat(3, 1, 1))
     assert torch.equal(scripts.transforms.flair_only(three, 1), three[1:2].repeat(3, 1, 1))
+
+
+def test_brain_box_is_the_flair_above_a_fraction_of_its_maximum(scripts):
+    image = torch.zeros(3, 12, 12)
+    image[1, 3:7, 2:9] = 100.0
+    image[1, 5, 5] = 5.0  # below 10% of the maximum: dark, yet inside the box
+    image[0] = 90.0  # other sequences do not count
+    brain = scripts.transforms.brain_box(image, channel=1, fraction=0.1, enabled=True)
+    assert brain.shape == (1, 12, 12) and brain.sum() == 4 * 7 - 1
+    assert scripts.transforms.brain_box(image, 1, 0.1, enabled=False).all()
+    assert scripts.transforms.brain_box(torch.zeros(3, 12, 12), 1, 0.1, enabled=True).all()  # no brain: whole slice
+
+
+def brain_chain(name: str, **settings) -> Compose:
+    """train.json's deterministic chain without its loader, at 32 px, with `settings`."""
+    parser = train_parser(name, **settings)
+    with bundle_imports(BUNDLES / name):
+        steps = parser.get_parsed_content("validate#preprocessing").transforms
+    return Compose([t for t in steps if not isinstance(t, LoadImaged)])
+
+
+@pytest.mark.parametrize("name", ("unetpp", "attention_unet"))
+def test_brain_crop_keeps_a_lesion_at_the_box_edge_and_inverts_to_the_slice_frame(name):
+    rng = np.random.default_rng(0)
+    image = np.zeros((3, 96, 96), np.float32)
+    image[:, 20:80, 30:70] = rng.uniform(80, 120, (3, 60, 40))  # the brain: rows 20-79, columns 30-69
+    label = np.zeros((1, 96, 96), np.float32)
+    label[:, 20:32, 58:70] = 1  # a lesion in the brain's top right corner
+    data = {"image": MetaTensor(torch.as_tensor(image)), "label": MetaTensor(torch.as_tensor(label))}
+    chain = brain_chain(name, brain_crop=True)
+    out = chain(data)
+    assert out["image"].shape == (3, 32, 32) and out["label"].sum() > 0  # the lesion at the edge survives
+    box_rows = torch.nonzero(out["label"][0].sum(1)).flatten()
+    assert box_rows.min() <= 2  # the box starts at the brain (plus the margin), not at the slice's border
+    out["pred"] = out["label"].clone()
+    back = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False)(out)["pred"]  # as the bundle
+    assert back.shape == (1, 96, 96)
+    mask = back.numpy() >= 0.5
+    dice = 2 * (mask * label).sum() / (mask.sum() + label.sum())
+    assert dice > 0.8  # back where it was, to within the ~2x resampling of a 32-px network input
+    for empty in (np.zeros((3, 96, 96), np.float32), np.zeros((3, 64, 80), np.float32)):  # no brain: the whole slice
+        assert chain({"image": MetaTensor(torch.as_tensor(empty))})["image"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ("unetpp", "attention_unet"))
+def test_without_brain_crop_a_slice_is_only_resized_as_before(name):
+    image = {"image": MetaTensor(torch.as_tensor(np.random.default_rng(1).uniform(0, 255, (3, 96, 72))))}
+    steps = brain_chain(name).transforms
+    geometry = Compose(steps[: [type(t).__name__ for t in steps].index("Resized") + 1])
+    resized = Resized("image", (32, 32), mode="bilinear", anti_aliasing=True)(dict(image))["image"]
+    assert torch.equal(geometry(dict(image))["image"].as_tensor(), resized.as_tensor())
 
 
 def test_training_chain_order(scripts):

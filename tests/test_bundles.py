@@ -144,14 +144,41 @@ def test_evaluate_scores_test_patients_and_writes_masks_at_input_size(trained, p
     assert (out / "val_mean_dice_raw.csv").read_text().count("\n") == 7  # header + one row per slice
 
 
-def run_inference(bundle: Path, inputs: Path, ckpt: Path, out: Path, blocker: Path, extra: tuple = ()) -> None:
+def run_inference(bundle: Path, inputs: Path, ckpt: Path, out: Path, blocker: Path, extra: tuple = (),
+                  settings: tuple = ()) -> None:
     ok(monai_bundle(
         "run", "--meta_file", bundle / "configs/metadata.json",
         "--config_file", config_files(bundle, "inference.json", *extra), "--bundle_root", bundle,
         "--input_dir", inputs, "--ckpt_dir", ckpt, "--output_dir", out, "--spatial_size", SIZE,
         "--other_folds#checkpoints", "[]",  # one model.pt, not a shipped fold ensemble
-        cwd=out.parent, blocker=blocker,
+        *settings, cwd=out.parent, blocker=blocker,
     ))
+
+
+def threshold_masks(bundle: Path, inputs: Path, out: Path, blocker: Path, settings: tuple = ()) -> Path:
+    """Inference with a fixed 1x1-conv threshold network (lesion where the normalised FLAIR > 0.5) for geometry."""
+    threshold = out.parent / f"{out.name}_net"
+    threshold.mkdir()
+    threshold_weights(threshold / "model.pt")
+    (threshold / "net.json").write_text(json.dumps({"network_def": THRESHOLD_NET}))
+    shutil.copy(threshold / "net.json", bundle / "configs" / "threshold_net.json")
+    try:
+        run_inference(bundle, inputs, threshold, out, blocker, extra=("threshold_net.json",), settings=settings)
+    finally:
+        (bundle / "configs" / "threshold_net.json").unlink()
+    return out
+
+
+def assert_blobs_come_back(masks: Path, geometry_inputs: dict) -> None:
+    for stem, (_, image) in geometry_inputs.items():
+        mask = np.asarray(PIL.Image.open(masks / f"{stem}_seg.png"))
+        expected = image > (int(image.min()) + int(image.max())) / 2
+        assert mask.shape == image.shape and set(np.unique(mask)) == {0, 255}
+        rows, cols = np.nonzero(mask)
+        exp_rows, exp_cols = np.nonzero(expected)
+        assert abs(rows.mean() - exp_rows.mean()) < 1.5 and abs(cols.mean() - exp_cols.mean()) < 1.5, stem
+        overlap = np.logical_and(mask > 0, expected).sum() / expected.sum()
+        assert overlap > 0.7, (stem, overlap)
 
 
 def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_inputs, blocker, tmp_path):
@@ -165,24 +192,26 @@ def test_inference_masks_come_back_at_input_size_and_position(trained, geometry_
     for stem, (_, image) in geometry_inputs.items():
         assert np.asarray(PIL.Image.open(tmp_path / "trained" / f"{stem}_seg.png")).shape == image.shape
 
-    threshold = tmp_path / "threshold"
-    threshold.mkdir()
-    threshold_weights(threshold / "model.pt")
-    (threshold / "net.json").write_text(json.dumps({"network_def": THRESHOLD_NET}))
-    shutil.copy(threshold / "net.json", trained.bundle / "configs" / "threshold_net.json")
-    try:
-        run_inference(trained.bundle, inputs, threshold, tmp_path / "fixed", blocker, extra=("threshold_net.json",))
-    finally:
-        (trained.bundle / "configs" / "threshold_net.json").unlink()
-    for stem, (_, image) in geometry_inputs.items():
-        mask = np.asarray(PIL.Image.open(tmp_path / "fixed" / f"{stem}_seg.png"))
-        expected = image > (int(image.min()) + int(image.max())) / 2
-        assert mask.shape == image.shape and set(np.unique(mask)) == {0, 255}
-        rows, cols = np.nonzero(mask)
-        exp_rows, exp_cols = np.nonzero(expected)
-        assert abs(rows.mean() - exp_rows.mean()) < 1.5 and abs(cols.mean() - exp_cols.mean()) < 1.5, stem
-        overlap = np.logical_and(mask > 0, expected).sum() / expected.sum()
-        assert overlap > 0.7, (stem, overlap)
+    assert_blobs_come_back(threshold_masks(trained.bundle, inputs, tmp_path / "fixed", blocker), geometry_inputs)
+
+
+def test_brain_crop_puts_each_mask_back_in_its_slice_s_frame(trained, geometry_inputs, blocker, tmp_path):
+    """With brain_crop the network sees the box of the bright pixels (here the blob and a margin, each input of
+    another shape and position): the inverse pads it back, so each blob still comes back where it was."""
+    inputs = geometry_inputs["gray"][0].parent
+    masks = threshold_masks(trained.bundle, inputs, tmp_path / "crop", blocker, settings=("--brain_crop", "true"))
+    assert_blobs_come_back(masks, geometry_inputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_recipe_arms_train_in_plain_monai(name, phantom, blocker, tmp_path):
+    """The brain crop and lesion-area sampling (off by default) train an epoch from a copy of the bundle."""
+    bundle = copy_bundle(name, tmp_path)
+    out = tmp_path / "out"
+    ok(monai_bundle(*train_args(bundle, phantom, out, 1), "--brain_crop", "true", "--lesion_area_sampling", "true",
+                    cwd=tmp_path, blocker=blocker))
+    assert saved_epoch(out / "checkpoint.pt") == 1
+    assert set(torch.load(out / "model.pt", weights_only=True)) == set(network_def(bundle).state_dict())
 
 
 def test_unetpp_trains_on_every_head_and_serves_the_last():

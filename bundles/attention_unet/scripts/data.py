@@ -6,6 +6,7 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 from monai.data import load_decathlon_datalist, partition_dataset
 from PIL import Image
 
@@ -84,10 +85,17 @@ def split_datalist(
     ]
 
 
-def sample_weights(data: Sequence[dict], positive_weight: float) -> List[float]:
+def sample_weights(
+    data: Sequence[dict], positive_weight: float, lesion_area: bool = False, uniform_share: float = 0.1
+) -> List[float]:
     """A weight per slice for the sampler: lesions are rare, so a slice whose mask has any lesion pixel weighs
-    `positive_weight`, an empty one 1."""
-    return [positive_weight if Image.open(d["label"]).getbbox() else 1.0 for d in data]
+    `positive_weight`, an empty one 1. With `lesion_area` (Buda et al. 2019), a slice is drawn with probability
+    proportional to its lesion pixels, mixed with `uniform_share` of uniform draws so every slice is seen."""
+    if not lesion_area:
+        return [positive_weight if Image.open(d["label"]).getbbox() else 1.0 for d in data]
+    areas = np.array([np.count_nonzero(np.asarray(Image.open(d["label"]))) for d in data], dtype=np.float64)
+    lesion = areas / areas.sum() if areas.sum() > 0 else np.full(len(areas), 1.0 / max(len(areas), 1))
+    return list((1.0 - uniform_share) * lesion + uniform_share / max(len(areas), 1))
 
 
 def input_files(folder: str) -> List[str]:

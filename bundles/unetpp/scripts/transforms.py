@@ -22,6 +22,17 @@ def flair_only(image: torch.Tensor, channel: int) -> torch.Tensor:
     return image[channel : channel + 1].repeat(3, 1, 1)
 
 
+def brain_box(image: torch.Tensor, channel: int, fraction: float, enabled: bool) -> torch.Tensor:
+    """CropForegroundd's select_fn: the brain as the pixels whose FLAIR `channel` exceeds `fraction` of the slice's
+    maximum (from the image, never the mask); the whole slice when not `enabled` or when nothing exceeds it (a
+    slice with no brain), so that the crop is then the identity."""
+    flair = image[channel : channel + 1]
+    brain = flair > fraction * flair.max()
+    if not enabled or not bool(brain.any()):
+        return torch.ones_like(flair, dtype=torch.bool)
+    return brain
+
+
 class CLAHE(Transform):
     """Contrast-limited adaptive histogram equalisation of each channel (scikit-image's equalize_adapthist), on a
     channel-first image scaled to [0, 1]; clamped to [0, 1] first, because the percentile scaling before it skips
