@@ -1,0 +1,81 @@
+"""benchmarks/recipe_report.py: the per-arm recipe table, on hand-made scored runs (what `gpu_cv.py score` writes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from metaseg.data.discovery import discover
+from metaseg.errors import UserError
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe_report, gpu_cv = load("recipe_report"), load("gpu_cv")
+
+
+def scored_run(folder: Path, seed: int, dice: dict[str, float], recipe: dict, seconds: int = 600) -> Path:
+    (folder / "unetpp").mkdir(parents=True)
+    (folder / "cv_plan.json").write_text(json.dumps({"folds": 3, "seed": seed, "recipe": recipe}))
+    for k in range(3):
+        (folder / "unetpp" / f"fold_{k}").mkdir()
+        (folder / "unetpp" / f"fold_{k}" / "trained.json").write_text(json.dumps({"seconds": seconds}))
+    scores = {p: {"fold": 0, "dice_3d": d, "lesion_slice_dice": d, "fp_slice_rate": 0.1, "lesionwise_dice": d / 2,
+                  "fp_lesions": 1, "gt_lesions": 2, "gt_lesions_detected": 1 + (d > 0.7)} for p, d in dice.items()}
+    (folder / "argmax_scores.json").write_text(json.dumps(scores))
+    return folder
+
+
+def test_an_arm_is_kept_only_when_its_paired_gain_clears_the_seed_spread(tiny_data, tmp_path):
+    patients = discover(tiny_data).patients
+    base = [scored_run(tmp_path / f"base_s{s}", s, {p: 0.60 + 0.02 * s + 0.01 * i for i, p in enumerate(patients)},
+                       {"epochs": 6}) for s in (0, 1)]  # per-seed means 0.645 and 0.665: a spread of 0.02
+    big = [scored_run(tmp_path / f"big_s{s}", s, {p: 0.75 + 0.01 * i for i, p in enumerate(patients)},
+                      {"epochs": 6, "brain_crop": True}, seconds=900) for s in (0, 1)]
+    small = [scored_run(tmp_path / f"small_s{s}", s, {p: 0.62 + 0.01 * i for i, p in enumerate(patients)},
+                        {"epochs": 6, "lesion_area_sampling": True}) for s in (0, 1)]
+    out = tmp_path / "report"
+    recipe_report.main(["--data", str(tiny_data), "--base", *map(str, base), "--arm", f"big={big[0]},{big[1]}",
+                        "--arm", f"small={small[0]},{small[1]}", "--out", str(out)])
+    result = json.loads((out / "recipe.json").read_text())
+    rows = {row["arm"]: row for row in result["arms"]}
+    base_row, big_row, small_row = rows["base (shipped recipe)"], rows["big"], rows["small"]
+    assert base_row["seed_spread"] == pytest.approx(0.02) and "kept" not in base_row
+    assert big_row["paired_gain_dice_3d"]["mean_difference"] == pytest.approx(0.14) and big_row["kept"]
+    assert small_row["paired_gain_dice_3d"]["mean_difference"] == pytest.approx(0.01)  # a gain on every patient,
+    assert small_row["paired_gain_dice_3d"]["ci95"][0] > 0 and not small_row["kept"]  # but within the seed spread
+    assert big_row["cpu_minutes_per_cv"] == pytest.approx(45) and base_row["cpu_minutes_per_cv"] == pytest.approx(30)
+    assert big_row["lesion_sensitivity_3d"] == 1.0 and base_row["lesion_sensitivity_3d"] == pytest.approx(21 / 40)
+    # every patient has the same lesion: the halves split by id, P00-P04 the "smaller"
+    assert big_row["dice_3d_smaller_half"] == pytest.approx(0.77) and big_row["dice_3d_larger_half"] == pytest.approx(0.82)
+    table = (out / "recipe.md").read_text()
+    assert "| big | `epochs=6, brain_crop=true` | 0, 1 | 0.795" in table and "| yes |" in table and "| no |" in table
+
+
+def test_recipe_report_refuses_unscored_runs_and_bad_arms(tiny_data, tmp_path):
+    base = scored_run(tmp_path / "base_s0", 0, {"P00": 0.5}, {"epochs": 6})
+    (tmp_path / "unscored").mkdir()
+    with pytest.raises(UserError, match="no argmax_scores.json"):
+        recipe_report.main(["--data", str(tiny_data), "--base", str(base), "--arm", f"x={tmp_path / 'unscored'}",
+                            "--out", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="LABEL=RUNS"):
+        recipe_report.parse_arm("no-runs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_cv_arms_carry_train_json_settings():
+    assert gpu_cv.parse_arm("crop:6:brain_crop=true,brain_margin=8") == ("crop", "6", {"brain_crop": True,
+                                                                                       "brain_margin": 8})
+    assert gpu_cv.parse_arm("base:18") == ("base", "18", {})
+    for bad in ("crop:six", "crop:6:brain_crop", "crop:6:brain_crop=yes"):
+        with pytest.raises(UserError, match="--arm"):
+            gpu_cv.parse_arm(bad)
