@@ -165,6 +165,8 @@ def test_lesion_area_sampling_draws_slices_by_lesion_pixels_plus_a_uniform_share
     assert abs(lesion_fraction - 0.95) < 0.01  # 90% by area, and half of the 10% uniform share
     only_empty = [data[0], data[3]]
     assert scripts.data.sample_weights(only_empty, 2.0, lesion_area=True) == [0.5, 0.5]
+    with pytest.raises(TypeError, match="lesion_area_sampling must be True or False"):
+        scripts.data.sample_weights(data, 2.0, lesion_area="false")
 
 
 def test_input_files_are_the_images_without_the_data_set_masks(scripts, tmp_path):
@@ -219,6 +221,8 @@ def test_brain_box_is_the_flair_above_a_fraction_of_its_maximum(scripts):
     assert brain.shape == (1, 12, 12) and brain.sum() == 4 * 7 - 1
     assert scripts.transforms.brain_box(image, 1, 0.1, enabled=False).all()
     assert scripts.transforms.brain_box(torch.zeros(3, 12, 12), 1, 0.1, enabled=True).all()  # no brain: whole slice
+    with pytest.raises(TypeError, match="brain_crop must be True or False"):  # `--brain_crop false` on a command line
+        scripts.transforms.brain_box(image, 1, 0.1, enabled="false")
 
 
 def brain_chain(name: str, **settings) -> Compose:

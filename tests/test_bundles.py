@@ -199,7 +199,7 @@ def test_brain_crop_puts_each_mask_back_in_its_slice_s_frame(trained, geometry_i
     """With brain_crop the network sees the box of the bright pixels (here the blob and a margin, each input of
     another shape and position): the inverse pads it back, so each blob still comes back where it was."""
     inputs = geometry_inputs["gray"][0].parent
-    masks = threshold_masks(trained.bundle, inputs, tmp_path / "crop", blocker, settings=("--brain_crop", "true"))
+    masks = threshold_masks(trained.bundle, inputs, tmp_path / "crop", blocker, settings=("--brain_crop", "True"))
     assert_blobs_come_back(masks, geometry_inputs)
 
 
@@ -208,7 +208,7 @@ def test_the_recipe_arms_train_in_plain_monai(name, phantom, blocker, tmp_path):
     """The brain crop and lesion-area sampling (off by default) train an epoch from a copy of the bundle."""
     bundle = copy_bundle(name, tmp_path)
     out = tmp_path / "out"
-    ok(monai_bundle(*train_args(bundle, phantom, out, 1), "--brain_crop", "true", "--lesion_area_sampling", "true",
+    ok(monai_bundle(*train_args(bundle, phantom, out, 1), "--brain_crop", "True", "--lesion_area_sampling", "True",
                     cwd=tmp_path, blocker=blocker))
     assert saved_epoch(out / "checkpoint.pt") == 1
     assert set(torch.load(out / "model.pt", weights_only=True)) == set(network_def(bundle).state_dict())

@@ -33,8 +33,9 @@ def random_weights(name: str, folder: Path, seed: int = 0) -> Path:
     return folder / "model.pt"
 
 
+@pytest.mark.parametrize("brain_crop", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_path):
+def test_engine_matches_the_bundle_inference_command(name, brain_crop, geometry_inputs, tmp_path):
     weights = random_weights(name, tmp_path / "ckpt")
     inputs = next(iter(geometry_inputs.values()))[0].parent
     bundle = REPO / "bundles" / name
@@ -42,11 +43,12 @@ def test_engine_matches_the_bundle_inference_command(name, geometry_inputs, tmp_
         [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs/metadata.json"),
          "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle), "--input_dir", str(inputs),
          "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--spatial_size", "32",
-         "--other_folds#checkpoints", "[]"],  # one model.pt, not a shipped fold ensemble
+         "--other_folds#checkpoints", "[]",  # one model.pt, not a shipped fold ensemble
+         "--brain_crop", str(brain_crop)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    engine = Engine(bundle, weights=weights, overrides=SIZE)
+    engine = Engine(bundle, weights=weights, overrides={**SIZE, "brain_crop": brain_crop})
     for stem, (path, _) in geometry_inputs.items():
         inputs = decode([(path.name, path.read_bytes())]).inputs  # the 3-channel TIFF as (3, rows, cols)
         ours = engine.probabilities(inputs)[0] >= engine.inference_steps["threshold"]  # the bundle's own steps

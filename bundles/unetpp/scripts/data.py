@@ -91,6 +91,8 @@ def sample_weights(
     """A weight per slice for the sampler: lesions are rare, so a slice whose mask has any lesion pixel weighs
     `positive_weight`, an empty one 1. With `lesion_area` (Buda et al. 2019), a slice is drawn with probability
     proportional to its lesion pixels, mixed with `uniform_share` of uniform draws so every slice is seen."""
+    if not isinstance(lesion_area, bool):  # `--lesion_area_sampling false` would arrive as a non-empty string
+        raise TypeError(f"lesion_area_sampling must be True or False, got {lesion_area!r}")
     if not lesion_area:
         return [positive_weight if Image.open(d["label"]).getbbox() else 1.0 for d in data]
     areas = np.array([np.count_nonzero(np.asarray(Image.open(d["label"]))) for d in data], dtype=np.float64)

@@ -25,7 +25,10 @@ def flair_only(image: torch.Tensor, channel: int) -> torch.Tensor:
 def brain_box(image: torch.Tensor, channel: int, fraction: float, enabled: bool) -> torch.Tensor:
     """CropForegroundd's select_fn: the brain as the pixels whose FLAIR `channel` exceeds `fraction` of the slice's
     maximum (from the image, never the mask); the whole slice when not `enabled` or when nothing exceeds it (a
-    slice with no brain), so that the crop is then the identity."""
+    slice with no brain), so that the crop is then the identity. `enabled` must be a bool: on the command line
+    `--brain_crop True` (MONAI's fire parses it), where `false` would arrive as a non-empty string."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"brain_crop must be True or False, got {enabled!r}")
     flair = image[channel : channel + 1]
     brain = flair > fraction * flair.max()
     if not enabled or not bool(brain.any()):
