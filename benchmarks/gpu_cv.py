@@ -21,8 +21,9 @@ be sent a few tens of MiB gets the data this way. The network then sees the same
 `--plan-data` records the full-size data's path in the plan, as the CPU machine's `metaseg cv` will check it.
 
 Comparing recipes needs less than `metaseg cv`'s report (three views of every patient): `score` predicts each held-out
-patient once, at argmax (threshold 0.5, no flip, no component steps), from the full-size data, and writes
-RUNS/argmax_scores.json (resumable, patient by patient); `arms` pairs two recipes by patient, averaged over seeds:
+patient once in one fixed view, whatever the bundle ships (flip TTA on, threshold 0.5, no component steps: the
+arms compare networks, not inference steps), from the full-size data, and writes RUNS/scores.json (resumable, patient
+by patient); `arms` pairs two recipes by patient, averaged over seeds:
 
     python benchmarks/gpu_cv.py score --data ../shared/data/lgg/Data --runs runs/gpu/long_s0 --bundle unetpp
     python benchmarks/gpu_cv.py arms --base runs/gpu/base_s0 runs/gpu/base_s1 --new runs/gpu/long_s0 runs/gpu/long_s1 \
@@ -124,8 +125,11 @@ def train_runs(args) -> None:
             print(line, file=sys.stderr, flush=True)  # stdout carries every fold's training output
 
 
+SCORE_VIEW = {"flip_tta": True, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+
+
 def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
-    """Per-patient argmax metrics of every held-out patient of a runs folder's trained folds (resumable)."""
+    """Per-patient metrics of every held-out patient of a runs folder's trained folds in SCORE_VIEW (resumable)."""
     from metaseg.bundles import bundle_dir
     from metaseg.data.datalist import by_patient
     from metaseg.data.ground_truth import read_ground_truth
@@ -135,7 +139,7 @@ def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
     from metaseg.evaluation.metrics import patient_metrics
     from metaseg.conventions import model_overrides
 
-    out = runs / "argmax_scores.json"
+    out = runs / "scores.json"
     scores = json.loads(out.read_text()) if out.is_file() else {}
     found = discover(data)
     plan = json.loads((runs / "cv_plan.json").read_text())
@@ -145,15 +149,15 @@ def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
         if not todo or not (fold_dir / "trained.json").is_file():
             continue
         engine = Engine(bundle_dir(bundle_name), weights=fold_dir / "models" / "model.pt",
-                        overrides=model_overrides(fold_dir))
+                        overrides={**model_overrides(fold_dir), "inference_steps": SCORE_VIEW})
         items = by_patient([vars(pair) for pair in found.pairs if pair.patient in set(todo)])
         _, truth = read_ground_truth(data, found.root, items)
         with open_source(data) as files:
             for patient, slices in items.items():
                 names = [f"{found.root}/{i['image']}" if found.root else i["image"] for i in slices]
                 frames = [decode([(name, files.read(name))]).inputs[0] for name in names]
-                prob = np.stack(engine.probabilities(frames))
-                scores[patient] = {"fold": k, **patient_metrics(truth[patient], prob >= 0.5)}
+                prob = np.stack(engine.probabilities(frames))  # averaged with the mirror's: SCORE_VIEW's flip TTA
+                scores[patient] = {"fold": k, **patient_metrics(truth[patient], prob >= SCORE_VIEW["threshold"])}
                 write_json_atomic(out, scores)
                 print(f"{runs.name}: {patient} {scores[patient]['dice_3d']:.3f}", flush=True)
     return scores
@@ -163,15 +167,15 @@ ARM_METRICS = ("dice_3d", "lesion_slice_dice", "fp_slice_rate", "lesionwise_dice
 
 
 def arms(base: list[Path], new: list[Path], out: Path) -> dict:
-    """Recipe `new` against `base`, per patient: each run's argmax metrics averaged over its seeds, paired."""
+    """Recipe `new` against `base`, per patient: each run's metrics averaged over its seeds, paired."""
     from metaseg.files import write_bytes_atomic, write_json_atomic
     from metaseg.evaluation.metrics import bootstrap_ci, paired_difference
 
     def load(runs: list[Path]) -> dict[str, dict]:
-        missing = [str(run) for run in runs if not (run / "argmax_scores.json").is_file()]
+        missing = [str(run) for run in runs if not (run / "scores.json").is_file()]
         if missing:
-            raise UserError(f"no argmax_scores.json in {', '.join(missing)}: run `gpu_cv.py score` on them first")
-        return {run.name: json.loads((run / "argmax_scores.json").read_text()) for run in runs}
+            raise UserError(f"no scores.json in {', '.join(missing)}: run `gpu_cv.py score` on them first")
+        return {run.name: json.loads((run / "scores.json").read_text()) for run in runs}
 
     sides = {"base": load(base), "new": load(new)}
     patients = sorted(set.intersection(*[set(s) for side in sides.values() for s in side.values()]))
@@ -188,7 +192,7 @@ def arms(base: list[Path], new: list[Path], out: Path) -> dict:
             "paired_new_minus_base": paired_difference(mean["new"], mean["base"])}
     write_json_atomic(out / "arms.json", result)
     lines = [f"# {', '.join(r.name for r in new)} against {', '.join(r.name for r in base)}", "",
-             f"Out of fold, {len(patients)} patients, argmax (threshold 0.5, no inference steps); each patient's "
+             f"Out of fold, {len(patients)} patients, flip TTA and threshold 0.5, no component steps; each patient's "
              "figure is the mean over the seeds of a recipe, then paired by patient. Produced by "
              f"`python benchmarks/gpu_cv.py arms --base {' '.join(map(str, base))} --new {' '.join(map(str, new))} "
              f"--out {out}`.", "",

@@ -1,12 +1,12 @@
 """The recipe table (`reports/recipe.md`, `recipe.json`): each arm of a bundle's training recipe against the shipped
-recipe, by patient cross-validation over seeds, every patient out of fold, at argmax.
+recipe, by patient cross-validation over seeds, every patient out of fold, in one fixed view of the masks.
 
     python benchmarks/recipe_report.py --data ../shared/data/lgg/Data --base runs/ship runs/recipe/base_s1 \
         --arm "brain crop=runs/recipe/crop_s0,runs/recipe/crop_s1" --out reports
 
 Each run folder is a cross-validation runs folder (`benchmarks/gpu_cv.py train`, or `metaseg cv`) scored by
-`gpu_cv.py score` (its `argmax_scores.json`: threshold 0.5, no flip, no component steps, so that the arms compare
-networks, not inference steps). A recipe's figure for a patient is its mean over the recipe's seeds; an arm is paired
+`gpu_cv.py score` (its `scores.json`: flip TTA, threshold 0.5, no component steps, whatever the bundle ships, so that
+the arms compare networks, not inference steps). A recipe's figure for a patient is its mean over the recipe's seeds; an arm is paired
 with the base by patient. The seed spread is the range of a recipe's per-seed means. An arm is **kept** when the 95%
 CI of its paired gain is above 0 and its mean gain exceeds the base's seed spread. Dice by lesion-size half splits the
 patients by their ground-truth lesion pixels (the smaller half: the first n // 2). CPU time: the training seconds of a seed's folds
@@ -42,12 +42,12 @@ def lesion_pixels(data: Path, patients: list[str]) -> dict[str, int]:
 
 
 def load_recipe(label: str, runs: list[Path], bundle: str) -> dict:
-    """A recipe's runs: per seed, its argmax scores, settings and training CPU seconds."""
+    """A recipe's runs: per seed, its scores, settings and training CPU seconds."""
     seeds = {}
     for run in runs:
-        scores, plan = run / "argmax_scores.json", run / "cv_plan.json"
+        scores, plan = run / "scores.json", run / "cv_plan.json"
         if not scores.is_file() or not plan.is_file():
-            raise UserError(f"{run}: no argmax_scores.json or cv_plan.json: train it, then `gpu_cv.py score` it")
+            raise UserError(f"{run}: no scores.json or cv_plan.json: train it, then `gpu_cv.py score` it")
         plan = json.loads(plan.read_text())
         folds = [run / bundle / f"fold_{k}" / "trained.json" for k in range(plan["folds"])]
         if not all(f.is_file() for f in folds):
@@ -101,7 +101,7 @@ def report(data: Path, base: list[Path], arms: list[tuple[str, list[Path]]], out
     small = set(sorted(patients, key=lambda p: (pixels[p], p))[: len(patients) // 2])  # ties split by id
     rows = [summary(recipes[0][0], recipes[0][1], patients, None, small)]
     rows += [summary(label, seeds, patients, rows[0], small) for label, seeds in recipes[1:]]
-    result = {"command": command, "bundle": bundle, "n_patients": len(patients), "threshold": 0.5,
+    result = {"command": command, "bundle": bundle, "n_patients": len(patients), "view": "flip TTA, threshold 0.5",
               "lesion_pixels_median": median, "arms": rows}
     write_json_atomic(out / "recipe.json", result)
     write_bytes_atomic(out / "recipe.md", markdown(result).encode())
@@ -113,7 +113,7 @@ def markdown(result: dict) -> str:
         return f"{cell['mean']:.{digits}f} [{cell['ci95'][0]:.{digits}f}, {cell['ci95'][1]:.{digits}f}]"
 
     lines = [f"# Recipe arms: {result['bundle']}", "",
-             f"Out of fold, {result['n_patients']} patients, argmax (threshold 0.5, no inference steps); each patient's "
+             f"Out of fold, {result['n_patients']} patients, flip TTA and threshold 0.5, no component steps; each patient's "
              "figure is the mean over a recipe's seeds, paired with the base by patient. Kept: the gain's 95% CI is "
              "above 0 and the gain exceeds the base's seed spread. Smaller / larger half: the patients ranked by "
              f"ground-truth lesion pixels (median {result['lesion_pixels_median']:.0f}), split in two. CPU: training minutes "

@@ -31,7 +31,7 @@ def scored_run(folder: Path, seed: int, dice: dict[str, float], recipe: dict, se
         (folder / "unetpp" / f"fold_{k}" / "trained.json").write_text(json.dumps({"seconds": seconds}))
     scores = {p: {"fold": 0, "dice_3d": d, "lesion_slice_dice": d, "fp_slice_rate": 0.1, "lesionwise_dice": d / 2,
                   "fp_lesions": 1, "gt_lesions": 2, "gt_lesions_detected": 1 + (d > 0.7)} for p, d in dice.items()}
-    (folder / "argmax_scores.json").write_text(json.dumps(scores))
+    (folder / "scores.json").write_text(json.dumps(scores))
     return folder
 
 
@@ -64,7 +64,7 @@ def test_an_arm_is_kept_only_when_its_paired_gain_clears_the_seed_spread(tiny_da
 def test_recipe_report_refuses_unscored_runs_and_bad_arms(tiny_data, tmp_path):
     base = scored_run(tmp_path / "base_s0", 0, {"P00": 0.5}, {"epochs": 6})
     (tmp_path / "unscored").mkdir()
-    with pytest.raises(UserError, match="no argmax_scores.json"):
+    with pytest.raises(UserError, match="no scores.json"):
         recipe_report.main(["--data", str(tiny_data), "--base", str(base), "--arm", f"x={tmp_path / 'unscored'}",
                             "--out", str(tmp_path / "out")])
     with pytest.raises(UserError, match="LABEL=RUNS"):
