@@ -73,18 +73,19 @@ def shrink(data: Path, size: int, out: Path) -> None:
 
 def parse_arm(arm: str) -> tuple[str, str, dict]:
     """LABEL:EPOCHS[:KEY=VALUE,...] -> (label, epochs, train.json settings); each VALUE is JSON (true, 0.1, "x")."""
-    label, epochs, *rest = arm.split(":", 2)
+    label, _, rest = arm.partition(":")
+    epochs, _, items = rest.partition(":")
+    if not label or not epochs.isdigit():
+        raise UserError(f"--arm {arm}: expected LABEL:EPOCHS[:KEY=JSON,...] with EPOCHS a whole number")
     settings = {}
-    for item in filter(None, (rest[0] if rest else "").split(",")):
+    for item in filter(None, items.split(",")):
         key, sep, value = item.partition("=")
         try:
-            if not sep:
-                raise ValueError("no '='")
+            if not sep or not key:
+                raise ValueError("no KEY=")
             settings[key] = json.loads(value)
         except ValueError as err:
             raise UserError(f"--arm {arm}: {item!r} is not KEY=JSON ({err})") from None
-    if not epochs.isdigit():
-        raise UserError(f"--arm {arm}: EPOCHS must be a whole number")
     return label, epochs, settings
 
 
@@ -125,11 +126,9 @@ def train_runs(args) -> None:
             print(line, file=sys.stderr, flush=True)  # stdout carries every fold's training output
 
 
-SCORE_VIEW = {"flip_tta": True, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
-
-
 def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
-    """Per-patient metrics of every held-out patient of a runs folder's trained folds in SCORE_VIEW (resumable)."""
+    """Per-patient metrics of every held-out patient of a runs folder's trained folds, all in one view (resumable):
+    `evaluate`'s steps off (threshold 0.5, no component steps) but with flip TTA, whatever the bundle ships."""
     from metaseg.bundles import bundle_dir
     from metaseg.data.datalist import by_patient
     from metaseg.data.ground_truth import read_ground_truth
@@ -138,7 +137,9 @@ def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
     from metaseg.imageio.reader import decode
     from metaseg.evaluation.metrics import patient_metrics
     from metaseg.conventions import model_overrides
+    from metaseg.training.pipeline import STEPS_OFF
 
+    view = {**STEPS_OFF, "flip_tta": True}
     out = runs / "scores.json"
     scores = json.loads(out.read_text()) if out.is_file() else {}
     found = discover(data)
@@ -149,15 +150,15 @@ def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
         if not todo or not (fold_dir / "trained.json").is_file():
             continue
         engine = Engine(bundle_dir(bundle_name), weights=fold_dir / "models" / "model.pt",
-                        overrides={**model_overrides(fold_dir), "inference_steps": SCORE_VIEW})
+                        overrides={**model_overrides(fold_dir), "inference_steps": view})
         items = by_patient([vars(pair) for pair in found.pairs if pair.patient in set(todo)])
         _, truth = read_ground_truth(data, found.root, items)
         with open_source(data) as files:
             for patient, slices in items.items():
                 names = [f"{found.root}/{i['image']}" if found.root else i["image"] for i in slices]
                 frames = [decode([(name, files.read(name))]).inputs[0] for name in names]
-                prob = np.stack(engine.probabilities(frames))  # averaged with the mirror's: SCORE_VIEW's flip TTA
-                scores[patient] = {"fold": k, **patient_metrics(truth[patient], prob >= SCORE_VIEW["threshold"])}
+                prob = np.stack(engine.probabilities(frames))  # averaged with the mirror's: the view's flip TTA
+                scores[patient] = {"fold": k, **patient_metrics(truth[patient], prob >= view["threshold"])}
                 write_json_atomic(out, scores)
                 print(f"{runs.name}: {patient} {scores[patient]['dice_3d']:.3f}", flush=True)
     return scores

@@ -48,12 +48,15 @@ def load_recipe(label: str, runs: list[Path], bundle: str) -> dict:
         scores, plan = run / "scores.json", run / "cv_plan.json"
         if not scores.is_file() or not plan.is_file():
             raise UserError(f"{run}: no scores.json or cv_plan.json: train it, then `gpu_cv.py score` it")
-        plan = json.loads(plan.read_text())
-        folds = [run / bundle / f"fold_{k}" / "trained.json" for k in range(plan["folds"])]
-        if not all(f.is_file() for f in folds):
-            raise UserError(f"{run}: not every fold is trained")
-        seeds[plan["seed"]] = {"run": str(run), "recipe": plan["recipe"], "scores": json.loads(scores.read_text()),
-                               "train_s": sum(json.loads(f.read_text())["seconds"] for f in folds)}
+        try:
+            plan = json.loads(plan.read_text())
+            folds = [run / bundle / f"fold_{k}" / "trained.json" for k in range(plan["folds"])]
+            if not all(f.is_file() for f in folds):
+                raise UserError(f"{run}: not every fold is trained")
+            seeds[plan["seed"]] = {"run": str(run), "recipe": plan["recipe"], "scores": json.loads(scores.read_text()),
+                                   "train_s": sum(json.loads(f.read_text())["seconds"] for f in folds)}
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{run}: unreadable cv_plan.json, scores.json or trained.json ({err!r})") from None
     if len(seeds) != len(runs):
         raise UserError(f"{label}: two runs of the same seed")
     return seeds

@@ -67,6 +67,10 @@ def test_recipe_report_refuses_unscored_runs_and_bad_arms(tiny_data, tmp_path):
     with pytest.raises(UserError, match="no scores.json"):
         recipe_report.main(["--data", str(tiny_data), "--base", str(base), "--arm", f"x={tmp_path / 'unscored'}",
                             "--out", str(tmp_path / "out")])
+    (base / "scores.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable"):
+        recipe_report.main(["--data", str(tiny_data), "--base", str(base), "--arm", f"x={base}",
+                            "--out", str(tmp_path / "out")])
     with pytest.raises(UserError, match="LABEL=RUNS"):
         recipe_report.parse_arm("no-runs")
     assert not (tmp_path / "out").exists()
@@ -76,6 +80,6 @@ def test_gpu_cv_arms_carry_train_json_settings():
     assert gpu_cv.parse_arm("crop:6:brain_crop=true,brain_margin=8") == ("crop", "6", {"brain_crop": True,
                                                                                        "brain_margin": 8})
     assert gpu_cv.parse_arm("base:18") == ("base", "18", {})
-    for bad in ("crop:six", "crop:6:brain_crop", "crop:6:brain_crop=yes"):
+    for bad in ("crop", ":6", "crop:six", "crop:6:brain_crop", "crop:6:=true", "crop:6:brain_crop=yes"):
         with pytest.raises(UserError, match="--arm"):
             gpu_cv.parse_arm(bad)

@@ -30,10 +30,11 @@ def brain_box(image: torch.Tensor, channel: int, fraction: float, enabled: bool)
     if not isinstance(enabled, bool):
         raise TypeError(f"brain_crop must be True or False, got {enabled!r}")
     flair = image[channel : channel + 1]
-    brain = flair > fraction * flair.max()
-    if not enabled or not bool(brain.any()):
-        return torch.ones_like(flair, dtype=torch.bool)
-    return brain
+    if enabled:
+        brain = flair > fraction * flair.max()
+        if bool(brain.any()):
+            return brain
+    return torch.ones_like(flair, dtype=torch.bool)
 
 
 class CLAHE(Transform):
