@@ -71,14 +71,32 @@ def shrink(data: Path, size: int, out: Path) -> None:
                     tifffile.imwrite(target, rgb, photometric="rgb")
 
 
+def top_level_items(text: str) -> list[str]:
+    """`text` split at the commas outside JSON brackets and strings, so that a VALUE may be a whole component
+    (`lr_scheduler={"_target_": ..., "t_total": ...}`)."""
+    items, depth, quoted, start = [], 0, False, 0
+    for i, char in enumerate(text):
+        if char == '"' and text[i - 1 : i] != "\\":
+            quoted = not quoted
+        elif not quoted and char in "[{":
+            depth += 1
+        elif not quoted and char in "]}":
+            depth -= 1
+        elif not quoted and depth == 0 and char == ",":
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def parse_arm(arm: str) -> tuple[str, str, dict]:
-    """LABEL:EPOCHS[:KEY=VALUE,...] -> (label, epochs, train.json settings); each VALUE is JSON (true, 0.1, "x")."""
+    """LABEL:EPOCHS[:KEY=VALUE,...] -> (label, epochs, train.json settings); each VALUE is JSON (true, 0.1, "x",
+    or a whole component as an object)."""
     label, _, rest = arm.partition(":")
     epochs, _, items = rest.partition(":")
     if not label or not epochs.isdigit():
         raise UserError(f"--arm {arm}: expected LABEL:EPOCHS[:KEY=JSON,...] with EPOCHS a whole number")
     settings = {}
-    for item in filter(None, items.split(",")):
+    for item in filter(None, top_level_items(items)):
         key, sep, value = item.partition("=")
         try:
             if not sep or not key:

@@ -11,6 +11,12 @@ with the base by patient. The seed spread is the range of a recipe's per-seed me
 CI of its paired gain is above 0 and its mean gain exceeds the base's seed spread. Dice by lesion-size half splits the
 patients by their ground-truth lesion pixels (the smaller half: the first n // 2). CPU time: the training seconds of a seed's folds
 (`trained.json`), summed, mean over seeds (each fold on one core).
+
+Run folders need not outlive their machine: `--keep reports/recipe.json` in place of `--base` carries that report's rows
+as recorded and pairs the new arms with its base row's per-patient Dice (the same patients, or an error):
+
+    python benchmarks/recipe_report.py --data ../shared/data/lgg/Data --keep reports/recipe.json \
+        --arm "warm-up 12 epochs=runs/recipe2/warm12_s0,runs/recipe2/warm12_s1" --out reports
 """
 
 from __future__ import annotations
@@ -90,22 +96,41 @@ def summary(label: str, seeds: dict, patients: list[str], base: dict | None, sma
     return row
 
 
-def report(data: Path, base: list[Path], arms: list[tuple[str, list[Path]]], out: Path, bundle: str,
-           command: str) -> dict:
+def load_kept(path: Path, bundle: str) -> dict:
+    """An earlier recipe.json whose rows are carried over: its first row is the base the new arms pair with."""
+    try:
+        kept = json.loads(path.read_text())
+        rows, base = kept["arms"], kept["arms"][0]
+        patients = sorted(base["per_patient_dice_3d"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise UserError(f"--keep {path}: not a readable recipe report ({err!r})") from None
+    if kept.get("bundle") != bundle:
+        raise UserError(f"--keep {path}: a report of bundle {kept.get('bundle')!r}, not {bundle!r}")
+    return {"rows": rows, "patients": patients, "commands": kept.get("earlier_commands", []) + [kept["command"]]}
+
+
+def report(data: Path, base: list[Path] | None, arms: list[tuple[str, list[Path]]], out: Path, bundle: str,
+           command: str, keep: Path | None = None) -> dict:
     from metaseg.files import write_bytes_atomic, write_json_atomic
 
-    recipes = [("base (shipped recipe)", load_recipe("base", base, bundle))]
+    kept = load_kept(keep, bundle) if keep else None
+    recipes = [] if kept else [("base (shipped recipe)", load_recipe("base", base, bundle))]
     recipes += [(label, load_recipe(label, runs, bundle)) for label, runs in arms]
-    patients = sorted(set.intersection(*[set(s["scores"]) for _, seeds in recipes for s in seeds.values()]))
+    scored = set.intersection(*[set(s["scores"]) for _, seeds in recipes for s in seeds.values()])
+    patients = kept["patients"] if kept else sorted(scored)
     if not patients:
         raise UserError("the runs share no scored patient")
+    if not scored >= set(patients):
+        raise UserError(f"the runs scored {len(scored & set(patients))} of the kept report's {len(patients)} patients")
     pixels = lesion_pixels(data, patients)
     median = float(np.median(list(pixels.values())))
     small = set(sorted(patients, key=lambda p: (pixels[p], p))[: len(patients) // 2])  # ties split by id
-    rows = [summary(recipes[0][0], recipes[0][1], patients, None, small)]
-    rows += [summary(label, seeds, patients, rows[0], small) for label, seeds in recipes[1:]]
-    result = {"command": command, "bundle": bundle, "n_patients": len(patients), "view": "flip TTA, threshold 0.5",
-              "lesion_pixels_median": median, "arms": rows}
+    rows = kept["rows"] if kept else [summary(recipes[0][0], recipes[0][1], patients, None, small)]
+    new = recipes if kept else recipes[1:]
+    rows = rows + [summary(label, seeds, patients, rows[0], small) for label, seeds in new]
+    result = {"command": command, "earlier_commands": kept["commands"] if kept else [], "bundle": bundle,
+              "n_patients": len(patients), "view": "flip TTA, threshold 0.5", "lesion_pixels_median": median,
+              "arms": rows}
     write_json_atomic(out / "recipe.json", result)
     write_bytes_atomic(out / "recipe.md", markdown(result).encode())
     return result
@@ -120,7 +145,8 @@ def markdown(result: dict) -> str:
              "figure is the mean over a recipe's seeds, paired with the base by patient. Kept: the gain's 95% CI is "
              "above 0 and the gain exceeds the base's seed spread. Smaller / larger half: the patients ranked by "
              f"ground-truth lesion pixels (median {result['lesion_pixels_median']:.0f}), split in two. CPU: training minutes "
-             f"of one seed's folds, one core each. Produced by `{result['command']}`.", "",
+             f"of one seed's folds, one core each. Produced by `{result['command']}`"
+             + "".join(f", carrying the rows of `{c}`" for c in reversed(result.get("earlier_commands", []))) + ".", "",
              "| arm | settings | seeds | per-patient 3D Dice | per seed | gain [95% CI], Wilcoxon p | kept | "
              "lesion-slice Dice | FP slices | lesion-wise Dice | lesion sensitivity | FP lesions per patient | "
              "smaller half | larger half | CPU min |",
@@ -153,13 +179,15 @@ def parse_arm(text: str) -> tuple[str, list[Path]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the Data folder the runs were trained on")
-    parser.add_argument("--base", type=Path, nargs="+", required=True, help="the shipped recipe's runs, one per seed")
+    first = parser.add_mutually_exclusive_group(required=True)
+    first.add_argument("--base", type=Path, nargs="+", help="the shipped recipe's runs, one per seed")
+    first.add_argument("--keep", type=Path, help="an earlier recipe.json: its rows carried, its base row the base")
     parser.add_argument("--arm", action="append", required=True, help="LABEL=RUNS[,RUNS...], one runs folder per seed")
     parser.add_argument("--bundle", default="unetpp")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     command = "python benchmarks/recipe_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = report(args.data, args.base, [parse_arm(a) for a in args.arm], args.out, args.bundle, command)
+    result = report(args.data, args.base, [parse_arm(a) for a in args.arm], args.out, args.bundle, command, args.keep)
     print(markdown(result))
 
 

@@ -80,6 +80,49 @@ def test_gpu_cv_arms_carry_train_json_settings():
     assert gpu_cv.parse_arm("crop:6:brain_crop=true,brain_margin=8") == ("crop", "6", {"brain_crop": True,
                                                                                        "brain_margin": 8})
     assert gpu_cv.parse_arm("base:18") == ("base", "18", {})
+    scheduler = {"_target_": "monai.optimizers.WarmupCosineSchedule", "optimizer": "@optimizer", "warmup_steps": 3,
+                 "t_total": "$@epochs * len(@train#dataloader)", "note": "a \"quoted, comma\" here"}
+    spec = f"warm:12:lr_scheduler={json.dumps(scheduler)},train#handlers#0#epoch_level=false,w=[1,2]"
+    assert gpu_cv.parse_arm(spec) == ("warm", "12", {"lr_scheduler": scheduler,
+                                                     "train#handlers#0#epoch_level": False, "w": [1, 2]})
     for bad in ("crop", ":6", "crop:six", "crop:6:brain_crop", "crop:6:=true", "crop:6:brain_crop=yes"):
         with pytest.raises(UserError, match="--arm"):
             gpu_cv.parse_arm(bad)
+
+
+def test_a_kept_report_carries_its_rows_and_pairs_new_arms_with_its_base(tiny_data, tmp_path):
+    patients = discover(tiny_data).patients
+    base = [scored_run(tmp_path / f"base_s{s}", s, {p: 0.60 + 0.02 * s + 0.01 * i for i, p in enumerate(patients)},
+                       {"epochs": 6}) for s in (0, 1)]
+
+    def runs(name: str, start: float) -> list[Path]:
+        dice = [{p: start + 0.03 * s * (i % 2) for i, p in enumerate(patients)} for s in (0, 1)]
+        return [scored_run(tmp_path / f"{name}_s{s}", s, dice[s], {"epochs": 12}) for s in (0, 1)]
+
+    arm = {"a": runs("a", 0.7), "b": runs("b", 0.5)}
+    spec = {name: f"{name}={runs[0]},{runs[1]}" for name, runs in arm.items()}
+    common = ["--data", str(tiny_data), "--out"]
+    recipe_report.main([*common, str(tmp_path / "all"), "--base", *map(str, base), "--arm", spec["a"],
+                        "--arm", spec["b"]])
+    recipe_report.main([*common, str(tmp_path / "first"), "--base", *map(str, base), "--arm", spec["a"]])
+    for run in base + arm["a"]:  # the earlier runs are gone with their machine
+        (run / "scores.json").unlink()
+    recipe_report.main([*common, str(tmp_path / "then"), "--keep", str(tmp_path / "first" / "recipe.json"),
+                        "--arm", spec["b"]])
+    everything = json.loads((tmp_path / "all" / "recipe.json").read_text())
+    carried = json.loads((tmp_path / "then" / "recipe.json").read_text())
+    assert carried["arms"] == everything["arms"]  # the same rows as from all the runs at once
+    assert "--keep" in carried["command"] and "--arm a=" in carried["earlier_commands"][0]
+    assert f"carrying the rows of `{carried['earlier_commands'][0]}`" in (tmp_path / "then" / "recipe.md").read_text()
+
+    fewer = scored_run(tmp_path / "c_s0", 0, {p: 0.5 for p in patients[:3]}, {"epochs": 6})
+    with pytest.raises(UserError, match=f"scored 3 of the kept report's {len(patients)} patients"):
+        recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "then" / "recipe.json"),
+                            "--arm", f"c={fewer}"])
+    with pytest.raises(UserError, match="not 'attention_unet'"):
+        recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "then" / "recipe.json"),
+                            "--arm", spec["b"], "--bundle", "attention_unet"])
+    (tmp_path / "bad.json").write_text('{"arms": []}')
+    with pytest.raises(UserError, match="not a readable recipe report"):
+        recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "bad.json"), "--arm", spec["b"]])
+    assert not (tmp_path / "x").exists()
