@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -71,23 +72,6 @@ def shrink(data: Path, size: int, out: Path) -> None:
                     tifffile.imwrite(target, rgb, photometric="rgb")
 
 
-def top_level_items(text: str) -> list[str]:
-    """`text` split at the commas outside JSON brackets and strings, so that a VALUE may be a whole component
-    (`lr_scheduler={"_target_": ..., "t_total": ...}`)."""
-    items, depth, quoted, start = [], 0, False, 0
-    for i, char in enumerate(text):
-        if char == '"' and text[i - 1 : i] != "\\":
-            quoted = not quoted
-        elif not quoted and char in "[{":
-            depth += 1
-        elif not quoted and char in "]}":
-            depth -= 1
-        elif not quoted and depth == 0 and char == ",":
-            items.append(text[start:i])
-            start = i + 1
-    return items + [text[start:]]
-
-
 def parse_arm(arm: str) -> tuple[str, str, dict]:
     """LABEL:EPOCHS[:KEY=VALUE,...] -> (label, epochs, train.json settings); each VALUE is JSON (true, 0.1, "x",
     or a whole component as an object)."""
@@ -95,15 +79,19 @@ def parse_arm(arm: str) -> tuple[str, str, dict]:
     epochs, _, items = rest.partition(":")
     if not label or not epochs.isdigit():
         raise UserError(f"--arm {arm}: expected LABEL:EPOCHS[:KEY=JSON,...] with EPOCHS a whole number")
-    settings = {}
-    for item in filter(None, top_level_items(items)):
-        key, sep, value = item.partition("=")
+    settings, decoder, space, at = {}, json.JSONDecoder(), re.compile(r"\s*"), 0
+    while at < len(items):  # JSON's own parser says where each VALUE ends, so a VALUE may hold commas
+        key, sep, _ = items[at:].partition("=")
         try:
-            if not sep or not key:
+            if not sep or not key or "," in key:
                 raise ValueError("no KEY=")
-            settings[key] = json.loads(value)
+            settings[key], end = decoder.raw_decode(items, space.match(items, at + len(key) + 1).end())
+            end = space.match(items, end).end()  # spaces around a VALUE, as json.loads allows
+            if items[end : end + 1] not in ("", ","):
+                raise ValueError(f"{items[end:]!r} after the value")
         except ValueError as err:
-            raise UserError(f"--arm {arm}: {item!r} is not KEY=JSON ({err})") from None
+            raise UserError(f"--arm {arm}: {items[at:]!r} is not KEY=JSON[,KEY=JSON...] ({err})") from None
+        at = end + 1
     return label, epochs, settings
 
 

@@ -102,11 +102,12 @@ def load_kept(path: Path, bundle: str) -> dict:
         kept = json.loads(path.read_text())
         rows, base = kept["arms"], kept["arms"][0]
         patients = sorted(base["per_patient_dice_3d"])
+        commands = kept.get("earlier_commands", []) + [kept["command"]]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise UserError(f"--keep {path}: not a readable recipe report ({err!r})") from None
     if kept.get("bundle") != bundle:
         raise UserError(f"--keep {path}: a report of bundle {kept.get('bundle')!r}, not {bundle!r}")
-    return {"rows": rows, "patients": patients, "commands": kept.get("earlier_commands", []) + [kept["command"]]}
+    return {"rows": rows, "patients": patients, "commands": commands}
 
 
 def report(data: Path, base: list[Path] | None, arms: list[tuple[str, list[Path]]], out: Path, bundle: str,
@@ -146,7 +147,7 @@ def markdown(result: dict) -> str:
              "above 0 and the gain exceeds the base's seed spread. Smaller / larger half: the patients ranked by "
              f"ground-truth lesion pixels (median {result['lesion_pixels_median']:.0f}), split in two. CPU: training minutes "
              f"of one seed's folds, one core each. Produced by `{result['command']}`"
-             + "".join(f", carrying the rows of `{c}`" for c in reversed(result.get("earlier_commands", []))) + ".", "",
+             + "".join(f", carrying the rows of `{c}`" for c in reversed(result["earlier_commands"])) + ".", "",
              "| arm | settings | seeds | per-patient 3D Dice | per seed | gain [95% CI], Wilcoxon p | kept | "
              "lesion-slice Dice | FP slices | lesion-wise Dice | lesion sensitivity | FP lesions per patient | "
              "smaller half | larger half | CPU min |",

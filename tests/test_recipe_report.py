@@ -85,7 +85,9 @@ def test_gpu_cv_arms_carry_train_json_settings():
     spec = f"warm:12:lr_scheduler={json.dumps(scheduler)},train#handlers#0#epoch_level=false,w=[1,2]"
     assert gpu_cv.parse_arm(spec) == ("warm", "12", {"lr_scheduler": scheduler,
                                                      "train#handlers#0#epoch_level": False, "w": [1, 2]})
-    for bad in ("crop", ":6", "crop:six", "crop:6:brain_crop", "crop:6:=true", "crop:6:brain_crop=yes"):
+    assert gpu_cv.parse_arm('x:6:a="b\\\\",c= 1 ,') == ("x", "6", {"a": "b\\", "c": 1})  # a string ending in \\
+    for bad in ("crop", ":6", "crop:six", "crop:6:brain_crop", "crop:6:=true", "crop:6:brain_crop=yes",
+                "crop:6:a=1 2", "crop:6:a,b=1", "crop:6:a={\"b\": 1"):
         with pytest.raises(UserError, match="--arm"):
             gpu_cv.parse_arm(bad)
 
@@ -122,7 +124,10 @@ def test_a_kept_report_carries_its_rows_and_pairs_new_arms_with_its_base(tiny_da
     with pytest.raises(UserError, match="not 'attention_unet'"):
         recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "then" / "recipe.json"),
                             "--arm", spec["b"], "--bundle", "attention_unet"])
-    (tmp_path / "bad.json").write_text('{"arms": []}')
-    with pytest.raises(UserError, match="not a readable recipe report"):
-        recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "bad.json"), "--arm", spec["b"]])
+    no_command = {k: v for k, v in carried.items() if k != "command"}
+    for bad in ('{"arms": []}', "{not json", json.dumps(no_command)):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(UserError, match="not a readable recipe report"):
+            recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "bad.json"),
+                                "--arm", spec["b"]])
     assert not (tmp_path / "x").exists()
