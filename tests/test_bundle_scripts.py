@@ -305,6 +305,7 @@ def test_multi_gpu_drops_the_logging_handlers_by_name_on_other_ranks(rank, expec
     monkeypatch.setattr(dist, "get_rank", lambda: rank)
     parser = train_parser("attention_unet", "multi_gpu_train.json", output_dir=str(tmp_path), device="cpu")
     parser["validate#evaluator"] = None  # the validator is not what this test is about
+    parser["lr_scheduler#warmup_steps"], parser["lr_scheduler#t_total"] = 1, 2  # else sized by a data loader of real data
     parser["network"] = "$@network_def.to(@device)"  # DistributedDataParallel needs a process group
     with bundle_imports(BUNDLES / "attention_unet"):
         handlers = parser.get_parsed_content("train#trainer#train_handlers")

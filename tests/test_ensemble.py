@@ -4,6 +4,7 @@ averages the same k fold models and gives the same mask; a missing or foreign fo
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -38,10 +39,15 @@ def fold_files(bundle: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory) -> Path:
-    """U-Net++ (the served architecture) copied out of the repo with three fold models of different seeded random
-    weights, and their TorchScript exports, laid out as scripts/ship_weights.py ships them."""
+    """U-Net++ copied out of the repo with three fold models of different seeded random weights, and their TorchScript
+    exports, laid out as scripts/ship_weights.py ships them; flip TTA on (the view these tests average), whatever
+    inference steps the cross-validation chose for the shipped bundle."""
     bundle = Path(shutil.copytree(REPO / "bundles" / "unetpp", tmp_path_factory.mktemp("ens") / "unetpp",
                                   ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "__pycache__")))
+    inference = bundle / "configs" / "inference.json"
+    configs = json.loads(inference.read_text())
+    configs["inference_steps"]["flip_tta"] = True
+    inference.write_text(json.dumps(configs, indent=4))
     for seed, path in enumerate(fold_files(bundle)):
         torch.manual_seed(seed)
         path.parent.mkdir(parents=True, exist_ok=True)
