@@ -24,14 +24,18 @@ SIZE=${SIZE:-128}
 RUNS=runs/gpu_ship
 WHEELS="monai==1.6.1 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 pydicom==3.0.2 nibabel==5.4.2"
 
-epochs() {  # the epochs of both bundles' train.json: one number, or an error
-    "$PY" - <<'EOF'
-import json
-found = {json.load(open(f"bundles/{b}/configs/train.json"))["epochs"] for b in ("unetpp", "attention_unet")}
+epochs() {  # the epochs of both bundles' train.json (metaseg cv's own reading): one number, or an error
+    "$PY" -c '
+from metaseg.bundles import NAMES, bundle_dir
+from metaseg.errors import UserError
+from metaseg.training.cv import bundle_epochs
+try:
+    found = {bundle_epochs(bundle_dir(name)) for name in NAMES}
+except UserError as err:
+    raise SystemExit(f"gpu_ship: {err}") from None
 if len(found) != 1:
     raise SystemExit(f"gpu_ship: the bundles train for different epochs {sorted(found)}: one plan cannot hold both")
-print(found.pop())
-EOF
+print(found.pop())'
 }
 
 case "${1:-}" in
@@ -75,7 +79,10 @@ finish)
     PY=${PY:-.venv/bin/python}
     DATA=${2:?usage: gpu_ship.sh finish DATA FOLDER}
     FROM=${3:?usage: gpu_ship.sh finish DATA FOLDER}
-    for archive in "$FROM"/*_fold_*.tar.gz; do  # runs/gpu_ship/ship_s0/{cv_plan.json,splits_final.json,<bundle>/fold_<k>/}
+    shopt -s nullglob
+    archives=("$FROM"/*_fold_*.tar.gz)  # runs/gpu_ship/ship_s0/{cv_plan.json,splits_final.json,<bundle>/fold_<k>/}
+    [ ${#archives[@]} -gt 0 ] || { echo "gpu_ship: no <bundle>_fold_<k>.tar.gz in $FROM" >&2; exit 2; }
+    for archive in "${archives[@]}"; do
         tar -xzf "$archive"
     done
     "$PY" -c 'from metaseg.cli import main; main()' cv --data "$DATA" --folds 3 --seed 0 --bundle unetpp --bundle attention_unet \
