@@ -84,9 +84,10 @@ def test_patient_folders_under_two_parents_is_an_error(tmp_path):
         discover(tmp_path)
 
 
-def test_real_development_set_has_44_patients_and_1458_pairs(lgg):
+def test_real_development_set_has_77_patients_and_2667_pairs(lgg):
+    """../shared/README.md: 77 patients and 2,667 pairs since 2026-12-07 (44 and 1,458 before)."""
     found = discover(lgg)
-    assert len(found.patients) == 44 and len(found.pairs) == 1458
+    assert len(found.patients) == 77 and len(found.pairs) == 2667
     assert not any(found.ignored.values())
 
 

@@ -46,6 +46,9 @@ def test_datalist_items_carry_patient_and_slice_and_never_mix_patients(tiny_data
 
 
 def test_real_split_counts(lgg):
+    """The 77 development patients at seed 0: 15 test (round(77 * 0.2)), 8 validation (round(77 * 0.1)), 54 training;
+    the slice counts are those of the patients drawn, recorded once."""
     datalist = build_datalist(discover(lgg), seed=0)
-    assert sum(datalist["counts"]["patients"].values()) == 44
-    assert sum(datalist["counts"]["pairs"].values()) == 1458
+    assert datalist["counts"]["patients"] == {"training": 54, "validation": 8, "test": 15}
+    assert datalist["counts"]["pairs"] == {"training": 1801, "validation": 310, "test": 556}
+    assert sum(datalist["counts"]["lesion_pairs"].values()) == 942
