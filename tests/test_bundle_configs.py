@@ -11,6 +11,7 @@ test_a_file_macro_would_not_load_from_elsewhere), so it breaks for a copied bund
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import numpy as np
@@ -27,6 +28,7 @@ from test_bundles import NAMES, phantom  # noqa: F401 (a fixture)
 
 BUNDLES = REPO / "bundles"
 PER_KEY_ARGS = {"mode", "anti_aliasing", "padding_mode", "align_corners"}  # lists with one entry per key
+TRAINING_ONLY = {"scripts.transforms.SkullStrippedCopyd"}  # makes a training copy of the image; inference has none
 SHARED_SCALARS = ("seed", "batch_size", "num_workers", "spatial_size", "clahe_clip_limit", "device")
 
 
@@ -37,7 +39,7 @@ def raw(name: str, file: str) -> dict:
 def image_only(transform: dict) -> dict | None:
     """A dictionary transform's config restricted to the `image` key, without descriptions; None if it skips image."""
     keys = transform["keys"] if isinstance(transform["keys"], list) else [transform["keys"]]
-    if "image" not in keys:
+    if "image" not in keys or transform["_target_"] in TRAINING_ONLY:
         return None
     at = keys.index("image")
     out = {}
@@ -136,9 +138,10 @@ def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
     parser["sequence_dropout"] = 1.0
+    at = [t["_target_"] for t in parser["train#random_transforms"]].index("RandLambdad")
     with bundle_imports(BUNDLES / name):
-        dropout = parser.get_parsed_content("train#random_transforms")[0]
-    assert isinstance(dropout, RandLambdad) and parser["train#random_transforms"][0]["keys"] == "image"
+        dropout = parser.get_parsed_content("train#random_transforms")[at]
+    assert isinstance(dropout, RandLambdad) and parser["train#random_transforms"][at]["keys"] == "image"
     flair = parser["flair_channel"]
     slice_ = np.random.default_rng(1).integers(0, 255, (3, 40, 56))
     kept = training({"image": as_image(slice_)})["image"]
@@ -148,8 +151,46 @@ def test_sequence_dropout_trains_on_what_a_flair_only_upload_gets(name):
     assert not torch.equal(kept.as_tensor(), upload)  # without the dropout the three sequences stay
     parser["sequence_dropout"] = 0.0
     with bundle_imports(BUNDLES / name):
-        never = parser.get_parsed_content("train#random_transforms", lazy=False)[0]
+        never = parser.get_parsed_content("train#random_transforms", lazy=False)[at]
     assert torch.equal(never({"image": kept})["image"].as_tensor(), kept.as_tensor())
+
+
+def head_slice(rng) -> np.ndarray:
+    """Three sequences of a hand-made head: a bright ring (scalp and skull) around a textured brain, on faint noise."""
+    rows, cols = np.mgrid[:64, :64]
+    radius = np.hypot(rows - 32, cols - 30)
+    image = rng.uniform(0, 4, (3, 64, 64))
+    image[:, radius < 26] = rng.uniform(60, 120, (3, int((radius < 26).sum())))
+    image[:, (radius >= 22) & (radius < 26)] = 230
+    return image
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skull_stripping_trains_on_what_a_brain_extracted_upload_gets(name):
+    """The augmentation's property: the cached stripped copy is, to the bit, the network input that the same slice
+    skull-stripped by scripts.transforms.skull_strip and uploaded gets at inference; with skull_strip_prob 1 every
+    draw trains on it, with 0 none, and the copy never reaches the batch."""
+    training, inference = chains(name)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / name / "configs" / "train.json"))
+    parser.update({"spatial_size": 32, "skull_strip_prob": 1.0})
+    with bundle_imports(BUNDLES / name):
+        steps = parser.get_parsed_content("validate#preprocessing").transforms
+        strip = importlib.import_module("scripts.transforms").skull_strip
+        swap = parser.get_parsed_content("train#random_transforms")[0]
+    with_copy = Compose([t for t in steps if not isinstance(t, LoadImaged)])
+    slice_ = head_slice(np.random.default_rng(2))
+    cached = with_copy({"image": as_image(slice_)})
+    stripped_upload = inference({"image": strip(as_image(slice_), parser["skull_strip_erosion"])})["image"]
+    assert torch.equal(cached["image_stripped"].as_tensor(), stripped_upload.as_tensor())
+    assert torch.equal(cached["image"].as_tensor(), training({"image": as_image(slice_)})["image"].as_tensor())
+    assert not torch.equal(cached["image"].as_tensor(), cached["image_stripped"].as_tensor())
+    drawn = swap(dict(cached))
+    assert set(drawn) == {"image"} and torch.equal(drawn["image"].as_tensor(), stripped_upload.as_tensor())
+    swap.prob = 0.0
+    kept = swap(dict(cached))
+    assert set(kept) == {"image"} and torch.equal(kept["image"].as_tensor(), cached["image"].as_tensor())
+    assert "image_stripped" not in training({"image": as_image(slice_)})  # off by default: no copy, no cost
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -225,6 +225,51 @@ def test_brain_box_is_the_flair_above_a_fraction_of_its_maximum(scripts):
         scripts.transforms.brain_box(image, 1, 0.1, enabled="false")
 
 
+def test_brain_mask_is_the_head_from_the_image_eroded_by_the_skull(scripts):
+    """A hand-made head: a disk of radius 20 (ring of skull from 16 to 20) on faint noise, a bright speck apart from
+    it; eroded by 4 pixels the mask is the disk inside the skull, the speck and the background left out."""
+    rows, cols = np.mgrid[:64, :64]
+    radius = np.hypot(rows - 32, cols - 32)
+    image = np.random.default_rng(0).uniform(0, 3, (3, 64, 64)).astype(np.float32)
+    image[:, radius < 20] = 100
+    image[:, (radius >= 16) & (radius < 20)] = 250
+    image[:, 2:4, 2:4] = 250  # a bright speck outside the head: not its largest component
+    mask = scripts.transforms.brain_mask(torch.as_tensor(image), erosion=4)
+    assert mask.shape == (64, 64) and not mask[:6, :6].any()
+    assert mask[radius < 15].all() and not mask[radius >= 17].any()  # the disk inside the skull, to a pixel
+    image[:, 28:36, 28:36] = 0  # a dark hole inside the brain (a ventricle, a cavity) stays inside the mask
+    assert scripts.transforms.brain_mask(torch.as_tensor(image), erosion=4)[28:36, 28:36].all()
+    assert not scripts.transforms.brain_mask(torch.zeros(3, 64, 64), erosion=4).any()  # no head: empty
+
+
+def test_skull_strip_changes_nothing_inside_the_brain_mask(scripts):
+    image = MetaTensor(torch.as_tensor(np.random.default_rng(1).uniform(0, 255, (3, 48, 48)), dtype=torch.float32))
+    image[:, :, :6] = 1  # a dark border: the head is the rest
+    mask = torch.as_tensor(scripts.transforms.brain_mask(image, erosion=3))
+    stripped = scripts.transforms.skull_strip(image, erosion=3)
+    assert isinstance(stripped, MetaTensor) and stripped.dtype == image.dtype
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(stripped[:, mask], image[:, mask]) and not stripped[:, ~mask].any()
+
+
+def test_the_stripped_copy_is_made_only_when_enabled_and_drawn_with_its_probability(scripts):
+    image = torch.as_tensor(np.random.default_rng(2).uniform(50, 255, (3, 32, 32)), dtype=torch.float32)
+    image[:, :4] = 0
+    off = scripts.transforms.SkullStrippedCopyd("image", erosion=2, enabled=False)({"image": image})
+    on = scripts.transforms.SkullStrippedCopyd("image", erosion=2, enabled=True)({"image": image})
+    assert set(off) == {"image"} and set(on) == {"image", "image_stripped"}
+    assert torch.equal(on["image_stripped"], scripts.transforms.skull_strip(image, 2))
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        scripts.transforms.SkullStrippedCopyd("image", erosion=2, enabled="false")
+    swap = scripts.transforms.RandSkullStripd("image", prob=0.5)
+    swap.set_random_state(0)
+    drawn = [swap(dict(on)) for _ in range(400)]
+    assert all(set(d) == {"image"} for d in drawn)
+    stripped = sum(torch.equal(d["image"], on["image_stripped"]) for d in drawn)
+    assert 160 < stripped < 240  # binomial(400, 0.5): within 4 standard deviations
+    assert torch.equal(on["image"], image)  # the cached item is never changed
+
+
 def brain_chain(name: str, **settings) -> Compose:
     """train.json's deterministic chain without its loader, at 32 px, with `settings`."""
     parser = train_parser(name, **settings)

@@ -205,11 +205,12 @@ def test_brain_crop_puts_each_mask_back_in_its_slice_s_frame(trained, geometry_i
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_recipe_arms_train_in_plain_monai(name, phantom, blocker, tmp_path):
-    """The brain crop and lesion-area sampling (off by default) train an epoch from a copy of the bundle."""
+    """The brain crop, lesion-area sampling and skull-stripping augmentation (off by default) train an epoch from a
+    copy of the bundle."""
     bundle = copy_bundle(name, tmp_path)
     out = tmp_path / "out"
     ok(monai_bundle(*train_args(bundle, phantom, out, 1), "--brain_crop", "True", "--lesion_area_sampling", "True",
-                    cwd=tmp_path, blocker=blocker))
+                    "--skull_strip_prob", "0.5", cwd=tmp_path, blocker=blocker))
     assert saved_epoch(out / "checkpoint.pt") == 1
     assert set(torch.load(out / "model.pt", weights_only=True)) == set(network_def(bundle).state_dict())
 

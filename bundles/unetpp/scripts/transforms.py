@@ -5,8 +5,9 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+from scipy import ndimage
 from skimage.exposure import equalize_adapthist
 
 
@@ -35,6 +36,66 @@ def brain_box(image: torch.Tensor, channel: int, fraction: float, enabled: bool)
         if bool(brain.any()):
             return brain
     return torch.ones_like(flair, dtype=torch.bool)
+
+
+def brain_mask(image, erosion: float, threshold: float = 0.1) -> np.ndarray:
+    """A brain mask from the image alone (never the lesion mask), as brain extraction leaves a slice: the head (the
+    pixels whose brightest channel exceeds `threshold` of the slice's 99th percentile, holes filled, its largest
+    component) eroded by `erosion` pixels, which takes off scalp and skull. Empty where the slice shows no head."""
+    pixels = np.asarray(convert_to_tensor(image, track_meta=False).float().cpu())
+    brightest = pixels.max(axis=0)
+    top = np.percentile(brightest, 99)
+    if top <= 0:
+        return np.zeros(brightest.shape, bool)
+    labels, count = ndimage.label(ndimage.binary_fill_holes(brightest > threshold * top))
+    if count == 0:
+        return np.zeros(brightest.shape, bool)
+    head = labels == 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, range(1, count + 1))))
+    return ndimage.distance_transform_edt(head) > erosion
+
+
+def skull_strip(image: torch.Tensor, erosion: float, threshold: float = 0.1) -> torch.Tensor:
+    """The channel-first slice with every pixel outside its brain_mask set to 0, as brain-extracted volumes arrive."""
+    keep = convert_to_dst_type(brain_mask(image, erosion, threshold)[None], dst=image)[0]
+    return image * keep
+
+
+class SkullStrippedCopyd(MapTransform):
+    """With `enabled`, a skull-stripped copy of `keys` under `<key>_stripped` (scripts.transforms.skull_strip, on the
+    raw slice), so that the deterministic steps after it (resize, percentile scaling, CLAHE) treat it exactly as they
+    would a brain-extracted upload, and the cache holds both; RandSkullStripd then picks one per draw."""
+
+    def __init__(self, keys: KeysCollection, erosion: float, enabled: bool, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self.erosion, self.enabled = erosion, enabled
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if self.enabled:
+            for key in self.key_iterator(d):
+                d[f"{key}_stripped"] = skull_strip(d[key], self.erosion)
+        return d
+
+
+class RandSkullStripd(RandomizableTransform, MapTransform):
+    """Skull-stripping as an augmentation: with probability `prob` the slice trains as its `<key>_stripped` copy
+    (SkullStrippedCopyd), so brain-extracted input is as normal to the model as a whole head; the copy is dropped
+    either way."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.0) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        RandomizableTransform.__init__(self, prob)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        for key in self.key_iterator(d):
+            stripped = d.pop(f"{key}_stripped", None)
+            if self._do_transform and stripped is not None:
+                d[key] = stripped
+        return d
 
 
 class CLAHE(Transform):
