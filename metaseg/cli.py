@@ -131,16 +131,16 @@ def cmd_compare(args) -> None:
 def cmd_cv(args) -> None:
     from metaseg.bundles import NAMES
     from metaseg.evaluation.cv_report import summary_lines
-    from metaseg.training.cv import cross_validate
+    from metaseg.training.cv import cross_validate, report_dir
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,
-                            args.bootstrap, args.fold, args.collect, **_overrides(args))
+                            args.bootstrap, args.fold, args.collect, args.split, **_overrides(args))
     if result is None:
         print(f"fold {args.fold} done in {args.runs}; reports: the same command with --collect instead of --fold")
         return
     print("\n".join(summary_lines(result)))
     done = "all folds done" if result["complete"] else "NOT all folds done (partial reports)"
-    print(f"{done}; reports in {args.out / 'cv.md'}, fold runs in {args.runs}")
+    print(f"{done}; reports in {report_dir(args.out, args.split) / 'cv.md'}")
 
 
 def cmd_serve(args) -> None:
@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="train and predict this fold alone (0-based; no report), e.g. one per "
                    "GPU or job-array task; then the same command with --collect")
     p.add_argument("--collect", action="store_true", help="train nothing: report over the folds done in --runs")
+    p.add_argument("--split", choices=("patient", "site"), default="patient",
+                   help="patient k-fold (default), or site: leave-one-site-out by the TCGA site code of the patient "
+                   "ids, one fold per site (--folds unused), in RUNS/site with reports in OUT/site_cv; the patient "
+                   "report then shows the site figure beside its own")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")

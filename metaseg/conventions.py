@@ -23,6 +23,9 @@ SEQUENCES = ("pre-contrast", "FLAIR", "post-contrast")  # the network's input ch
 # FLAIR, T1 after contrast, as the data set's slices hold them
 FLAIR_CHANNEL = SEQUENCES.index("FLAIR")  # the channel shown to users, and the one a one-channel input stands for (the
 # bundles copy it into all three; training does so by sequence dropout)
+SKULL_STRIP_EROSION = 14  # pixels: the skull-stripped view of a cross-validation (a head mask from the image eroded by
+# 14 px takes off scalp and skull and keeps 99.7% of the development set's lesion voxels); training's augmentation
+# uses the bundles' own skull_strip_erosion, a different width, so the view is not the augmentation's own input
 MASK_POSTFIX, MASK_EXT = "seg", ".png"  # <stem>_seg.png, 0/255
 WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best network, a plain state dict
 BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run

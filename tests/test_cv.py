@@ -22,7 +22,7 @@ from test_engine import random_weights
 from metaseg.conventions import BUNDLE_STEPS
 from metaseg.evaluation import selection
 from metaseg.inference import steps as inference_steps
-from metaseg.training.cv import assign_folds, monitor_patients, splits_final
+from metaseg.training.cv import assign_folds, monitor_patients, site_folds, splits_final
 from metaseg.inference.engine import Engine
 from metaseg.errors import UserError
 from metaseg.evaluation.metrics import dice_3d
@@ -492,9 +492,13 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert report["complete"] is True and report["folds"] == 2 and report["seed"] == 0
     assert sorted(p for ids in report["patients"].values() for p in ids) == patients
     one_channel = {f"{n} (one-channel input)" for n in ("unetpp", "attention_unet")}
+    stripped = {f"{n} (skull-stripped input)" for n in ("unetpp", "attention_unet")}
     deployed = {f"{n} + its inference steps" for n in ("unetpp", "attention_unet")}
     served = {f"{n} served (cross-fitted steps)" for n in ("unetpp", "attention_unet")}
-    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *deployed, *served}
+    assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *stripped, *deployed,
+                                     *served}
+    assert report["skull_stripped"]["bundle"] == report["served"]["bundle"]
+    assert report["skull_stripped"]["n_patients"] == 6 and "site_cv" not in report
     assert report["served"]["bundle"] in {"unetpp", "attention_unet"}
     assert set(report["one_channel_loss"]) == {"unetpp", "attention_unet"}
     plan = json.loads((runs / "splits_final.json").read_text())
@@ -518,6 +522,7 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
             with np.load(runs / "attention_unet" / f"fold_{k}" / "oof" / f"{patient}.npz") as npz:
                 assert npz["prob"].dtype == np.uint8 and npz["prob"].shape == npz["prob_flip"].shape == (4, 256, 256)
                 assert npz["prob_one_channel"].shape == (4, 256, 256)  # FLAIR alone: the model's one-channel input
+                assert npz["prob_skull_stripped"].shape == npz["prob_skull_stripped_flip"].shape == (4, 256, 256)
                 expected = dice_3d(truth[patient], npz["prob"] / 255 > 0.5)
             assert model["dice_3d_per_patient"][patient] == pytest.approx(expected)
     assert model["mean_dice_3d"] == pytest.approx(np.mean(list(model["dice_3d_per_patient"].values())))
@@ -549,8 +554,112 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     assert_user_error(metaseg(*args[:-2], "--seed", 1), "holds a cross-validation with other")
 
 
+def test_the_site_split_never_puts_a_site_in_both_training_and_scoring():
+    patients = ["TCGA_HT_7602_19951103", "TCGA_CS_4941_19960909", "TCGA_DU_5849_19950405", "TCGA_CS_6186_20000601",
+                "TCGA_EZ_7264_20010816", "TCGA_HT_A61B_19991127", "TCGA_DU_7010_19860307"]
+    sites, folds = site_folds(patients)
+    assert sites == ["CS", "DU", "EZ", "HT"]
+    assert folds == [["TCGA_CS_4941_19960909", "TCGA_CS_6186_20000601"], ["TCGA_DU_5849_19950405",
+                     "TCGA_DU_7010_19860307"], ["TCGA_EZ_7264_20010816"], ["TCGA_HT_7602_19951103",
+                                                                           "TCGA_HT_A61B_19991127"]]
+    for site, split in zip(sites, splits_final(folds)):
+        assert {p.split("_")[1] for p in split["val"]} == {site}
+        assert site not in {p.split("_")[1] for p in split["train"]}
+        assert sorted(split["train"] + split["val"]) == sorted(patients)
+    with pytest.raises(UserError, match="at least two sites"):
+        site_folds(["TCGA_CS_4941_19960909", "TCGA_CS_6186_20000601"])
+    with pytest.raises(UserError, match="needs TCGA patient ids"):
+        site_folds(["TCGA_CS_4941_19960909", "SYN_000"])
+
+
+def test_the_report_shows_the_skull_stripped_view_and_the_site_figure(phantom, tmp_path):
+    """Hand-written maps: `perfect`'s skull-stripped view finds nothing for fold 1's patients, so the served figure
+    of the stripped view is fold 0's share and its loss the rest; its leave-one-site-out run (two made-up sites)
+    misses every patient of site BB: per site 1 and 0, and the gap to the patient CV is BB's share."""
+    from metaseg.evaluation import cv_report as cv
+    from metaseg.evaluation import out_of_fold
+
+    found, truth, plan = hand_written_runs(phantom, tmp_path / "runs")
+    for k, split in enumerate(plan["splits"]):
+        for patient in split["val"]:
+            file = tmp_path / "runs" / "perfect" / f"fold_{k}" / "oof" / f"{patient}.npz"
+            maps = out_of_fold.read_npz(file)
+            stripped = maps["prob"] if k == 0 else np.zeros_like(maps["prob"])
+            out_of_fold.write_npz(file, **maps, prob_skull_stripped=stripped, prob_skull_stripped_flip=stripped)
+    site_b = plan["splits"][1]["val"]
+    site_plan = {**plan, "split": "site", "sites": ["AA", "BB"]}
+    for k, split in enumerate(site_plan["splits"]):
+        for patient in split["val"]:
+            prob = out_of_fold.as_uint8(truth[patient] * float(patient not in site_b))
+            out_of_fold.write_npz(tmp_path / "site" / "perfect" / f"fold_{k}" / "oof" / f"{patient}.npz", prob=prob,
+                                  prob_flip=prob)
+        (tmp_path / "site" / "perfect" / f"fold_{k}" / "fold.json").write_text("{}")
+    out = tmp_path / "reports"
+    site_result = cv.report(phantom, found, tmp_path / "site", out / "site_cv", site_plan, ["perfect"], "site", 50)
+    assert site_result["sites"] == ["AA", "BB"] and site_result["complete"]
+    assert "# Leave-one-site-out cross-validation (2 sites: AA, BB)" in (out / "site_cv" / "cv.md").read_text()
+
+    saved = cv.report(phantom, found, tmp_path / "runs", out, plan, ["perfect", "empty"], "metaseg cv", 50)
+    n, n_b = len(truth), len(site_b)
+    stripped = saved["skull_stripped"]
+    assert stripped["bundle"] == "perfect" and stripped["n_patients"] == n
+    assert stripped["mean_dice_3d"] == pytest.approx((n - n_b) / n)
+    assert stripped["loss"]["mean_difference"] == pytest.approx(n_b / n)
+    assert saved["models"]["perfect (skull-stripped input)"]["mean_dice_3d"] == pytest.approx((n - n_b) / n)
+    assert "empty (skull-stripped input)" not in saved["models"]  # its files hold no such view
+    site = saved["site_cv"]
+    assert site["bundle"] == "perfect" and site["complete"] and site["steps"].startswith("served")
+    assert site["per_site"] == {"AA": {"mean_dice_3d": 1.0, "n_patients": n - n_b},
+                                "BB": {"mean_dice_3d": 0.0, "n_patients": n_b}}
+    assert site["mean_dice_3d"] == pytest.approx((n - n_b) / n)
+    assert site["gap"]["mean_difference"] == pytest.approx(n_b / n)
+    md = (out / "cv.md").read_text()
+    assert "## New sites and brain-extracted input (served model)" in md and "[report](site_cv/cv.md)" in md
+    assert f"AA 1.000 ({n - n_b} patients); BB 0.000 ({n_b} patients)" in md
+    assert "Skull-stripped input (everything outside a brain mask" in md
+
+
+def test_a_fold_of_an_older_run_gets_only_the_missing_view(phantom, tmp_path, monkeypatch):
+    """A finished fold whose files lack the skull-stripped view: running it again adds that view from the slices
+    brain-extracted and keeps the saved maps as they were; a complete file is not touched."""
+    from metaseg.data.datalist import build_datalist, by_patient
+    from metaseg.data.discovery import discover
+    from metaseg.evaluation import out_of_fold
+    from metaseg.training import cv
+
+    found = discover(phantom)
+    items = build_datalist(found, split={"training": [], "validation": [], "test": found.patients[:2]})["test"]
+    first, second = by_patient(items)
+    old = {"prob": np.full((4, 8, 8), 7, np.uint8), "prob_flip": np.full((4, 8, 8), 9, np.uint8)}
+    out_of_fold.write_npz(tmp_path / "oof" / f"{first}.npz", **old, slices=np.arange(4))
+    complete = {**old, "prob_skull_stripped": old["prob"], "prob_skull_stripped_flip": old["prob"]}
+    out_of_fold.write_npz(tmp_path / "oof" / f"{second}.npz", **complete, slices=np.arange(4))
+    stamp = (tmp_path / "oof" / f"{second}.npz").stat().st_mtime_ns
+    assert not out_of_fold.views_complete(tmp_path, [first, second])
+    seen = []
+
+    class Engine:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def probabilities(self, frames, view):
+            seen.append(frames)
+            return [np.full(f.shape[-2:], 0.5) for f in frames]
+
+    monkeypatch.setattr("metaseg.inference.engine.Engine", Engine)
+    monkeypatch.setattr("metaseg.conventions.model_overrides", lambda run: {})
+    cv.predict_fold(tmp_path, REPO / "bundles" / "attention_unet", phantom, found.root, items)
+    saved = out_of_fold.read_npz(tmp_path / "oof" / f"{first}.npz")
+    assert np.array_equal(saved["prob"], old["prob"]) and np.array_equal(saved["prob_flip"], old["prob_flip"])
+    assert saved["prob_skull_stripped"].shape == (4, 256, 256) and (saved["prob_skull_stripped"] == 128).all()
+    assert len(seen) == 2 and all((f == 0).any() for f in seen[0])  # only the stripped view ran, on stripped slices
+    assert (tmp_path / "oof" / f"{second}.npz").stat().st_mtime_ns == stamp
+    assert out_of_fold.views_complete(tmp_path, [first, second])
+
+
 def test_cv_bad_arguments_are_one_line(phantom, tmp_path):
     assert_user_error(metaseg("cv", "--data", phantom, "--folds", 7, "--runs", tmp_path), "--folds must be between")
+    assert_user_error(metaseg("cv", "--data", phantom, "--split", "site", "--runs", tmp_path), "needs TCGA patient ids")
     assert_user_error(metaseg("cv", "--data", tmp_path / "none", "--runs", tmp_path), "data not found")
     assert_user_error(metaseg("cv", "--data", phantom, "--bundle", "nope", "--runs", tmp_path), "not a bundle")
 

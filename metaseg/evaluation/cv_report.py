@@ -35,6 +35,7 @@ from metaseg.files import write_bytes_atomic, write_json_atomic
 from metaseg.inference.steps import DEFAULT
 
 ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
+STRIPPED = "{name} (skull-stripped input)"  # the same fold models given the slices brain-extracted, likewise
 DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
 SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
@@ -97,6 +98,54 @@ def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: Scor
     return entry, row
 
 
+VIEW_KEYS = ("mean_dice_3d", "ci95_dice_3d", "lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
+             "n_patients")
+
+
+def view_figures(view: dict, base: dict, n_resamples: int, seed: int) -> dict:
+    """A view's figures (another input to the same models, the same steps) and what it costs against `base`, per
+    patient paired."""
+    patients = list(view["dice_3d_per_patient"])
+    return {**{key: view[key] for key in VIEW_KEYS}, "dice_3d_per_patient": view["dice_3d_per_patient"],
+            **{key: view["mean"][key] for key in ("lesion_slice_dice", "fp_slice_rate")},
+            "loss": {"metric": "dice_3d", "difference": "as uploaded - this view",
+                     **paired_difference([base["dice_3d_per_patient"][p] for p in patients],
+                                         [view["dice_3d_per_patient"][p] for p in patients], n_resamples, seed)}}
+
+
+def site_summary(file: Path, result: dict, n_resamples: int, seed: int) -> dict | None:
+    """cv.json's `site_cv`: the leave-one-site-out figure of this report's served bundle (`metaseg cv --split site`,
+    its report in `file`), per site, and the gap to this patient cross-validation on the same patients. The served
+    figure (steps chosen on the other sites) where every site is done, else the plain model row (threshold 0.5, no
+    TTA) against the same row here; None without a site report or without the bundle in it."""
+    if not file.is_file():
+        return None
+    site = json.loads(file.read_text())
+    served = result.get("served", {}).get("bundle")
+    name = served if served in site.get("models", {}) else next(iter(site.get("models", {})), None)
+    if name is None or name not in result["models"]:
+        return None
+    if name in site.get("served_per_bundle", {}) and name in result.get("served_per_bundle", {}):
+        steps, theirs, ours = ("served: each site scored with the steps chosen on the other sites",
+                               site["served_per_bundle"][name], result["served_per_bundle"][name])
+    else:
+        steps, theirs, ours = ("threshold 0.5, no TTA (not every site done: no served figure yet)",
+                               site["models"][name], result["models"][name])
+    per_patient = {p: d for p, d in theirs["dice_3d_per_patient"].items() if p in ours["dice_3d_per_patient"]}
+    sites = dict(zip(map(str, range(len(site["sites"]))), site["sites"]))
+    fold_of = {p: sites[k] for k, ids in site["patients"].items() for p in ids}
+    per_site = {}
+    for patient, dice in per_patient.items():
+        per_site.setdefault(fold_of[patient], []).append(dice)
+    values = [d for d in per_patient.values() if d is not None]
+    return {"bundle": name, "complete": site["complete"], "steps": steps, "report": "site_cv/cv.md",
+            "n_patients": len(values), "mean_dice_3d": float(np.mean(values)) if values else None,
+            "per_site": {s: {"mean_dice_3d": float(np.mean(v)), "n_patients": len(v)} for s, v in sorted(per_site.items())},
+            "gap": {"metric": "dice_3d", "difference": "patient CV - site CV, same patients",
+                    **paired_difference([ours["dice_3d_per_patient"][p] for p in per_patient],
+                                        list(per_patient.values()), n_resamples, seed)}}
+
+
 def served_skipped(done: list[int], folds: int) -> str | None:
     """Why a bundle has no served entry (None where it has one): each fold's steps are chosen on all the others."""
     if len(done) < folds:
@@ -120,6 +169,7 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     all_patients = sorted({p for ps in covered.values() for p in ps})
     result = {
         "complete": all(len(d) == folds for d in done.values()),
+        **({"split": "site", "sites": plan["sites"]} if "sites" in plan else {}),
         "folds": folds, "seed": seed, "command": command, "data": plan["data"], "recipe": plan["recipe"],
         "model_selection": SELECTION,
         "one_lesion_per_patient": declared,
@@ -139,21 +189,25 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
                 probs[patient][name] = maps
                 if "prob_one_channel" in maps:
                     probs[patient][ONE_CHANNEL.format(name=name)] = {"prob": maps["prob_one_channel"]}
+                if "prob_skull_stripped" in maps:
+                    probs[patient][STRIPPED.format(name=name)] = {"prob": maps["prob_skull_stripped"],
+                                                                  "prob_flip": maps["prob_skull_stripped_flip"]}
     for name in names:
         if covered[name]:
             config, scored = {**DEFAULT, "models": [name]}, {p: truth[p] for p in covered[name]}
             per_patient = score_config(scored, probs, config)
             result["models"][name] = model_entry(per_patient, fold_of, config, n_resamples, seed)
-            one = ONE_CHANNEL.format(name=name)
-            if all(one in probs[p] for p in covered[name]):
-                per_patient = score_config(scored, probs, {**config, "models": [one]})
-                result["models"][one] = model_entry(per_patient, fold_of, {**config, "models": [one]}, n_resamples,
-                                                    seed)
-                result.setdefault("one_channel_loss", {})[name] = {
-                    "metric": "dice_3d", "difference": f"{name} - {one}",
-                    **paired_difference([result["models"][name]["dice_3d_per_patient"][p] for p in covered[name]],
-                                        [result["models"][one]["dice_3d_per_patient"][p] for p in covered[name]],
-                                        n_resamples, seed)}
+            for view, loss in ((ONE_CHANNEL, "one_channel_loss"), (STRIPPED, "skull_stripped_loss")):
+                other = view.format(name=name)
+                if all(other in probs[p] for p in covered[name]):
+                    per_patient = score_config(scored, probs, {**config, "models": [other]})
+                    result["models"][other] = model_entry(per_patient, fold_of, {**config, "models": [other]},
+                                                          n_resamples, seed)
+                    result.setdefault(loss, {})[name] = {
+                        "metric": "dice_3d", "difference": f"{name} - {other}",
+                        **paired_difference([result["models"][name]["dice_3d_per_patient"][p] for p in covered[name]],
+                                            [result["models"][other]["dice_3d_per_patient"][p] for p in covered[name]],
+                                            n_resamples, seed)}
     common = sorted(set.intersection(*(set(covered[name]) for name in names)))
     selection = None
     score = Scorer({p: truth[p] for p in all_patients}, probs)  # shared by every selection below
@@ -186,12 +240,25 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         if why:
             result["served_skipped"][name] = why
             continue
-        entry, row = served_entry(name, {p: truth[p] for p in covered[name]}, probs, fold_of, score, declared[name],
-                                  n_resamples, seed)
+        scored = {p: truth[p] for p in covered[name]}
+        entry, row = served_entry(name, scored, probs, fold_of, score, declared[name], n_resamples, seed)
         result["served_per_bundle"][name], result["models"][SERVED.format(name=name)] = entry, row
+        stripped = STRIPPED.format(name=name)
+        if all(stripped in probs[p] for p in scored):  # the served steps of each fold, on its patients stripped
+            view = {p: {name: probs[p][stripped]} for p in scored}
+            per_patient = [r for k, config in row["config"].items()
+                           for r in score_config({p: gt for p, gt in scored.items() if fold_of[p] == int(k)}, view,
+                                                 config)]
+            entry["skull_stripped"] = view_figures(model_entry(per_patient, fold_of, row["config"], n_resamples, seed),
+                                                   row, n_resamples, seed)
     if not result["served_skipped"]:  # every bundle has its served entry: the best of them is served
         best = max(result["served_per_bundle"].values(), key=lambda entry: entry["mean_dice_3d"])
         result["served"] = {**best, "chosen_by": SERVED_CHOICE}
+        if "skull_stripped" in best:
+            result["skull_stripped"] = {"bundle": best["bundle"], **best["skull_stripped"]}
+    site = site_summary(out / "site_cv" / "cv.json", result, n_resamples, seed) if "sites" not in plan else None
+    if site:
+        result["site_cv"] = site
     write_bytes_atomic(out / "cv_folds.png", folds_figure(result))
     return _write(out, result, selection)
 
@@ -251,6 +318,33 @@ def served_lines(result: dict) -> list[str]:
     return lines
 
 
+def generalization_lines(result: dict) -> list[str]:
+    """cv.md's section on what a patient of a new site, and one whose volumes arrive brain-extracted, get from the
+    served model, beside this cross-validation's figure."""
+    stripped, site = result.get("skull_stripped"), result.get("site_cv")
+    if not stripped and not site:
+        return []
+    served = result["served"]
+    lines = ["", "## New sites and brain-extracted input (served model)", "",
+             "| estimate | patients | per-patient 3D Dice | gap to this CV, same patients [95% CI] |", "|---|---|---|---|",
+             f"| this cross-validation, {served['bundle']} served | {served['n_patients']} | "
+             f"{served['mean_dice_3d']:.3f} | |"]
+    if stripped:
+        gap = stripped["loss"]
+        lines.append(f"| skull-stripped view (each held-out slice brain-extracted, brain mask from the image; same "
+                     f"models and steps) | {stripped['n_patients']} | {stripped['mean_dice_3d']:.3f} | "
+                     f"{gap['mean_difference']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
+    if site:
+        gap = site["gap"]
+        partial = "" if site["complete"] else ", **partial: not every site done**"
+        lines.append(f"| leave-one-site-out ({site['bundle']}, [report]({site['report']}){partial}; {site['steps']}) "
+                     f"| {site['n_patients']} | {site['mean_dice_3d']:.3f} | {gap['mean_difference']:+.3f} "
+                     f"[{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
+        lines += ["", "Per site (trained without it): " + "; ".join(
+            f"{s} {v['mean_dice_3d']:.3f} ({v['n_patients']} patients)" for s, v in site["per_site"].items()) + "."]
+    return lines
+
+
 def labelled(result: dict) -> dict:
     """The model rows by the names the reports show: the rows with steps chosen on the patients they score marked
     (in-sample)."""
@@ -266,7 +360,10 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                                                               n_done.items()) + "); every number below covers only "
               "the patients of finished folds and will change.")
     recipe = ", ".join(f"{k} {v}" for k, v in result["recipe"].items())
-    lines = [f"# Patient {folds}-fold cross-validation (seed {result['seed']})", "", status, "",
+    sites = result.get("sites")
+    title = (f"Leave-one-site-out cross-validation ({folds} sites: {', '.join(sites)})" if sites else
+             f"Patient {folds}-fold cross-validation (seed {result['seed']})")
+    lines = [f"# {title}", "", status, "",
              f"Produced by `{result['command']}`. Recipe: {recipe}. Model per fold: {result['model_selection']}.",
              "Every cell: mean over patients [95% bootstrap CI over patients]; 3D Dice pools all slices of a "
              "patient (false positives on lesion-free slices lower it).", ""]
@@ -291,11 +388,13 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
         p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
         lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
                   f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
-    for name, loss in result.get("one_channel_loss", {}).items():
-        low, high = loss["ci95"]
-        lines += ["", f"One-channel input (FLAIR alone, as a gray PNG or DICOM upload arrives) costs {name} "
-                  f"{loss['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}] per-patient 3D Dice "
-                  f"({name} − one-channel, {loss['n_patients']} patients)."]
+    for key, what in (("one_channel_loss", "One-channel input (FLAIR alone, as a gray PNG or DICOM upload arrives)"),
+                      ("skull_stripped_loss", "Skull-stripped input (everything outside a brain mask from the image "
+                                              "set to 0, as brain-extracted volumes arrive)")):
+        for name, loss in result.get(key, {}).items():
+            low, high = loss["ci95"]
+            lines += ["", f"{what} costs {name} {loss['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}] "
+                      f"per-patient 3D Dice ({loss['difference']}, {loss['n_patients']} patients)."]
     post = result.get("postprocessing")
     if post:
         lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
@@ -330,10 +429,10 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
                   "chosen on 3D components of a patient's stack and are not applied to one slice. The ensemble, if "
                   "chosen, is reported but not deployed: a bundle holds one network."]
-    lines += served_lines(result)
+    lines += served_lines(result) + generalization_lines(result)
     if models:
         lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
-                  "| model | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",
+                  "| model | " + " | ".join(f"site {sites[k]}" if sites else f"fold {k}" for k in range(folds)) + " |",
                   "|---|" + "---|" * folds]
         for name, entry in models.items():
             cells = [f"{f['mean_dice_3d']:.3f} ({f['n_patients']})" if (f := entry["per_fold"].get(str(k))) else "—"

@@ -9,11 +9,18 @@ nnU-Net's layout, one file per stage, each written atomically so an interrupted 
                                        keeping the interrupted log as train.log.<n>)
         oof/<patient>.npz              lesion probabilities of each held-out patient, uint8 round(255 p):
                                        `prob`, and `prob_flip` (mirrored input, mirrored back) for flip TTA;
-                                       for slices of three sequences also `prob_one_channel`: FLAIR alone as
-                                       the input (what a one-channel upload gets)
+                                       `prob_skull_stripped` and its `_flip`: the slices brain-extracted
+                                       (metaseg.inference.skull_strip), what a user with skull-stripped volumes
+                                       gets; for slices of three sequences also `prob_one_channel`: FLAIR alone
+                                       as the input (what a one-channel upload gets). A file of an older run
+                                       lacking a view gets it added when the fold is run again
         fold.json                      the fold is done: its patients and their per-patient 3D Dice
     OUT/cv.json, OUT/cv.md, OUT/cv_postprocessing.json, OUT/cv_folds.png
                                        the reports over every finished fold (metaseg.evaluation.cv_report)
+
+`--split site` holds out one site at a time instead (leave-one-site-out: the TCGA site code in the patient id, as
+`TCGA_<site>_<case>_<date>`), into RUNS/site/ with its reports in OUT/site_cv/: what a patient of a site never seen
+gets. The patient report then carries the site figure beside its own (`site_cv` in cv.json).
 
 Model selection inside a fold: none. Each fold's model is its final epoch (nnU-Net ships checkpoint_final too);
 a small validation on held-out patients picked the best epoch by noise in this project (issue 10). The bundle's
@@ -24,6 +31,7 @@ its `models/model.pt` is the final network and its log line only shows the fit o
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from pathlib import Path
@@ -37,11 +45,14 @@ from metaseg.data.discovery import discover, member, open_source
 from metaseg.errors import UserError
 from metaseg.evaluation import out_of_fold
 from metaseg.evaluation.cv_report import report
-from metaseg.evaluation.out_of_fold import SELECTION, as_uint8, write_npz
+from metaseg.evaluation.out_of_fold import ALWAYS_VIEWS, SELECTION, as_uint8, read_npz, write_npz
 from metaseg.files import write_json_atomic
+from metaseg.inference.skull_strip import skull_stripped
 from metaseg.inference.steps import network_maps
 
 MONITOR_PATIENTS = 3
+SITE = re.compile(r"TCGA_([A-Z0-9]{2})_")  # TCGA's tissue source site: the hospital a patient's scans come from
+SITE_RUNS, SITE_REPORTS = "site", "site_cv"  # the site split's folders under --runs and --out
 
 
 def assign_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]:
@@ -53,6 +64,26 @@ def assign_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]:
         raise UserError(f"--folds must be between 2 and the number of patients ({len(patients)}), got {folds}")
     parts = partition_dataset(patients, num_partitions=folds, shuffle=True, seed=seed, even_divisible=False)
     return [sorted(part) for part in parts]
+
+
+def report_dir(out: Path, split: str) -> Path:
+    """Where a cross-validation of this split writes its reports."""
+    return out / SITE_REPORTS if split == "site" else out
+
+
+def site_of(patient: str) -> str:
+    match = SITE.match(patient)
+    if not match:
+        raise UserError(f"--split site needs TCGA patient ids (TCGA_<site>_...), got {patient!r}")
+    return match.group(1)
+
+
+def site_folds(patients: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Leave-one-site-out: the sites in sorted order and, per site, its patients (sorted); at least two sites."""
+    sites = sorted({site_of(p) for p in patients})
+    if len(sites) < 2:
+        raise UserError(f"--split site needs patients of at least two sites, got {', '.join(sites)}")
+    return sites, [sorted(p for p in set(patients) if site_of(p) == site) for site in sites]
 
 
 def splits_final(folds: list[list[str]]) -> list[dict]:
@@ -88,27 +119,35 @@ def check_plan(runs: Path, plan: dict) -> None:
 
 
 def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: list[dict]) -> None:
-    """Save each held-out patient's lesion probabilities, plain and with the mirrored input (patients done are kept)."""
+    """Save each held-out patient's lesion probabilities in every view (out_of_fold.VIEWS); a patient whose file has
+    them all is kept, one whose file lacks a view (an older run's) gets the missing views added."""
     from metaseg.conventions import model_overrides
     from metaseg.imageio.reader import decode
     from metaseg.inference.engine import Engine  # here: the training stages run without importing torch
 
-    engine = Engine(bundle, weights=fold_dir / "models" / "model.pt", overrides=model_overrides(fold_dir))
+    engine = None
     with open_source(data) as files:
         for patient, slices in by_patient(items).items():
             out = fold_dir / "oof" / f"{patient}.npz"
-            if out.is_file():
+            saved = read_npz(out) if out.is_file() else {}
+            if all(view in saved for view in ALWAYS_VIEWS):
                 continue
+            engine = engine or Engine(bundle, weights=fold_dir / "models" / "model.pt",
+                                      overrides=model_overrides(fold_dir))
             frames = []
             for item in slices:
                 name = member(root, item["image"])
                 frames.append(decode([(name, files.read(name))]).inputs[0])
-            maps = network_maps(engine, frames, flip=True)
-            if frames[0].ndim == 3:  # the slices bring three sequences: also FLAIR alone
-                maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames],
-                                                                         view="plain"))
-            write_npz(out, **{key: as_uint8(value) for key, value in maps.items()},
-                      slices=np.array([i["slice"] for i in slices]))
+            maps = {}
+            if "prob" not in saved:
+                maps = network_maps(engine, frames, flip=True)
+                if frames[0].ndim == 3:  # the slices bring three sequences: also FLAIR alone
+                    maps["prob_one_channel"] = np.stack(engine.probabilities([f[FLAIR_CHANNEL] for f in frames],
+                                                                             view="plain"))
+            stripped = network_maps(engine, skull_stripped(bundle, frames), flip=True)
+            maps.update(prob_skull_stripped=stripped["prob"], prob_skull_stripped_flip=stripped["prob_flip"])
+            write_npz(out, **{**saved, **{key: as_uint8(value) for key, value in maps.items()},
+                              "slices": np.array([i["slice"] for i in slices])})
 
 
 def cv_datalist(found, plan: dict, runs: Path, fold: int, training: list[str], test: list[str]) -> dict:
@@ -144,15 +183,18 @@ def train_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, r
 
 
 def run_fold(bundle: Path, name: str, data: Path, found, plan: dict, k: int, runs: Path, overrides: dict) -> None:
-    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities."""
+    """Train fold k of one bundle (or resume its training), then save its out-of-fold probabilities; a fold done by
+    an older run only gets the views its files lack."""
     fold_dir = out_of_fold.fold_dir(runs, name, k)
+    done = fold_dir / "fold.json"
     datalist = train_fold(bundle, name, data, found, plan, k, runs, overrides)
     patients = plan["splits"][k]["val"]
     print(f"cv: {name} fold {k}: predicting {len(patients)} held-out patients", flush=True)
     started = time.time()
     predict_fold(fold_dir, bundle, data, found.root, datalist["test"])
-    write_json_atomic(fold_dir / "fold.json", {"bundle": name, "fold": k, "patients": patients,
-                                               "predict_seconds": round(time.time() - started)})
+    if not done.is_file():
+        write_json_atomic(done, {"bundle": name, "fold": k, "patients": patients,
+                                 "predict_seconds": round(time.time() - started)})
 
 
 def keep_log(log: Path) -> None:
@@ -166,13 +208,16 @@ def keep_log(log: Path) -> None:
 
 def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0, out: Path = Path("reports"),
                    runs: Path = Path("runs/cv"), n_resamples: int = 2000,
-                   fold: int | None = None, collect: bool = False, **overrides) -> dict | None:
+                   fold: int | None = None, collect: bool = False, split: str = "patient",
+                   **overrides) -> dict | None:
     """Every fold of every bundle (fold by fold, so both models' paired figures grow together), reports after each.
     What ships is the k fold models of each bundle (scripts/ship_weights.py), as nnU-Net's fold ensemble.
 
     As nnU-Net's `nnUNetv2_train DATASET CONFIG FOLD`: `fold` trains and predicts that fold alone (of every bundle;
     another machine, a job-array task or a GPU each) and writes no report (returns None); `collect` trains nothing and
-    reports over whatever folds are done. Both check the same plan, so the folds of one command line fit together."""
+    reports over whatever folds are done. Both check the same plan, so the folds of one command line fit together.
+
+    `split` "site": leave-one-site-out (one fold per site, `folds` unused) in RUNS/site, reports in OUT/site_cv."""
     from metaseg.bundles import bundle_dir
     from metaseg.inference.engine import inference_parser
 
@@ -180,30 +225,41 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
         raise UserError(f"data not found: {data}")
     if fold is not None and collect:
         raise UserError("--fold trains one fold: it does not go with --collect")
+    if split not in ("patient", "site"):
+        raise UserError(f"--split must be patient or site, got {split!r}")
+    found = discover(data)
+    if split == "site":
+        sites, parts = site_folds(found.patients)
+        folds = len(parts)
+    else:
+        parts = assign_folds(found.patients, folds, seed)
     if fold is not None and not 0 <= fold < folds:
-        raise UserError(f"--fold must be between 0 and {folds - 1} (--folds {folds}), got {fold}")
+        raise UserError(f"--fold must be between 0 and {folds - 1} ({folds} folds), got {fold}")
     resolved = {Path(str(b)).name: bundle_dir(b) for b in dict.fromkeys(bundles)}
     if len(resolved) != len(set(bundles)):
         raise UserError(f"bundles must have different folder names, got {bundles}")
-    found = discover(data)
     epochs = {name: overrides.get("epochs") or bundle_epochs(bundle) for name, bundle in resolved.items()}
     declared = {name: bool(inference_parser(bundle).get("one_lesion_per_patient", False))
                 for name, bundle in resolved.items()}
     recipe = {"epochs": overrides.get("epochs", "each bundle's configs/train.json"),
               **{k: overrides[k] for k in ("spatial_size", "patch_size") if k in overrides}}
     plan = {"data": str(Path(data).resolve()), "folds": folds, "seed": seed, "recipe": recipe,
-            "patients": found.patients, "splits": splits_final(assign_folds(found.patients, folds, seed))}
-    check_plan(runs, plan)
-    command = shlex.join(["metaseg", "cv", "--data", str(data), "--folds", str(folds), "--seed", str(seed),
+            "patients": found.patients, "splits": splits_final(parts),
+            **({"split": "site", "sites": sites} if split == "site" else {})}
+    fold_runs = runs / SITE_RUNS if split == "site" else runs
+    check_plan(fold_runs, plan)
+    folds_args = ["--split", "site"] if split == "site" else ["--folds", str(folds)]
+    command = shlex.join(["metaseg", "cv", "--data", str(data), *folds_args, "--seed", str(seed),
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
     def run(k: int, name: str, bundle: Path) -> bool:
-        """Fold k of one bundle unless done; whether it ran."""
-        if (out_of_fold.fold_dir(runs, name, k) / "fold.json").is_file():
+        """Fold k of one bundle unless done (every view of its held-out patients saved); whether it ran."""
+        fold_path = out_of_fold.fold_dir(fold_runs, name, k)
+        if (fold_path / "fold.json").is_file() and out_of_fold.views_complete(fold_path, plan["splits"][k]["val"]):
             print(f"cv: {name} fold {k} already done, skipped", flush=True)
             return False
         # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
-        run_fold(bundle, name, data, found, plan, k, runs,
+        run_fold(bundle, name, data, found, plan, k, fold_runs,
                  {**overrides, "epochs": epochs[name], "val_interval": epochs[name]})
         return True
 
@@ -211,11 +267,13 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
         for name, bundle in resolved.items():
             run(fold, name, bundle)
         return None
-    result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
+    report_out = report_dir(out, split)
+    result = report(data, found, fold_runs, report_out, plan, list(resolved), command, n_resamples, declared)
     if collect:
         return result
     for k in range(folds):
         for name, bundle in resolved.items():
             if run(k, name, bundle):
-                result = report(data, found, runs, out, plan, list(resolved), command, n_resamples, declared)
+                report_out = report_dir(out, split)
+    result = report(data, found, fold_runs, report_out, plan, list(resolved), command, n_resamples, declared)
     return result
