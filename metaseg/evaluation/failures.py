@@ -57,7 +57,8 @@ def served_mask(runs: Path, served: dict, fold: int, patient: str) -> np.ndarray
     return mask(probability({bundle: maps}, config), config)
 
 
-def _voxels(n: int, noun: str = "voxel") -> str:
+def _count(n: int, noun: str = "voxel") -> str:
+    """A count and its noun: 1 voxel, 3,400 voxels, 2 slices."""
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
@@ -73,16 +74,16 @@ def what_went_wrong(gt: np.ndarray, pred: np.ndarray) -> str:
     hit = [i + 1 for i, _ in scored if len(matches[i])]
     parts = []  # (wrong voxels, words)
     if missed:
-        largest = f", the largest {_voxels(max(missed))}" if len(missed) > 1 else ""
-        parts.append((sum(missed), f"missed {len(missed)} of {len(scored)} lesions ({_voxels(sum(missed))}"
+        largest = f", the largest {_count(max(missed))}" if len(missed) > 1 else ""
+        parts.append((sum(missed), f"missed {len(missed)} of {len(scored)} lesions ({_count(sum(missed))}"
                                    f"{largest})"))
     false = [lesion for lesion in measure(pred) if lesion.id not in matched]
     if false:
         largest = max(false, key=lambda lesion: lesion.voxels)
         gap = min((abs(i - j) for i in largest.slices for j in np.flatnonzero(gt.any(axis=(1, 2)))), default=None)
-        where = " (no true lesion)" if gap is None else f", {_voxels(gap, 'slice')} from the nearest true lesion"
-        words = (f"1 false lesion of {_voxels(largest.voxels)}" if len(false) == 1 else
-                 f"{len(false)} false lesions, the largest {_voxels(largest.voxels)}")
+        where = " (no true lesion)" if gap is None else f", {_count(gap, 'slice')} from the nearest true lesion"
+        words = (f"1 false lesion of {_count(largest.voxels)}" if len(false) == 1 else
+                 f"{len(false)} false lesions, the largest {_count(largest.voxels)}")
         parts.append((sum(lesion.voxels for lesion in false), words + where))
     if hit:
         truth_found, drawn = np.isin(label(gt)[0], hit), np.isin(pred_labels, sorted(matched))
