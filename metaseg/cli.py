@@ -143,6 +143,18 @@ def cmd_cv(args) -> None:
     print(f"{done}; reports in {report_dir(args.out, args.split) / 'cv.md'}")
 
 
+def cmd_failures(args) -> None:
+    import shlex
+
+    from metaseg.evaluation.failures import failures
+
+    command = shlex.join(["metaseg", "failures", "--data", str(args.data), "--runs", str(args.runs), "--report",
+                          str(args.report), "--out", str(args.out)])
+    for entry in failures(args.data, args.runs, args.report, args.out, command):
+        print(f"{entry['patient']}: 3D Dice {entry['dice_3d']:.3f}: {entry['what_went_wrong']}")
+    print(f"wrote {args.out / 'failures.md'} and its pictures in {args.out / 'failures'}")
+
+
 def cmd_serve(args) -> None:
     import copy
     import os
@@ -278,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "ids, one fold per site (--folds unused), in RUNS/site with reports in OUT/site_cv; the patient "
                    "report then shows the site figure beside its own")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("failures", help="the served model's 5 worst out-of-fold patients of a `metaseg cv`: a strip "
+                       "of each one's lesion slices, truth and prediction outlined, and what went wrong")
+    p.add_argument("--data", type=Path, required=True, help="the Data folder or Data.zip of the cross-validation")
+    p.add_argument("--runs", type=Path, required=True, help="its fold runs (metaseg cv --runs)")
+    p.add_argument("--report", type=Path, required=True, help="its cv.json (in metaseg cv --out)")
+    p.add_argument("--out", type=Path, required=True, help="folder for failures.md and failures/<patient>.png")
+    p.set_defaults(func=cmd_failures)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")
     p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")

@@ -14,28 +14,15 @@ Writes OUT/comparison.json and OUT/comparison.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metaseg.errors import UserError  # noqa: E402
+from metaseg.evaluation.cv_report import read_cv  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.evaluation.metrics import paired_difference  # noqa: E402
-
-
-KEYS = ("folds", "seed", "patients", "models", "command")  # what `metaseg cv` writes and the pairing reads
-
-
-def read_cv(path: Path) -> dict:
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read a cv.json at {path}: {err}") from None
-    if not isinstance(run, dict) or not all(key in run for key in KEYS):
-        raise UserError(f"{path} is not a cv.json written by `metaseg cv` (it needs {', '.join(KEYS)})")
-    return run
 
 
 def same_folds(a: dict, b: dict) -> bool:

@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metaseg.data.discovery import discover  # noqa: E402
 from metaseg.errors import UserError  # noqa: E402
+from metaseg.evaluation.cv_report import read_cv  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.evaluation.metrics import bootstrap_ci  # noqa: E402
-from scripts.compare_cv import read_cv  # noqa: E402
 
 LOWEST = 10  # patients listed by name
 

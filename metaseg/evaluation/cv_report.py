@@ -25,6 +25,7 @@ import numpy as np
 
 from metaseg.data.datalist import by_patient
 from metaseg.data.ground_truth import read_ground_truth
+from metaseg.errors import UserError
 from metaseg.evaluation.figures import folds_figure
 from metaseg.evaluation.metrics import paired_difference
 from metaseg.evaluation.out_of_fold import SELECTION, done_folds, fold_dir, load_oof
@@ -39,6 +40,18 @@ STRIPPED = "{name} (skull-stripped input)"  # the same fold models given the sli
 DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
 SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
+KEYS = ("folds", "seed", "patients", "models", "command")  # what every reader of a cv.json needs
+
+
+def read_cv(path: Path) -> dict:
+    """A cv.json written by `metaseg cv`, or a UserError saying why it is not one."""
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read a cv.json at {path}: {err}") from None
+    if not isinstance(run, dict) or not all(key in run for key in KEYS):
+        raise UserError(f"{path} is not a cv.json written by `metaseg cv` (it needs {', '.join(KEYS)})")
+    return run
 
 
 def lesion_figures(summary: dict) -> dict:

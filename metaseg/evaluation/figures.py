@@ -1,5 +1,5 @@
-"""The reports' figures as PNG bytes: the qualitative best/median/worst slices, the training curves of runs and the
-cross-validation's per-fold Dice."""
+"""The reports' figures as PNG bytes: the qualitative best/median/worst slices, the training curves of runs, the
+cross-validation's per-fold Dice and the strips of its worst patients."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import binary_erosion
 
 from metaseg import conventions
 from metaseg.data.discovery import member, open_source, read_tiff
@@ -40,6 +41,11 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def read_flair(files, root: str, item: dict) -> np.ndarray:
+    """The FLAIR channel of a datalist item's slice, from an open data source (metaseg.data.discovery.open_source)."""
+    return read_tiff(files.read(member(root, item["image"])))[..., conventions.FLAIR_CHANNEL]
+
+
 def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, picks) -> bytes:
     """A row per picked slice: FLAIR, ground truth, and each model's prediction with its slice Dice."""
     import matplotlib
@@ -52,7 +58,7 @@ def qualitative_figure(data: Path, root: str, split: str, groups, truth, preds, 
     with open_source(data) as files:
         for row, (label, (mean_dice, patient, index)) in zip(axes, picks):
             item = groups[patient][index]
-            flair = read_tiff(files.read(member(root, item["image"])))[..., conventions.FLAIR_CHANNEL]
+            flair = read_flair(files, root, item)
             gt = truth[patient][index]
             header = f"{label}: {patient} slice {item['slice']}\nmean Dice {mean_dice:.3f}\nFLAIR"
             panels = [(header, None, None), ("ground truth", gt, "lime")]
@@ -172,3 +178,30 @@ def folds_figure(result: dict) -> bytes:
     data = figure_png(fig)
     plt.close(fig)
     return data
+
+
+TRUTH_COLOUR, PREDICTION_COLOUR = (0, 255, 0), (255, 0, 255)  # green and magenta: apart for red-green colour blindness
+BOTH_COLOUR = (255, 255, 0)  # yellow where the two outlines run together
+STRIP_GAP = 4  # white pixels between two slices of a strip
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a 2D mask on its border (in the mask, a 4-neighbour not)."""
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def outlines_strip(flairs: list[np.ndarray], truth: np.ndarray, pred: np.ndarray) -> bytes:
+    """The slices side by side in gray, each with the ground truth's outline in TRUTH_COLOUR, the prediction's in
+    PREDICTION_COLOUR and BOTH_COLOUR where they are the same pixels (uint8 FLAIR as stored; `truth`, `pred`: boolean
+    (slices, rows, cols)), as PNG bytes. Drawn pixel for pixel, one image pixel per data pixel: nothing is resampled."""
+    from PIL import Image
+
+    panels = []
+    for flair, gt, predicted in zip(flairs, truth, pred):
+        rgb = np.repeat(np.asarray(flair, np.uint8)[..., None], 3, axis=2)
+        truth_line, pred_line = outline(gt), outline(predicted)
+        rgb[truth_line], rgb[pred_line], rgb[truth_line & pred_line] = TRUTH_COLOUR, PREDICTION_COLOUR, BOTH_COLOUR
+        panels += [rgb, np.full((rgb.shape[0], STRIP_GAP, 3), 255, np.uint8)]
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(buffer, format="PNG")
+    return buffer.getvalue()

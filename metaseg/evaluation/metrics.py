@@ -177,6 +177,13 @@ def detected(found: list[Target], pred: np.ndarray) -> int:
     return sum(bool(pred[t.box][t.reach].any()) for t in found if t.scored)
 
 
+def matching(target: Target, pred_labels: np.ndarray) -> np.ndarray:
+    """The predicted lesions (labels of metaseg.inference.lesions.label) matching a ground-truth lesion: those with a
+    voxel in its reach."""
+    components = np.unique(pred_labels[target.box][target.reach])
+    return components[components > 0]
+
+
 def _union_box(boxes, shape) -> tuple[slice, ...]:
     """The smallest box holding every box, grown by one voxel (clipped) so that no mask touches its border."""
     return tuple(slice(max(min(b[d].start for b in boxes) - 1, 0), min(max(b[d].stop for b in boxes) + 1, shape[d]))
@@ -202,8 +209,7 @@ def lesionwise(gt: np.ndarray, pred: np.ndarray) -> dict:
     matched: set[int] = set()
     dice, hd = [], []
     for target in found:
-        components = np.unique(pred_labels[target.box][target.reach])
-        components = components[components > 0]
+        components = matching(target, pred_labels)
         matched.update(components.tolist())
         if not target.scored:
             continue
