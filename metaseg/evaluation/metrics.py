@@ -172,6 +172,12 @@ def targets(gt: np.ndarray) -> list[Target]:
     return found
 
 
+def matches(target: Target, pred_labels: np.ndarray) -> np.ndarray:
+    """The labels of the predicted components that match a ground-truth lesion (any voxel in its reach), sorted."""
+    components = np.unique(pred_labels[target.box][target.reach])
+    return components[components > 0]
+
+
 def detected(found: list[Target], pred: np.ndarray) -> int:
     """How many scored ground-truth lesions `pred` detects (any predicted voxel in a lesion's reach)."""
     return sum(bool(pred[t.box][t.reach].any()) for t in found if t.scored)
@@ -202,8 +208,7 @@ def lesionwise(gt: np.ndarray, pred: np.ndarray) -> dict:
     matched: set[int] = set()
     dice, hd = [], []
     for target in found:
-        components = np.unique(pred_labels[target.box][target.reach])
-        components = components[components > 0]
+        components = matches(target, pred_labels)
         matched.update(components.tolist())
         if not target.scored:
             continue
