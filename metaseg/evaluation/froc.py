@@ -12,13 +12,14 @@ false lesions. Sensitivity pools the lesions of all patients; false lesions are 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from metaseg.evaluation.metrics import matches, targets
 from metaseg.inference.lesions import label, scores
+from metaseg.inference.steps import Probs, mask, probability
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false lesions per patient the CPM averages sensitivity over
 
@@ -70,3 +71,15 @@ def froc(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
               for t in sorted({s for p in found for s in p.scores}, reverse=True)]
     cpm = float(np.mean([sensitivity_at(points, rate) for rate in FP_RATES])) if len(best) else float("nan")
     return {"points": points, "cpm": cpm}
+
+
+def configured_froc(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
+                    configs: Mapping[str, dict]) -> dict:
+    """The FROC of the patients of `truth` as metaseg.evaluation.selection.score_config scores them: each patient's
+    probability and mask under its own configuration of inference steps (`configs`: patient -> configuration)."""
+    def cases():
+        for patient, gt in truth.items():
+            prob = probability(probs[patient], configs[patient])
+            yield gt, prob, mask(prob, configs[patient])
+
+    return froc(cases())
