@@ -167,17 +167,12 @@ def folds_figure(result: dict) -> bytes:
             ax.hlines(fold["mean_dice_3d"], x_of[int(k)] - width / 2, x_of[int(k)] + width / 2, color=f"C{i}")
     ax.set(title="out-of-fold per-patient 3D Dice (lines: fold means)", xlabel="fold", ylabel="3D Dice",
            ylim=(-0.02, 1.02), xticks=range(result["folds"]))
-    ax.grid(alpha=0.3)
-    if models:
-        ax.legend(fontsize=8, loc="lower left")
-    data = figure_png(fig)
-    plt.close(fig)
-    return data
+    return _gridded_png(fig, ax, "lower left" if models else None)
 
 
 def froc_figure(curves: dict[str, dict]) -> bytes:
-    """Lesion sensitivity against false lesions per patient (log scale) of each model's FROC (metaseg.evaluation.froc),
-    the CPM's false-lesion rates marked and each CPM in the title; points without a false lesion sit at the left edge."""
+    """Lesion sensitivity against false lesions per patient (log scale, ticks at the CPM's rates) of each model's FROC
+    (metaseg.evaluation.froc), each CPM in the title; points without a false lesion sit at the left edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,9 +189,17 @@ def froc_figure(curves: dict[str, dict]) -> bytes:
     ax.minorticks_off()
     ax.set(xlim=(low, high), ylim=(-0.02, 1.02), xlabel="false lesions per patient", ylabel="lesion sensitivity (3D)",
            title="FROC, CPM " + ", ".join(f"{name} {froc['cpm']:.3f}" for name, froc in curves.items()))
+    return _gridded_png(fig, ax, "lower right" if curves else None)
+
+
+def _gridded_png(fig, ax, legend: str | None) -> bytes:
+    """A one-panel figure finished the reports' way (a light grid, the legend where `legend` says, none for None),
+    as PNG bytes, and closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8, loc="lower right")
+    if legend:
+        ax.legend(fontsize=8, loc=legend)
     data = figure_png(fig)
     plt.close(fig)
     return data
