@@ -72,6 +72,7 @@ def _lesion3d(found: lesions.Lesion) -> Lesion3D:
         diameter_slice=found.diameter_slice,
         measurable=found.measurable,
         max_probability=found.max_probability,
+        mean_probability=found.mean_probability,
         centroid=VoxelPoint(slice=found.centroid[0], row=found.centroid[1], col=found.centroid[2]),
         bbox=BoundingBox(row_min=row_min, col_min=col_min, row_max=row_max, col_max=col_max),
     )

@@ -128,6 +128,7 @@ class Lesion3D(BaseModel):
     diameter_slice: int = Field(description="the slice (series order) of that longest diameter")
     measurable: bool | None = Field(description="RANO-BM: longest diameter >= 10 mm; null where mm are unknown")
     max_probability: float = Field(description="highest lesion probability inside the lesion")
+    mean_probability: float = Field(description="mean lesion probability over the lesion's voxels")
     centroid: VoxelPoint
     bbox: BoundingBox = Field(description="rows and columns over all its slices")
 

@@ -14,6 +14,7 @@ from conftest import assert_user_error, metaseg
 from metaseg.bundles import NAMES, bundle_dir
 from metaseg.evaluation.comparison import compare
 from metaseg.evaluation.figures import curves_from_events, curves_from_log
+from metaseg.evaluation.froc import froc
 from metaseg.data.discovery import discover, read_tiff
 from metaseg.conventions import read_best, write_best
 from metaseg.errors import UserError
@@ -182,14 +183,17 @@ def write_run(run: Path, data: Path, datalist: dict, perfect_on: str, steps: str
     inference steps `evaluate` records (`steps`: "off", or "chosen" standing for a bundle's CHOSEN steps)."""
     write_json_atomic(run / "datalist.json", datalist)
     for split in ("validation", "test"):
-        write_json_atomic(run / split / "metrics.json",
-                          {"steps": STEPS[steps], "inference_steps": STEPS_OFF if steps == "off" else CHOSEN})
+        cases = []
         for patient, gt in truth_of(data, datalist, split).items():
             items = [i for i in datalist[split] if i["patient"] == patient]
-            for item, mask in zip(items, gt if split == perfect_on else imperfect(gt)):
+            pred = gt if split == perfect_on else imperfect(gt)
+            cases.append((gt, pred.astype(np.float32), pred))
+            for item, mask in zip(items, pred):
                 out = run / split / "masks" / patient / f"{Path(item['image']).stem}_seg.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+        write_json_atomic(run / split / "metrics.json", {"steps": STEPS[steps], "froc": froc(cases),
+                                                         "inference_steps": STEPS_OFF if steps == "off" else CHOSEN})
     (run / "models").mkdir()
     (run / "models" / "model.pt").write_bytes(b"weights")
 
@@ -223,7 +227,8 @@ def test_compare_end_to_end_serves_the_cross_validated_architecture_not_the_best
     root, out = runs["root"], tmp_path / "reports"
     report = compare(runs["data"], [("unetpp", root / "unetpp"), ("attention_unet", root / "attention_unet")],
                      out=out, n_resamples=200, architecture_record=record_naming("attention_unet", tmp_path))
-    for name in ("comparison.json", "comparison.md", "qualitative.png", "training_curves.png", "best.json"):
+    for name in ("comparison.json", "comparison.md", "qualitative.png", "training_curves.png", "froc.png",
+                 "best.json"):
         assert (out / name).stat().st_size > 0
     assert report["best"] == "attention_unet" and report["split"] == "test" and "validation" not in report
     assert report["patients"] == {s: runs["datalist"]["patients"][s] for s in ("test", "validation", "training")}
@@ -251,6 +256,9 @@ def test_compare_end_to_end_serves_the_cross_validated_architecture_not_the_best
     assert "| unetpp | 1.000 [1.000, 1.000]" in md and "Model to serve: **attention_unet**" in md
     assert "the 1 test patients only report" in md and f"- attention_unet: {STEPS['off']}" in md
     assert "Empty slices:" in md and "(qualitative.png)" in md and "(training_curves.png)" in md
+    # each model's FROC as `metaseg evaluate` computed it: the perfect masks find every lesion and nothing else
+    assert perfect["froc"] == {"points": [{"threshold": 1.0, "sensitivity": 1.0, "fp_per_patient": 0.0}], "cpm": 1.0}
+    assert "| unetpp |" + " 1.000 |" * 8 in md and "(froc.png)" in md
 
     best = json.loads((out / "best.json").read_text())
     assert best["selected_by"] == report["selected_by"] and best["report"] == "comparison.md"

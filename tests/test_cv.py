@@ -339,7 +339,7 @@ def hand_written_runs(phantom: Path, runs: Path) -> tuple:
 
 SERVED_KEYS = {"bundle", "mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient", "lesion_slice_dice", "fp_slice_rate",
                "lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient", "n_patients", "inference_steps",
-               "steps_per_fold", "chosen_by"}
+               "steps_per_fold", "chosen_by", "froc"}
 
 
 def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, tmp_path):
@@ -398,6 +398,11 @@ def test_the_cv_report_carries_the_lesion_wise_metrics_for_every_model(phantom, 
     best = max(served, key=lambda name: served[name]["mean_dice_3d"])
     assert saved["served"] == {**served[best], "chosen_by": "highest cross-fitted served mean per-patient 3D Dice"}
     assert saved["served"]["bundle"] == "perfect"
+    # FROC: the perfect maps' lesions are the ground truth's, each of probability 1; the empty ones have none
+    assert saved["served"]["froc"] == {"points": [{"threshold": 1.0, "sensitivity": 1.0, "fp_per_patient": 0.0}],
+                                       "cpm": 1.0}
+    assert served["empty"]["froc"] == {"points": [], "cpm": 0.0}
+    assert "| perfect |" + " 1.000 |" * 8 in md and (out / "cv_froc.png").read_bytes().startswith(b"\x89PNG")
     assert "## Served model, cross-fitted" in md and "Served: **perfect**" in md and "| selected (in-sample) |" in md
 
 

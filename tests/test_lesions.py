@@ -42,6 +42,7 @@ def test_a_lesion_is_3d_and_touches_diagonally_across_slices():
     found = lesions.measure(mask, probability)
     assert [(x.id, x.slices, x.voxels) for x in found] == [(1, (0, 1), 5), (2, (3,), 4)]
     assert [x.max_probability for x in found] == pytest.approx([0.9, 0.99])
+    assert [x.mean_probability for x in found] == pytest.approx([0.9, (3 * 0.9 + 0.99) / 4])
     assert lesions.label(mask)[1] == 2 and lesions.label(np.zeros((2, 3, 3)))[1] == 0
     # one slice: its 2D components, with an area but no volume even where the spacing is known
     (flat,) = lesions.measure(mask[3], None, (1.0, 1.0), 5.0)

@@ -210,6 +210,9 @@ def test_compare_records_the_model_and_steps_whose_masks_evaluate_scored(shipped
     scored = json.loads((runs[served] / "test" / "metrics.json").read_text())
     assert [p["dice_3d"] for p in report["models"][served]["metric_per_patient"]] == \
         [p["dice_3d"] for p in scored["metric_per_case"]]  # compare scores the very masks evaluate scored
+    # evaluate's FROC: the masks' lesions, each kept at the threshold of the steps off (0.5) by its highest probability
+    assert report["models"][served]["froc"] == scored["froc"] and set(scored["froc"]) == {"points", "cpm"}
+    assert all(point["threshold"] >= 0.5 for point in scored["froc"]["points"])
     model = read_best(out / "best.json")
     assert (model.bundle.name, model.weights) == (served, default_weights(runs[served]).resolve())
     assert model.overrides == {"spatial_size": SIZE, "inference_steps": STEPS_OFF}

@@ -394,6 +394,7 @@ def test_the_lesion_table_measures_a_sphere_of_known_size(echo):
     assert big["longest_diameter_mm"] == pytest.approx(12.5, abs=0.1)
     assert big["longest_diameter_px"] == pytest.approx(25, abs=0.2)
     assert (big["diameter_slice"], big["measurable"], big["max_probability"]) == (3, True, 1.0)
+    assert 0 < big["mean_probability"] <= big["max_probability"]
     assert big["centroid"] == pytest.approx({"slice": 3, "row": 16, "col": 16})
     assert big["bbox"] == {"row_min": 4, "col_min": 4, "row_max": 28, "col_max": 28}
     assert (small["slices"], small["measurable"]) == ([2, 3, 4], False) and 5.5 <= small["longest_diameter_mm"] < 6

@@ -10,6 +10,8 @@ and FLAIR come from the data source. Writes, each atomically:
     OUT/comparison.md     the same as a table, with the conventions and links to the figures
     OUT/qualitative.png   best, median and worst lesion slice of the compared split, every model side by side
     OUT/training_curves.png  per-epoch training loss and validation Dice of each run
+    OUT/froc.png          each model's lesion detection FROC, as `metaseg evaluate` computed it on the same masks
+                          (its metrics.json `froc`; a model evaluated before that has none: `froc` null)
     best-out (OUT/best.json) the model to serve, readable by conventions.read_best
 
 Model choice never rests on a split of a handful of patients (here the compared split, or a validation split):
@@ -31,10 +33,11 @@ from metaseg.bundles import BUNDLES_DIR, NAMES
 from metaseg.data.datalist import by_patient
 from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
-from metaseg.evaluation.figures import RANKING, qualitative_figure, rank_slices, training_curves_figure
+from metaseg.evaluation.figures import (RANKING, froc_figure, qualitative_figure, rank_slices,
+                                        training_curves_figure)
 from metaseg.evaluation.metrics import paired_difference
-from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, lesion_note, lesion_rows, null_nan, slice_columns,
-                                        summarize)
+from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, froc_rows, lesion_note, lesion_rows, null_nan,
+                                        slice_columns, summarize)
 from metaseg.evaluation.runs import (Run, check_masks, comparable_items, load_run, read_evaluation, read_predictions,
                                      score)
 from metaseg.files import write_bytes_atomic, write_json_atomic
@@ -88,6 +91,12 @@ def markdown(report: dict, out: Path = Path("reports")) -> str:
         cells = [ci_cell(summary, m, 2 if m.startswith("hd95") else 3) for m in slice_columns()]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['hd95_empty_prediction_slices']} |")
     lines += ["", *lesion_rows(models), "", lesion_note(out)]
+    lines += ["", "Lesion detection FROC (sensitivity at each rate of false lesions per patient as a threshold on "
+              "each lesion's highest probability sweeps, and the CPM, their mean):", "", *froc_rows(frocs(report)),
+              *(f"- {name}: no FROC: " + ("no scored ground-truth lesion" if summary["froc"] else "its masks were "
+                "evaluated before `metaseg evaluate` computed one; rerun `metaseg evaluate`")
+                for name, summary in models.items() if name not in frocs(report)),
+              "", "![FROC](froc.png)"]
     low, high = paired["ci95"]
     p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
     lines += [
@@ -123,6 +132,13 @@ def markdown(report: dict, out: Path = Path("reports")) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def frocs(report: dict) -> dict[str, dict]:
+    """The models' FROCs that `metaseg evaluate` computed, by model, where defined (its CPM is null without any
+    scored ground-truth lesion)."""
+    return {name: model["froc"] for name, model in report["models"].items()
+            if model["froc"] is not None and model["froc"]["cpm"] is not None}
 
 
 def command_line(data: Path, named: list[tuple[str, Path]], split: str, out: Path, best_out: Path,
@@ -163,6 +179,7 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
         "models": {
             run.name: {"run": str(run.path), "steps": evaluations[run.name]["steps"],
                        "inference_steps": evaluations[run.name]["inference_steps"],
+                       "froc": evaluations[run.name].get("froc"),
                        **summarize(scores[run.name], n_resamples, seed), "metric_per_patient": scores[run.name]}
             for run in runs
         },
@@ -176,6 +193,7 @@ def compare(data: Path, named: list[tuple[str, Path]], split: str = "test", out:
     picks = [("best", ranked[-1]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[0])]
     write_bytes_atomic(out / "qualitative.png", qualitative_figure(data, root, split, groups, truth, preds, picks))
     write_bytes_atomic(out / "training_curves.png", training_curves_figure(runs))
+    write_bytes_atomic(out / "froc.png", froc_figure(frocs(report)))
     write_json_atomic(out / "comparison.json", null_nan(report))
     write_bytes_atomic(out / "comparison.md", markdown(report, out).encode())
     write_best(best_out, runs, best, report, out / "comparison.md")

@@ -12,6 +12,7 @@
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities
                                        (metaseg.evaluation.selection)
     OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
+    OUT/cv_froc.png                    the FROC of each bundle's served entry
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import numpy as np
 from metaseg.data.datalist import by_patient
 from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
-from metaseg.evaluation.figures import folds_figure
+from metaseg.evaluation.figures import folds_figure, froc_figure
+from metaseg.evaluation.froc import configured_froc
 from metaseg.evaluation.metrics import paired_difference
 from metaseg.evaluation.out_of_fold import SELECTION, done_folds, fold_dir, load_oof
-from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, lesion_note, lesion_rows, null_nan, slice_columns,
-                                        summarize)
+from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, froc_rows, lesion_note, lesion_rows, null_nan,
+                                        slice_columns, summarize)
 from metaseg.evaluation.selection import Scorer, cross_fitted, score_config, select
 from metaseg.files import write_bytes_atomic, write_json_atomic
 from metaseg.inference.steps import DEFAULT
@@ -106,6 +108,7 @@ def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: Scor
              **{key: row[key] for key in ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
                                           "n_patients")},
              "inference_steps": shipped, "steps_per_fold": {str(k): c["inference_steps"] for k, c in chosen.items()},
+             "froc": configured_froc(truth, probs, {p: chosen[fold_of[p]]["config"] for p in truth}),
              "chosen_by": "inference steps chosen for the bundle alone on the other folds' out-of-fold predictions, "
                           "applied to the held-out fold"}
     return entry, row
@@ -273,6 +276,9 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     if site:
         result["site_cv"] = site
     write_bytes_atomic(out / "cv_folds.png", folds_figure(result))
+    if result["served_per_bundle"]:
+        write_bytes_atomic(out / "cv_froc.png", froc_figure({name: entry["froc"] for name, entry in
+                                                             result["served_per_bundle"].items()}))
     return _write(out, result, selection)
 
 
@@ -356,6 +362,18 @@ def generalization_lines(result: dict) -> list[str]:
         lines += ["", "Per site (trained without it): " + "; ".join(
             f"{s} {v['mean_dice_3d']:.3f} ({v['n_patients']} patients)" for s, v in site["per_site"].items()) + "."]
     return lines
+
+
+def froc_lines(result: dict) -> list[str]:
+    """cv.md's FROC of each bundle's served entry (cross-fitted, as its row in the section above)."""
+    per_bundle = result.get("served_per_bundle", {})
+    if not per_bundle:
+        return []
+    return ["", "## Lesion detection: FROC of the served model, cross-fitted", "",
+            "Lesion sensitivity (3D, pooled) against false lesions per patient as a threshold on each predicted "
+            "lesion's highest probability sweeps over the served masks' lesions; CPM = mean sensitivity at the "
+            "seven rates (`served.froc` in cv.json).", "",
+            *froc_rows({name: entry["froc"] for name, entry in per_bundle.items()}), "", "![FROC](cv_froc.png)"]
 
 
 def labelled(result: dict) -> dict:
@@ -442,7 +460,7 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
                   "chosen on 3D components of a patient's stack and are not applied to one slice. The ensemble, if "
                   "chosen, is reported but not deployed: a bundle holds one network."]
-    lines += served_lines(result) + generalization_lines(result)
+    lines += served_lines(result) + froc_lines(result) + generalization_lines(result)
     if models:
         lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
                   "| model | " + " | ".join(f"site {sites[k]}" if sites else f"fold {k}" for k in range(folds)) + " |",

@@ -28,7 +28,7 @@ from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
 from metaseg.evaluation.cv_report import read_cv
 from metaseg.evaluation.figures import BOTH_COLOUR, PREDICTION_COLOUR, TRUTH_COLOUR, outlines_strip, read_flair
-from metaseg.evaluation.metrics import dice_3d, matching, targets
+from metaseg.evaluation.metrics import dice_3d, matches, targets
 from metaseg.evaluation.out_of_fold import fold_dir, load_oof
 from metaseg.files import write_bytes_atomic
 from metaseg.inference.lesions import label, measure
@@ -67,11 +67,11 @@ def what_went_wrong(gt: np.ndarray, pred: np.ndarray) -> str:
     ones are drawn, largest share of wrong voxels first. Lesions of at most UNSCORED_GT_VOXELS voxels are not
     counted as missed, as in the lesion-wise metrics."""
     found, (pred_labels, n_pred) = targets(gt), label(pred)
-    matches = [matching(target, pred_labels) for target in found]
-    matched = {int(c) for components in matches for c in components}
+    hits = [matches(target, pred_labels) for target in found]
+    matched = {int(c) for components in hits for c in components}
     scored = [(i, target) for i, target in enumerate(found) if target.scored]
-    missed = [target.voxels for i, target in scored if not len(matches[i])]
-    hit = [i + 1 for i, _ in scored if len(matches[i])]
+    missed = [target.voxels for i, target in scored if not len(hits[i])]
+    hit = [i + 1 for i, _ in scored if len(hits[i])]
     parts = []  # (wrong voxels, words)
     if missed:
         largest = f", the largest {_count(max(missed))}" if len(missed) > 1 else ""

@@ -1,5 +1,5 @@
 """The reports' figures as PNG bytes: the qualitative best/median/worst slices, the training curves of runs, the
-cross-validation's per-fold Dice and the strips of its worst patients."""
+cross-validation's per-fold Dice, the FROC of lesion detection and the strips of its worst patients."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from scipy.ndimage import binary_erosion
 
 from metaseg import conventions
 from metaseg.data.discovery import member, open_source, read_tiff
+from metaseg.evaluation.froc import FP_RATES
 from metaseg.evaluation.metrics import slice_dice
 from metaseg.evaluation.runs import Run
 
@@ -172,9 +173,39 @@ def folds_figure(result: dict) -> bytes:
             ax.hlines(fold["mean_dice_3d"], x_of[int(k)] - width / 2, x_of[int(k)] + width / 2, color=f"C{i}")
     ax.set(title="out-of-fold per-patient 3D Dice (lines: fold means)", xlabel="fold", ylabel="3D Dice",
            ylim=(-0.02, 1.02), xticks=range(result["folds"]))
+    return _gridded_png(fig, ax, "lower left" if models else None)
+
+
+def froc_figure(curves: dict[str, dict]) -> bytes:
+    """Lesion sensitivity against false lesions per patient (log scale, ticks at the CPM's rates) of each model's FROC
+    (metaseg.evaluation.froc), each CPM in the title; points without a false lesion sit at the left edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low, high = FP_RATES[0] / 2, FP_RATES[-1] * 2
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, froc) in enumerate(curves.items()):
+        points = sorted(froc["points"], key=lambda p: p["fp_per_patient"])
+        ax.step([min(max(p["fp_per_patient"], low), high) for p in points], [p["sensitivity"] for p in points],
+                "o-", where="post", color=f"C{i}", markersize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(FP_RATES, [f"1/{1 / rate:g}" if rate < 1 else f"{rate:g}" for rate in FP_RATES])
+    ax.minorticks_off()
+    ax.set(xlim=(low, high), ylim=(-0.02, 1.02), xlabel="false lesions per patient", ylabel="lesion sensitivity (3D)",
+           title="FROC, CPM " + ", ".join(f"{name} {froc['cpm']:.3f}" for name, froc in curves.items()))
+    return _gridded_png(fig, ax, "lower right" if curves else None)
+
+
+def _gridded_png(fig, ax, legend: str | None) -> bytes:
+    """A one-panel figure finished the reports' way (a light grid, the legend where `legend` says, none for None),
+    as PNG bytes, and closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    if models:
-        ax.legend(fontsize=8, loc="lower left")
+    if legend:
+        ax.legend(fontsize=8, loc=legend)
     data = figure_png(fig)
     plt.close(fig)
     return data

@@ -172,16 +172,15 @@ def targets(gt: np.ndarray) -> list[Target]:
     return found
 
 
+def matches(target: Target, pred_labels: np.ndarray) -> np.ndarray:
+    """The labels of the predicted components that match a ground-truth lesion (any voxel in its reach), sorted."""
+    components = np.unique(pred_labels[target.box][target.reach])
+    return components[components > 0]
+
+
 def detected(found: list[Target], pred: np.ndarray) -> int:
     """How many scored ground-truth lesions `pred` detects (any predicted voxel in a lesion's reach)."""
     return sum(bool(pred[t.box][t.reach].any()) for t in found if t.scored)
-
-
-def matching(target: Target, pred_labels: np.ndarray) -> np.ndarray:
-    """The predicted lesions (labels of metaseg.inference.lesions.label) matching a ground-truth lesion: those with a
-    voxel in its reach."""
-    components = np.unique(pred_labels[target.box][target.reach])
-    return components[components > 0]
 
 
 def _union_box(boxes, shape) -> tuple[slice, ...]:
@@ -209,7 +208,7 @@ def lesionwise(gt: np.ndarray, pred: np.ndarray) -> dict:
     matched: set[int] = set()
     dice, hd = [], []
     for target in found:
-        components = matching(target, pred_labels)
+        components = matches(target, pred_labels)
         matched.update(components.tolist())
         if not target.scored:
             continue

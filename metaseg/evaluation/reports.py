@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg.evaluation.figures import RANKING
+from metaseg.evaluation.froc import FP_RATES, sensitivity_at
 from metaseg.evaluation.metrics import HD95_MISS, METRICS, UNSCORED_GT_VOXELS, bootstrap_ci, pooled
 from metaseg.inference import lesions
 
@@ -44,6 +45,10 @@ CONVENTIONS = {
     "lesion_precision_3d": "predicted lesions matching a ground-truth lesion / predicted lesions, pooled as "
     "lesion_sensitivity_3d",
     "fp_lesions_per_patient": "predicted lesions matching no ground-truth lesion, mean over patients",
+    "froc": "lesion sensitivity (3D, pooled) against false lesions per patient as a threshold on the lesion score "
+    "(each predicted lesion's highest probability) sweeps: points {threshold, sensitivity, fp_per_patient}, one per "
+    "distinct score, a lesion kept iff its score >= threshold; cpm: mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 "
+    "false lesions per patient (the highest reached at no more, 0 if none), metaseg/evaluation/froc.py",
     "means": "over patients with a defined value (null = undefined, e.g. no lesion slice); 95% CI: percentile "
     "bootstrap over patients",
     "qualitative": RANKING,
@@ -131,3 +136,14 @@ def lesion_note(folder: Path) -> str:
             "precision pool all lesions of all patients, the sensitivity per size bin reads detected / ground-truth "
             f"lesions; HD95 in voxels (the TIFFs carry no spacing); ground-truth lesions of at most "
             f"{UNSCORED_GT_VOXELS} voxels are not scored. Conventions in full: `conventions` in the JSON report.")
+
+
+def froc_rows(curves: dict[str, dict]) -> list[str]:
+    """The FROC table of a report (markdown lines): per model (metaseg.evaluation.froc), the lesion sensitivity at
+    each false-lesion rate of the CPM and the CPM."""
+    lines = ["| model | " + " | ".join(f"sensitivity at {rate:g} FP / patient" for rate in FP_RATES) + " | CPM |",
+             "|---|" + "---|" * (len(FP_RATES) + 1)]
+    for name, froc in curves.items():
+        cells = [f"{sensitivity_at(froc['points'], rate):.3f}" for rate in FP_RATES] + [f"{froc['cpm']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines

@@ -78,8 +78,18 @@ class Lesion:
     diameter_slice: int  # the slice of that diameter
     measurable: bool | None  # RANO-BM: longest diameter >= 10 mm (None where mm are unknown)
     max_probability: float | None  # highest lesion probability inside it (None without probabilities)
+    mean_probability: float | None  # mean lesion probability over its voxels (None without probabilities)
     centroid: tuple[float, float, float]  # (slice, row, col)
     bbox: tuple[int, int, int, int]  # (row_min, col_min, row_max, col_max), inclusive, over all its slices
+
+
+def scores(labels: np.ndarray, n: int, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The highest and the mean probability of each lesion 1..n of `label`'s labels, in label order: how sure the
+    network is of a lesion as a whole, what a reader (and a FROC, metaseg.evaluation.froc) ranks lesions by."""
+    index = np.arange(1, n + 1)
+    probability = np.asarray(probability, np.float32).reshape(labels.shape)
+    return (np.asarray(ndimage.maximum(probability, labels, index), float).reshape(n),
+            np.asarray(ndimage.mean(probability, labels, index), float).reshape(n))
 
 
 def _longest_diameter(coords: np.ndarray, scale: tuple[float, float]) -> float:
@@ -96,11 +106,10 @@ def measure(mask: np.ndarray, probability: np.ndarray | None = None,
             pixel_spacing_mm: tuple[float, float] | None = None, slice_spacing_mm: float | None = None) -> list[Lesion]:
     """The lesions of a boolean stack (slices, rows, cols), with sizes in mm where the spacing is given.
 
-    `probability`: the lesion probabilities of the same stack, for each lesion's highest. A stack of one slice has
-    no volume (its lesions are areas)."""
+    `probability`: the lesion probabilities of the same stack, for each lesion's highest and mean (`scores`). A
+    stack of one slice has no volume (its lesions are areas)."""
     labels, n = label(mask)
-    if probability is not None:
-        probability = np.asarray(probability, np.float32).reshape(labels.shape)
+    highest, mean = scores(labels, n, probability) if probability is not None else (None, None)
     cell = voxel_mm3(pixel_spacing_mm, slice_spacing_mm) if labels.shape[0] > 1 else None
     found = []
     for lesion_id, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -125,7 +134,8 @@ def measure(mask: np.ndarray, probability: np.ndarray | None = None,
             longest_diameter_mm=mm,
             diameter_slice=widest,
             measurable=None if mm is None else mm >= MEASURABLE_MM,
-            max_probability=float(probability[box][inside].max()) if probability is not None else None,
+            max_probability=float(highest[lesion_id - 1]) if highest is not None else None,
+            mean_probability=float(mean[lesion_id - 1]) if mean is not None else None,
             centroid=tuple(float(c) for c in points.mean(axis=0)),
             bbox=(int(points[:, 1].min()), int(points[:, 2].min()), int(points[:, 1].max()), int(points[:, 2].max())),
         ))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class Report:
     written: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # input name -> why
+    probabilities: dict[Path, np.ndarray] = field(default_factory=dict)  # mask -> its frame's, if kept
 
 
 def mask_name(name: str, frame: int, n_frames: int) -> PurePosixPath:
@@ -85,9 +86,10 @@ def inputs(names: list[str]) -> list[str]:
 
 
 def predict(source: Path, out: Path, engine: Engine, threshold: float | None = None,
-            only: Collection[str] | None = None) -> Report:
+            only: Collection[str] | None = None, keep_probabilities: bool = False) -> Report:
     """Masks of every input with the engine's inference steps; `threshold` replaces the steps' own; `only` (names in
-    the source, e.g. the slices of a run's test patients for `metaseg evaluate`) segments those alone."""
+    the source, e.g. the slices of a run's test patients for `metaseg evaluate`) segments those alone;
+    `keep_probabilities` keeps each mask's lesion probabilities in the report (for `metaseg evaluate`'s FROC)."""
     if not source.exists():
         raise UserError(f"input not found: {source}")
     steps = with_threshold(engine.inference_steps, threshold)
@@ -127,9 +129,9 @@ def predict(source: Path, out: Path, engine: Engine, threshold: float | None = N
                 if frames:
                     pending.append((paths, frames))
                 if sum(len(f) for _, f in pending) >= engine.batch_size:
-                    _segment(pending, engine, steps, report)
+                    _segment(pending, engine, steps, report, keep_probabilities)
                     pending = []
-        _segment(pending, engine, steps, report)
+        _segment(pending, engine, steps, report, keep_probabilities)
     if not report.written:
         raise UserError(f"no image in {source} could be segmented ({len(report.skipped)} skipped)")
     return report
@@ -140,13 +142,17 @@ def _skip(report: Report, name: str, why: str) -> None:
     log.warning("skipped %r: %s", name, why)
 
 
-def _segment(pending: list[tuple[list[Path], list[np.ndarray]]], engine: Engine, steps: dict, report: Report) -> None:
-    """One engine call over the frames of several uploads, then each upload's masks from its own probabilities."""
+def _segment(pending: list[tuple[list[Path], list[np.ndarray]]], engine: Engine, steps: dict, report: Report,
+             keep: bool) -> None:
+    """One engine call over the frames of several uploads, then each upload's masks from its own probabilities (kept
+    in the report with `keep`)."""
     if not pending:
         return
     probabilities = engine.probabilities([frame for _, frames in pending for frame in frames])
     start = 0
     for paths, frames in pending:
         masks = upload_masks(probabilities[start : start + len(frames)], steps, volume=True)
+        if keep:
+            report.probabilities.update(zip(paths, probabilities[start : start + len(frames)]))
         start += len(frames)
         report.written += [write_bytes_atomic(path, to_png_bytes(mask)) for path, mask in zip(paths, masks)]

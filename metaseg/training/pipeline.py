@@ -11,7 +11,8 @@
                              bundle's chosen inference steps (or none, `steps="off"`), by metaseg.inference.predict
     <run>/<split>/metrics.json  the steps those masks were made with and their per-patient metrics
                              (metaseg.evaluation.metrics.patient_metrics), nnU-Net style: `mean`, `ci95`,
-                             `metric_per_case`
+                             `metric_per_case`, and their lesion detection FROC (`froc`: points and CPM,
+                             metaseg.evaluation.froc, the masks' lesions scored on the probabilities that made them)
 
 `evaluate` scores what is served (`metaseg predict`, the server): `metaseg compare` reads these masks and records
 their steps in best.json. The bundle's own evaluate.json (MONAI's evaluator, argmax, no steps) stays for plain-MONAI
@@ -26,12 +27,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from metaseg.bundles import config, run_stage
 from metaseg.conventions import BUNDLE_STEPS, RUN_RECORD, SPATIAL_MULTIPLE, default_weights, model_overrides
 from metaseg.data.datalist import build_datalist, by_patient, summary, write_datalist
 from metaseg.data.discovery import discover, member
 from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
+from metaseg.evaluation.froc import froc
 from metaseg.evaluation.reports import null_nan, summarize
 from metaseg.evaluation.runs import Run, read_predictions, score
 from metaseg.files import write_json_atomic
@@ -163,17 +167,22 @@ def evaluate_engine(engine: Engine, data: Path, run: Path, split: str, steps_not
     root, truth = read_ground_truth(data, datalist["root"], groups)
     shutil.rmtree(run / split, ignore_errors=True)
     masks = run / split / "masks"
-    report = predict(data, masks, engine, only=[member(root, item["image"]) for item in datalist[split]])
+    report = predict(data, masks, engine, only=[member(root, item["image"]) for item in datalist[split]],
+                     keep_probabilities=True)
     if report.skipped:
         raise UserError(f"{len(report.skipped)} {split} slices could not be segmented, e.g. "
                         f"{next(iter(report.skipped.values()))}")
     named = Run(engine.name, run, datalist)
-    per_patient = score(named, split, truth, read_predictions(named, split, groups, truth))
+    preds = read_predictions(named, split, groups, truth)
+    per_patient = score(named, split, truth, preds)
+    probabilities = {patient: np.stack([report.probabilities[named.mask_path(split, item)] for item in items])
+                     for patient, items in groups.items()}
     return write_json_atomic(run / split / "metrics.json", null_nan({
         "split": split, "bundle": engine.name, "weights": str(engine.weights),
         "inference_steps": engine.inference_steps, "steps": steps_note,
         "scored": f"the masks in {masks}, made as `metaseg predict` and the server make them (each patient folder "
                   f"one volume)",
         **summarize(per_patient, n_resamples, seed=0),
+        "froc": froc((truth[p], probabilities[p], preds[p]) for p in truth),
         "metric_per_case": per_patient,
     }))
