@@ -12,9 +12,11 @@ Each model.ts is MONAI's `ckpt_export` of its model.pt (it embeds metadata.json 
 inference.json's `other_folds` lists the shipped folds, its `inference_steps` are those the report chose on all
 out-of-fold patients, metadata.json `eval_metrics` are the report's figures (EVAL_METRICS: the cross-fitted served
 estimate, and the argmax one), and bundles/best.json names the bundle of the report's `served`. No model that the
-cross-validation did not score is shipped.
+cross-validation did not score is shipped. `--bundle NAME` ships (and records) that bundle alone: the others keep
+their folds and the report their docs/training/shipped.json names, which the tests read per bundle.
 
     python scripts/ship_weights.py --cv runs/ship --report reports/cv.md
+    python scripts/ship_weights.py --cv runs/ship --report reports/cv.md --bundle attention_unet
     python scripts/ship_weights.py --from-report --report reports/cv.md   # keep the weights; the figures, best.json
     python scripts/ship_weights.py --torchscript-only                     # re-export every model.ts
 """
@@ -84,9 +86,9 @@ def figure(cv: dict, name: str, entry: str, key: str):
     return (found or {}).get(key)
 
 
-def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR) -> None:
+def write_eval_metrics(cv: dict, bundles: Path = BUNDLES_DIR, names: tuple[str, ...] = NAMES) -> None:
     """Each bundle's metadata.json `eval_metrics` from the cross-validation report (EVAL_METRICS)."""
-    for name in NAMES:
+    for name in names:
         figures = {key: round(float(value), 4) for key, (entry, field) in EVAL_METRICS.items()
                    if (value := figure(cv, name, entry, field)) is not None}
         replace_line(bundles / name / "configs" / "metadata.json", r'"eval_metrics": \{[^{}]*\}',
@@ -122,23 +124,23 @@ def write_steps(bundle: Path, steps: dict) -> None:
     replace_line(path, re.escape(block.group(0)), new)
 
 
-def read_cv(report: Path) -> dict:
+def read_cv(report: Path, names: tuple[str, ...] = NAMES) -> dict:
     if not (report.parent / "cv.json").is_file():
         raise SystemExit(f"no {report.parent / 'cv.json'}: run `metaseg cv ...` first")
     cv = json.loads((report.parent / "cv.json").read_text())
     if not cv["complete"]:
         raise SystemExit(f"{report.parent / 'cv.json'} is partial: finish the cross-validation first")
-    if not cv.get("served") or set(cv.get("served_per_bundle", {})) != set(NAMES):
-        raise SystemExit(f"{report.parent / 'cv.json'} has no cross-fitted `served` figures for {', '.join(NAMES)}: "
-                         f"collect it again with this metaseg (`metaseg cv ... --collect`)")
+    if not cv.get("served") or not set(names) <= set(cv.get("served_per_bundle", {})):
+        raise SystemExit(f"{report.parent / 'cv.json'} has no cross-fitted `served` figures for {', '.join(names)}: "
+                         f"collect it again with this metaseg (`metaseg cv ... --collect`), or ship with --bundle")
     return cv
 
 
-def ship_cv(runs: Path, report: Path, bundles: Path = BUNDLES_DIR) -> None:
-    """Every bundle's fold models of a finished `metaseg cv` in RUNS as its shipped ensemble (module docstring);
-    everything is checked before anything is written."""
-    cv = read_cv(report)
-    folds = {name: [runs / name / f"fold_{k}" for k in range(cv["folds"])] for name in NAMES}
+def ship_cv(runs: Path, report: Path, bundles: Path = BUNDLES_DIR, names: tuple[str, ...] = NAMES) -> None:
+    """Each named bundle's fold models of a finished `metaseg cv` in RUNS as its shipped ensemble (module
+    docstring); everything is checked before anything is written."""
+    cv = read_cv(report, names)
+    folds = {name: [runs / name / f"fold_{k}" for k in range(cv["folds"])] for name in names}
     for name, dirs in folds.items():
         for fold in dirs:
             if not (fold / "fold.json").is_file():
@@ -150,8 +152,8 @@ def ship_cv(runs: Path, report: Path, bundles: Path = BUNDLES_DIR) -> None:
                              f"{MAX_BUNDLE_BYTES}")
     for name, dirs in folds.items():
         ship_folds(cv, runs, dirs, bundles / name, report)
-    print(f"shipped the fold ensembles of {', '.join(NAMES)} ({cv['folds']} folds each)")
-    record_from_report(cv, report, bundles)
+    print(f"shipped the fold ensembles of {', '.join(names)} ({cv['folds']} folds each)")
+    record_from_report(cv, report, bundles, names)
 
 
 def ship_folds(cv: dict, runs: Path, folds: list[Path], bundle: Path, report: Path) -> None:
@@ -179,18 +181,19 @@ def ship_folds(cv: dict, runs: Path, folds: list[Path], bundle: Path, report: Pa
         "weights": {f"fold_{k}": str(fold_weights(bundle, k).relative_to(bundle)) for k in range(len(folds))}})
 
 
-def record_from_report(cv: dict, report: Path, bundles: Path = BUNDLES_DIR) -> None:
-    """bundles/best.json (the bundle of the report's cross-fitted `served`, with its shipped ensemble) and each
-    bundle's eval_metrics, from a complete cross-validation report."""
+def record_from_report(cv: dict, report: Path, bundles: Path = BUNDLES_DIR, names: tuple[str, ...] = NAMES) -> None:
+    """bundles/best.json (the bundle of the report's cross-fitted `served`, with its shipped ensemble) and the named
+    bundles' eval_metrics, from a complete cross-validation report; best.json lists the served figures of the
+    bundles the report scored."""
     served = cv["served"]
     per_bundle = cv["served_per_bundle"]
     best = served["bundle"]
     write_best(bundles / BEST_FILE.name, best, default_weights(bundles / best), {}, report=report,
                selected_by=f"{served['chosen_by']}; {cv['folds']}-fold patient cross-validation (seed {cv['seed']}, "
                f"{served['n_patients']} patients); shipped: the bundle's {cv['folds']} fold models, averaged",
-               cv_served_dice_3d={name: per_bundle[name]["mean_dice_3d"] for name in NAMES},
-               cv_served_ci95_dice_3d={name: per_bundle[name]["ci95_dice_3d"] for name in NAMES})
-    write_eval_metrics(cv, bundles)
+               cv_served_dice_3d={name: entry["mean_dice_3d"] for name, entry in per_bundle.items()},
+               cv_served_ci95_dice_3d={name: entry["ci95_dice_3d"] for name, entry in per_bundle.items()})
+    write_eval_metrics(cv, bundles, names)
     print(f"best.json and eval_metrics from {report.name}; best: {best}")
 
 
@@ -201,14 +204,17 @@ if __name__ == "__main__":
     parser.add_argument("--cv", type=Path, help="a finished `metaseg cv` runs folder (its report: --report)")
     parser.add_argument("--from-report", action="store_true", help="keep the shipped weights; write best.json and "
                         "metadata.json eval_metrics from the cross-validation report (--report cv.md)")
+    parser.add_argument("--bundle", action="append", choices=NAMES, help="ship or record this bundle alone; repeat "
+                        "(default: every bundle)")
     args = parser.parse_args()
+    names = tuple(args.bundle or NAMES)
     if args.from_report:
-        record_from_report(read_cv(args.report.resolve()), args.report.resolve())
+        record_from_report(read_cv(args.report.resolve(), names), args.report.resolve(), names=names)
     elif args.torchscript_only:
         for name in NAMES:
             for weights in shipped_folds(BUNDLES_DIR / name):
                 print(f"exported {export_torchscript(BUNDLES_DIR / name, weights)}")
     elif args.cv:
-        ship_cv(args.cv, args.report.resolve())
+        ship_cv(args.cv, args.report.resolve(), names=names)
     else:
         parser.error("give --cv RUNS, --from-report or --torchscript-only")

@@ -129,3 +129,29 @@ def test_an_unfinished_run_or_report_is_refused_and_nothing_is_shipped(finished)
     with pytest.raises(SystemExit, match="no .*cv.json"):
         module.ship_cv(runs, report, bundles)
     assert not list(bundles.glob("*/models/*.pt")) and not (bundles / "best.json").exists()
+
+
+def test_one_bundle_ships_alone_from_a_report_of_it_alone(finished, monkeypatch):
+    """A report that scored attention_unet only: --bundle attention_unet ships its folds and figures; unetpp keeps its
+    weights, figures and evidence, and a ship of every bundle from that report is refused."""
+    runs, report, bundles = finished
+    module = ship_weights()
+    monkeypatch.setattr(module, "export_torchscript", lambda bundle, weights: None)
+    module.ship_cv(runs, report, bundles)  # both, from the first report
+    kept = {path: md5(path) for path in (bundles / "unetpp").rglob("*") if path.is_file()}
+    cv = json.loads((report.parent / "cv.json").read_text())
+    alone = {**cv, "command": "metaseg cv --bundle attention_unet", "models": {"attention_unet": {"mean_dice_3d": 0.66}},
+             "served_per_bundle": {"attention_unet": served("attention_unet", 0.8)},
+             "served": served("attention_unet", 0.8)}
+    (report.parent / "cv.json").write_text(json.dumps(alone))
+    with pytest.raises(SystemExit, match="no cross-fitted `served` figures for unetpp, attention_unet"):
+        module.ship_cv(runs, report, bundles)
+    module.ship_cv(runs, report, bundles, names=("attention_unet",))
+    assert {path: md5(path) for path in (bundles / "unetpp").rglob("*") if path.is_file()} == kept
+    shipped = json.loads((bundles / "attention_unet" / "docs" / "training" / "shipped.json").read_text())
+    assert shipped["command"] == "metaseg cv --bundle attention_unet"
+    metrics = json.loads((bundles / "attention_unet" / "configs" / "metadata.json").read_text())["eval_metrics"]
+    assert metrics["cv_served_crossfitted_dice_3d_per_patient"] == 0.8
+    assert metrics["cv_oof_argmax_dice_3d_per_patient"] == 0.66
+    record = json.loads((bundles / "best.json").read_text())
+    assert record["bundle"] == "attention_unet" and record["cv_served_dice_3d"] == {"attention_unet": 0.8}

@@ -1,6 +1,7 @@
 """The shipped fold ensembles and choices: each bundle's fold models are the ones the cross-validation report scored
 (checked on real held-out patients), its inference steps, figures and best.json are the report's, and its weights stay
-within the size limits."""
+within the size limits. Each bundle's report is the one its docs/training/shipped.json names (a bundle shipped alone
+keeps its own), best.json's the one it names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,6 @@ from metaseg.inference.engine import Engine
 from metaseg.imageio.reader import decode
 from metaseg.evaluation.metrics import dice_3d
 
-CV = REPO / "reports" / "cv.json"
 MAX_FILE, MAX_BUNDLE = 10 * 2**20, 50 * 2**20
 
 
@@ -32,8 +33,14 @@ def ship_weights():
     return module
 
 
-def report() -> dict:
-    return json.loads(CV.read_text())
+def report(name: str | None = None) -> dict:
+    """The cross-validation report of bundle `name`'s shipped folds (its docs/training/shipped.json names it, from the
+    repository root), or without a name the one bundles/best.json names (from bundles/)."""
+    if name is None:
+        file = REPO / "bundles" / json.loads((REPO / "bundles" / "best.json").read_text())["report"]
+    else:
+        file = REPO / json.loads((REPO / "bundles" / name / "docs" / "training" / "shipped.json").read_text())["report"]
+    return json.loads(Path(file).with_suffix(".json").read_text())
 
 
 def test_best_record_names_the_served_bundle_of_the_report_with_its_ensemble():
@@ -45,7 +52,7 @@ def test_best_record_names_the_served_bundle_of_the_report_with_its_ensemble():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_bundle_ships_the_folds_and_steps_of_the_report(name):
-    cv, ship = report(), ship_weights()
+    cv, ship = report(name), ship_weights()
     bundle = REPO / "bundles" / name
     shipped = ship.shipped_folds(bundle)
     assert shipped == [ship.fold_weights(bundle, k) for k in range(cv["folds"])]
@@ -64,7 +71,7 @@ def test_each_bundle_ships_the_folds_and_steps_of_the_report(name):
 def test_metadata_figures_are_the_reports(name):
     """metadata.json eval_metrics are written by scripts/ship_weights.py from reports/cv.json: the cross-fitted
     estimate of what the bundle serves, and its fold models' argmax figure."""
-    cv, ship = report(), ship_weights()
+    cv, ship = report(name), ship_weights()
     metrics = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())["eval_metrics"]
     assert metrics == {key: round(ship.figure(cv, name, entry, field), 4)
                        for key, (entry, field) in ship.EVAL_METRICS.items()}
@@ -75,13 +82,14 @@ def test_metadata_figures_are_the_reports(name):
     assert chosen_on_all["lesion_sensitivity_3d"] >= cv["models"][name]["lesion_sensitivity_3d"]
 
 
-@pytest.mark.parametrize("k", range(report()["folds"]))
+@pytest.mark.parametrize("k", range(3))
 @pytest.mark.parametrize("name", NAMES)
 def test_a_shipped_fold_scores_its_held_out_patient_as_the_report_says(name, k, lgg, tmp_path):
     """The real-data tier: each fold's shipped model on the smallest patient it never trained on (from the shipped
     splits) gives the report's out-of-fold argmax Dice for that patient: the shipped files are the ones the report
     scored. The report's probabilities were stored as uint8, hence the tolerance."""
-    cv, ship = report(), ship_weights()
+    cv, ship = report(name), ship_weights()
+    assert cv["folds"] == 3
     bundle = REPO / "bundles" / name
     splits = json.loads((bundle / "docs" / "training" / "splits_final.json").read_text())
     found = discover(lgg)
