@@ -44,8 +44,12 @@ class Settings(BaseSettings):
     min_body_rate: int = Field(
         16 * 1024, ge=1, description="bytes per second a body must keep up after its first 2 s (else 408)"
     )
-    decode_timeout_s: float = Field(30, gt=0, description="most seconds to decode an upload (else 413)")
-    inference_timeout_s: float = Field(120, gt=0, description="most seconds of inference per request (else 413)")
+    decode_timeout_s: float = Field(
+        30, gt=0, description="most seconds to decode an upload (else 413: the file costs too much to decode)"
+    )
+    inference_timeout_s: float = Field(
+        120, gt=0, description="most seconds of inference per request (else 503 + Retry-After: the server's load)"
+    )
     # the whole server
     pool_size: int = Field(2, ge=1, description="inference threads")
     torch_threads: int | None = Field(

@@ -294,12 +294,26 @@ def test_queued_request_gives_up_after_the_queue_deadline(weights):
     assert late.status_code == 503 and "within 0.5 s" in late.json()["detail"] and 0.4 < waited < 10
 
 
-def test_inference_time_limit_is_a_413(weights):
+SEGMENT_ROUTES = ("/segment", "/segment/mask", "/segment/overlay", "/segment/seg", "/segment/nifti",
+                  "/segment/probabilities")
+
+
+def test_inference_past_its_deadline_is_a_documented_503_with_retry_after(weights):
+    """Inference time is the server's load, not the upload's fault: 503 + Retry-After, as a full queue."""
+    series = ("a.dcm", dcm(mr(np.stack([SLICE] * 40))))
     with serving(settings_for(weights, inference_timeout_s=0.01), _Sleepy()) as c:
-        many = post(c, "/segment", ("a.dcm", dcm(mr(np.stack([SLICE] * 40)))))
+        late = {path: post(c, path, series) for path in ("/segment", "/segment/nifti", "/segment/probabilities")}
         one = post(c, "/segment", ("a.png", PNG))  # a single step is never cut short
-    assert many.status_code == 413 and "more than the limit of 0.01 s" in many.json()["detail"]
+        document = c.get("/openapi.json").json()
+    for path, answer in late.items():
+        assert answer.status_code == 503, (path, answer.text)
+        assert "more than the limit of 0.01 s" in answer.json()["detail"]
+        assert int(answer.headers["retry-after"]) > 0
     assert one.status_code == 200
+    for path in SEGMENT_ROUTES:
+        busy = document["paths"][path]["post"]["responses"]["503"]
+        assert "Retry-After" in busy["headers"] and "inference" in busy["description"], path
+        assert "inference" not in document["paths"][path]["post"]["responses"]["413"]["description"], path
 
 
 class _Sleepy(EchoEngine):
