@@ -26,6 +26,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from metaseg.cli import main
+from serve import allocator
 from test_imageio import tiff_declaring
 from test_serve import (  # noqa: F401  (weights: a module fixture)
     MiB,
@@ -360,12 +361,15 @@ def test_without_a_token_everything_is_open_and_docs_can_be_turned_off(weights):
                                                         ("0.0.0.0", "t", False), ("127.0.0.1", None, False),
                                                         ("::1", None, False), ("localhost", None, False)])
 def test_serve_warns_on_a_public_address_without_a_token(weights, monkeypatch, capsys, host, token, warned):
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    started = []  # malloc is tuned (here: recorded, so this process keeps its own), then uvicorn builds the app
+    monkeypatch.setattr(allocator, "tune_server_process", lambda: started.append("malloc tuned"))
+    monkeypatch.setattr(uvicorn, "run", lambda app, factory=False, **kwargs: started.append((app, factory)))
     for key in ("METASEG_BUNDLE", "METASEG_WEIGHTS", "METASEG_BEST_RECORD"):
         monkeypatch.setenv(key, "")  # `metaseg serve` exports its choices; empty counts as unset, restored after
     monkeypatch.setenv("METASEG_API_TOKEN", token or "")
     assert main(["serve", "--bundle", "attention_unet", "--weights", str(weights), "--host", host]) == 0
     err = capsys.readouterr().err
+    assert started == ["malloc tuned", ("serve.main:create_app", True)]
     assert ("without METASEG_API_TOKEN" in err) == warned
     if warned:
         assert host in err and "127.0.0.1" in err and err.count("\n") == 1
