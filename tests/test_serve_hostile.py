@@ -26,7 +26,9 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from metaseg.cli import main
+from metaseg.errors import UserError
 from serve import allocator
+from serve.errors import status_for
 from test_imageio import tiff_declaring
 from test_serve import (  # noqa: F401  (weights: a module fixture)
     MiB,
@@ -44,6 +46,7 @@ from test_serve import (  # noqa: F401  (weights: a module fixture)
     uvicorn_server,
     weights,
 )
+from ui.upload import Upload, server_limits
 
 UPLOAD_LIMIT = 4 * MiB  # the inflate cap is 4 x this
 HOSTILE = {"max_upload_bytes": UPLOAD_LIMIT, "max_decoded_bytes": 48 * MiB, "max_dicom_elements": 50_000}
@@ -194,6 +197,28 @@ def test_bomb_is_refused_before_decoding_with_a_small_memory_peak(hostile, make,
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
     assert rise < 256 * MiB  # the whole request in this process (upload, parsing, refusal): a quarter of the goal
+
+
+def test_the_viewer_decodes_under_exactly_the_servers_limits(weights, hostile):
+    assert server_limits(hostile.get("/info").json()) == settings_for(weights, **HOSTILE).limits()
+
+
+@pytest.mark.parametrize(("make", "status", "words"), [b[1:] for b in BOMBS], ids=[b[0] for b in BOMBS])
+def test_the_viewer_refuses_each_bomb_as_the_server_does(hostile, make, status, words):
+    """The viewer decodes an upload before it sends it: the same refusal (the class behind the server's status),
+    with the same small memory peak."""
+    upload, limits = Upload.of(make()), server_limits(hostile.get("/info").json())
+
+    def refusal() -> UserError | None:
+        try:
+            upload.volume(limits)
+        except UserError as error:
+            return error
+        return None
+
+    refused, rise = peak_rss_rise(refusal)
+    assert refused is not None and status_for(refused) == status and words in str(refused)
+    assert rise < 256 * MiB
 
 
 def multipart(parts: list[tuple[bytes, bytes]]) -> bytes:
