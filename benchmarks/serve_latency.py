@@ -52,7 +52,7 @@ from metaseg.files import write_json_atomic  # noqa: E402
 from metaseg.imageio.reader import decode  # noqa: E402
 from metaseg.inference.steps import upload_masks  # noqa: E402
 from serve import findings  # noqa: E402
-from serve.allocator import tune_malloc  # noqa: E402
+from serve.allocator import tune_server_process  # noqa: E402
 from serve.pool import on_model_thread, set_torch_threads  # noqa: E402
 
 CONCURRENCY = 8
@@ -203,10 +203,10 @@ def server_model(folder: Path) -> tuple[str, dict[str, str]]:
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """uvicorn serve.main:app on a free loopback port with exactly `env`; returns the process and its URL."""
+    """uvicorn serve.main:create_app on a free loopback port with exactly `env`; returns the process and its URL."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", HOST, "--port", str(port),
-               "--log-level", "warning"]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "serve.main:create_app", "--host", HOST, "--port",
+               str(port), "--log-level", "warning"]
     server = subprocess.Popen(command, cwd=REPO, env=env)
     url = f"http://{HOST}:{port}"
     try:
@@ -297,7 +297,7 @@ def main() -> None:
     args = parser.parse_args()
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows in the latencies
-    malloc = tune_malloc()  # as serve.main does: the floor gets every setting the server gets
+    malloc = tune_server_process()  # as `metaseg serve` does: the floor, and the server through its environment
     torch_threads = set_torch_threads(None)  # torch's default, as the server's unset METASEG_TORCH_THREADS
     with tempfile.TemporaryDirectory() as tmp:
         model, chosen_env = server_model(Path(tmp))

@@ -41,6 +41,7 @@ from serve_latency import REPO, mr_file, payloads, peak_rss_mib, server_model, s
 
 sys.path.insert(0, str(REPO))
 from metaseg.files import write_json_atomic  # noqa: E402
+from serve.allocator import tune_server_process  # noqa: E402
 
 MiB = 2**20
 CLIENTS = (1, 8, 50)
@@ -202,6 +203,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start}
     command = " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]])
     results = json.loads(args.out.read_text()) if args.hostile_only else {}
+    tune_server_process()  # as `metaseg serve` does: the server gets the malloc settings through its environment
     with tempfile.TemporaryDirectory() as tmp:
         model, chosen_env = server_model(Path(tmp))
         env = {key: value for key, value in os.environ.items() if not key.startswith("METASEG_")} | chosen_env

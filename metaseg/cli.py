@@ -162,6 +162,7 @@ def cmd_serve(args) -> None:
     import uvicorn
     from pydantic import ValidationError
 
+    from serve.allocator import tune_server_process
     from serve.config import Settings
     from serve.model import resolve
 
@@ -178,10 +179,12 @@ def cmd_serve(args) -> None:
               "address can use the model and send it images. Set METASEG_API_TOKEN (the viewer sends it too), or "
               "bind to 127.0.0.1.", file=sys.stderr, flush=True)
     print(f"serving {model.bundle.name} ({model.weights}) on http://{args.host}:{args.port}/docs", flush=True)
+    tune_server_process()  # before the model and the first request allocate; workers inherit it (serve/allocator.py)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's, plus the request log of serve/metaseg
     for name in ("serve", "metaseg"):
         log_config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    uvicorn.run("serve.main:app", host=args.host, port=args.port, workers=args.workers, log_config=log_config)
+    uvicorn.run("serve.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_config=log_config)
 
 
 def _is_loopback(host: str) -> bool:

@@ -10,6 +10,9 @@ is kept after it, not returned to the system.
 
 A variable already set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) was
 applied by glibc at start and is left as it is. Elsewhere than glibc (macOS, musl) this does nothing.
+
+These are process-wide, so only the command that starts the server applies them (`metaseg serve`, through
+`tune_server_process`), never an import: a test or a notebook that imports serve.main keeps its own allocator.
 """
 
 from __future__ import annotations
@@ -46,3 +49,16 @@ def tune_malloc() -> dict[str, int]:
         if variable not in os.environ and mallopt(param, value) == 1:
             applied[variable] = value
     return applied
+
+
+def tune_server_process() -> dict[str, int]:
+    """tune_malloc for this process, and the same settings in its environment, which glibc applies at the start of
+    the processes it starts (uvicorn's workers); returns what was set."""
+    applied = tune_malloc()
+    os.environ.update({variable: str(value) for variable, value in applied.items()})
+    return applied
+
+
+def in_effect() -> dict[str, str]:
+    """The malloc variables of the environment: those glibc applied at start, or tune_server_process set."""
+    return {variable: os.environ[variable] for _, variable in SETTINGS.values() if variable in os.environ}

@@ -9,7 +9,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metaseg.conventions import BEST_FILE
-from metaseg.imageio.limits import Limits
+from metaseg.imageio.limits import Limits, request_limits
+from serve.schemas import UploadLimits
 
 _MiB = 2**20
 
@@ -44,8 +45,12 @@ class Settings(BaseSettings):
     min_body_rate: int = Field(
         16 * 1024, ge=1, description="bytes per second a body must keep up after its first 2 s (else 408)"
     )
-    decode_timeout_s: float = Field(30, gt=0, description="most seconds to decode an upload (else 413)")
-    inference_timeout_s: float = Field(120, gt=0, description="most seconds of inference per request (else 413)")
+    decode_timeout_s: float = Field(
+        30, gt=0, description="most seconds to decode an upload (else 413: the file costs too much to decode)"
+    )
+    inference_timeout_s: float = Field(
+        120, gt=0, description="most seconds of inference per request (else 503 + Retry-After: the server's load)"
+    )
     # the whole server
     pool_size: int = Field(2, ge=1, description="inference threads")
     torch_threads: int | None = Field(
@@ -57,18 +62,13 @@ class Settings(BaseSettings):
         512 * _MiB, ge=1, description="request bodies held in memory at once, all requests together (beyond: 503)"
     )
 
+    def upload_limits(self) -> UploadLimits:
+        """What one upload may cost, as GET /info shows it: all the viewer needs to decode as the server does."""
+        return UploadLimits(**self.model_dump(include=set(UploadLimits.model_fields)))
+
     def limits(self) -> Limits:
-        """The decoder's limits; a single file may use the whole request budget."""
-        return Limits(
-            max_bytes=self.max_upload_bytes,
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
-            max_files=self.max_frames,
-            max_decoded_bytes=self.max_decoded_bytes,
-            max_inflated_bytes=self.inflate_factor * self.max_upload_bytes,
-            max_dicom_elements=self.max_dicom_elements,
-            max_seconds=self.decode_timeout_s,
-        )
+        """The decoder's limits, through the one function the viewer uses too."""
+        return request_limits(**self.upload_limits().model_dump())
 
 
 @lru_cache

@@ -2,15 +2,16 @@
 
 The status follows from the exception's class (metaseg.errors), never from its message:
     413  TooLarge: bytes, parts, pixels per frame, frames, files, decoded memory, decompressed size, DICOM
-         elements, decode or inference time
+         elements, decode time (a file that costs too much to decode is the client's to fix)
     415  Unsupported: not an image format or encoding the server decodes
     422  Mismatch: sequences of other geometry, several DICOM series that are not a study's three sequences
     400  any other UserError: empty, truncated, corrupt, inconsistent slices of a series
 The server's own checks add 401 (bearer token missing or wrong), 408 (body slower than the minimum rate or
 longer than the total time), 415 (not multipart, or a DICOM SEG asked for a non-DICOM upload), 422 (no `file` or
 `flair` field, or `file` beside the sequence fields, threshold or slice out of range, a DICOM source a SEG cannot
-reference) and 503 + Retry-After (Busy: queue full, no thread free in time, too many bodies in memory). Validation errors are one string too, so
-that every error answer matches the one documented schema, ErrorDetail.
+reference) and 503 + Retry-After (Busy: queue full, no thread free in time, too many bodies in memory, inference
+past its deadline: the server's load, not the request's fault). Validation errors are one string too, so that every
+error answer matches the one documented schema, ErrorDetail.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _json(text: str) -> dict:
     return {"description": text, "content": {"application/json": {"schema": ErrorDetail.model_json_schema()}}}
 
 
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
 # For `responses=` of the routes, so that /docs lists the error answers. The schema is inline: a `model` would be
 # documented under the route's own media type (image/png for the mask).
 ERROR_RESPONSES = {
@@ -41,12 +45,14 @@ ERROR_RESPONSES = {
     for status, text in (
         (400, "corrupt, truncated or inconsistent upload"),
         (408, "the upload arrived slower than the minimum rate, or took longer than the total time"),
-        (413, "upload, parts, image, frames, decoded memory or processing time over the server's limits"),
+        (413, "upload, parts, image, frames, decoded memory or decoding time over the server's limits"),
         (415, "not multipart/form-data, or an image format/encoding the server does not decode"),
         (422, "no `file` or `flair` field, sequences that do not match, a query parameter out of range, or a DICOM "
               "SEG the source cannot support"),
-        (503, "the server is busy (queue full or no thread free in time); retry after Retry-After seconds"),
     )
+} | {
+    503: _json("the server is busy (queue full, no thread free in time, too many bodies in memory, or inference past "
+               "its deadline); retry after Retry-After seconds") | {"headers": RETRY_AFTER}
 }
 UNAUTHORIZED = {401: _json("missing or wrong bearer token (only when the server has METASEG_API_TOKEN)")}
 

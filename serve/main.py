@@ -1,6 +1,9 @@
 """The FastAPI app: loads the configured bundle once at startup and serves /health, /info and /segment.
 
-    uvicorn serve.main:app          # settings from METASEG_* variables; or `metaseg serve --bundle ...`
+    uvicorn --factory serve.main:create_app     # settings from METASEG_* variables; or `metaseg serve --bundle ...`
+
+Importing this module changes nothing in the process and builds no app: `create_app` does, and `metaseg serve`
+(metaseg.cli) tunes malloc (serve/allocator.py) before uvicorn starts.
 
 With METASEG_API_TOKEN set, every route but /health needs `Authorization: Bearer <token>`, the API documents
 (/openapi.json, /docs, /redoc) included, which a browser therefore cannot open: turn them off with
@@ -18,8 +21,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 
 import metaseg
-from serve import model
-from serve.allocator import tune_malloc
+from serve import allocator, model
 from serve.config import Settings, get_settings
 from serve.deps import token_guard
 from serve.errors import UNAUTHORIZED, add_handlers
@@ -32,8 +34,6 @@ log = logging.getLogger(__name__)
 # Their INFO/WARNING messages quote UIDs and attribute values (a patient's name, for instance); keep them out of
 # the server's log.
 _TAG_QUOTING_LOGGERS = ("pydicom", "highdicom")
-
-MALLOC = tune_malloc()  # before the model and the first request allocate (serve/allocator.py)
 
 
 @asynccontextmanager
@@ -52,7 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     log.info(
         "serving %s (%d model(s), %d torch thread(s)) with %d inference thread(s), queue of %d, %s, malloc %s",
         app.state.engine.name, len(app.state.engine.models), app.state.torch_threads, settings.pool_size,
-        settings.queue_limit, "bearer token required" if settings.api_token else "no token", MALLOC or "as it was",
+        settings.queue_limit, "bearer token required" if settings.api_token else "no token",
+        allocator.in_effect() or "as it was",
     )
     try:
         yield
@@ -107,5 +108,3 @@ def _add_guarded_docs(app: FastAPI, guard: list) -> None:
     def redoc():
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
-
-app = create_app()

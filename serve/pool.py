@@ -53,8 +53,8 @@ def set_torch_threads(count: int | None) -> int:
 
 
 class Busy(Exception):
-    """The server cannot take the request now (queue full, waited too long, too many bodies in memory);
-    the message says which, and the client should retry later."""
+    """The server cannot take the request now (queue full, waited too long, too many bodies in memory) or finish it
+    in time (inference past its deadline); the message says which, and the client should retry later."""
 
 
 class InferencePool:

@@ -20,12 +20,18 @@ class Health(BaseModel):
 
 
 class UploadLimits(BaseModel):
+    """The server's decoding limits, all of them: metaseg.imageio.limits.request_limits(**these) is what it decodes
+    under, and what the viewer decodes under before it sends an upload."""
+
     max_upload_bytes: int
     max_pixels: int = Field(description="per frame (rows x columns)")
     max_frames: int = Field(description="per upload, all files together")
     max_decoded_bytes: int = Field(
         description="memory budget per upload: frames x rows x columns x (samples x bytes per sample + 8)"
     )
+    inflate_factor: int = Field(description="a .nii.gz or deflated DICOM may inflate to this x max_upload_bytes")
+    max_dicom_elements: int = Field(description="DICOM data elements per upload, all files together")
+    decode_timeout_s: float = Field(description="most seconds to decode an upload")
 
 
 class InputSpec(BaseModel):

@@ -76,8 +76,8 @@ def viewer(tmp_path: Path, weights: Path, server_args: dict[str, str]):
     env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights), **server_args,
            "PYTHONUNBUFFERED": "1"}
     with (
-        running([sys.executable, "-m", "uvicorn", "serve.main:app", "--host", "127.0.0.1", "--port",
-                 str(server_port), "--log-level", "info"], env, f"{server}/health", tmp_path / "server.log"),
+        running([sys.executable, "-m", "uvicorn", "--factory", "serve.main:create_app", "--host", "127.0.0.1",
+                 "--port", str(server_port), "--log-level", "info"], env, f"{server}/health", tmp_path / "server.log"),
         running([sys.executable, "-m", "metaseg.cli", "ui", "--server", server, "--port", str(ui_port)],
                 dict(os.environ), f"http://127.0.0.1:{ui_port}/_stcore/health", tmp_path / "viewer.log"),
     ):

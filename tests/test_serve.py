@@ -828,6 +828,34 @@ def test_logs_hold_no_patient_data(echo, caplog):
     assert pydicom.dcmread(io.BytesIO(doe)).SOPInstanceUID not in caplog.text  # highdicom logs UIDs at INFO
 
 
+# --- importing and starting the server ------------------------------------------------------------------------
+
+# Run in a fresh interpreter. MONAI sets CUBLAS_WORKSPACE_CONFIG and LD_LIBRARY_PATH on its own import, so it is
+# imported before the snapshot: what is measured is what metaseg's server modules do.
+IMPORT_SERVE_MAIN = """
+import json, os
+import monai
+import serve.allocator as allocator
+from fastapi import FastAPI
+calls = []
+allocator.tune_malloc = allocator.tune_server_process = lambda: calls.append("malloc") or {}
+before = dict(os.environ)
+import serve.config, serve.main
+changed = sorted(key for key in before.keys() | os.environ.keys() if before.get(key) != os.environ.get(key))
+apps = [name for name, value in vars(serve.main).items() if isinstance(value, FastAPI)]
+print(json.dumps({"changed": changed, "malloc": calls, "apps": apps,
+                  "settings_read": serve.config.get_settings.cache_info().currsize}))
+"""
+
+
+def test_importing_the_server_changes_nothing_in_the_process():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", IMPORT_SERVE_MAIN], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"changed": [], "malloc": [], "apps": [], "settings_read": 0}
+
+
 # --- a real server ---------------------------------------------------------------------------------------------
 
 
@@ -839,13 +867,14 @@ def free_port() -> int:
 
 @contextmanager
 def uvicorn_server(weights: Path, **settings: str):
-    """A real `uvicorn serve.main:app` on a free loopback port, with METASEG_* `settings`; yields its URL."""
+    """A real `uvicorn --factory serve.main:create_app` on a free loopback port, with METASEG_* `settings`; yields
+    its URL."""
     port = free_port()
     env = {**os.environ, "METASEG_BUNDLE": "attention_unet", "METASEG_WEIGHTS": str(weights),
            "METASEG_SPATIAL_SIZE": "32", **{f"METASEG_{key.upper()}": value for key, value in settings.items()}}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "serve.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
+        [sys.executable, "-m", "uvicorn", "--factory", "serve.main:create_app", "--host", "127.0.0.1", "--port",
+         str(port), "--log-level", "warning"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

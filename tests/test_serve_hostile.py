@@ -26,6 +26,9 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from metaseg.cli import main
+from metaseg.errors import UserError
+from serve import allocator
+from serve.errors import status_for
 from test_imageio import tiff_declaring
 from test_serve import (  # noqa: F401  (weights: a module fixture)
     MiB,
@@ -43,6 +46,7 @@ from test_serve import (  # noqa: F401  (weights: a module fixture)
     uvicorn_server,
     weights,
 )
+from ui.upload import Upload, server_limits
 
 UPLOAD_LIMIT = 4 * MiB  # the inflate cap is 4 x this
 HOSTILE = {"max_upload_bytes": UPLOAD_LIMIT, "max_decoded_bytes": 48 * MiB, "max_dicom_elements": 50_000}
@@ -195,6 +199,28 @@ def test_bomb_is_refused_before_decoding_with_a_small_memory_peak(hostile, make,
     assert rise < 256 * MiB  # the whole request in this process (upload, parsing, refusal): a quarter of the goal
 
 
+def test_the_viewer_decodes_under_exactly_the_servers_limits(weights, hostile):
+    assert server_limits(hostile.get("/info").json()) == settings_for(weights, **HOSTILE).limits()
+
+
+@pytest.mark.parametrize(("make", "status", "words"), [b[1:] for b in BOMBS], ids=[b[0] for b in BOMBS])
+def test_the_viewer_refuses_each_bomb_as_the_server_does(hostile, make, status, words):
+    """The viewer decodes an upload before it sends it: the same refusal (the class behind the server's status),
+    with the same small memory peak."""
+    upload, limits = Upload.of(make()), server_limits(hostile.get("/info").json())
+
+    def refusal() -> UserError | None:
+        try:
+            upload.volume(limits)
+        except UserError as error:
+            return error
+        return None
+
+    refused, rise = peak_rss_rise(refusal)
+    assert refused is not None and status_for(refused) == status and words in str(refused)
+    assert rise < 256 * MiB
+
+
 def multipart(parts: list[tuple[bytes, bytes]]) -> bytes:
     """A multipart body of (headers, data) parts with the boundary 'xyz'."""
     return b"".join(b"--xyz\r\n" + headers + b"\r\n\r\n" + data + b"\r\n" for headers, data in parts) + b"--xyz--\r\n"
@@ -294,12 +320,26 @@ def test_queued_request_gives_up_after_the_queue_deadline(weights):
     assert late.status_code == 503 and "within 0.5 s" in late.json()["detail"] and 0.4 < waited < 10
 
 
-def test_inference_time_limit_is_a_413(weights):
+SEGMENT_ROUTES = ("/segment", "/segment/mask", "/segment/overlay", "/segment/seg", "/segment/nifti",
+                  "/segment/probabilities")
+
+
+def test_inference_past_its_deadline_is_a_documented_503_with_retry_after(weights):
+    """Inference time is the server's load, not the upload's fault: 503 + Retry-After, as a full queue."""
+    series = ("a.dcm", dcm(mr(np.stack([SLICE] * 40))))
     with serving(settings_for(weights, inference_timeout_s=0.01), _Sleepy()) as c:
-        many = post(c, "/segment", ("a.dcm", dcm(mr(np.stack([SLICE] * 40)))))
+        late = {path: post(c, path, series) for path in ("/segment", "/segment/nifti", "/segment/probabilities")}
         one = post(c, "/segment", ("a.png", PNG))  # a single step is never cut short
-    assert many.status_code == 413 and "more than the limit of 0.01 s" in many.json()["detail"]
+        document = c.get("/openapi.json").json()
+    for path, answer in late.items():
+        assert answer.status_code == 503, (path, answer.text)
+        assert "more than the limit of 0.01 s" in answer.json()["detail"]
+        assert int(answer.headers["retry-after"]) > 0
     assert one.status_code == 200
+    for path in SEGMENT_ROUTES:
+        busy = document["paths"][path]["post"]["responses"]["503"]
+        assert "Retry-After" in busy["headers"] and "inference" in busy["description"], path
+        assert "inference" not in document["paths"][path]["post"]["responses"]["413"]["description"], path
 
 
 class _Sleepy(EchoEngine):
@@ -346,12 +386,15 @@ def test_without_a_token_everything_is_open_and_docs_can_be_turned_off(weights):
                                                         ("0.0.0.0", "t", False), ("127.0.0.1", None, False),
                                                         ("::1", None, False), ("localhost", None, False)])
 def test_serve_warns_on_a_public_address_without_a_token(weights, monkeypatch, capsys, host, token, warned):
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    started = []  # malloc is tuned (here: recorded, so this process keeps its own), then uvicorn builds the app
+    monkeypatch.setattr(allocator, "tune_server_process", lambda: started.append("malloc tuned"))
+    monkeypatch.setattr(uvicorn, "run", lambda app, factory=False, **kwargs: started.append((app, factory)))
     for key in ("METASEG_BUNDLE", "METASEG_WEIGHTS", "METASEG_BEST_RECORD"):
         monkeypatch.setenv(key, "")  # `metaseg serve` exports its choices; empty counts as unset, restored after
     monkeypatch.setenv("METASEG_API_TOKEN", token or "")
     assert main(["serve", "--bundle", "attention_unet", "--weights", str(weights), "--host", host]) == 0
     err = capsys.readouterr().err
+    assert started == ["malloc tuned", ("serve.main:create_app", True)]
     assert ("without METASEG_API_TOKEN" in err) == warned
     if warned:
         assert host in err and "127.0.0.1" in err and err.count("\n") == 1

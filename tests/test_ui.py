@@ -44,7 +44,7 @@ from serve.errors import add_handlers
 from serve.uploads import Form
 from ui import display, findings
 from ui.client import Client, ServerError, Unreachable
-from ui.upload import Upload, file_stem
+from ui.upload import Upload, file_stem, server_limits
 
 APP = str(REPO / "ui" / "app.py")
 MiB = 2**20
@@ -138,7 +138,8 @@ class Fake:
 
     def info(self) -> dict:
         limits = {"max_upload_bytes": self.max_upload_bytes, "max_pixels": 2048 * 2048, "max_frames": 512,
-                  "max_decoded_bytes": 256 * MiB}
+                  "max_decoded_bytes": 256 * MiB, "inflate_factor": 4, "max_dicom_elements": 200_000,
+                  "decode_timeout_s": 30}
         return {
             "model": "echo", "title": "Echo", "architecture": "Echo", "version": "0.0.0", "description": "",
             "intended_use": "Tests only.", "test_metrics": None, "inference_steps": self.steps,
@@ -154,7 +155,7 @@ class Fake:
         form = await request.form()
         upload = {name: [(part.filename, await part.read()) for part in form.getlist(name)] for name in form}
         self.fields.append({name: len(files) for name, files in upload.items()})
-        return Form(upload).volume(Limits())
+        return Form(upload).volume(server_limits(self.info()))
 
 
 def fake_app(fake: Fake) -> FastAPI:
@@ -613,6 +614,14 @@ def test_client_says_how_to_start_an_absent_server():
 
     with pytest.raises(Unreachable, match="metaseg serve"):
         Client("http://server.test", transport=httpx.MockTransport(refuse)).health()
+
+
+def test_limits_from_a_server_that_does_not_state_them_all_are_a_readable_error():
+    stated = Fake().info()
+    assert server_limits(stated).max_inflated_bytes == 4 * Fake.max_upload_bytes
+    del stated["input"]["limits"]["inflate_factor"]  # a server before the viewer's version
+    with pytest.raises(ServerError, match="decoding limits"):
+        server_limits(stated)
 
 
 def test_the_assigned_sequences_decode_by_the_library_and_need_the_flair():

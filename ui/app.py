@@ -30,7 +30,7 @@ from ui import display, findings
 from ui.client import DEFAULT_SERVER, Client, ServerError
 from ui.findings import Findings
 from ui.sample import sample
-from ui.upload import Upload, file_stem
+from ui.upload import Upload, file_stem, server_limits
 
 DIAMETER = "Longest axial diameter: across the lesion on its widest slice, edge to edge"
 _KEEP = {"ttl": 3600, "show_spinner": False}  # with max_entries below: bounded, these describe patients' scans
@@ -90,13 +90,6 @@ def probabilities(url: str, digest: str, model: str, _upload: Upload) -> tuple[n
 def findings_at(digest: str, model: str, threshold: float, steps: str, _probability: np.ndarray,
                 _volume: Volume) -> Findings:
     return findings.find(_probability, _volume, json.loads(steps), threshold)
-
-
-def limits(info: dict) -> Limits:
-    """The server's decoding limits (GET /info), so that what the server would refuse is refused here unsent."""
-    spec = info["input"]["limits"]
-    return Limits(max_bytes=spec["max_upload_bytes"], max_pixels=spec["max_pixels"], max_frames=spec["max_frames"],
-                  max_files=spec["max_frames"], max_decoded_bytes=spec["max_decoded_bytes"])
 
 
 def check_size(upload: Upload, info: dict) -> None:
@@ -212,7 +205,7 @@ def result(url: str, upload: Upload) -> None:
     model = f"{info['model']} {info['version']}"
     try:
         check_size(upload, info)
-        shown = decoded(upload.digest, upload, limits(info))
+        shown = decoded(upload.digest, upload, server_limits(info))
         with st.spinner("Segmenting…"):
             probability, seconds = probabilities(url, upload.digest, model, upload)
     except (ServerError, UserError) as err:

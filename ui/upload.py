@@ -4,7 +4,8 @@ cached answer, and the Volume they decode to by the server's own rules.
 An upload is either the files of one image or series under `file`, or the sequences the user assigned, under
 `pre_contrast`, `flair` and `post_contrast` (metaseg.imageio.sequences.FIELDS). Both are decoded here exactly as the
 server decodes them (metaseg.imageio.sequences: `decode` for `file`, which also takes a DICOM study's three sequence
-series, and `stack` for the fields), so an upload the server would refuse is refused here, with its message, before it is sent.
+series, and `stack` for the fields), under the server's own limits (`server_limits`), so an upload the server would
+refuse is refused here, with its message, before it is sent.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from metaseg.imageio import sequences
-from metaseg.imageio.limits import Limits
+from metaseg.imageio.limits import Limits, request_limits
 from metaseg.imageio.volume import Volume
 from metaseg.imageio.sequences import FIELDS
-from ui.client import Files, Parts
+from ui.client import Files, Parts, ServerError
 
 FLAIR_FIELD = next(name for name, sequence in FIELDS.items() if sequence == sequences.FLAIR)
 
@@ -65,6 +66,16 @@ class Upload:
         what the server would refuse: a Mismatch for sequences that are not the same slices, several DICOM series that
         are not a study's three sequences, or assigned sequences without FLAIR."""
         return sequences.volume_of(dict(self.parts), limits)
+
+
+def server_limits(info: Mapping) -> Limits:
+    """The server's decoding limits from its GET /info, through the function the server builds its own with: the
+    viewer decodes untrusted files with the same inflate, DICOM-element and time budgets as the server."""
+    try:
+        return request_limits(**info["input"]["limits"])
+    except (KeyError, TypeError):
+        raise ServerError("The server's /info does not state its decoding limits as this viewer reads them; is it a "
+                          "metaseg server of the viewer's version?") from None
 
 
 def file_stem(upload: Upload, volume: Volume) -> str:

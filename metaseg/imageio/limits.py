@@ -27,6 +27,25 @@ class Limits:
     max_seconds: float | None = None  # decoding time, checked between frames; None: no limit
 
 
+def request_limits(
+    *, max_upload_bytes: int, max_pixels: int, max_frames: int, max_decoded_bytes: int, inflate_factor: int,
+    max_dicom_elements: int, decode_timeout_s: float,
+) -> Limits:
+    """The decoder's limits for one request of the server, from its settings (serve.config.Settings, shown by GET
+    /info): the server decodes under them, and so does the viewer before it sends an upload, so that both refuse an
+    untrusted file the same way, with the same inflate, DICOM-element and time budgets. A single file may use the
+    whole request budget."""
+    return Limits(
+        max_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        max_frames=max_frames,
+        max_files=max_frames,
+        max_decoded_bytes=max_decoded_bytes,
+        max_inflated_bytes=inflate_factor * max_upload_bytes,
+        max_dicom_elements=max_dicom_elements,
+        max_seconds=decode_timeout_s,
+    )
+
 
 _WORKING_BYTES_PER_PIXEL = 2 * 4  # two float32 copies: the frame, and its probability map in the server
 _SEQUENCE_BYTES_PER_PIXEL = 3 * 4  # a 3+ channel image also keeps its three sequences as float32

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request
 
 from serve.deps import EngineDep, RecordedDep, SettingsDep
-from serve.schemas import InferenceSteps, InputSpec, ModelInfo, UploadLimits
+from serve.schemas import InferenceSteps, InputSpec, ModelInfo
 
 router = APIRouter(prefix="/info", tags=["info"])
 
@@ -34,12 +34,7 @@ def info(request: Request, engine: EngineDep, settings: SettingsDep, recorded: R
             spatial_size=engine.spatial_size,
             channel_rule=CHANNEL_RULE,
             formats=FORMATS,
-            limits=UploadLimits(
-                max_upload_bytes=settings.max_upload_bytes,
-                max_pixels=settings.max_pixels,
-                max_frames=settings.max_frames,
-                max_decoded_bytes=settings.max_decoded_bytes,
-            ),
+            limits=settings.upload_limits(),
         ),
         inference_steps=InferenceSteps(**engine.inference_steps),
         one_lesion_per_patient=engine.one_lesion_per_patient,

@@ -4,8 +4,9 @@ NIfTI, or all slices' lesion probabilities (NPZ) for a client that thresholds an
 Each route reads the upload in memory (serve.uploads), then, once a pool thread is free (serve.pool), decodes
 (`_decode`, the one place an upload becomes a Volume) and encodes the answer on it, with the model run in between on
 the model thread (serve.pool.on_model_thread), so the event loop keeps answering /health while the CPU works.
-Decoding and inference each have a time limit, checked between frames and between batches of slices. Nothing is
-written to disk: every answer is built in memory.
+Decoding and inference each have a time limit, checked between frames and between batches of slices: a file too
+costly to decode is refused as the client's (413), inference past its deadline as the server's load (503 +
+Retry-After, as a full queue). Nothing is written to disk: every answer is built in memory.
 
 Masks are the bundle's chosen inference steps (metaseg.inference.steps.upload_masks, as `metaseg predict` makes them),
 with the request's `threshold` in place of the chosen one when given: a volume (metaseg.imageio: a DICOM series or
@@ -24,7 +25,6 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Response
 
 from metaseg.inference.engine import Engine
-from metaseg.errors import TooLarge
 from metaseg.imageio.nifti import to_nifti_bytes
 from metaseg.imageio.picture import to_png_bytes
 from metaseg.imageio.volume import Volume
@@ -34,7 +34,7 @@ from serve.config import Settings
 from serve.deps import EngineDep, PoolDep, SettingsDep, SliceIndex, Threshold, Upload
 from serve.errors import ERROR_RESPONSES
 from serve.overlay import overlay_png
-from serve.pool import on_model_thread
+from serve.pool import Busy, on_model_thread
 from serve.schemas import SegmentationReport
 from serve.uploads import REQUEST_BODY, Form
 
@@ -156,7 +156,8 @@ def _decode(files: Form, settings: Settings) -> Volume:
 
 
 def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[list[np.ndarray], float]:
-    """Probabilities of all frames, and the milliseconds they took; TooLarge once past `limit_s`.
+    """Probabilities of all frames, and the milliseconds they took; Busy (503) once past `limit_s`: the time depends
+    on the server's load as much as on the upload.
 
     A batch of the engine's `batch_size` slices at a time (its measured fastest), on the model thread (serve.pool):
     every fold model's forward takes the whole batch at once, the time limit is checked between batches, and another
@@ -165,7 +166,7 @@ def _infer(engine: Engine, frames: list[np.ndarray], limit_s: float) -> tuple[li
     probabilities = []
     for first in range(0, len(frames), engine.batch_size):
         if time.perf_counter() - start > limit_s:
-            raise TooLarge(f"segmenting the upload takes more than the limit of {limit_s:g} s; send fewer slices")
+            raise Busy(f"segmenting took more than the limit of {limit_s:g} s; fewer slices take less")
         probabilities += on_model_thread(engine.probabilities, frames[first : first + engine.batch_size])
     return probabilities, (time.perf_counter() - start) * 1000
 
