@@ -500,8 +500,9 @@ def test_cv_runs_end_to_end_and_resumes_after_a_kill(phantom, tmp_path):
     stripped = {f"{n} (skull-stripped input)" for n in ("unetpp", "attention_unet")}
     deployed = {f"{n} + its inference steps" for n in ("unetpp", "attention_unet")}
     served = {f"{n} served (cross-fitted steps)" for n in ("unetpp", "attention_unet")}
+    served_stripped = {f"{n} served, skull-stripped input" for n in ("unetpp", "attention_unet")}
     assert set(report["models"]) == {"unetpp", "attention_unet", "selected", *one_channel, *stripped, *deployed,
-                                     *served}
+                                     *served, *served_stripped}
     assert report["skull_stripped"]["bundle"] == report["served"]["bundle"]
     assert report["skull_stripped"]["n_patients"] == 6 and "site_cv" not in report
     assert report["served"]["bundle"] in {"unetpp", "attention_unet"}
@@ -611,6 +612,8 @@ def test_the_report_shows_the_skull_stripped_view_and_the_site_figure(phantom, t
     assert stripped["mean_dice_3d"] == pytest.approx((n - n_b) / n)
     assert stripped["loss"]["mean_difference"] == pytest.approx(n_b / n)
     assert saved["models"]["perfect (skull-stripped input)"]["mean_dice_3d"] == pytest.approx((n - n_b) / n)
+    served_row = saved["models"]["perfect served, skull-stripped input"]
+    assert served_row["dice_3d_per_patient"] == stripped["dice_3d_per_patient"]
     assert "empty (skull-stripped input)" not in saved["models"]  # its files hold no such view
     site = saved["site_cv"]
     assert site["bundle"] == "perfect" and site["complete"] and site["steps"].startswith("served")

@@ -41,6 +41,7 @@ ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR a
 STRIPPED = "{name} (skull-stripped input)"  # the same fold models given the slices brain-extracted, likewise
 DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
 SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
+SERVED_STRIPPED = "{name} served, skull-stripped input"  # the served row's steps on the skull-stripped view
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
 KEYS = ("folds", "seed", "patients", "models", "command")  # what every reader of a cv.json needs
 
@@ -265,8 +266,9 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
             per_patient = [r for k, config in row["config"].items()
                            for r in score_config({p: gt for p, gt in scored.items() if fold_of[p] == int(k)}, view,
                                                  config)]
-            entry["skull_stripped"] = view_figures(model_entry(per_patient, fold_of, row["config"], n_resamples, seed),
-                                                   row, n_resamples, seed)
+            stripped_row = model_entry(per_patient, fold_of, row["config"], n_resamples, seed)
+            result["models"][SERVED_STRIPPED.format(name=name)] = stripped_row
+            entry["skull_stripped"] = view_figures(stripped_row, row, n_resamples, seed)
     if not result["served_skipped"]:  # every bundle has its served entry: the best of them is served
         best = max(result["served_per_bundle"].values(), key=lambda entry: entry["mean_dice_3d"])
         result["served"] = {**best, "chosen_by": SERVED_CHOICE}
