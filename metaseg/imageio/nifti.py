@@ -60,8 +60,9 @@ def decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     zooms = _nifti_zooms_mm(header)
     if np.isnan(orientation).any():  # a degenerate affine leaves the data as stored, and says nothing of geometry
         orientation, affine = _AS_STORED, None
-    x, y, _ = (shape[i] for i in np.argsort(orientation[:, 0]))  # the RAS+ array's shape
-    zooms = tuple(zooms[i] for i in np.argsort(orientation[:, 0]))
+    ras_axes = np.argsort(orientation[:, 0])  # the stored axis along R, A, S
+    x, y, _ = (shape[i] for i in ras_axes)
+    zooms = tuple(zooms[i] for i in ras_axes)
     voxel_index = nib.orientations.inv_ornt_aff(orientation, shape) @ frame_to_nifti(y, x)
     voxels = zero_non_finite(voxels)  # in place (get_fdata made a float32 copy): one copy of the volume fewer
     stack = _regrid(voxels, np.linalg.inv(voxel_index))  # (frames, rows, cols), a view
