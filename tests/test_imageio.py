@@ -605,6 +605,8 @@ def sources() -> list:
     stack = rng.integers(0, 900, (4, 8, 6)).astype(np.uint16)
     permuted = np.array([[0, 0, 2.0, 5], [-0.9, 0, 0, 3], [0, 1.1, 0, -7], [0, 0, 0, 1]])  # axes swapped and flipped
     oblique = np.array([[0.9, 0.1, 0, 1], [-0.1, 0.9, 0, 2], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    cos, sin = np.cos(np.radians(30)), np.sin(np.radians(30))  # an LPS grid tilted by 30 degrees about x
+    rotated = np.array([[-0.9, 0, 0, 4], [0, -cos, -2.5 * sin, 5], [0, -sin, 2.5 * cos, 6], [0, 0, 0, 1]])
     return [
         ("dicom-axial-series", [(f"{z}.dcm", dicom(stack[z], ImagePositionPatient=[4, 5, 3.0 * z],
                                                    ImageOrientationPatient=axial, PixelSpacing=[0.6, 0.7]))
@@ -616,6 +618,7 @@ def sources() -> list:
         ("nifti-lps", [("a.nii", nifti(stack.T.astype(np.int16), affine=np.diag([-1.0, -1.0, 1.0, 1.0])))], True),
         ("nifti-permuted", [("a.nii.gz", nifti(stack.T.astype(np.int16), affine=permuted, gz=True))], True),
         ("nifti-oblique", [("a.nii", nifti(stack.T.astype(np.int16), affine=oblique))], True),
+        ("nifti-rotated-lps", [("a.nii", nifti(stack.T.astype(np.int16), affine=rotated))], True),
         ("nifti-zero-affine", [("a.nii", nifti_with_a_zero_affine(stack.T.astype(np.int16)))], True),
         ("pngs-without-geometry", [(f"{z}.png", png(stack[z].astype(np.uint8))) for z in range(4)], True),
         ("dicom-without-geometry", [("a.dcm", dicom(stack[0]))], True),
@@ -644,6 +647,19 @@ def test_nifti_mask_lies_on_its_source_and_reads_back_as_its_frames(files, in_or
         assert stored[x, y, z] == masks[k, row, col]
     if in_order:
         np.testing.assert_allclose(back.affine, volume.affine, atol=1e-4)  # float32 in the NIfTI header
+
+
+@pytest.mark.parametrize("files", [s[1] for s in sources() if s[0].startswith("nifti")],
+                         ids=[s[0] for s in sources() if s[0].startswith("nifti")])
+def test_nifti_mask_of_a_nifti_is_on_its_own_voxels(files):
+    """The mask of a NIfTI upload has its shape, voxel order and affine, as MONAI's Invertd and nnU-Net answer."""
+    name, data = files[0]
+    upload = nib.Nifti1Image.from_bytes(gzip.decompress(data) if name.endswith(".gz") else data)
+    volume = decode(files)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(to_nifti_bytes(np.stack(volume.frames) > 450, volume)))
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(upload.dataobj) > 450)  # voxel for voxel
+    if volume.affine is not None:  # a degenerate affine says nothing to keep: a grid of its voxel sizes
+        np.testing.assert_array_equal(image.affine, upload.affine)
 
 
 def test_nifti_mask_of_the_wrong_shape_is_refused():

@@ -442,6 +442,35 @@ def test_nifti_mask_reads_back_as_the_masks_in_series_order(echo):
     assert pictures.pixel_spacing_mm == (1.0, 1.0)  # no geometry: 1 mm
 
 
+def nifti_grids() -> dict[str, nib.Nifti1Image]:
+    """One volume on an RAS grid, the same reoriented to LPS, and on an oblique grid (tilted 30 degrees, its axes
+    running S, A, R): 900 in every slice along every axis, so that the echo's mask is the voxels >= 450 whichever way
+    metaseg reads the slices."""
+    data = np.random.default_rng(4).integers(0, 900, (6, 5, 4)).astype(np.int16)
+    data[np.arange(6), np.arange(6) % 5, np.arange(6) % 4] = 900
+    ras = nib.Nifti1Image(data, np.diag([0.5, 0.6, 2.0, 1.0]))
+    cos, sin = np.cos(np.radians(30)), np.sin(np.radians(30))
+    oblique = np.array([[-0.5 * sin, 0, 2 * cos, 1], [0, 0.6, 0, 2], [0.5 * cos, 0, 2 * sin, 3], [0, 0, 0, 1]])
+    return {"ras": ras, "lps": ras.as_reoriented(nib.orientations.axcodes2ornt("LPS")),
+            "oblique": nib.Nifti1Image(data, oblique)}
+
+
+@pytest.mark.parametrize("grid", ["ras", "lps", "oblique"])
+def test_nifti_mask_of_a_nifti_is_on_the_uploads_own_grid(echo, grid):
+    """Its shape, voxel order and affine, as one file and as the three sequences' fields (FLAIR's grid): a mask that
+    is stacked onto its input needs no reorientation."""
+    upload = nifti_grids()[grid]
+    flair_bytes = upload.to_bytes()
+    t1 = nib.Nifti1Image(np.asarray(upload.dataobj) // 2, upload.affine).to_bytes()
+    sequences = {"pre_contrast": ("t1.nii", t1), "flair": ("flair.nii", flair_bytes), "post_contrast": ("t1c.nii", t1)}
+    for files in ([("file", ("a.nii", flair_bytes))], list(sequences.items())):
+        response = echo.post("/segment/nifti", files=files)
+        assert response.status_code == 200, response.text
+        mask = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(upload.dataobj) >= 450)  # voxel for voxel
+        np.testing.assert_array_equal(mask.affine, nib.Nifti1Image.from_bytes(flair_bytes).affine)
+
+
 def read_npz(response) -> np.ndarray:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
@@ -498,6 +527,11 @@ def test_dicom_seg_references_every_slice_of_the_series(echo):
     by_z = {float(z): uid for z, uid in zip((1, 2, 0), uids)}
     pixels = seg.get_pixels_by_source_instance([by_z[z] for z in (0.0, 1.0, 2.0)], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), np.stack(SERIES_SLICES) > 100)
+    position = {uid: pydicom.dcmread(io.BytesIO(data)).ImagePositionPatient for uid, (_, data) in zip(uids, files)}
+    assert (seg.Rows, seg.Columns) == SERIES_SLICES[0].shape
+    for group in seg.PerFrameFunctionalGroupsSequence:  # each frame in highdicom's order, where its source slice is
+        uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert group.PlanePositionSequence[0].ImagePositionPatient == position[uid]
 
 
 def test_dicom_seg_of_a_series_without_slice_thickness_uses_the_slice_spacing(echo):

@@ -38,7 +38,10 @@ Geometry
     normal), or the NIfTI's own affine. ``to_nifti_bytes`` stores a mask stack in that geometry, laid
     out so that the reading convention above gives back its frames in series order (for a DICOM
     series, when its slices are axial as usually stored; else as any NIfTI of that geometry reads);
-    without geometry, the pixel spacing and slice thickness where known, else 1 mm.
+    without geometry, the pixel spacing and slice thickness where known, else 1 mm. A NIfTI's mask
+    is on the upload's own voxels, as MONAI's Invertd and nnU-Net write predictions: its shape,
+    voxel order and affine (``Volume.voxel_index`` keeps the reorientation, undone on writing; a
+    degenerate affine is replaced by the voxel sizes).
 Channels
     ``frames`` are one channel: of any 3- or 4-channel image (RGB, RGBA, palette expanded to RGBA,
     RGB/YBR DICOM, PALETTE COLOR DICOM, 3-sample TIFF) channel 1. The training slices are

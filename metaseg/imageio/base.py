@@ -68,6 +68,7 @@ def assemble(
     datasets: Sequence[Dataset] = (),
     sequences: list[np.ndarray | None] | None = None,
     affine: np.ndarray | None = None,
+    voxel_index: np.ndarray | None = None,
 ) -> Volume:
     """Assemble the result, insisting that all slices share one size, as slices of a series do."""
     rows, cols = frames[0].shape
@@ -78,7 +79,8 @@ def assemble(
             raise error(files[file_index][0], problem)
     if sequences is not None and all(s is None for s in sequences):
         sequences = None
-    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets), sequences, affine)
+    return Volume(kind, frames, sources, spacing, thickness, tuple(datasets), sequences, affine,
+                  voxel_index=voxel_index)
 
 
 

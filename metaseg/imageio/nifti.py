@@ -19,22 +19,24 @@ from metaseg.imageio.volume import Volume
 
 def to_nifti_bytes(masks: np.ndarray, volume: Volume) -> bytes:
     """A (frames, rows, cols) mask stack of `volume` as gzipped NIfTI-1, uint8 0/1, in the volume's geometry (see the
-    package docstring): `decode` of it gives the masks back in the volume's frame order."""
+    package docstring): a NIfTI upload's mask on its own voxels (shape, voxel order, affine), and `decode` of any gives
+    the masks back in the volume's frame order."""
     masks = np.asarray(masks)
     rows, cols = volume.frames[0].shape
     if masks.shape != (len(volume.frames), rows, cols):
         raise ValueError(f"expected {len(volume.frames)} masks of {rows}x{cols}, got shape {masks.shape}")
+    to_voxel = volume.voxel_index if volume.voxel_index is not None else frame_to_nifti(rows, cols)
     affine = volume.affine if volume.affine is not None else _grid_affine(volume)
-    stored = np.ascontiguousarray((masks != 0).astype(np.uint8)[:, ::-1, ::-1].transpose(2, 1, 0))  # as read back
-    image = nib.Nifti1Image(stored, affine @ np.linalg.inv(frame_to_nifti(rows, cols)))
+    stored = np.ascontiguousarray(_regrid((masks != 0).astype(np.uint8), to_voxel))
+    image = nib.Nifti1Image(stored, affine @ np.linalg.inv(to_voxel))
     image.header.set_xyzt_units("mm")
     image.set_qform(image.affine, code="aligned")  # aligned to the upload; the sform says the same
     image.set_sform(image.affine, code="aligned")
     return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
-
 _MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "micron": 1e-3, "meter": 1e3}
+_AS_STORED = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)  # the orientation that keeps the voxels as stored
 
 
 def decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
@@ -57,22 +59,30 @@ def decode_nifti(files: list[tuple[str, bytes]], limits: Limits) -> Volume:
     del image, data  # the raw bytes are not needed beyond here
     zooms = _nifti_zooms_mm(header)
     if np.isnan(orientation).any():  # a degenerate affine leaves the data as stored, and says nothing of geometry
-        affine = None
-    else:
-        voxels = nib.orientations.apply_orientation(voxels, orientation)
-        affine = affine @ nib.orientations.inv_ornt_aff(orientation, shape) @ frame_to_nifti(*voxels.shape[1::-1])
-        zooms = tuple(zooms[i] for i in np.argsort(orientation[:, 0]))
+        orientation, affine = _AS_STORED, None
+    ras_axes = np.argsort(orientation[:, 0])  # the stored axis along R, A, S
+    x, y, _ = (shape[i] for i in ras_axes)
+    zooms = tuple(zooms[i] for i in ras_axes)
+    voxel_index = nib.orientations.inv_ornt_aff(orientation, shape) @ frame_to_nifti(y, x)
     voxels = zero_non_finite(voxels)  # in place (get_fdata made a float32 copy): one copy of the volume fewer
-    frames = [np.ascontiguousarray(voxels[:, :, k].T[::-1, ::-1]) for k in range(voxels.shape[2])]
+    stack = _regrid(voxels, np.linalg.inv(voxel_index))  # (frames, rows, cols), a view
+    frames = [np.ascontiguousarray(frame) for frame in stack]
     sources = [(0, k) for k in range(len(frames))]
     spacing = (zooms[1], zooms[0]) if None not in zooms[:2] else None
-    return assemble("nifti", files, frames, sources, spacing, zooms[2], affine=affine)
+    affine = None if affine is None else affine @ voxel_index
+    return assemble("nifti", files, frames, sources, spacing, zooms[2], affine=affine, voxel_index=voxel_index)
 
 
 def frame_to_nifti(rows: int, cols: int) -> np.ndarray:
     """(frame, row, col, 1) -> the voxel (x, y, z, 1) of the RAS+ array it was read from: frame k is
     `data[:, :, k].T[::-1, ::-1]` (package docstring)."""
     return np.array([[0, 0, -1, cols - 1], [0, -1, 0, rows - 1], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+
+
+def _regrid(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """`array` laid out on the grid its voxel indices go to by `index` (4x4, axes permuted and flipped, never
+    resampled): the one step between a NIfTI's own voxels and the frames, both ways."""
+    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(index))
 
 
 def _grid_affine(volume: Volume) -> np.ndarray:

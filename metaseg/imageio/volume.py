@@ -36,6 +36,7 @@ class Volume:
     sequences: list[np.ndarray | None] | None = field(default=None, repr=False)  # per frame (3, rows, cols) or None
     affine: np.ndarray | None = field(default=None, repr=False)  # 4x4: (frame, row, col, 1) -> RAS+ mm; None: unknown
     given: tuple[str, ...] | None = None  # of sequences stacked from separate uploads (imageio.sequences), those sent
+    voxel_index: np.ndarray | None = field(default=None, repr=False)  # NIfTI: 4x4 (frame, row, col, 1) -> own voxel
 
     @property
     def inputs(self) -> list[np.ndarray]:

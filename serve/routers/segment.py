@@ -127,10 +127,11 @@ async def nifti(
 ) -> GzipResponse:
     """The final 0/1 mask of every slice as one NIfTI-1 image (.nii.gz, uint8), any input format.
 
-    Geometry is the source's where it has one (DICOM positions, orientation and spacing; a NIfTI's own affine), else
-    the pixel spacing and slice thickness where known, else 1 mm. Laid out as metaseg reads NIfTI, so reading it back
-    with metaseg.imageio gives the masks in series order (for a DICOM series, when its slices are axial as usually
-    stored)."""
+    A NIfTI upload's mask is on its own grid: the same shape, voxel order and affine (of FLAIR's, for sequences sent
+    in fields), so that it stacks onto the input voxel for voxel. Otherwise geometry is the source's where it has one
+    (DICOM positions, orientation and spacing), else the pixel spacing and slice thickness where known, else 1 mm.
+    Reading it back with metaseg.imageio gives the masks in series order (for a DICOM series, when its slices are axial
+    as usually stored)."""
     return GzipResponse(await pool.run(_nifti_bytes, engine, files, settings, threshold))
 
 
