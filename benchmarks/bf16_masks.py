@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from metaseg.bundles import config  # noqa: E402
 from metaseg.conventions import model_overrides  # noqa: E402
 from metaseg.bundles import bundle_imports  # noqa: E402
-from metaseg.files import write_json_atomic  # noqa: E402
+from metaseg.files import relative_paths, write_json_atomic  # noqa: E402
 from metaseg.evaluation.metrics import dice_3d  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "lgg" / "Data"
@@ -67,7 +67,8 @@ def main() -> None:
     args.add_argument("--data", type=Path, default=SHARED_DATA)
     args.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bf16_masks.json")
     opts = args.parse_args()
-    results = {"command": "python " + " ".join(sys.argv), "data": str(opts.data),
+    results = {"command": relative_paths("python " + " ".join(sys.argv), REPO),
+               "data": relative_paths(str(opts.data), REPO),
                "tolerance": {"mask_dice_min": MASK_DICE_MIN, "gt_dice_shift_max": GT_DICE_SHIFT_MAX}, "bundles": {}}
     for name in NAMES:
         per_patient, pixels, differing = {}, 0, 0

@@ -1,23 +1,27 @@
 #!/bin/bash
 # The shipped recipe's whole cross-validation (3 patient folds x both bundles, seed 0: what `metaseg cv` trains for
-# scripts/ship_weights.py) trained on one GPU, for a session that has one; the recipe never depends on it.
+# scripts/ship_weights.py) trained on any GPU host; the recipe never depends on one. Three steps: pack here, copy the
+# checkout with .gpu/ and .whl/ to the host and run `device` there, copy its OUT folder back and `finish` here.
 #
 #   bash benchmarks/gpu_ship.sh pack DATA      here: DATA resized to the network size, packed (.gpu/data.tar.xz,
-#                                              ~28 MB, and .gpu/plan_data, DATA's path here), and the wheels the GPU
-#                                              image lacks (.whl/)
-#   bash benchmarks/gpu_ship.sh device         on the GPU machine (the `device` tool's run, carry .gpu and .whl):
-#                                              all six folds at once, one process each (the host, not the
-#                                              GPU, limits a bundle's training); the fold runs come back packed,
-#                                              $OUT/<bundle>_fold_<k>.tar.gz (models, logs, no resume checkpoints)
+#                                              ~28 MB, and .gpu/plan_data, DATA's path here), and the pure-Python
+#                                              wheels a bare GPU image may lack (.whl/)
+#   bash benchmarks/gpu_ship.sh device         on the GPU host, OUT set: the folds of BUNDLES at once, one process
+#                                              each (the host, not the GPU, limits a bundle's training); the fold
+#                                              runs come back packed, $OUT/<bundle>_fold_<k>[_<k>...].tar.gz
+#                                              (models, logs, no resume checkpoints). A job array runs one bundle per task
+#                                              (BUNDLES=unetpp, BUNDLES=attention_unet), each with its own OUT
 #   bash benchmarks/gpu_ship.sh finish DATA FOLDER
-#                                              here: unpacks the fold archives of FOLDER (the device
-#                                              tool's files_at) and lets `metaseg cv` predict every held-out
-#                                              patient from the full-size DATA and write reports/cv.*; then ship them
-#                                              with `python scripts/ship_weights.py --cv runs/gpu_ship/ship_s0 ...`
+#                                              here: unpacks the fold archives copied back into FOLDER (every task's
+#                                              OUT) and lets `metaseg cv` predict every held-out patient from the
+#                                              full-size DATA and write reports/cv.*; then ship them with
+#                                              `python scripts/ship_weights.py --cv runs/gpu_ship/ship_s0 ...`
 #
 # The folds, split and plan are `metaseg cv --folds 3 --seed 0 --epochs E --spatial-size 128`'s (E: the bundles'
 # configs/train.json epochs, which must agree), so `finish` trains nothing. Env: PY (python, default .venv/bin/python
-# here and python3 on the device), SIZE (128), JOBS (6), OUT (the device's output folder).
+# here and python3 on the host), SIZE (128), JOBS (processes per bundle, 3), BUNDLES (unetpp attention_unet), OUT
+# (the folder copied back). Where the copy back is limited: FOLDS_PER_ARCHIVE (1; an Attention U-Net fold is ~8 MB
+# packed, so 3 folds of a bundle make one ~25 MB file) and MAX_MIB (no limit: `device` fails on a larger archive).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-128}
@@ -51,7 +55,7 @@ pack)
     ;;
 device)
     PY=${PY:-python3}
-    OUT=${OUT:?the output folder (the device tool sets OUT)}
+    OUT=${OUT:?the folder to copy back (set OUT)}
     if [ -d .whl ]; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -59,18 +63,26 @@ device)
     mkdir -p .gpu && tar -xJf .gpu/data.tar.xz -C .gpu
     E=$(epochs)
     "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
-    for b in unetpp attention_unet; do  # one plan (same folds, seed, recipe) for both: check_plan refuses a mismatch
+    for b in ${BUNDLES:-unetpp attention_unet}; do  # one plan (folds, seed, recipe): check_plan refuses a mismatch
         "$PY" benchmarks/gpu_cv.py train --data .gpu/Data --plan-data "$(cat .gpu/plan_data)" \
-            --runs "$RUNS" --bundle $b --seeds 0 --arm "ship:$E" --spatial-size "$SIZE" --jobs $(( ${JOBS:-6} / 2 )) \
+            --runs "$RUNS" --bundle "$b" --seeds 0 --arm "ship:$E" --spatial-size "$SIZE" --jobs "${JOBS:-3}" \
             > "$OUT/train_$b.log" 2>&1 &
     done
     status=0; for job in $(jobs -p); do wait "$job" || status=1; done
     grep -h "trained in" "$OUT"/train_*.log || true
-    # what comes back: at most 8 files of 16 MiB, so one archive per fold (an Attention U-Net model is 8 MB), each
-    # with the plan; models and logs, no resume checkpoints
-    for fold in "$RUNS"/ship_s0/*/fold_*; do
-        tar -czf "$OUT/$(basename "$(dirname "$fold")")_$(basename "$fold").tar.gz" --exclude=checkpoint.pt \
-            --exclude=eval "$RUNS"/ship_s0/cv_plan.json "$RUNS"/ship_s0/splits_final.json "$fold"
+    # FOLDS_PER_ARCHIVE folds of a bundle per archive, each archive with the plan; models and logs, no checkpoints
+    for bundle in "$RUNS"/ship_s0/*/; do
+        folds=("$bundle"fold_*)
+        for (( i = 0; i < ${#folds[@]}; i += ${FOLDS_PER_ARCHIVE:-1} )); do
+            part=("${folds[@]:i:${FOLDS_PER_ARCHIVE:-1}}")
+            name=$(basename "$bundle")_fold_$(IFS=_; echo "${part[*]##*fold_}").tar.gz
+            tar -czf "$OUT/$name" --exclude=checkpoint.pt --exclude=eval \
+                "$RUNS"/ship_s0/cv_plan.json "$RUNS"/ship_s0/splits_final.json "${part[@]%/}"
+            mib=$(( ($(stat -c %s "$OUT/$name") + 1048575) / 1048576 ))
+            if [ -n "${MAX_MIB:-}" ] && [ "$mib" -gt "$MAX_MIB" ]; then
+                echo "gpu_ship: $name is $mib MiB, over MAX_MIB=$MAX_MIB: lower FOLDS_PER_ARCHIVE" >&2; status=1
+            fi
+        done
     done
     (cd "$OUT" && tar -czf train_output.tar.gz train_*.log && rm train_*.log)
     exit $status
@@ -80,8 +92,8 @@ finish)
     DATA=${2:?usage: gpu_ship.sh finish DATA FOLDER}
     FROM=${3:?usage: gpu_ship.sh finish DATA FOLDER}
     shopt -s nullglob
-    archives=("$FROM"/*_fold_*.tar.gz)  # runs/gpu_ship/ship_s0/{cv_plan.json,splits_final.json,<bundle>/fold_<k>/}
-    [ ${#archives[@]} -gt 0 ] || { echo "gpu_ship: no <bundle>_fold_<k>.tar.gz in $FROM" >&2; exit 2; }
+    archives=("$FROM"/*_fold_*.tar.gz)  # runs/gpu_ship/ship_s0/{cv_plan.json,splits_final.json,<bundle>/fold_<k>/...}
+    [ ${#archives[@]} -gt 0 ] || { echo "gpu_ship: no <bundle>_fold_<k>[_<k>...].tar.gz in $FROM" >&2; exit 2; }
     for archive in "${archives[@]}"; do
         tar -xzf "$archive"
     done

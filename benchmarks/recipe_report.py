@@ -31,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.errors import UserError  # noqa: E402
+from metaseg.files import relative_paths  # noqa: E402
 
 METRICS = ("dice_3d", "lesion_slice_dice", "fp_slice_rate", "lesionwise_dice", "fp_lesions")
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", default="unetpp")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    command = "python benchmarks/recipe_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = relative_paths("python benchmarks/recipe_report.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                             REPO)
     result = report(args.data, args.base, [parse_arm(a) for a in args.arm], args.out, args.bundle, command, args.keep)
     print(markdown(result))
 

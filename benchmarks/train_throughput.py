@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.bundles import config  # noqa: E402
 from metaseg.bundles import bundle_imports  # noqa: E402
-from metaseg.files import write_json_atomic  # noqa: E402
+from metaseg.files import relative_paths, write_json_atomic  # noqa: E402
 from metaseg.data.phantom import synthesize  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "lgg" / "Data"
@@ -196,7 +196,7 @@ def main() -> None:
     opts = args.parse_args()
     cuda = torch.cuda.is_available()
     results = {
-        "command": "python " + " ".join(sys.argv),
+        "command": relative_paths("python " + " ".join(sys.argv), REPO),
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(),
                     "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -212,7 +212,7 @@ def main() -> None:
             synthesize(data, patients=opts.patients, slices=opts.slices, seed=0)
             results["data"] = f"phantom: {opts.patients} patients x {opts.slices} slices (metaseg synth, seed 0)"
         else:
-            results["data"] = str(data)
+            results["data"] = relative_paths(str(data), REPO)
         for name in opts.bundles:
             with bundle_imports(REPO / "bundles" / name):
                 entry = {}

@@ -6,7 +6,8 @@ For each bundle, the k fold models of RUNS become its ensemble (nnU-Net ships it
     models/fold_<k>/model.pt, model.ts             fold k = 1..k-1 (configs/inference.json `other_folds`)
     docs/training/                                 the evidence: cv_plan.json, splits_final.json, shipped.json (the
                                                    cv command, seed, report) and fold_<k>/ (run.json, datalist.json,
-                                                   train.log, trained.json, fold.json)
+                                                   train.log, trained.json, fold.json), their paths relative
+                                                   to the checkout (`runs/...`, `../shared/data/...`)
 
 Each model.ts is MONAI's `ckpt_export` of its model.pt (it embeds metadata.json and inference.json). Then
 inference.json's `other_folds` lists the shipped folds, its `inference_steps` are those the report chose on all
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from metaseg.bundles import BUNDLES_DIR, NAMES  # noqa: E402
 from metaseg.conventions import BEST_FILE, default_weights, write_best  # noqa: E402
-from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
+from metaseg.files import relative_paths, write_bytes_atomic, write_json_atomic  # noqa: E402
 
 MAX_BYTES = 10 * 2**20  # each committed file stays under the Model Zoo's limit
 MAX_BUNDLE_BYTES = 50 * 2**20  # all weights of one bundle
@@ -172,13 +173,19 @@ def ship_folds(cv: dict, runs: Path, folds: list[Path], bundle: Path, report: Pa
         (training / fold.name).mkdir(parents=True)
         for evidence in [*EVIDENCE, *(log.name for log in fold.glob("train.log.*"))]:  # with interrupted logs
             if (fold / evidence).is_file():
-                shutil.copyfile(fold / evidence, training / fold.name / evidence)
+                copy_evidence(fold / evidence, training / fold.name / evidence)
     for plan in ("cv_plan.json", "splits_final.json"):
-        shutil.copyfile(runs / plan, training / plan)
+        copy_evidence(runs / plan, training / plan)
     write_json_atomic(training / "shipped.json", {
-        "command": cv["command"], "seed": cv["seed"], "folds": cv["folds"], "recipe": cv["recipe"],
-        "report": str(report.relative_to(REPO) if report.is_relative_to(REPO) else report),
+        "command": relative_paths(cv["command"], REPO), "seed": cv["seed"], "folds": cv["folds"],
+        "recipe": cv["recipe"], "report": relative_paths(str(report), REPO),
         "weights": {f"fold_{k}": str(fold_weights(bundle, k).relative_to(bundle)) for k in range(len(folds))}})
+
+
+def copy_evidence(source: Path, target: Path, root: Path = REPO) -> None:
+    """A record of the runs folder (text) into docs/training, the absolute paths in it relative to the checkout
+    `root` that trained it: committed files name no folder of the machine."""
+    write_bytes_atomic(target, relative_paths(source.read_bytes().decode(), root).encode())
 
 
 def record_from_report(cv: dict, report: Path, bundles: Path = BUNDLES_DIR, names: tuple[str, ...] = NAMES) -> None:

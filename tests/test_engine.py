@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from conftest import REPO
+from conftest import PLAIN_STEPS, REPO, THRESHOLD_NET, threshold_weights
 from metaseg.inference.engine import Engine, OneSortPercentiles
 from metaseg.errors import UserError
 from metaseg.imageio.reader import decode
@@ -113,12 +113,20 @@ def test_a_one_channel_frame_is_the_network_input_of_flair_in_all_three_channels
 
 def test_near_constant_slice_is_segmented_not_crashed(tmp_path):
     """A slice at the top of the head: a few bright pixels on black make the 0.5/99.5 percentiles equal, and MONAI's
-    percentile scaling then returns without clipping; CLAHE must still get values in [0, 1] (a real test slice did this)."""
+    percentile scaling then returns without clipping; CLAHE must still get values in [0, 1] (a real test slice did this).
+    With the threshold network (softmax of (-F, F - 1): lesion probability sigmoid(2F - 1) of the prepared FLAIR F)
+    the forward pass is that by hand, and the map at the slice's size is highest on the bright spot, the same twice."""
     frame = np.zeros((256, 256), np.float32)
     frame[100:104, 100:105] = 3.0
-    engine = Engine(REPO / "bundles" / "attention_unet", random_weights("attention_unet", tmp_path), overrides=SIZE)
+    engine = Engine(REPO / "bundles" / "attention_unet", threshold_weights(tmp_path / "net.pt"),
+                    overrides=SIZE | {"network_def": THRESHOLD_NET, "inference_steps": PLAIN_STEPS})
+    _, batch = engine.prepare([frame])
+    assert batch.shape == (1, 3, 32, 32) and torch.isfinite(batch).all()
+    torch.testing.assert_close(engine.forward(batch)[:, 1], torch.sigmoid(2 * batch[:, 1] - 1))
     prob = engine.probabilities([frame])[0]
-    assert prob.shape == (256, 256) and np.isfinite(prob).all()
+    assert prob.shape == (256, 256) and prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
+    assert prob[101, 102] > 0.9 and prob[0, 0] < 0.3  # the spot, and black far from it
+    np.testing.assert_array_equal(engine.probabilities([frame])[0], prob)
 
 
 def test_the_engines_percentile_scaling_is_monais_bit_for_bit(tmp_path):

@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -359,13 +358,16 @@ def test_dicom_transfer_syntaxes_match_uncompressed_pixels(name):
     assert volume.pixel_spacing_mm == (0.3125, 0.3125) and volume.slice_thickness_mm == 0.8
 
 
-@pytest.mark.parametrize(
-    "name", ["image_dfl.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "CT_small.dcm"]
-)
-def test_dicom_matches_pydicom_modality_values(name):
-    ds = pydicom.dcmread(get_testdata_file(name))
-    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    np.testing.assert_array_equal(one(name, shipped(name)).frames[0], expected)
+def test_a_modality_lut_maps_stored_values_by_its_table_clamped_at_both_ends():
+    """LUT Descriptor [8 entries, first stored value 4, 16 bits]: 4..11 read entries 0..7, lower values entry 0,
+    higher ones entry 7 (PS3.3 C.11.1)."""
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [8, 4, 16])  # LUT Descriptor
+    lut.ModalityLUTType = "US"
+    lut.add_new(0x00283006, "US", [7, 107, 207, 307, 407, 507, 607, 707])  # LUT Data
+    data = dicom(np.arange(16).reshape(4, 4), ModalityLUTSequence=[lut])
+    expected = [[7, 7, 7, 7], [7, 107, 207, 307], [407, 507, 607, 707], [707, 707, 707, 707]]
+    np.testing.assert_array_equal(one("lut.dcm", data).frames[0], np.array(expected, np.float32))
 
 
 def test_built_deflated_dicom_decodes():
@@ -383,9 +385,14 @@ def test_rgb_dicom_yields_channel_1_per_frame():
 
 
 def test_palette_color_dicom_yields_channel_1_of_its_lut():
-    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
-    expected = apply_color_lut(ds.pixel_array, ds)[..., 1].astype(np.float32)
-    np.testing.assert_array_equal(one("p.dcm", shipped("examples_palette.dcm")).frames[0], expected)
+    """Stored values index the palette (descriptor [4 entries, first 0, 16 bits]); the frame is the green table."""
+    tables = {"Red": [0, 1000, 2000, 3000], "Green": [65535, 40000, 20000, 5], "Blue": [9, 9, 9, 9]}
+    attrs = {"PhotometricInterpretation": "PALETTE COLOR"}
+    for colour, table in tables.items():
+        attrs[f"{colour}PaletteColorLookupTableDescriptor"] = [4, 0, 16]
+        attrs[f"{colour}PaletteColorLookupTableData"] = np.array(table, "<u2").tobytes()
+    frame = one("p.dcm", dicom(np.array([[0, 1], [2, 3], [3, 0]]), **attrs)).frames[0]
+    np.testing.assert_array_equal(frame, np.array([[65535, 40000], [20000, 5], [5, 65535]], np.float32))
 
 
 def test_rescale_slope_and_intercept_are_applied():

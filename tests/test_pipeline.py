@@ -29,12 +29,15 @@ from metaseg.training.pipeline import FINGERPRINT, STEPS, STEPS_OFF, evaluate, t
 
 @pytest.fixture
 def stages(monkeypatch) -> list[dict]:
-    """The bundle's training replaced by one that only writes the checkpoints a real epoch would leave."""
+    """The bundle's training replaced by one that records its overrides and the checkpoint it would resume from
+    (`found`: the bytes of ckpt_dir/checkpoint.pt, None without), then writes the checkpoints a real epoch would
+    leave; the bundle's own resuming is tests/test_bundles.py's."""
     calls = []
 
     def fake_run_stage(bundle, stage, log_file, **overrides):
-        calls.append(overrides)
         models = overrides["ckpt_dir"]
+        found = models / "checkpoint.pt"
+        calls.append(overrides | {"found": found.read_bytes() if found.is_file() else None})
         models.mkdir(parents=True, exist_ok=True)
         (models / "checkpoint.pt").write_bytes(b"resume state")
         (models / "model.pt").write_bytes(b"best")
@@ -49,9 +52,10 @@ BUNDLE = REPO / "bundles" / "attention_unet"
 def test_same_training_resumes_its_checkpoint(stages, tiny_data, tmp_path):
     run = tmp_path / "run"
     train(BUNDLE, tiny_data, run, seed=0, epochs=2)
-    (run / "models" / "checkpoint.pt").write_bytes(b"epoch 1 of this run")
+    (run / "models" / "checkpoint.pt").write_bytes(b"epoch 1 of this run")  # left by an interrupted run
     train(BUNDLE, tiny_data, run, seed=0, epochs=2)  # same everything: resumed, nothing refused
-    assert len(stages) == 2 and (run / FINGERPRINT).is_file()
+    assert [call["found"] for call in stages] == [None, b"epoch 1 of this run"]
+    assert stages[1]["ckpt_dir"] == (run / "models").resolve() and (run / FINGERPRINT).is_file()
 
 
 @pytest.mark.parametrize(
@@ -84,9 +88,8 @@ def test_other_training_into_a_run_folder_is_refused_then_restarted(stages, tiny
     assert "--restart" in str(err.value) and "\n" not in str(err.value)
     assert len(stages) == 1 and (run / "models" / "checkpoint.pt").read_bytes() == b"resume state"
     train(bundle, data, run, restart=True, **kwargs)
-    assert len(stages) == 2
     train(bundle, data, run, **kwargs)  # the restarted run resumes as its own
-    assert len(stages) == 3
+    assert [call["found"] for call in stages] == [None, None, b"resume state"]
 
 
 def test_run_folder_without_fingerprint_is_refused_on_the_command_line(stages, tiny_data, tmp_path, capsys):

@@ -76,6 +76,9 @@ def test_a_finished_cv_ships_as_each_bundles_fold_ensemble(finished, monkeypatch
     module = ship_weights()
     exported = []
     monkeypatch.setattr(module, "export_torchscript", lambda bundle, weights: exported.append(weights))  # tested in
+    for name in NAMES:  # training records the checkout's absolute paths
+        (runs / name / "fold_0" / "run.json").write_text(json.dumps(
+            {"bundle": str(REPO / "bundles" / name), "data": str(REPO.parent / "shared" / "Data")}))
     module.ship_cv(runs, report, bundles)  # tests/test_ensemble.py: here only which files it is asked for
     for name in NAMES:
         bundle = bundles / name
@@ -85,6 +88,8 @@ def test_a_finished_cv_ships_as_each_bundles_fold_ensemble(finished, monkeypatch
         assert module.shipped_folds(bundle) == shipped and set(shipped) <= set(exported)
         training = bundle / "docs" / "training"
         assert (training / "fold_2" / "train.log").read_text() == "fold 2 log\n"
+        assert json.loads((training / "fold_0" / "run.json").read_text()) == {"bundle": f"bundles/{name}",
+                                                                              "data": "../shared/Data"}
         assert json.loads((training / "shipped.json").read_text())["command"] == "metaseg cv --data D --folds 3"
         inference = json.loads((bundle / "configs" / "inference.json").read_text())
         assert {k: v for k, v in inference["inference_steps"].items() if k != "_desc_"} == STEPS[name]
