@@ -130,7 +130,7 @@ def cmd_compare(args) -> None:
 
 def cmd_cv(args) -> None:
     from metaseg.bundles import NAMES
-    from metaseg.evaluation.cv_report import summary_lines
+    from metaseg.evaluation.cv_markdown import summary_lines
     from metaseg.training.cv import cross_validate, report_dir
 
     result = cross_validate(args.data, args.bundle or list(NAMES), args.folds, args.seed, args.out, args.runs,

@@ -8,7 +8,10 @@
                                        same patients, optimistic); `served_per_bundle`, per bundle with every fold
                                        done, what it serves estimated cross-fitted (served_entry: each fold scored
                                        with the steps chosen on the others; SERVED rows), and `served`, the best
-                                       of them (`served_skipped` says why a bundle has none)
+                                       of them (`served_skipped` says why a bundle has none); the served model on
+                                       skull-stripped input and its leave-one-site-out figure (`skull_stripped`,
+                                       `site_cv`: metaseg.evaluation.generalization); cv.md says it in tables
+                                       (metaseg.evaluation.cv_markdown)
     OUT/cv_postprocessing.json         inference steps chosen on the out-of-fold probabilities
                                        (metaseg.evaluation.selection)
     OUT/cv_folds.png                   per-patient 3D Dice of each fold and model
@@ -18,30 +21,27 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from metaseg.bundles import BUNDLES_DIR
 from metaseg.data.datalist import by_patient
 from metaseg.data.ground_truth import read_ground_truth
 from metaseg.errors import UserError
+from metaseg.evaluation.cv_markdown import DEPLOYED, ONE_CHANNEL, SERVED, SERVED_STRIPPED, STRIPPED, markdown
 from metaseg.evaluation.figures import folds_figure, froc_figure
 from metaseg.evaluation.froc import configured_froc
+from metaseg.evaluation.generalization import site_summary, view_figures
 from metaseg.evaluation.metrics import paired_difference
 from metaseg.evaluation.out_of_fold import SELECTION, done_folds, fold_dir, load_oof
-from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, froc_rows, lesion_note, lesion_rows, null_nan,
-                                        slice_columns, summarize)
+from metaseg.evaluation.reports import CONVENTIONS, null_nan, summarize
 from metaseg.evaluation.selection import Scorer, cross_fitted, score_config, select
-from metaseg.files import write_bytes_atomic, write_json_atomic
+from metaseg.files import relative_paths, write_bytes_atomic, write_json_atomic
 from metaseg.inference.steps import DEFAULT
 
-ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
-STRIPPED = "{name} (skull-stripped input)"  # the same fold models given the slices brain-extracted, likewise
-DEPLOYED = "{name} + its inference steps"  # the bundle with the steps chosen for it alone on the patients it scores
-SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps chosen on the other folds (served_entry)
-SERVED_STRIPPED = "{name} served, skull-stripped input"  # the served row's steps on the skull-stripped view
+REPO = BUNDLES_DIR.parent  # reports record paths relative to the checkout (no machine path in a committed report)
 SERVED_CHOICE = "highest cross-fitted served mean per-patient 3D Dice"
 KEYS = ("folds", "seed", "patients", "models", "command")  # what every reader of a cv.json needs
 
@@ -115,54 +115,6 @@ def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: Scor
     return entry, row
 
 
-VIEW_KEYS = ("mean_dice_3d", "ci95_dice_3d", "lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
-             "n_patients")
-
-
-def view_figures(view: dict, base: dict, n_resamples: int, seed: int) -> dict:
-    """A view's figures (another input to the same models, the same steps) and what it costs against `base`, per
-    patient paired."""
-    patients = list(view["dice_3d_per_patient"])
-    return {**{key: view[key] for key in VIEW_KEYS}, "dice_3d_per_patient": view["dice_3d_per_patient"],
-            **{key: view["mean"][key] for key in ("lesion_slice_dice", "fp_slice_rate")},
-            "loss": {"metric": "dice_3d", "difference": "as uploaded - this view",
-                     **paired_difference([base["dice_3d_per_patient"][p] for p in patients],
-                                         [view["dice_3d_per_patient"][p] for p in patients], n_resamples, seed)}}
-
-
-def site_summary(file: Path, result: dict, n_resamples: int, seed: int) -> dict | None:
-    """cv.json's `site_cv`: the leave-one-site-out figure of this report's served bundle (`metaseg cv --split site`,
-    its report in `file`), per site, and the gap to this patient cross-validation on the same patients. The served
-    figure (steps chosen on the other sites) where every site is done, else the plain model row (threshold 0.5, no
-    TTA) against the same row here; None without a site report or without the bundle in it."""
-    if not file.is_file():
-        return None
-    site = json.loads(file.read_text())
-    served = result.get("served", {}).get("bundle")
-    name = served if served in site.get("models", {}) else next(iter(site.get("models", {})), None)
-    if name is None or name not in result["models"]:
-        return None
-    if name in site.get("served_per_bundle", {}) and name in result.get("served_per_bundle", {}):
-        steps, theirs, ours = ("served: each site scored with the steps chosen on the other sites",
-                               site["served_per_bundle"][name], result["served_per_bundle"][name])
-    else:
-        steps, theirs, ours = ("threshold 0.5, no TTA (not every site done: no served figure yet)",
-                               site["models"][name], result["models"][name])
-    per_patient = {p: d for p, d in theirs["dice_3d_per_patient"].items() if p in ours["dice_3d_per_patient"]}
-    sites = dict(zip(map(str, range(len(site["sites"]))), site["sites"]))
-    fold_of = {p: sites[k] for k, ids in site["patients"].items() for p in ids}
-    per_site = {}
-    for patient, dice in per_patient.items():
-        per_site.setdefault(fold_of[patient], []).append(dice)
-    values = [d for d in per_patient.values() if d is not None]
-    return {"bundle": name, "complete": site["complete"], "steps": steps, "report": "site_cv/cv.md",
-            "n_patients": len(values), "mean_dice_3d": float(np.mean(values)) if values else None,
-            "per_site": {s: {"mean_dice_3d": float(np.mean(v)), "n_patients": len(v)} for s, v in sorted(per_site.items())},
-            "gap": {"metric": "dice_3d", "difference": "patient CV - site CV, same patients",
-                    **paired_difference([ours["dice_3d_per_patient"][p] for p in per_patient],
-                                        list(per_patient.values()), n_resamples, seed)}}
-
-
 def served_skipped(done: list[int], folds: int) -> str | None:
     """Why a bundle has no served entry (None where it has one): each fold's steps are chosen on all the others."""
     if len(done) < folds:
@@ -187,7 +139,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     result = {
         "complete": all(len(d) == folds for d in done.values()),
         **({"split": "site", "sites": plan["sites"]} if "sites" in plan else {}),
-        "folds": folds, "seed": seed, "command": command, "data": plan["data"], "recipe": plan["recipe"],
+        "folds": folds, "seed": seed, "command": relative_paths(command, REPO), "data": relative_paths(plan["data"], REPO),
+        "recipe": plan["recipe"],
         "model_selection": SELECTION,
         "one_lesion_per_patient": declared,
         "conventions": CONVENTIONS,
@@ -290,201 +243,3 @@ def _write(out: Path, result: dict, selection: dict | None) -> dict:
     write_json_atomic(out / "cv.json", null_nan(result))
     write_bytes_atomic(out / "cv.md", markdown(result, out).encode())
     return result
-
-
-
-def _share(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def _steps(steps: dict) -> str:
-    """A bundle's inference_steps in words."""
-    words = [*(["flip TTA"] if steps["flip_tta"] else []), f"threshold {steps['threshold']}",
-             *([f"min {steps['min_lesion_voxels']} voxels"] if steps["min_lesion_voxels"] else []),
-             *([f"min {steps['min_lesion_mm3']} mm3"] if steps["min_lesion_mm3"] else []),
-             *(["largest component"] if steps["largest_component"] else [])]
-    return ", ".join(words)
-
-
-def served_lines(result: dict) -> list[str]:
-    """cv.md's section on the served model: the cross-fitted figures of each bundle and the bundle served."""
-    per_bundle, skipped = result.get("served_per_bundle", {}), result.get("served_skipped", {})
-    if not per_bundle and not skipped:
-        return []
-    lines = ["", "## Served model, cross-fitted", "",
-             "What a bundle serves, estimated without choosing on the patients scored: for each fold, the bundle's "
-             "inference steps are chosen (as above, for the bundle alone: the server runs one bundle) on the other "
-             "folds' out-of-fold predictions and applied to the held-out fold's. The figures are of the fold models, "
-             "the parts of the shipped fold ensemble, each on the patients it never trained on (as nnU-Net reports "
-             "its cross-validation); the ensemble itself has no out-of-fold patients. The steps that ship "
-             "(configs/inference.json) are those chosen on all patients, the in-sample ones above.", ""]
-    if per_bundle:
-        lines += ["| bundle | patients | `dice_3d` | lesion-wise Dice | lesion sensitivity (3D) | FP lesions / patient "
-                  "| steps shipped (all patients) | " + " | ".join(f"steps without fold {k}" for k in
-                                                                  range(result["folds"])) + " |",
-                  "|---|---|---|---|---|---|---|" + "---|" * result["folds"]]
-        for name, entry in per_bundle.items():
-            row = result["models"][SERVED.format(name=name)]
-            cells = [ci_cell(row, metric) for metric in ("dice_3d", "lesionwise_dice", "lesion_sensitivity_3d",
-                                                         "fp_lesions")]
-            steps = [_steps(entry["steps_per_fold"][str(k)]) for k in range(result["folds"])]
-            lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + f" | "
-                         f"{_steps(entry['inference_steps'])} | " + " | ".join(steps) + " |")
-    lines += [f"- {name}: no served figures: {why}." for name, why in skipped.items()]
-    served = result.get("served")
-    if served:
-        lines += ["", f"Served: **{served['bundle']}** ({served['chosen_by']}, {served['mean_dice_3d']:.3f}). "
-                  "Choosing between the bundles on these same patients leaves a small optimism in the served "
-                  "bundle's figure; the steps within each bundle carry none."]
-    return lines
-
-
-def generalization_lines(result: dict) -> list[str]:
-    """cv.md's section on what a patient of a new site, and one whose volumes arrive brain-extracted, get from the
-    served model, beside this cross-validation's figure."""
-    stripped, site = result.get("skull_stripped"), result.get("site_cv")
-    if not stripped and not site:
-        return []
-    served = result["served"]
-    lines = ["", "## New sites and brain-extracted input (served model)", "",
-             "| estimate | patients | per-patient 3D Dice | gap to this CV, same patients [95% CI] |", "|---|---|---|---|",
-             f"| this cross-validation, {served['bundle']} served | {served['n_patients']} | "
-             f"{served['mean_dice_3d']:.3f} | |"]
-    if stripped:
-        gap = stripped["loss"]
-        lines.append(f"| skull-stripped view (each held-out slice brain-extracted, brain mask from the image; same "
-                     f"models and steps) | {stripped['n_patients']} | {stripped['mean_dice_3d']:.3f} | "
-                     f"{gap['mean_difference']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
-    if site:
-        gap = site["gap"]
-        partial = "" if site["complete"] else ", **partial: not every site done**"
-        lines.append(f"| leave-one-site-out ({site['bundle']}, [report]({site['report']}){partial}; {site['steps']}) "
-                     f"| {site['n_patients']} | {site['mean_dice_3d']:.3f} | {gap['mean_difference']:+.3f} "
-                     f"[{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
-        lines += ["", "Per site (trained without it): " + "; ".join(
-            f"{s} {v['mean_dice_3d']:.3f} ({v['n_patients']} patients)" for s, v in site["per_site"].items()) + "."]
-    return lines
-
-
-def froc_lines(result: dict) -> list[str]:
-    """cv.md's FROC of each bundle's served entry (cross-fitted, as its row in the section above)."""
-    per_bundle = result.get("served_per_bundle", {})
-    if not per_bundle:
-        return []
-    return ["", "## Lesion detection: FROC of the served model, cross-fitted", "",
-            "Lesion sensitivity (3D, pooled) against false lesions per patient as a threshold on each predicted "
-            "lesion's highest probability sweeps over the served masks' lesions; CPM = mean sensitivity at the "
-            "seven rates (`served.froc` in cv.json).", "",
-            *froc_rows({name: entry["froc"] for name, entry in per_bundle.items()}), "", "![FROC](cv_froc.png)"]
-
-
-def labelled(result: dict) -> dict:
-    """The model rows by the names the reports show: the rows with steps chosen on the patients they score marked
-    (in-sample)."""
-    in_sample = {"selected", *(DEPLOYED.format(name=name) for name in result["folds_done"])}
-    return {f"{name} (in-sample)" if name in in_sample else name: entry for name, entry in result["models"].items()}
-
-
-def markdown(result: dict, out: Path = Path("reports")) -> str:
-    folds, models = result["folds"], labelled(result)
-    n_done = {name: len(d) for name, d in result["folds_done"].items()}
-    status = ("All folds done." if result["complete"] else
-              "**PARTIAL: not every fold is done** (" + ", ".join(f"{n}: {d} of {folds} folds" for n, d in
-                                                              n_done.items()) + "); every number below covers only "
-              "the patients of finished folds and will change.")
-    recipe = ", ".join(f"{k} {v}" for k, v in result["recipe"].items())
-    sites = result.get("sites")
-    title = (f"Leave-one-site-out cross-validation ({folds} sites: {', '.join(sites)})" if sites else
-             f"Patient {folds}-fold cross-validation (seed {result['seed']})")
-    lines = [f"# {title}", "", status, "",
-             f"Produced by `{result['command']}`. Recipe: {recipe}. Model per fold: {result['model_selection']}.",
-             "Every cell: mean over patients [95% bootstrap CI over patients]; 3D Dice pools all slices of a "
-             "patient (false positives on lesion-free slices lower it).", ""]
-    if models:
-        columns = [m for m in slice_columns() if m != "lesion_slice_iou"]
-        lines += ["| model | patients | " + " | ".join(f"`{m}`" for m in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]
-        for name, entry in models.items():
-            cells = [ci_cell(entry, m, 2 if m.startswith("hd95") else 3) for m in columns]
-            lines.append(f"| {name} | {entry['n_patients']} | " + " | ".join(cells) + " |")
-        lines += ["", "Lesions (3D), per model:", "", *lesion_rows(models), "", lesion_note(out)]
-        lines += ["", "`selected` = the inference steps chosen below on the same out-of-fold predictions, "
-                  "`+ its inference steps` = those chosen for one bundle alone, as it is served: **in-sample, "
-                  "optimistic** figures (steps chosen and scored on the same patients, as nnU-Net's "
-                  "find_best_configuration). `served (cross-fitted steps)` = each fold scored with the steps chosen "
-                  "on the other folds, the honest estimate of what a bundle serves (Served model, cross-fitted, "
-                  "below)."]
-    paired = result.get("paired_test")
-    if paired:
-        a, b = paired["models"]
-        low, high = paired["ci95"]
-        p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
-        lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
-                  f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
-    for key, what in (("one_channel_loss", "One-channel input (FLAIR alone, as a gray PNG or DICOM upload arrives)"),
-                      ("skull_stripped_loss", "Skull-stripped input (everything outside a brain mask from the image "
-                                              "set to 0, as brain-extracted volumes arrive)")):
-        for name, loss in result.get(key, {}).items():
-            low, high = loss["ci95"]
-            lines += ["", f"{what} costs {name} {loss['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}] "
-                      f"per-patient 3D Dice ({loss['difference']}, {loss['n_patients']} patients)."]
-    post = result.get("postprocessing")
-    if post:
-        lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
-                  "Tried in this order; a step is kept only if it raises the mean per-patient 3D Dice and finds "
-                  "no fewer lesions (3D lesion sensitivity pooled over these patients, as in the lesion table); the "
-                  "threshold and the minimum size are chosen among the values that lose no lesion, and minimum "
-                  "sizes go up to the smallest ground-truth lesion of these patients"
-                  + (f" ({post['smallest_gt_lesion_voxels']} voxels)" if post["smallest_gt_lesion_voxels"] else "")
-                  + " and to what keeps 99% of the reference phantom's metastases"
-                  + (f" ({post['reference_size_cap_voxels']} voxels)." if post.get("reference_size_cap_voxels")
-                     else "."),
-                  "",
-                  "| step | value | 3D Dice without | with | gain | lesion sensitivity without | with | kept |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for step in post["steps"][1:]:
-            kept = "yes" if step["kept"] else f"no ({step['note']})" if "note" in step else "no"
-            lines.append(f"| {step['step']} | {step['value']} | {step['mean_dice_3d_without']:.4f} | "
-                         f"{step['mean_dice_3d_with']:.4f} | {step['gain']:+.4f} | "
-                         f"{_share(step['lesion_sensitivity_3d_without'])} | "
-                         f"{_share(step['lesion_sensitivity_3d_with'])} | {kept} |")
-        lines += ["", *(f"- {step} not tried: {why}." for step, why in post["skipped"].items())]
-        base = post["steps"][0]
-        lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
-                  f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}, lesion sensitivity "
-                  f"{_share(post['lesion_sensitivity_3d'])}); also in cv_postprocessing.json.",
-                  "", "Each bundle alone (what its configs/inference.json `inference_steps` records):", ""]
-        lines += [f"- {name}: `{json.dumps(own['inference_steps'])}`, mean per-patient 3D Dice "
-                  f"{own['steps'][0]['mean_dice_3d']:.4f} -> {own['mean_dice_3d']:.4f}, lesion sensitivity "
-                  f"{_share(own['steps'][0]['lesion_sensitivity_3d'])} -> {_share(own['lesion_sensitivity_3d'])}"
-                  for name, own in result.get("postprocessing_per_model", {}).items()]
-        lines += ["",
-                  f"A single uploaded 2D slice gets `{json.dumps(post['single_slice'])}`: the component steps were "
-                  "chosen on 3D components of a patient's stack and are not applied to one slice. The ensemble, if "
-                  "chosen, is reported but not deployed: a bundle holds one network."]
-    lines += served_lines(result) + froc_lines(result) + generalization_lines(result)
-    if models:
-        lines += ["", "## Per fold: mean per-patient 3D Dice (patients)", "",
-                  "| model | " + " | ".join(f"site {sites[k]}" if sites else f"fold {k}" for k in range(folds)) + " |",
-                  "|---|" + "---|" * folds]
-        for name, entry in models.items():
-            cells = [f"{f['mean_dice_3d']:.3f} ({f['n_patients']})" if (f := entry["per_fold"].get(str(k))) else "—"
-                     for k in range(folds)]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "![per-fold per-patient Dice](cv_folds.png)"]
-    lines += ["", "Patients per fold (split by patient over sorted ids, seeded):", ""]
-    lines += [f"- fold {k} ({len(ids)}): {', '.join(ids)}" for k, ids in result["patients"].items()]
-    return "\n".join(lines) + "\n"
-
-
-
-def summary_lines(result: dict) -> list[str]:
-    lines = []
-    for name, entry in labelled(result).items():
-        low, high = entry["ci95_dice_3d"]
-        mean = entry["mean_dice_3d"]
-        lines.append(f"{name}: out-of-fold per-patient 3D Dice {mean:.3f} [{low:.3f}, {high:.3f}] over "
-                     f"{entry['n_patients']} patients" if mean is not None and not math.isnan(mean) else name)
-    if result.get("served"):
-        lines.append(f"served: {result['served']['bundle']} ({result['served']['chosen_by']})")
-    return lines
