@@ -119,7 +119,8 @@ TUMOUR = [tumour_slice(), tumour_slice("A"), tumour_slice("A"), tumour_slice("A"
 
 
 NIFTI, SEG = gzip.compress(b"a NIfTI", mtime=0), b"a DICOM SEG"
-STEPS = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+STEPS = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+         "largest_component": False}
 
 
 @dataclass
