@@ -659,6 +659,8 @@ def test_the_viewers_lesions_are_metaseg_lesions_of_the_final_masks():
     found = findings.find(np.stack(TUMOUR), volume, STEPS, 0.45)
     assert found.lesions == measure(np.stack(TUMOUR) >= 0.45 * 255, np.stack(TUMOUR) / 255, (0.5, 0.5), 2.0)
     assert findings.lesion_slices(found) == "2–4" and findings.start_slice(found) == 1
+    assert findings.applied_steps({**STEPS, "min_lesion_score": 0.9}, volume) == [
+        "lesions with no probability of 0.9 or more removed"]
     nothing = findings.find(np.zeros((7, 4, 4), np.uint8), decode([(f"{z}.png", png(SERIES[2][:4, :4]))
                                                                    for z in range(7)]), STEPS, 0.5)
     assert findings.lesion_slices(nothing) == "none" and findings.start_slice(nothing) == 3
