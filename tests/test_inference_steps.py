@@ -162,6 +162,16 @@ def multi_frame(path: Path, volume: np.ndarray) -> Path:
     return path
 
 
+def seg_masks(client: TestClient, volume: np.ndarray) -> np.ndarray:
+    """The masks of the server's DICOM SEG of `volume` sent as a DICOM series, in series order."""
+    series = [("file", (f"s{z}.dcm", dcm(mr(pixels, z=float(z))))) for z, pixels in enumerate(volume)]
+    seg = client.post("/segment/seg", files=series)
+    assert seg.status_code == 200, seg.text
+    uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, (_, data) in series]
+    frames = hd.seg.segread(io.BytesIO(seg.content)).get_pixels_by_source_instance(uids, segment_numbers=[1])
+    return frames[..., 0].astype(bool)
+
+
 def test_a_volume_gets_the_component_steps_in_predict_and_the_server_and_a_single_slice_does_not(tmp_path):
     volume = hand_made_volume()
     only_big = expected(volume, *[(z, BIG) for z in (0, 1, 2)])
@@ -190,12 +200,7 @@ def test_a_volume_gets_the_component_steps_in_predict_and_the_server_and_a_singl
         assert one["volume_steps"] == [] and one["lesion_count"] == 2 and one["total_area_px"] == single.sum()
         np.testing.assert_array_equal(png(client.post("/segment/mask", files=upload(inputs / "one.png"))) > 0, single)
         # a DICOM series is a volume too, and its SEG holds the volume's masks
-        series = [("file", (f"s{z}.dcm", dcm(mr(volume[z], z=float(z))))) for z in range(4)]
-        seg = client.post("/segment/seg", files=series)
-        assert seg.status_code == 200, seg.text
-        uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, (_, data) in series]
-        frames = hd.seg.segread(io.BytesIO(seg.content)).get_pixels_by_source_instance(uids, segment_numbers=[1])
-        np.testing.assert_array_equal(frames[..., 0].astype(bool), only_big)
+        np.testing.assert_array_equal(seg_masks(client, volume), only_big)
 
 
 def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_one_volume(tmp_path):
@@ -257,12 +262,7 @@ def test_a_minimum_lesion_score_drops_a_large_unconfident_lesion_in_predict_the_
         nifti = client.post("/segment/nifti", files=upload(inputs / "multi.dcm"))
         assert nifti.status_code == 200, nifti.text
         np.testing.assert_array_equal(np.stack(decode([("m.nii.gz", nifti.content)]).frames) > 0, only_small)
-        series = [("file", (f"s{z}.dcm", dcm(mr(volume[z], z=float(z))))) for z in range(3)]
-        seg = client.post("/segment/seg", files=series)
-        assert seg.status_code == 200, seg.text
-        uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, (_, data) in series]
-        frames = hd.seg.segread(io.BytesIO(seg.content)).get_pixels_by_source_instance(uids, segment_numbers=[1])
-        np.testing.assert_array_equal(frames[..., 0].astype(bool), only_small)
+        np.testing.assert_array_equal(seg_masks(client, volume), only_small)
         one = client.post("/segment", files=upload(inputs / "one.png")).json()
         assert one["volume_steps"] == [] and one["lesion_count"] == 2
 
