@@ -31,7 +31,7 @@ WEIGHTS = Path("models") / "model.pt"  # a bundle's (and a run folder's) best ne
 BEST_FILE = BUNDLES_DIR / "best.json"  # the shipped choice; `metaseg compare` writes one like it per run
 
 # A bundle's chosen inference steps (configs/inference.json `inference_steps`; metaseg.inference.steps applies them)
-BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "min_lesion_mm3", "largest_component")
+BUNDLE_STEPS = ("flip_tta", "threshold", "min_lesion_voxels", "min_lesion_mm3", "min_lesion_score", "largest_component")
 RUN_RECORD = "run.json"  # in a run folder: the bundle, data, seed and config overrides it was trained with
 
 # Config overrides a model needs again at inference (its input size; the inference steps its scores were made with),
@@ -89,12 +89,13 @@ def checked_steps(steps: Mapping, bundle: str, one_lesion_per_patient: bool = Fa
     steps = {key: value for key, value in steps.items() if key != "_desc_"}
     if set(steps) != set(BUNDLE_STEPS):
         raise UserError(f"{bundle}: inference_steps must hold exactly {', '.join(BUNDLE_STEPS)}, got {sorted(steps)}")
-    threshold, voxels, mm3 = steps["threshold"], steps["min_lesion_voxels"], steps["min_lesion_mm3"]
+    voxels, mm3 = steps["min_lesion_voxels"], steps["min_lesion_mm3"]
     if not all(isinstance(steps[key], bool) for key in ("flip_tta", "largest_component")) \
-            or not _number(threshold) or not 0 <= threshold <= 1 \
+            or not all(_number(steps[key]) and 0 <= steps[key] <= 1 for key in ("threshold", "min_lesion_score")) \
             or isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0 or not _number(mm3) or mm3 < 0:
-        raise UserError(f"{bundle}: inference_steps need true/false flip_tta and largest_component, a threshold in "
-                        f"[0, 1], a whole min_lesion_voxels >= 0 and a min_lesion_mm3 >= 0, got {steps}")
+        raise UserError(f"{bundle}: inference_steps need true/false flip_tta and largest_component, a threshold and a "
+                        f"min_lesion_score in [0, 1], a whole min_lesion_voxels >= 0 and a min_lesion_mm3 >= 0, "
+                        f"got {steps}")
     if steps["largest_component"] and not one_lesion_per_patient:
         raise UserError(f"{bundle}: inference_steps keep only the largest lesion, but the bundle does not declare "
                         f"one_lesion_per_patient: that step would delete all metastases but one")

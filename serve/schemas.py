@@ -55,6 +55,8 @@ class InferenceSteps(BaseModel):
                                    "under this many voxels are dropped (0: off)")
     min_lesion_mm3: float = Field(description="volumes with a known spacing: lesions under this volume are dropped "
                                   "(0: off)")
+    min_lesion_score: float = Field(description="volumes: lesions whose highest probability (their max_probability) "
+                                    "is under this are dropped (0, or a value up to the threshold: off)")
     largest_component: bool = Field(description="volumes: only the largest lesion is kept (only for a bundle that "
                                     "declares one lesion per patient)")
 
@@ -151,7 +153,7 @@ class SliceComponent(BaseModel):
 
 
 SequenceName = Literal["pre-contrast", "FLAIR", "post-contrast"]
-VolumeStep = Literal["min_lesion_voxels", "min_lesion_mm3", "largest_component"]
+VolumeStep = Literal["min_lesion_voxels", "min_lesion_mm3", "min_lesion_score", "largest_component"]
 
 
 class SegmentationReport(BaseModel):

@@ -71,7 +71,8 @@ def flair(frame: np.ndarray) -> np.ndarray:
 # the other sequences ignored; so masks can be checked exactly, with no training.
 THRESHOLD_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2, "kernel_size": 1}
 # no inference steps beyond the plain threshold: tests that check the pipeline itself, whatever cv chose for a bundle
-PLAIN_STEPS = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+PLAIN_STEPS = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+               "largest_component": False}
 
 
 def threshold_weights(path: Path) -> Path:

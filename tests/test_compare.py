@@ -175,7 +175,8 @@ def truth_of(data: Path, datalist: dict, split: str) -> dict[str, np.ndarray]:
     }
 
 
-CHOSEN = {"flip_tta": True, "threshold": 0.6, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+CHOSEN = {"flip_tta": True, "threshold": 0.6, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+          "largest_component": False}
 
 
 def write_run(run: Path, data: Path, datalist: dict, perfect_on: str, steps: str) -> None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skimage.filters import apply_hysteresis_threshold
 
 from conftest import REPO, assert_user_error, metaseg
 from test_engine import random_weights
 from metaseg.conventions import BUNDLE_STEPS
-from metaseg.evaluation import selection
+from metaseg.evaluation import cv_report, selection
 from metaseg.inference import steps as inference_steps
 from metaseg.training.cv import assign_folds, monitor_patients, site_folds, splits_final
 from metaseg.inference.engine import Engine
@@ -264,6 +265,109 @@ def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
     assert [row["patient"] for row in fitted["metric_per_patient"]] == list(truth)
     with pytest.raises(UserError, match="at least two folds"):
         selection.cross_fitted(truth, probs, ["net"], {p: 0 for p in truth})
+
+
+def test_a_minimum_lesion_score_keeps_a_small_confident_lesion_and_drops_a_large_unconfident_one():
+    pred = stack(LESION + (0.7,), SMALL + (0.95,))
+    config = {**inference_steps.DEFAULT, "min_lesion_score": 0.9}
+    np.testing.assert_array_equal(inference_steps.mask(pred, config), stack(SMALL) > 0)
+    assert inference_steps.mask(pred, {**config, "min_lesion_score": 0.7}).sum() == 606  # 0.7 reaches a seed of 0.7
+    assert inference_steps.mask(pred, {**config, "min_lesion_score": 0.5}).sum() == 606  # up to the threshold: off
+    assert inference_steps.mask(pred, config, volume=False).sum() == 606  # a single slice gets no component step
+    assert inference_steps.applied_volume_steps(config, True, None) == ["min_lesion_score"]
+    assert inference_steps.has_volume_steps(config)
+    assert not inference_steps.has_volume_steps({**config, "min_lesion_score": 0.5})
+
+
+def test_hysteresis_is_the_threshold_as_the_low_one_and_the_score_as_the_seed():
+    """LESION and SECOND at 0.4, a seed of 0.9 inside LESION only: over 0.3 with seeds of 0.8, LESION grows whole
+    from its seed and SECOND, with none, goes; skimage's hysteresis, with strict inequalities and face neighbours,
+    agrees here."""
+    pred = stack(LESION + (0.4,), SECOND + (0.4,))
+    pred[1, 8:10, 8:10] = 0.9
+    kept = inference_steps.mask(pred, {**inference_steps.DEFAULT, "threshold": 0.3, "min_lesion_score": 0.8})
+    np.testing.assert_array_equal(kept, stack(LESION) > 0)
+    np.testing.assert_array_equal(kept, apply_hysteresis_threshold(pred, 0.3, 0.8))
+
+
+def test_a_minimum_lesion_score_is_kept_where_it_raises_the_dice_and_loses_no_lesion():
+    """A confident small metastasis (30 voxels, 0.95) and a large unconfident false lesion (200 voxels, 0.7): no
+    minimum size may remove the blob (it is larger than the metastasis), a score of 0.8 does, and the first tied
+    candidate (0.8) is kept; a lower threshold with its seed (hysteresis) gains nothing more."""
+    truth = {"A": stack(LESION, SMALL) > 0}
+    prob = stack(LESION + (0.9,), SMALL + (0.95,), BLOB + (0.7,))
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    chosen = selection.select(truth, probs, ["net"], keep_reference=False)
+    steps = {s["step"]: s for s in chosen["steps"]}
+    assert not steps["min_lesion_voxels"]["kept"]  # 10 and 25 keep the blob, larger sizes exceed the metastasis
+    score = steps["min_lesion_score"]
+    assert score["kept"] and score["value"] == 0.8 and list(score["candidates"]) == ["0.6", "0.7", "0.8", "0.9", "0.95"]
+    assert score["lesion_sensitivity_3d_with"] == 1.0 and score["mean_dice_3d_with"] == 1.0
+    assert not steps["hysteresis"]["kept"] and steps["hysteresis"]["gain"] == 0
+    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "min_lesion_score": 0.8}
+    assert chosen["inference_steps"]["min_lesion_score"] == 0.8
+    report = cv_report.markdown({"folds": 2, "folds_done": {}, "complete": True, "recipe": {}, "seed": 0,
+                                 "command": "c", "model_selection": "m", "models": {}, "patients": {},
+                                 "postprocessing": chosen})
+    assert "| min_lesion_score | 0.8 | 0.8584 | 1.0000 | +0.1416 | 1.000 | 1.000 | yes |" in report
+
+
+def test_a_minimum_lesion_score_that_loses_a_metastasis_is_never_kept():
+    """The small metastasis is as unconfident (0.7) as the false blob: the scores that drop the blob (0.8 and up)
+    raise the Dice but drop the metastasis too, so they do not compete."""
+    truth = {"A": stack(LESION, SMALL) > 0}
+    prob = stack(LESION + (0.9,), SMALL + (0.7,), BLOB + (0.7,))
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    chosen = selection.select(truth, probs, ["net"], keep_reference=False)
+    step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_score")
+    high = step["candidates"]["0.8"]
+    assert high["mean_dice_3d"] > step["mean_dice_3d_without"] and high["lesion_sensitivity_3d"] == 0.5
+    assert not step["kept"] and step["value"] <= 0.7
+    assert chosen["config"]["min_lesion_score"] == 0 and chosen["lesion_sensitivity_3d"] == 1.0
+    faint = stack(LESION + (0.9,), SMALL + (0.55,), BLOB + (0.55,))  # every score (0.6 and up) drops the metastasis
+    alone = selection.select(truth, {"A": {"net": {"prob": faint, "prob_flip": faint}}}, ["net"], keep_reference=False)
+    step = next(s for s in alone["steps"] if s["step"] == "min_lesion_score")
+    assert step["gain"] > 0 and not step["kept"] and step["note"] == "loses 1 of 2 lesions"
+    assert alone["config"]["min_lesion_score"] == 0 and alone["lesion_sensitivity_3d"] == 1.0
+
+
+def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
+    """B and C (fold 1) have a confident lesion and an unconfident false blob, which a score of 0.8 removes; A (fold 0)
+    has an unconfident small metastasis, which it would delete. Chosen on all three, no score (it loses A's lesion);
+    cross-fitted, fold 0 gets the score chosen on B and C and loses A's metastasis, fold 1 none."""
+    truth = {"A": stack(LESION, SMALL) > 0, "B": stack(LESION) > 0, "C": stack(LESION) > 0}
+    confident = stack(LESION + (0.9,), BLOB + (0.7,))
+    probs = {"A": {"net": {"prob": stack(LESION + (0.9,), SMALL + (0.7,))}}, "B": {"net": {"prob": confident}},
+             "C": {"net": {"prob": confident}}}
+    for maps in probs.values():
+        maps["net"]["prob_flip"] = maps["net"]["prob"]
+    fold_of = {"A": 0, "B": 1, "C": 1}
+    assert selection.select(truth, probs, ["net"])["config"]["min_lesion_score"] == 0
+    seen = []
+    real = selection.select
+    monkeypatch.setattr(selection, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
+    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of)
+    assert seen == [["B", "C"], ["A"]]
+    assert {k: chosen["config"]["min_lesion_score"] for k, chosen in fitted["selections"].items()} == {0: 0.8, 1: 0}
+    rows = {row["patient"]: row for row in fitted["metric_per_patient"]}
+    assert rows["A"]["dice_3d"] == pytest.approx(2 * 576 / (2 * 576 + 30))  # its metastasis deleted out of fold
+    assert rows["B"]["dice_3d"] == rows["C"]["dice_3d"] == pytest.approx(2 * 576 / (2 * 576 + 200))
+
+
+def test_hysteresis_is_chosen_where_a_lesion_s_rim_is_below_the_threshold_and_a_false_one_has_no_seed():
+    """LESION's core is 0.9 and its rim 0.4; a large false lesion lies at 0.4. No threshold alone helps (0.4 keeps
+    the false lesion, 0.45 and up miss the rim), and a score at the threshold removes nothing; over 0.3 (the first
+    of the tied lower thresholds) with a seed of 0.6, the lesion is whole and the false one gone."""
+    truth = {"A": stack(LESION) > 0}
+    prob = stack(LESION + (0.4,), (slice(0, 4), slice(20, 40), slice(20, 40), 0.4))
+    prob[:, 6:14, 6:14] = 0.9
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    chosen = selection.select(truth, probs, ["net"])
+    steps = {s["step"]: s for s in chosen["steps"]}
+    assert not steps["threshold"]["kept"] and not steps["min_lesion_score"]["kept"]
+    hysteresis = steps["hysteresis"]
+    assert hysteresis["kept"] and hysteresis["value"] == (0.3, 0.6) and hysteresis["mean_dice_3d_with"] == 1.0
+    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "threshold": 0.3, "min_lesion_score": 0.6}
 
 
 def test_ensemble_and_flip_average_probabilities_and_read_uint8():

@@ -37,8 +37,10 @@ from test_deploy import deploy
 from test_engine import random_weights
 from test_serve import dcm, mr
 
-CHOSEN = {"flip_tta": True, "threshold": 0.4, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
-DEFAULT = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+CHOSEN = {"flip_tta": True, "threshold": 0.4, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+          "largest_component": False}
+DEFAULT = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+           "largest_component": False}
 BRIGHT_NET = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2, "kernel_size": 1}
 
 
@@ -160,6 +162,16 @@ def multi_frame(path: Path, volume: np.ndarray) -> Path:
     return path
 
 
+def seg_masks(client: TestClient, volume: np.ndarray) -> np.ndarray:
+    """The masks of the server's DICOM SEG of `volume` sent as a DICOM series, in series order."""
+    series = [("file", (f"s{z}.dcm", dcm(mr(pixels, z=float(z))))) for z, pixels in enumerate(volume)]
+    seg = client.post("/segment/seg", files=series)
+    assert seg.status_code == 200, seg.text
+    uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, (_, data) in series]
+    frames = hd.seg.segread(io.BytesIO(seg.content)).get_pixels_by_source_instance(uids, segment_numbers=[1])
+    return frames[..., 0].astype(bool)
+
+
 def test_a_volume_gets_the_component_steps_in_predict_and_the_server_and_a_single_slice_does_not(tmp_path):
     volume = hand_made_volume()
     only_big = expected(volume, *[(z, BIG) for z in (0, 1, 2)])
@@ -188,12 +200,7 @@ def test_a_volume_gets_the_component_steps_in_predict_and_the_server_and_a_singl
         assert one["volume_steps"] == [] and one["lesion_count"] == 2 and one["total_area_px"] == single.sum()
         np.testing.assert_array_equal(png(client.post("/segment/mask", files=upload(inputs / "one.png"))) > 0, single)
         # a DICOM series is a volume too, and its SEG holds the volume's masks
-        series = [("file", (f"s{z}.dcm", dcm(mr(volume[z], z=float(z))))) for z in range(4)]
-        seg = client.post("/segment/seg", files=series)
-        assert seg.status_code == 200, seg.text
-        uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for _, (_, data) in series]
-        frames = hd.seg.segread(io.BytesIO(seg.content)).get_pixels_by_source_instance(uids, segment_numbers=[1])
-        np.testing.assert_array_equal(frames[..., 0].astype(bool), only_big)
+        np.testing.assert_array_equal(seg_masks(client, volume), only_big)
 
 
 def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_one_volume(tmp_path):
@@ -221,12 +228,53 @@ def test_minimum_size_and_largest_component_differ_and_a_data_patient_folder_is_
     assert not masks[10].any()  # MEDIUM is not the largest 3D lesion of the patient
 
 
+def test_a_minimum_lesion_score_drops_a_large_unconfident_lesion_in_predict_the_server_and_its_files(tmp_path):
+    """BIG (192 voxels) dim and SMALL (27 voxels) bright on slices 0-2: min_lesion_score 0.95 keeps SMALL (its
+    probability ~0.997) and drops BIG (~0.88), which no minimum size could do without dropping SMALL first. predict,
+    the report, the PNG, SEG and NIfTI masks all hold SMALL only; a single slice gets no component step."""
+    volume = np.full((3, 32, 32), 20, np.uint16)
+    for z in range(3):
+        volume[z][BIG], volume[z][SMALL] = 120, 250  # each slice holds both, so they are normalised alike
+    only_small = expected(volume, *[(z, SMALL) for z in range(3)])
+    bundle = bundle_with(tmp_path, {**DEFAULT, "min_lesion_score": 0.95}, BRIGHT_NET)
+    engine = Engine(bundle)
+    probabilities = np.stack(engine.probabilities(list(volume)))
+    lesions = expected(volume, *[(z, where) for z in range(3) for where in (BIG, SMALL)])
+    assert probabilities[lesions].min() > 0.5 > probabilities[~lesions].max()  # both are lesions at the threshold
+    assert probabilities[:, BIG[0], BIG[1]].max() < 0.95 < probabilities[:, SMALL[0], SMALL[1]].max()
+    np.testing.assert_array_equal(upload_masks(list(probabilities), engine.inference_steps, volume=True), only_small)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    multi_frame(inputs / "multi.dcm", volume)
+    PIL.Image.fromarray(volume[1].astype(np.uint8)).save(inputs / "one.png")
+    predict(inputs, tmp_path / "out", engine)
+    by_predict = np.stack([np.asarray(PIL.Image.open(tmp_path / "out" / f"multi_{k}_seg.png")) > 0 for k in range(3)])
+    np.testing.assert_array_equal(by_predict, only_small)
+    single = np.asarray(PIL.Image.open(tmp_path / "out" / "one_seg.png")) > 0
+    np.testing.assert_array_equal(single, expected(volume, (1, BIG), (1, SMALL))[1])  # 2D: both kept
+    with serving(bundle) as client:
+        report = client.post("/segment", files=upload(inputs / "multi.dcm")).json()
+        assert report["volume_steps"] == ["min_lesion_score"] and report["lesion_count"] == 1
+        assert report["lesions"][0]["voxels"] == 27 and report["lesions"][0]["max_probability"] >= 0.95
+        for k in range(3):
+            np.testing.assert_array_equal(png(client.post("/segment/mask", files=upload(inputs / "multi.dcm"),
+                                                          params={"slice": k})) > 0, only_small[k])
+        nifti = client.post("/segment/nifti", files=upload(inputs / "multi.dcm"))
+        assert nifti.status_code == 200, nifti.text
+        np.testing.assert_array_equal(np.stack(decode([("m.nii.gz", nifti.content)]).frames) > 0, only_small)
+        np.testing.assert_array_equal(seg_masks(client, volume), only_small)
+        one = client.post("/segment", files=upload(inputs / "one.png")).json()
+        assert one["volume_steps"] == [] and one["lesion_count"] == 2
+
+
 def test_unusable_inference_steps_are_a_clear_error(tmp_path):
     bundle = bundle_with(tmp_path, {**DEFAULT, "threshold": 1.5})
-    with pytest.raises(UserError, match=r"a threshold in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"a threshold and a min_lesion_score in \[0, 1\]"):
         Engine(bundle)
+    with pytest.raises(UserError, match=r"a threshold and a min_lesion_score in \[0, 1\]"):
+        Engine(bundle, overrides={"inference_steps": {**DEFAULT, "min_lesion_score": -0.1}})
     with pytest.raises(UserError, match="must hold exactly flip_tta, threshold, min_lesion_voxels, min_lesion_mm3, "
-                                        "largest_component"):
+                                        "min_lesion_score, largest_component"):
         Engine(bundle, overrides={"inference_steps": {"threshold": 0.5}})
     with pytest.raises(UserError, match="does not declare one_lesion_per_patient"):
         Engine(bundle, overrides={"inference_steps": {**DEFAULT, "largest_component": True}})

@@ -72,7 +72,7 @@ class EchoEngine:
     spatial_size = 32
     batch_size = 4  # slices per call, as the server batches for a real engine
     inference_steps = {"flip_tta": False, "threshold": 0.5, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
-                       "largest_component": False}
+                       "min_lesion_score": 0, "largest_component": False}
     one_lesion_per_patient = False
 
     def probabilities(self, frames):

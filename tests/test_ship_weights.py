@@ -21,9 +21,9 @@ from test_bundles import network_def
 
 FOLDS = 3
 STEPS = {"unetpp": {"flip_tta": True, "threshold": 0.4, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
-                    "largest_component": False},
+                    "min_lesion_score": 0.8, "largest_component": False},
          "attention_unet": {"flip_tta": False, "threshold": 0.55, "min_lesion_voxels": 0, "min_lesion_mm3": 0,
-                            "largest_component": False}}
+                            "min_lesion_score": 0, "largest_component": False}}
 
 
 def ship_weights():

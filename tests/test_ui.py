@@ -119,7 +119,8 @@ TUMOUR = [tumour_slice(), tumour_slice("A"), tumour_slice("A"), tumour_slice("A"
 
 
 NIFTI, SEG = gzip.compress(b"a NIfTI", mtime=0), b"a DICOM SEG"
-STEPS = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "largest_component": False}
+STEPS = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
+         "largest_component": False}
 
 
 @dataclass
@@ -658,6 +659,8 @@ def test_the_viewers_lesions_are_metaseg_lesions_of_the_final_masks():
     found = findings.find(np.stack(TUMOUR), volume, STEPS, 0.45)
     assert found.lesions == measure(np.stack(TUMOUR) >= 0.45 * 255, np.stack(TUMOUR) / 255, (0.5, 0.5), 2.0)
     assert findings.lesion_slices(found) == "2–4" and findings.start_slice(found) == 1
+    assert findings.applied_steps({**STEPS, "min_lesion_score": 0.9}, volume) == [
+        "lesions with no probability of 0.9 or more removed"]
     nothing = findings.find(np.zeros((7, 4, 4), np.uint8), decode([(f"{z}.png", png(SERIES[2][:4, :4]))
                                                                    for z in range(7)]), STEPS, 0.5)
     assert findings.lesion_slices(nothing) == "none" and findings.start_slice(nothing) == 3

@@ -47,7 +47,9 @@ def applied_steps(steps: Mapping, volume: Volume) -> list[str]:
     """The component steps that `upload_masks` applies to this upload, in words."""
     smallest = min_size(steps, volume.voxel_mm3)
     words = {"min_lesion_mm3": f"lesions under {steps['min_lesion_mm3']:g} mm³ ({smallest} voxels) removed",
-             "min_lesion_voxels": f"lesions under {smallest} voxels removed", **STEP_WORDS}
+             "min_lesion_voxels": f"lesions under {smallest} voxels removed",
+             "min_lesion_score": f"lesions with no probability of {steps['min_lesion_score']:g} or more removed",
+             **STEP_WORDS}
     return [words[step] for step in applied_volume_steps(steps, volume.is_volume, volume.voxel_mm3)]
 
 

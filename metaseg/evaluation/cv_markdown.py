@@ -26,6 +26,7 @@ def _steps(steps: dict) -> str:
     words = [*(["flip TTA"] if steps["flip_tta"] else []), f"threshold {steps['threshold']}",
              *([f"min {steps['min_lesion_voxels']} voxels"] if steps["min_lesion_voxels"] else []),
              *([f"min {steps['min_lesion_mm3']} mm3"] if steps["min_lesion_mm3"] else []),
+             *([f"min score {steps['min_lesion_score']}"] if steps.get("min_lesion_score") else []),
              *(["largest component"] if steps["largest_component"] else [])]
     return ", ".join(words)
 
@@ -130,7 +131,8 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
         lines += ["", "## Inference steps chosen on out-of-fold probabilities", "",
                   "Tried in this order; a step is kept only if it raises the mean per-patient 3D Dice and finds "
                   "no fewer lesions (3D lesion sensitivity pooled over these patients, as in the lesion table); the "
-                  "threshold and the minimum size are chosen among the values that lose no lesion, and minimum "
+                  "threshold, the minimum size and the minimum lesion score (alone, and as the seed of hysteresis "
+                  "over a lower threshold) are chosen among the values that lose no lesion, and minimum "
                   "sizes go up to the smallest ground-truth lesion of these patients"
                   + (f" ({post['smallest_gt_lesion_voxels']} voxels)" if post["smallest_gt_lesion_voxels"] else "")
                   + " and to what keeps 99% of the reference phantom's metastases"

@@ -6,6 +6,12 @@ lower the lesion detection sensitivity (3D lesions as metaseg.evaluation.metrics
 out-of-fold patients): a step that buys Dice by deleting a metastasis is never kept. The gain of each is reported
 whether kept or not.
 
+A minimum lesion score (a lesion's highest probability) is for the false lesions that no minimum size removes without
+deleting small metastases. Its guard is the lesion rule alone: the reference phantom that bounds the minimum size
+holds perfect masks (probability 1 inside), which every score keeps; whether a score drops the phantom's small
+metastases needs a model's probabilities on the phantom, which this selection does not have (left to a run of the
+served model on it).
+
 The selection's own figures are in-sample (chosen and scored on the same patients); `cross_fitted` scores each fold
 with the steps chosen on the other folds, the estimate of what the chosen steps do on patients they were not chosen on.
 """
@@ -33,6 +39,7 @@ from metaseg.inference.steps import DEFAULT, SLICE_STEPS, Probs, mask, probabili
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_LESION_VOXELS = (10, 25, 50, 100, 200, 400)
+MIN_LESION_SCORES = (0.6, 0.7, 0.8, 0.9, 0.95)  # tried where above the chosen threshold (at or below it, no-ops)
 
 
 def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
@@ -133,10 +140,15 @@ def reference_size_cap(sizes: Sequence[int] | None = None) -> int:
     return int(max(allowed))
 
 
-def _best(score: Scorer, config: dict, key: str, values, floor: int) -> tuple[object, Score, dict]:
+def _with(config: dict, key: str | tuple[str, ...], value) -> dict:
+    """The configuration with `key` set to `value`; a tuple of keys (one step setting several) takes a tuple."""
+    return {**config, **(dict(zip(key, value)) if isinstance(key, tuple) else {key: value})}
+
+
+def _best(score: Scorer, config: dict, key: str | tuple[str, ...], values, floor: int) -> tuple[object, Score, dict]:
     """The value of `key` with the highest mean Dice among those detecting at least `floor` lesions (the first of a
     tie; among all values if none does, for the report to show), its score, and every value's score."""
-    scores = {value: score({**config, key: value}) for value in values}
+    scores = {value: score(_with(config, key, value)) for value in values}
     eligible = [value for value in scores if scores[value].detected >= floor] or list(scores)
     best = max(eligible, key=lambda value: scores[value].mean_dice_3d)
     return best, scores[best], scores
@@ -144,7 +156,8 @@ def _best(score: Scorer, config: dict, key: str, values, floor: int) -> tuple[ob
 
 def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
            score: Scorer | None = None, one_lesion_per_patient: bool = False, keep_reference: bool = True) -> dict:
-    """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, largest component).
+    """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, minimum lesion score,
+    hysteresis, largest component).
 
     `truth`: patient -> boolean ground-truth stack; `probs`: patient -> model -> {"prob", "prob_flip"}, for every
     patient of `truth` and every model of `models`. A step is kept only for a mean Dice gain > 0 that detects no
@@ -152,6 +165,9 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
     minimum sizes in voxels (the out-of-fold data carry no spacing, so min_lesion_mm3 stays 0) up to the smallest
     scored ground-truth lesion of these patients and, with `keep_reference`, up to the size that keeps 99% of the
     reference phantom's metastases (a one-lesion glioma set must not teach a bundle to drop small metastases);
+    minimum lesion scores of MIN_LESION_SCORES above the chosen threshold, among those that lose no lesion; then
+    hysteresis, each threshold of THRESHOLDS below the chosen one with the score as its seed (the kept score, else the
+    score step's best candidate): a lesion that reaches the seed grows over the lower threshold;
     `largest_component` only where the data are declared
     `one_lesion_per_patient`. Returns the chosen configuration and, per step, the mean Dice and lesion sensitivity
     without and with it, the gain, and whether it was kept; `skipped` says why a step was not tried. `score`: a
@@ -166,7 +182,7 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
               "candidates": {name: s.figures() for name, s in single.items()}}]
     skipped = {}
 
-    def consider(step: str, key: str, value, with_it: Score, candidates: dict | None = None) -> None:
+    def consider(step: str, key: str | tuple[str, ...], value, with_it: Score, candidates: dict | None = None) -> None:
         nonlocal config, current
         gain = with_it.mean_dice_3d - current.mean_dice_3d
         loses = with_it.detected < current.detected
@@ -178,7 +194,7 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
                          if loses else {}),
                       **({"candidates": {str(k): v.figures() for k, v in candidates.items()}} if candidates else {})})
         if gain > 0 and not loses:
-            config, current = {**config, key: value}, with_it
+            config, current = _with(config, key, value), with_it
 
     if len(models) > 1:
         consider("ensemble", "models", list(models), score({**config, "models": list(models)}))
@@ -196,6 +212,15 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
         why = (f"the smallest ground-truth lesion ({smallest} voxels)" if cap is None or smallest <= cap else
                f"what keeps {KEEP_REFERENCE_SHARE:.0%} of the reference phantom's metastases ({cap} voxels)")
         skipped["min_lesion_voxels"] = f"every candidate ({', '.join(map(str, MIN_LESION_VOXELS))}) exceeds {why}"
+    seeds = [seed for seed in MIN_LESION_SCORES if seed > config["threshold"]]  # THRESHOLDS end below them all
+    seed, with_seed, by_seed = _best(score, config, "min_lesion_score", seeds, current.detected)
+    consider("min_lesion_score", "min_lesion_score", seed, with_seed, by_seed)
+    seed, lower = config["min_lesion_score"] or seed, [t for t in THRESHOLDS if t < config["threshold"]]
+    if lower:
+        consider("hysteresis", ("threshold", "min_lesion_score"),
+                 *_best(score, config, ("threshold", "min_lesion_score"), [(t, seed) for t in lower], current.detected))
+    else:
+        skipped["hysteresis"] = f"no candidate threshold below the chosen {config['threshold']}"
     if one_lesion_per_patient:
         consider("largest_component", "largest_component", True, score({**config, "largest_component": True}))
     else:
