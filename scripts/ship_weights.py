@@ -195,8 +195,11 @@ def record_from_report(cv: dict, report: Path, bundles: Path = BUNDLES_DIR, name
     served = cv["served"]
     per_bundle = cv["served_per_bundle"]
     best = served["bundle"]
+    unscored = [name for name in NAMES if name not in per_bundle]
+    chosen_by = (served["chosen_by"] if not unscored else f"the only bundle this cross-validation scored "
+                 f"({', '.join(unscored)} not cross-validated on these patients, so not compared)")
     write_best(bundles / BEST_FILE.name, best, default_weights(bundles / best), {}, report=report,
-               selected_by=f"{served['chosen_by']}; {cv['folds']}-fold patient cross-validation (seed {cv['seed']}, "
+               selected_by=f"{chosen_by}; {cv['folds']}-fold patient cross-validation (seed {cv['seed']}, "
                f"{served['n_patients']} patients); shipped: the bundle's {cv['folds']} fold models, averaged",
                cv_served_dice_3d={name: entry["mean_dice_3d"] for name, entry in per_bundle.items()},
                cv_served_ci95_dice_3d={name: entry["ci95_dice_3d"] for name, entry in per_bundle.items()})

@@ -160,3 +160,4 @@ def test_one_bundle_ships_alone_from_a_report_of_it_alone(finished, monkeypatch)
     assert metrics["cv_oof_argmax_dice_3d_per_patient"] == 0.66
     record = json.loads((bundles / "best.json").read_text())
     assert record["bundle"] == "attention_unet" and record["cv_served_dice_3d"] == {"attention_unet": 0.8}
+    assert record["selected_by"].startswith("the only bundle this cross-validation scored (unetpp not")
