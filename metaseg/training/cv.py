@@ -274,6 +274,6 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
     for k in range(folds):
         for name, bundle in resolved.items():
             if run(k, name, bundle):
-                report_out = report_dir(out, split)
-    result = report(data, found, fold_runs, report_out, plan, list(resolved), command, n_resamples, declared)
+                result = report(data, found, fold_runs, report_out, plan, list(resolved), command, n_resamples,
+                                declared)
     return result
