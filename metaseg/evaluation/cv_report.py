@@ -227,7 +227,7 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
         result["served"] = {**best, "chosen_by": SERVED_CHOICE}
         if "skull_stripped" in best:
             result["skull_stripped"] = {"bundle": best["bundle"], **best["skull_stripped"]}
-    site = site_summary(out / "site_cv" / "cv.json", result, n_resamples, seed) if "sites" not in plan else None
+    site = site_summary(out, result, n_resamples, seed) if "sites" not in plan else None
     if site:
         result["site_cv"] = site
     write_bytes_atomic(out / "cv_folds.png", folds_figure(result))

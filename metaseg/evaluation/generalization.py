@@ -12,6 +12,7 @@ import numpy as np
 from metaseg.evaluation.metrics import paired_difference
 
 
+SITE_REPORTS = "site_cv"  # a site split's reports, under the patient reports' folder (metaseg cv --split site)
 VIEW_KEYS = ("mean_dice_3d", "ci95_dice_3d", "lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
              "n_patients")
 
@@ -27,11 +28,12 @@ def view_figures(view: dict, base: dict, n_resamples: int, seed: int) -> dict:
                                          [view["dice_3d_per_patient"][p] for p in patients], n_resamples, seed)}}
 
 
-def site_summary(file: Path, result: dict, n_resamples: int, seed: int) -> dict | None:
+def site_summary(out: Path, result: dict, n_resamples: int, seed: int) -> dict | None:
     """cv.json's `site_cv`: the leave-one-site-out figure of this report's served bundle (`metaseg cv --split site`,
-    its report in `file`), per site, and the gap to this patient cross-validation on the same patients. The served
+    its report in OUT/SITE_REPORTS), per site, and the gap to this patient cross-validation on the same patients. The served
     figure (steps chosen on the other sites) where every site is done, else the plain model row (threshold 0.5, no
     TTA) against the same row here; None without a site report or without the bundle in it."""
+    file = out / SITE_REPORTS / "cv.json"
     if not file.is_file():
         return None
     site = json.loads(file.read_text())
@@ -52,7 +54,7 @@ def site_summary(file: Path, result: dict, n_resamples: int, seed: int) -> dict 
     for patient, dice in per_patient.items():
         per_site.setdefault(fold_of[patient], []).append(dice)
     values = [d for d in per_patient.values() if d is not None]
-    return {"bundle": name, "complete": site["complete"], "steps": steps, "report": "site_cv/cv.md",
+    return {"bundle": name, "complete": site["complete"], "steps": steps, "report": f"{SITE_REPORTS}/cv.md",
             "n_patients": len(values), "mean_dice_3d": float(np.mean(values)) if values else None,
             "per_site": {s: {"mean_dice_3d": float(np.mean(v)), "n_patients": len(v)} for s, v in sorted(per_site.items())},
             "gap": {"metric": "dice_3d", "difference": "patient CV - site CV, same patients",

@@ -29,16 +29,18 @@ def done_folds(runs: Path, name: str, folds: int) -> list[int]:
     return [k for k in range(folds) if (fold_dir(runs, name, k) / "fold.json").is_file()]
 
 
+def has_views(file: Path) -> bool:
+    """Whether a patient's file exists and holds ALWAYS_VIEWS (one of an older run may lack a newer view); reads
+    the file's index, not its arrays."""
+    if not file.is_file():
+        return False
+    with np.load(file) as npz:
+        return set(ALWAYS_VIEWS) <= set(npz.files)
+
+
 def views_complete(fold_dir: Path, patients: list[str]) -> bool:
-    """Whether every held-out patient's file holds ALWAYS_VIEWS (a fold of an older run may lack a newer view)."""
-    for patient in patients:
-        file = fold_dir / "oof" / f"{patient}.npz"
-        if not file.is_file():
-            return False
-        with np.load(file) as npz:
-            if not set(ALWAYS_VIEWS) <= set(npz.files):
-                return False
-    return True
+    """Whether every held-out patient's file holds ALWAYS_VIEWS."""
+    return all(has_views(fold_dir / "oof" / f"{patient}.npz") for patient in patients)
 
 
 def write_npz(path: Path, **arrays) -> Path:

@@ -45,14 +45,15 @@ from metaseg.data.discovery import discover, member, open_source
 from metaseg.errors import UserError
 from metaseg.evaluation import out_of_fold
 from metaseg.evaluation.cv_report import report
-from metaseg.evaluation.out_of_fold import ALWAYS_VIEWS, SELECTION, as_uint8, read_npz, write_npz
+from metaseg.evaluation.generalization import SITE_REPORTS
+from metaseg.evaluation.out_of_fold import SELECTION, as_uint8, has_views, read_npz, write_npz
 from metaseg.files import write_json_atomic
 from metaseg.inference.skull_strip import skull_stripped
 from metaseg.inference.steps import network_maps
 
 MONITOR_PATIENTS = 3
 SITE = re.compile(r"TCGA_([A-Z0-9]{2})_")  # TCGA's tissue source site: the hospital a patient's scans come from
-SITE_RUNS, SITE_REPORTS = "site", "site_cv"  # the site split's folders under --runs and --out
+SITE_RUNS = "site"  # the site split's folder under --runs (its reports: generalization.SITE_REPORTS under --out)
 
 
 def assign_folds(patients: list[str], folds: int, seed: int) -> list[list[str]]:
@@ -129,9 +130,9 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
     with open_source(data) as files:
         for patient, slices in by_patient(items).items():
             out = fold_dir / "oof" / f"{patient}.npz"
-            saved = read_npz(out) if out.is_file() else {}
-            if all(view in saved for view in ALWAYS_VIEWS):
+            if has_views(out):
                 continue
+            saved = read_npz(out) if out.is_file() else {}
             engine = engine or Engine(bundle, weights=fold_dir / "models" / "model.pt",
                                       overrides=model_overrides(fold_dir))
             frames = []

@@ -50,7 +50,7 @@ def brain_mask(image, erosion: float, threshold: float = 0.1) -> np.ndarray:
     labels, count = ndimage.label(ndimage.binary_fill_holes(brightest > threshold * top))
     if count == 0:
         return np.zeros(brightest.shape, bool)
-    head = labels == 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(labels), labels, range(1, count + 1))))
+    head = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     return ndimage.distance_transform_edt(head) > erosion
 
 
