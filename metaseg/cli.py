@@ -155,6 +155,23 @@ def cmd_failures(args) -> None:
     print(f"wrote {args.out / 'failures.md'} and its pictures in {args.out / 'failures'}")
 
 
+def cmd_retention(args) -> None:
+    import shlex
+
+    from metaseg.evaluation.cv_report import REPO
+    from metaseg.evaluation.retention import measure, summary
+    from metaseg.evaluation.runs import parse_run
+    from metaseg.files import relative_paths, write_json_atomic
+
+    measured = measure([parse_run(r) for r in args.run])
+    for model in measured["models"].values():
+        model["run"] = relative_paths(model["run"], REPO)
+    command = shlex.join(["metaseg", "retention", *(f"--run={r}" for r in args.run), "--out", str(args.out)])
+    write_json_atomic(args.out, {"command": relative_paths(command, REPO), **measured})
+    print("\n".join(summary(measured)))
+    print(f"wrote {args.out}")
+
+
 def cmd_serve(args) -> None:
     import copy
     import os
@@ -293,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "ids, one fold per site (--folds unused), in RUNS/site with reports in OUT/site_cv; the patient "
                    "report then shows the site figure beside its own")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("retention", help="the reference phantom's lesions that trained models find unfiltered, "
+                       "with the highest lesion score that keeps each: what bounds a min_lesion_score")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
+                   help="bundle name and `metaseg train` run folder (the demo's: runs/demo/NAME); repeat")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write (the repository's: "
+                   "reports/phantom_retention.json, which the step selection reads)")
+    p.set_defaults(func=cmd_retention)
 
     p = sub.add_parser("failures", help="the served model's 5 worst out-of-fold patients of a `metaseg cv`: a strip "
                        "of each one's lesion slices, truth and prediction outlined, and what went wrong")

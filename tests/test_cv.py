@@ -21,7 +21,7 @@ from skimage.filters import apply_hysteresis_threshold
 from conftest import REPO, assert_user_error, metaseg
 from test_engine import random_weights
 from metaseg.conventions import BUNDLE_STEPS
-from metaseg.evaluation import cv_report, selection
+from metaseg.evaluation import cv_report, retention, selection
 from metaseg.inference import steps as inference_steps
 from metaseg.training.cv import assign_folds, monitor_patients, site_folds, splits_final
 from metaseg.inference.engine import Engine
@@ -301,7 +301,7 @@ def test_a_minimum_lesion_score_is_kept_where_it_raises_the_dice_and_loses_no_le
     steps = {s["step"]: s for s in chosen["steps"]}
     assert not steps["min_lesion_voxels"]["kept"]  # 10 and 25 keep the blob, larger sizes exceed the metastasis
     score = steps["min_lesion_score"]
-    assert score["kept"] and score["value"] == 0.8 and list(score["candidates"]) == ["0.6", "0.7", "0.8", "0.9", "0.95"]
+    assert score["kept"] and score["value"] == 0.8 and list(score["candidates"]) == ["0.55", "0.6", "0.7", "0.8", "0.9", "0.95"]
     assert score["lesion_sensitivity_3d_with"] == 1.0 and score["mean_dice_3d_with"] == 1.0
     assert not steps["hysteresis"]["kept"] and steps["hysteresis"]["gain"] == 0
     assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "min_lesion_score": 0.8}
@@ -324,11 +324,54 @@ def test_a_minimum_lesion_score_that_loses_a_metastasis_is_never_kept():
     assert high["mean_dice_3d"] > step["mean_dice_3d_without"] and high["lesion_sensitivity_3d"] == 0.5
     assert not step["kept"] and step["value"] <= 0.7
     assert chosen["config"]["min_lesion_score"] == 0 and chosen["lesion_sensitivity_3d"] == 1.0
-    faint = stack(LESION + (0.9,), SMALL + (0.55,), BLOB + (0.55,))  # every score (0.6 and up) drops the metastasis
+    faint = stack(LESION + (0.9,), SMALL + (0.52,), BLOB + (0.52,))  # every score (0.55 and up) drops the metastasis
     alone = selection.select(truth, {"A": {"net": {"prob": faint, "prob_flip": faint}}}, ["net"], keep_reference=False)
     step = next(s for s in alone["steps"] if s["step"] == "min_lesion_score")
     assert step["gain"] > 0 and not step["kept"] and step["note"] == "loses 1 of 2 lesions"
     assert alone["config"]["min_lesion_score"] == 0 and alone["lesion_sensitivity_3d"] == 1.0
+
+
+def test_a_score_cap_keeps_99_percent_of_the_found_reference_lesions():
+    assert selection.score_cap([0.6] + [0.99] * 99) == np.float32(0.99)  # dropping 1 of 100 is allowed
+    assert selection.score_cap([0.6, 0.7] + [0.99] * 98) == np.float32(0.7)  # 2 of 100 is not
+    assert selection.score_cap([0.9, 0.6, 0.8]) == np.float32(0.6)  # under 100 lesions, none may go
+    assert selection.score_cap([]) == 1
+
+
+def test_a_found_lesion_s_keep_score_is_the_highest_score_of_the_predicted_lesions_matching_it():
+    """The metastasis is found at 0.9, the small one at 0.7, the blob matches nothing; over 0.75 the small one is
+    not found at all, so it has no keep score there."""
+    gt = stack(LESION, SMALL) > 0
+    prob = stack(LESION + (0.9,), SMALL + (0.7,), BLOB + (0.6,))
+    prob[0, 4, 4] = 0.95  # one voxel of the lesion more confident: the lesion's score is its highest voxel
+    assert retention.keep_scores(gt, prob, 0.5) == [{"voxels": 576, "keep_score": pytest.approx(0.95)},
+                                                    {"voxels": 30, "keep_score": pytest.approx(0.7)}]
+    assert retention.keep_scores(gt, prob, 0.75) == [{"voxels": 576, "keep_score": pytest.approx(0.95)}]
+    for kept in (0.7, 0.65):  # the score step keeps a lesion exactly up to its keep score
+        assert inference_steps.mask(prob, {**inference_steps.DEFAULT, "min_lesion_score": kept})[SMALL].all()
+    assert not inference_steps.mask(prob, {**inference_steps.DEFAULT, "min_lesion_score": 0.71})[SMALL].any()
+
+
+def test_the_selection_never_tries_a_score_that_drops_the_phantom_lesions_a_model_finds(monkeypatch):
+    """The first score test's patient, whose false blob (0.7) a score of 0.8 removes; the demo models' phantom
+    lesions allow scores up to 0.75 at every threshold: 0.8 and up are not tried, and 0.55 to 0.7 gain nothing."""
+    monkeypatch.setattr(selection, "reference_score_caps", lambda: {t: 0.75 for t in selection.THRESHOLDS})
+    truth = {"A": stack(LESION, SMALL) > 0}
+    prob = stack(LESION + (0.9,), SMALL + (0.95,), BLOB + (0.7,))
+    chosen = selection.select(truth, {"A": {"net": {"prob": prob, "prob_flip": prob}}}, ["net"])
+    step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_score")
+    assert list(step["candidates"]) == ["0.55", "0.6", "0.7"] and not step["kept"]
+    assert chosen["skipped"]["min_lesion_score"].startswith("0.8, 0.9, 0.95 (each drops more than 1%")
+    assert chosen["config"]["min_lesion_score"] == 0 and chosen["reference_score_caps"][0.5] == 0.75
+
+
+def test_the_committed_phantom_retention_covers_every_threshold_and_both_demo_models():
+    measured = json.loads(selection.PHANTOM_RETENTION.read_text())
+    assert set(measured["models"]) == {"attention_unet", "unetpp"} and measured["phantom"] == selection.REFERENCE_PHANTOM
+    assert set(selection.reference_score_caps()) == set(selection.THRESHOLDS)
+    for model in measured["models"].values():
+        found = model["keep_scores"]["0.5"]
+        assert 0 < len(found) <= model["lesions"] and all(0.5 <= lesion["keep_score"] <= 1 for lesion in found)
 
 
 def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
@@ -342,6 +385,7 @@ def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]
     fold_of = {"A": 0, "B": 1, "C": 1}
+    monkeypatch.setattr(selection, "reference_score_caps", lambda: {t: 1.0 for t in selection.THRESHOLDS})
     assert selection.select(truth, probs, ["net"])["config"]["min_lesion_score"] == 0
     seen = []
     real = selection.select
@@ -357,17 +401,18 @@ def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
 def test_hysteresis_is_chosen_where_a_lesion_s_rim_is_below_the_threshold_and_a_false_one_has_no_seed():
     """LESION's core is 0.9 and its rim 0.4; a large false lesion lies at 0.4. No threshold alone helps (0.4 keeps
     the false lesion, 0.45 and up miss the rim), and a score at the threshold removes nothing; over 0.3 (the first
-    of the tied lower thresholds) with a seed of 0.6, the lesion is whole and the false one gone."""
+    of the tied lower thresholds) with a seed of 0.55 (the score step's first tied candidate), the lesion is whole
+    and the false one gone."""
     truth = {"A": stack(LESION) > 0}
     prob = stack(LESION + (0.4,), (slice(0, 4), slice(20, 40), slice(20, 40), 0.4))
     prob[:, 6:14, 6:14] = 0.9
     probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
-    chosen = selection.select(truth, probs, ["net"])
+    chosen = selection.select(truth, probs, ["net"], keep_reference=False)
     steps = {s["step"]: s for s in chosen["steps"]}
     assert not steps["threshold"]["kept"] and not steps["min_lesion_score"]["kept"]
     hysteresis = steps["hysteresis"]
-    assert hysteresis["kept"] and hysteresis["value"] == (0.3, 0.6) and hysteresis["mean_dice_3d_with"] == 1.0
-    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "threshold": 0.3, "min_lesion_score": 0.6}
+    assert hysteresis["kept"] and hysteresis["value"] == (0.3, 0.55) and hysteresis["mean_dice_3d_with"] == 1.0
+    assert chosen["config"] == {**inference_steps.DEFAULT, "models": ["net"], "threshold": 0.3, "min_lesion_score": 0.55}
 
 
 def test_ensemble_and_flip_average_probabilities_and_read_uint8():

@@ -17,6 +17,11 @@ SERVED = "{name} served (cross-fitted steps)"  # the same, each fold's steps cho
 SERVED_STRIPPED = "{name} served, skull-stripped input"  # the served row's steps on the skull-stripped view
 
 
+def _cap(caps: dict, threshold: float) -> float:
+    """A threshold's score cap, from a selection or from its JSON (whose keys are strings)."""
+    return caps[threshold] if threshold in caps else caps[str(threshold)]
+
+
 def _share(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
@@ -136,8 +141,13 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   "sizes go up to the smallest ground-truth lesion of these patients"
                   + (f" ({post['smallest_gt_lesion_voxels']} voxels)" if post["smallest_gt_lesion_voxels"] else "")
                   + " and to what keeps 99% of the reference phantom's metastases"
-                  + (f" ({post['reference_size_cap_voxels']} voxels)." if post.get("reference_size_cap_voxels")
-                     else "."),
+                  + (f" ({post['reference_size_cap_voxels']} voxels)" if post.get("reference_size_cap_voxels")
+                     else "")
+                  + ("; minimum lesion scores go up to what keeps 99% of the reference phantom's lesions that the "
+                     "demo models find unfiltered (`metaseg retention`, reports/phantom_retention.json: at the chosen "
+                     f"threshold {post['config']['threshold']}, up to "
+                     f"{_cap(post['reference_score_caps'], post['config']['threshold']):.3f})."
+                     if post.get("reference_score_caps") else "."),
                   "",
                   "| step | value | 3D Dice without | with | gain | lesion sensitivity without | with | kept |",
                   "|---|---|---|---|---|---|---|---|"]

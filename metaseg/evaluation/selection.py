@@ -7,10 +7,11 @@ out-of-fold patients): a step that buys Dice by deleting a metastasis is never k
 whether kept or not.
 
 A minimum lesion score (a lesion's highest probability) is for the false lesions that no minimum size removes without
-deleting small metastases. Its guard is the lesion rule alone: the reference phantom that bounds the minimum size
-holds perfect masks (probability 1 inside), which every score keeps; whether a score drops the phantom's small
-metastases needs a model's probabilities on the phantom, which this selection does not have (left to a run of the
-served model on it).
+deleting small metastases. Its guard is twofold: the lesion rule, and the reference phantom's lesions as models see
+them: the phantom's perfect masks (probability 1 inside) keep every score, so the rule is read off the demo models'
+probabilities on it (metaseg.evaluation.retention, committed in PHANTOM_RETENTION): a score (or a hysteresis seed)
+is tried only where it keeps KEEP_REFERENCE_SHARE of the phantom lesions each demo model finds unfiltered at that
+threshold.
 
 The selection's own figures are in-sample (chosen and scored on the same patients); `cross_fitted` scores each fold
 with the steps chosen on the other folds, the estimate of what the chosen steps do on patients they were not chosen on.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaseg.bundles import BUNDLES_DIR
 from metaseg.conventions import BUNDLE_STEPS
 from metaseg.data.datalist import by_patient
 from metaseg.data.discovery import discover
@@ -39,7 +41,7 @@ from metaseg.inference.steps import DEFAULT, SLICE_STEPS, Probs, mask, probabili
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_LESION_VOXELS = (10, 25, 50, 100, 200, 400)
-MIN_LESION_SCORES = (0.6, 0.7, 0.8, 0.9, 0.95)  # tried where above the chosen threshold (at or below it, no-ops)
+MIN_LESION_SCORES = (0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95)  # tried where above the chosen threshold (at or below it, no-ops)
 
 
 def dice_per_patient(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]],
@@ -117,14 +119,20 @@ REFERENCE_PHANTOM = {"patients": 10, "slices": 32, "seed": 3}
 KEEP_REFERENCE_SHARE = 0.99
 
 
+def reference_phantom(folder: Path) -> tuple[str, dict[str, list[dict]], dict[str, np.ndarray]]:
+    """The reference phantom written to `folder`: its patients root, its datalist items per patient and each
+    patient's boolean (slices, rows, cols) ground-truth stack."""
+    synthesize(folder, **REFERENCE_PHANTOM)
+    found = discover(folder)
+    groups = by_patient([asdict(p) for p in found.pairs])
+    root, truth = read_ground_truth(folder, found.root, groups)
+    return root, groups, truth
+
+
 def reference_masks() -> list[np.ndarray]:
-    """The reference phantom's perfect masks, one boolean (slices, rows, cols) stack per patient; made in a
-    temporary folder."""
+    """The reference phantom's perfect masks, one stack per patient; made in a temporary folder."""
     with tempfile.TemporaryDirectory() as folder:
-        synthesize(Path(folder), **REFERENCE_PHANTOM)
-        found = discover(Path(folder))
-        _, truth = read_ground_truth(Path(folder), found.root, by_patient([asdict(p) for p in found.pairs]))
-        return list(truth.values())
+        return list(reference_phantom(Path(folder))[2].values())
 
 
 @functools.cache
@@ -138,6 +146,40 @@ def reference_size_cap(sizes: Sequence[int] | None = None) -> int:
     sizes = np.asarray(sizes if sizes is not None else reference_lesion_voxels())
     allowed = [size for size in sizes if np.mean(sizes >= size) >= KEEP_REFERENCE_SHARE]
     return int(max(allowed))
+
+
+PHANTOM_RETENTION = BUNDLES_DIR.parent / "reports" / "phantom_retention.json"  # metaseg retention writes it
+
+
+def score_cap(keep_scores: Sequence[float]) -> np.float32:
+    """The highest min_lesion_score that keeps KEEP_REFERENCE_SHARE of lesions of these keep scores (the highest
+    score of the predicted lesions matching each; metaseg.evaluation.retention), 1 for none."""
+    needed = sorted(np.float32(score) for score in keep_scores)
+    return needed[int(len(needed) * (1 - KEEP_REFERENCE_SHARE))] if needed else np.float32(1)
+
+
+@functools.cache
+def reference_score_caps(file: Path = PHANTOM_RETENTION) -> dict[float, float]:
+    """Threshold -> the highest min_lesion_score that keeps KEEP_REFERENCE_SHARE of the reference phantom's lesions
+    that every demo model of `file` finds at that threshold (metaseg.evaluation.retention writes their scores)."""
+    try:
+        models = json.loads(Path(file).read_text())["models"]
+        caps = {}
+        for model in models.values():
+            for threshold, kept in model["keep_scores"].items():
+                cap = score_cap([lesion["keep_score"] for lesion in kept])
+                caps[float(threshold)] = min(caps.get(float(threshold), cap), cap)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"unreadable phantom retention file {file} ({err}): rerun `metaseg retention`") from None
+    return {threshold: float(cap) for threshold, cap in caps.items()}
+
+
+def keeps_reference(score: float, threshold: float) -> bool:
+    """Whether a minimum lesion score `score` over `threshold` keeps the reference phantom's found lesions."""
+    caps = reference_score_caps()
+    if threshold not in caps:
+        raise UserError(f"{PHANTOM_RETENTION} has no lesion scores at threshold {threshold}: rerun `metaseg retention`")
+    return np.float32(score) <= np.float32(caps[threshold])
 
 
 def _with(config: dict, key: str | tuple[str, ...], value) -> dict:
@@ -165,9 +207,11 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
     minimum sizes in voxels (the out-of-fold data carry no spacing, so min_lesion_mm3 stays 0) up to the smallest
     scored ground-truth lesion of these patients and, with `keep_reference`, up to the size that keeps 99% of the
     reference phantom's metastases (a one-lesion glioma set must not teach a bundle to drop small metastases);
-    minimum lesion scores of MIN_LESION_SCORES above the chosen threshold, among those that lose no lesion; then
-    hysteresis, each threshold of THRESHOLDS below the chosen one with the score as its seed (the kept score, else the
-    score step's best candidate): a lesion that reaches the seed grows over the lower threshold;
+    minimum lesion scores of MIN_LESION_SCORES above the chosen threshold, among those that lose no lesion and (with
+    `keep_reference`) keep the reference phantom's lesions (`keeps_reference`); then hysteresis, each threshold of
+    THRESHOLDS below the chosen one with the score as its seed (the kept score, else the score step's best candidate)
+    where that seed keeps the phantom's lesions at that threshold: a lesion that reaches the seed grows over the lower
+    threshold;
     `largest_component` only where the data are declared
     `one_lesion_per_patient`. Returns the chosen configuration and, per step, the mean Dice and lesion sensitivity
     without and with it, the gain, and whether it was kept; `skipped` says why a step was not tried. `score`: a
@@ -212,15 +256,26 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
         why = (f"the smallest ground-truth lesion ({smallest} voxels)" if cap is None or smallest <= cap else
                f"what keeps {KEEP_REFERENCE_SHARE:.0%} of the reference phantom's metastases ({cap} voxels)")
         skipped["min_lesion_voxels"] = f"every candidate ({', '.join(map(str, MIN_LESION_VOXELS))}) exceeds {why}"
-    seeds = [seed for seed in MIN_LESION_SCORES if seed > config["threshold"]]  # THRESHOLDS end below them all
-    seed, with_seed, by_seed = _best(score, config, "min_lesion_score", seeds, current.detected)
-    consider("min_lesion_score", "min_lesion_score", seed, with_seed, by_seed)
-    seed, lower = config["min_lesion_score"] or seed, [t for t in THRESHOLDS if t < config["threshold"]]
+    def kept(seed: float, threshold: float) -> bool:
+        return not keep_reference or keeps_reference(seed, threshold)
+
+    above = [seed for seed in MIN_LESION_SCORES if seed > config["threshold"]]  # THRESHOLDS end below them all
+    seeds, best_seed = [seed for seed in above if kept(seed, config["threshold"])], None
+    if seeds:
+        best_seed, with_seed, by_seed = _best(score, config, "min_lesion_score", seeds, current.detected)
+        consider("min_lesion_score", "min_lesion_score", best_seed, with_seed, by_seed)
+    if len(seeds) < len(above):
+        skipped["min_lesion_score"] = (f"{', '.join(map(str, sorted(set(above) - set(seeds))))} (each drops more "
+                                       f"than {1 - KEEP_REFERENCE_SHARE:.0%} of the reference phantom's lesions a "
+                                       f"demo model finds at threshold {config['threshold']})")
+    seed = config["min_lesion_score"] or best_seed
+    lower = [t for t in THRESHOLDS if t < config["threshold"] and seed is not None and kept(seed, t)]
     if lower:
         consider("hysteresis", ("threshold", "min_lesion_score"),
                  *_best(score, config, ("threshold", "min_lesion_score"), [(t, seed) for t in lower], current.detected))
     else:
-        skipped["hysteresis"] = f"no candidate threshold below the chosen {config['threshold']}"
+        skipped["hysteresis"] = (f"no candidate threshold below the chosen {config['threshold']}" if seed is not None
+                                 else "no minimum lesion score keeps the reference phantom's lesions")
     if one_lesion_per_patient:
         consider("largest_component", "largest_component", True, score({**config, "largest_component": True}))
     else:
@@ -228,7 +283,8 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
                                         "(one_lesion_per_patient in the bundle's configs/inference.json)")
     return {"config": config, "mean_dice_3d": current.mean_dice_3d,
             "lesion_sensitivity_3d": current.lesion_sensitivity_3d, "steps": steps, "skipped": skipped,
-            "smallest_gt_lesion_voxels": smallest, "reference_size_cap_voxels": cap, "n_patients": len(truth),
+            "smallest_gt_lesion_voxels": smallest, "reference_size_cap_voxels": cap,
+            "reference_score_caps": reference_score_caps() if keep_reference else None, "n_patients": len(truth),
             "single_slice": {key: config[key] for key in SLICE_STEPS},
             "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}
 
