@@ -23,7 +23,8 @@ be sent a few tens of MiB gets the data this way. The network then sees the same
 Comparing recipes needs less than `metaseg cv`'s report (three views of every patient): `score` predicts each held-out
 patient once in one fixed view, whatever the bundle ships (flip TTA on, threshold 0.5, no component steps: the
 arms compare networks, not inference steps), from the full-size data, and writes RUNS/scores.json (resumable, patient
-by patient); `arms` pairs two recipes by patient, averaged over seeds:
+by patient); `arms` pairs two recipes by patient on every metric, averaged over seeds (metaseg.evaluation.recipes,
+which also makes benchmarks/recipe_report.py's table):
 
     python benchmarks/gpu_cv.py score --data ../shared/data/lgg/Data --runs runs/gpu/long_s0 --bundle unetpp
     python benchmarks/gpu_cv.py arms --base runs/gpu/base_s0 runs/gpu/base_s1 --new runs/gpu/long_s0 runs/gpu/long_s1 \
@@ -170,53 +171,7 @@ def score_runs(data: Path, runs: Path, bundle_name: str) -> dict:
     return scores
 
 
-ARM_METRICS = ("dice_3d", "lesion_slice_dice", "fp_slice_rate", "lesionwise_dice", "fp_lesions")
-
-
-def arms(base: list[Path], new: list[Path], out: Path) -> dict:
-    """Recipe `new` against `base`, per patient: each run's metrics averaged over its seeds, paired."""
-    from metaseg.files import write_bytes_atomic, write_json_atomic
-    from metaseg.evaluation.metrics import bootstrap_ci, paired_difference
-
-    def load(runs: list[Path]) -> dict[str, dict]:
-        missing = [str(run) for run in runs if not (run / "scores.json").is_file()]
-        if missing:
-            raise UserError(f"no scores.json in {', '.join(missing)}: run `gpu_cv.py score` on them first")
-        return {run.name: json.loads((run / "scores.json").read_text()) for run in runs}
-
-    sides = {"base": load(base), "new": load(new)}
-    patients = sorted(set.intersection(*[set(s) for side in sides.values() for s in side.values()]))
-    result = {"base": [str(r) for r in base], "new": [str(r) for r in new], "n_patients": len(patients),
-              "threshold": 0.5, "metrics": {}}
-    for metric in ARM_METRICS:
-        mean = {name: np.array([np.nanmean([float(run[p][metric]) for run in side.values()]) for p in patients])
-                for name, side in sides.items()}
-        per_seed = {name: {seed: float(np.nanmean([run[p][metric] for p in patients])) for seed, run in side.items()}
-                    for name, side in sides.items()}
-        result["metrics"][metric] = {
-            **{name: {"mean": float(np.nanmean(v)), "ci95": bootstrap_ci(v), "per_seed": per_seed[name]}
-               for name, v in mean.items()},
-            "paired_new_minus_base": paired_difference(mean["new"], mean["base"])}
-    write_json_atomic(out / "arms.json", result)
-    lines = [f"# {', '.join(r.name for r in new)} against {', '.join(r.name for r in base)}", "",
-             f"Out of fold, {len(patients)} patients, flip TTA and threshold 0.5, no component steps; each patient's "
-             "figure is the mean over the seeds of a recipe, then paired by patient. Produced by "
-             f"`python benchmarks/gpu_cv.py arms --base {' '.join(map(str, base))} --new {' '.join(map(str, new))} "
-             f"--out {out}`.", "",
-             "| metric | base [95% CI] | new [95% CI] | base per seed | new per seed | new − base [95% CI] | Wilcoxon p |",
-             "|---|---|---|---|---|---|---|"]
-    for metric, row in result["metrics"].items():
-        d = row["paired_new_minus_base"]
-        cells = [f"{row[n]['mean']:.3f} [{row[n]['ci95'][0]:.3f}, {row[n]['ci95'][1]:.3f}]" for n in ("base", "new")]
-        cells += [", ".join(f"{v:.3f}" for v in row[n]["per_seed"].values()) for n in ("base", "new")]
-        p = "n/a" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3g}"
-        cells += [f"{d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", p]
-        lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
-    write_bytes_atomic(out / "arms.md", ("\n".join(lines) + "\n").encode())
-    return result
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("shrink")
@@ -242,14 +197,18 @@ def main() -> None:
     a.add_argument("--base", type=Path, nargs="+", required=True)
     a.add_argument("--new", type=Path, nargs="+", required=True)
     a.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "shrink":
         shrink(args.data, args.size, args.out)
     elif args.command == "score":
         for runs in args.runs:
             score_runs(args.data, runs, args.bundle)
     elif args.command == "arms":
-        arms(args.base, args.new, args.out)
+        from metaseg.evaluation.recipes import arms
+
+        command = " ".join(["python benchmarks/gpu_cv.py arms --base", *map(str, args.base), "--new",
+                            *map(str, args.new), "--out", str(args.out)])
+        arms(args.base, args.new, args.out, command)
     else:
         train_runs(args)
 

@@ -23,6 +23,7 @@ from metaseg.errors import UserError  # noqa: E402
 from metaseg.evaluation.cv_report import read_cv  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.evaluation.metrics import paired_difference  # noqa: E402
+from metaseg.evaluation.paired import paired_table  # noqa: E402
 
 
 def same_folds(a: dict, b: dict) -> bool:
@@ -59,14 +60,10 @@ def markdown(rows: list[dict], labels: tuple[str, str], sources: tuple[str, str]
              f"- A, {la}: `{sources[0]}`, made by `{commands[0]}`",
              f"- B, {lb}: `{sources[1]}`, made by `{commands[1]}`", "",
              f"{folds}; every figure is out-of-fold per-patient 3D Dice over the patients both runs scored; "
-             "the difference is paired by patient (95% bootstrap CI, Wilcoxon signed-rank p).", "",
-             f"| model A | model B | patients | {la} | {lb} | A - B [95% CI] | p |", "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        paired = row["paired_a_minus_b"]
-        low, high = paired["ci95"]
-        p = "n/a" if paired["wilcoxon_p"] is None else f"{paired['wilcoxon_p']:.3g}"
-        lines.append(f"| {row['a']} | {row['b']} | {len(row['patients'])} | {row['mean_a']:.3f} | {row['mean_b']:.3f} "
-                     f"| {paired['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {p} |")
+             "the difference is paired by patient (95% bootstrap CI, Wilcoxon signed-rank p).", ""]
+    columns = ["model A", "model B", "patients", la, lb, "A - B [95% CI]", "p"]
+    lines += paired_table(columns, [([row["a"], row["b"], str(len(row["patients"])), f"{row['mean_a']:.3f}",
+                                      f"{row['mean_b']:.3f}"], row["paired_a_minus_b"]) for row in rows])
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ from metaseg.data.ground_truth import read_ground_truth  # noqa: E402
 from metaseg.errors import UserError  # noqa: E402
 from metaseg.evaluation.metrics import bootstrap_ci, paired_difference  # noqa: E402
 from metaseg.evaluation.out_of_fold import done_folds, fold_dir, load_oof  # noqa: E402
+from metaseg.evaluation.paired import difference_ci, p_value  # noqa: E402
 from metaseg.evaluation.selection import Scorer, dice_per_patient, select  # noqa: E402
 from metaseg.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 from metaseg.inference.engine import inference_parser  # noqa: E402
@@ -76,10 +77,8 @@ def markdown(result: dict, command: str) -> str:
     lines += ["", "Spread of the single runs' means (max - min): " +
               ", ".join(f"{KINDS[k]} {spread[k]:.3f}" for k in KINDS) + ".", ""]
     for key, paired in result["ensemble_minus_mean_single"].items():
-        low, high = paired["ci95"]
-        p = "n/a" if paired["wilcoxon_p"] is None else f"{paired['wilcoxon_p']:.3g}"
-        lines.append(f"Ensemble − mean of the single runs, {KINDS[key]}: {paired['mean_difference']:+.3f} "
-                     f"[95% CI {low:+.3f}, {high:+.3f}], Wilcoxon p = {p}.")
+        lines.append(f"Ensemble − mean of the single runs, {KINDS[key]}: {difference_ci(paired, '95% CI ')}, "
+                     f"Wilcoxon p = {p_value(paired)}.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,6 @@
-"""benchmarks/recipe_report.py: the per-arm recipe table, on hand-made scored runs (what `gpu_cv.py score` writes)."""
+"""The recipe comparison (metaseg.evaluation.recipes) through its two entry points, benchmarks/recipe_report.py (the
+per-arm recipe table) and `benchmarks/gpu_cv.py arms` (two recipes, every metric), on hand-made scored runs (what
+`gpu_cv.py score` writes)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from conftest import REPO
 from metaseg.data.discovery import discover
 from metaseg.errors import UserError
+from metaseg.evaluation.recipe_markdown import arms_markdown, recipe_markdown
 
 
 def load(name: str):
@@ -131,3 +134,55 @@ def test_a_kept_report_carries_its_rows_and_pairs_new_arms_with_its_base(tiny_da
             recipe_report.main([*common, str(tmp_path / "x"), "--keep", str(tmp_path / "bad.json"),
                                 "--arm", spec["b"]])
     assert not (tmp_path / "x").exists()
+
+
+def arm_run(folder: Path, dice: list[float], lesionwise: list[float] | None = None) -> Path:
+    """A scored run of patients P0.. (what `gpu_cv.py score` writes; arms reads nothing else)."""
+    folder.mkdir(parents=True)
+    lesionwise = lesionwise or dice
+    scores = {f"P{i}": {"dice_3d": d, "lesion_slice_dice": d, "fp_slice_rate": 0.1, "lesionwise_dice": w,
+                        "fp_lesions": 1} for i, (d, w) in enumerate(zip(dice, lesionwise))}
+    (folder / "scores.json").write_text(json.dumps(scores))
+    return folder
+
+
+def test_gpu_cv_arms_pairs_the_seed_means_of_two_recipes_by_patient(tmp_path):
+    nan = float("nan")
+    base = [arm_run(tmp_path / "base_s0", [0.5, 0.6, 0.7, 0.8], [nan, 0.6, 0.7, 0.8]),
+            arm_run(tmp_path / "base_s1", [0.7, 0.6, 0.5, 0.8])]  # per patient 0.6, 0.6, 0.6, 0.8
+    new = [arm_run(tmp_path / "new_s0", [0.7, 0.8, 0.9, 1.0]),
+           arm_run(tmp_path / "new_s1", [0.9, 0.8, 0.7, 0.8, 0.3])]  # per patient 0.8, 0.8, 0.8, 0.9; P4 unpaired
+    out = tmp_path / "arms"
+    gpu_cv.main(["arms", "--base", *map(str, base), "--new", *map(str, new), "--out", str(out)])
+    result = json.loads((out / "arms.json").read_text())
+    dice = result["metrics"]["dice_3d"]
+    assert result["n_patients"] == 4
+    assert dice["base"]["mean"] == pytest.approx(0.65) and dice["new"]["mean"] == pytest.approx(0.825)
+    assert dice["base"]["per_seed"] == pytest.approx({"base_s0": 0.65, "base_s1": 0.65})
+    assert dice["new"]["per_seed"] == pytest.approx({"new_s0": 0.85, "new_s1": 0.8})
+    paired = dice["paired_new_minus_base"]  # +0.2, +0.2, +0.2, +0.1
+    assert paired["mean_difference"] == pytest.approx(0.175) and paired["wilcoxon_p"] is None  # 4 pairs: untestable
+    # a resample's mean gain is 0.2 - 0.025 k, k ~ Binomial(4, 1/4) the draws of the +0.1: P(k = 0) = 0.32 and
+    # P(k >= 3) = 0.05 > 0.025 > P(k = 4) = 0.004, so the 95% CI is [0.125, 0.2]; the base's, likewise, [0.6, 0.75]
+    assert paired["ci95"] == pytest.approx([0.125, 0.2]) and dice["base"]["ci95"] == pytest.approx([0.6, 0.75])
+    # a seed's NaN is left out of the patient's mean: P0's lesion-wise Dice is base_s1's 0.7 alone
+    assert result["metrics"]["lesionwise_dice"]["base"]["mean"] == pytest.approx((0.7 + 0.6 + 0.6 + 0.8) / 4)
+    table = (out / "arms.md").read_text()
+    assert table.startswith("# new_s0, new_s1 against base_s0, base_s1\n")
+    assert f"`python benchmarks/gpu_cv.py arms --base {base[0]} {base[1]} --new {new[0]} {new[1]} --out {out}`" in table
+    assert ("| `dice_3d` | 0.650 [0.600, 0.750] | 0.825 [0.800, 0.875] | 0.650, 0.650 | 0.850, 0.800 "
+            "| +0.175 [+0.125, +0.200] | n/a |") in table
+    with pytest.raises(UserError, match="no scores.json"):
+        gpu_cv.main(["arms", "--base", str(base[0]), "--new", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_committed_recipe_tables_read_as_their_json_renders_them():
+    """reports/recipe.md and reports/cv_schedule/arms.md were written by the code before it moved into the library:
+    rendered again from their JSON, they come out byte for byte."""
+    recipe = json.loads((REPO / "reports" / "recipe.json").read_text())
+    assert recipe_markdown(recipe) == (REPO / "reports" / "recipe.md").read_text()
+    arms = json.loads((REPO / "reports" / "cv_schedule" / "arms.json").read_text())
+    command = " ".join(["python benchmarks/gpu_cv.py arms --base", *arms["base"], "--new", *arms["new"],
+                        "--out reports/cv_schedule"])
+    assert arms_markdown(arms, command) == (REPO / "reports" / "cv_schedule" / "arms.md").read_text()

@@ -36,6 +36,7 @@ from metaseg.errors import UserError
 from metaseg.evaluation.figures import (RANKING, froc_figure, qualitative_figure, rank_slices,
                                         training_curves_figure)
 from metaseg.evaluation.metrics import paired_difference
+from metaseg.evaluation.paired import difference_ci
 from metaseg.evaluation.reports import (CONVENTIONS, ci_cell, froc_rows, lesion_note, lesion_rows, null_nan,
                                         slice_columns, summarize)
 from metaseg.evaluation.runs import (Run, check_masks, comparable_items, load_run, read_evaluation, read_predictions,
@@ -97,12 +98,11 @@ def markdown(report: dict, out: Path = Path("reports")) -> str:
                 "evaluated before `metaseg evaluate` computed one; rerun `metaseg evaluate`")
                 for name, summary in models.items() if name not in frocs(report)),
               "", "![FROC](froc.png)"]
-    low, high = paired["ci95"]
     p = f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}" if paired["wilcoxon_p"] is not None else paired["note"]
     lines += [
         "",
         f"Paired test, per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: mean difference "
-        f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}.",
+        f"{difference_ci(paired, '95% CI ')}; {p}.",
         "",
         "Inference steps of the scored masks:",
         "",

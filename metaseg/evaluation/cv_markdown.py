@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from metaseg.evaluation.generalization import generalization_lines
+from metaseg.evaluation.paired import difference_ci
 from metaseg.evaluation.reports import ci_cell, froc_rows, lesion_note, lesion_rows, slice_columns
 
 ONE_CHANNEL = "{name} (one-channel input)"  # the same fold models given FLAIR alone, scored as a model of its own
@@ -120,16 +121,14 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
     paired = result.get("paired_test")
     if paired:
         a, b = paired["models"]
-        low, high = paired["ci95"]
         p = paired["note"] if paired["wilcoxon_p"] is None else f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.4g}"
         lines += ["", f"Paired per-patient 3D Dice {a} − {b} over {paired['n_patients']} patients: "
-                  f"{paired['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]; {p}."]
+                  f"{difference_ci(paired, '95% CI ')}; {p}."]
     for key, what in (("one_channel_loss", "One-channel input (FLAIR alone, as a gray PNG or DICOM upload arrives)"),
                       ("skull_stripped_loss", "Skull-stripped input (everything outside a brain mask from the image "
                                               "set to 0, as brain-extracted volumes arrive)")):
         for name, loss in result.get(key, {}).items():
-            low, high = loss["ci95"]
-            lines += ["", f"{what} costs {name} {loss['mean_difference']:+.3f} [95% CI {low:+.3f}, {high:+.3f}] "
+            lines += ["", f"{what} costs {name} {difference_ci(loss, '95% CI ')} "
                       f"per-patient 3D Dice ({loss['difference']}, {loss['n_patients']} patients)."]
     post = result.get("postprocessing")
     if post:

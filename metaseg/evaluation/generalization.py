@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg.evaluation.metrics import paired_difference
+from metaseg.evaluation.paired import difference_ci
 
 
 SITE_REPORTS = "site_cv"  # a site split's reports, under the patient reports' folder (metaseg cv --split site)
@@ -77,13 +78,12 @@ def generalization_lines(result: dict) -> list[str]:
         gap = stripped["loss"]
         lines.append(f"| skull-stripped view (each held-out slice brain-extracted, brain mask from the image; same "
                      f"models and steps) | {stripped['n_patients']} | {stripped['mean_dice_3d']:.3f} | "
-                     f"{gap['mean_difference']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
+                     f"{difference_ci(gap)} |")
     if site:
         gap = site["gap"]
         partial = "" if site["complete"] else ", **partial: not every site done**"
         lines.append(f"| leave-one-site-out ({site['bundle']}, [report]({site['report']}){partial}; {site['steps']}) "
-                     f"| {site['n_patients']} | {site['mean_dice_3d']:.3f} | {gap['mean_difference']:+.3f} "
-                     f"[{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] |")
+                     f"| {site['n_patients']} | {site['mean_dice_3d']:.3f} | {difference_ci(gap)} |")
         lines += ["", "Per site (trained without it): " + "; ".join(
             f"{s} {v['mean_dice_3d']:.3f} ({v['n_patients']} patients)" for s, v in site["per_site"].items()) + "."]
     return lines
