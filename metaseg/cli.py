@@ -158,17 +158,21 @@ def cmd_failures(args) -> None:
 def cmd_retention(args) -> None:
     import shlex
 
+    from metaseg.bundles import bundle_dir
+    from metaseg.conventions import default_weights, model_overrides
     from metaseg.evaluation.cv_report import REPO
-    from metaseg.evaluation.retention import measure, summary
+    from metaseg.evaluation.retention import model_keep_scores, summary
     from metaseg.evaluation.runs import parse_run
     from metaseg.files import relative_paths, write_json_atomic
+    from metaseg.inference.engine import Engine
 
-    measured = measure([parse_run(r) for r in args.run])
-    for model in measured["models"].values():
-        model["run"] = relative_paths(model["run"], REPO)
+    models = {}
+    for name, run in map(parse_run, args.run):
+        engine = Engine(bundle_dir(name), default_weights(run), overrides=model_overrides(run))
+        models[name] = {"run": relative_paths(str(run), REPO), **model_keep_scores(engine)}
+        print(summary(name, models[name]))
     command = shlex.join(["metaseg", "retention", *(f"--run={r}" for r in args.run), "--out", str(args.out)])
-    write_json_atomic(args.out, {"command": relative_paths(command, REPO), **measured})
-    print("\n".join(summary(measured)))
+    write_json_atomic(args.out, {"command": relative_paths(command, REPO), "models": models})
     print(f"wrote {args.out}")
 
 
@@ -311,12 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "report then shows the site figure beside its own")
     p.set_defaults(func=cmd_cv)
 
-    p = sub.add_parser("retention", help="the reference phantom's lesions that trained models find unfiltered, "
-                       "with the highest lesion score that keeps each: what bounds a min_lesion_score")
+    p = sub.add_parser("retention", help="the reference phantom's lesions that trained models find, with the highest "
+                       "lesion score that keeps each: what bounds a min_lesion_score (metaseg cv measures its folds)")
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                    help="bundle name and `metaseg train` run folder (the demo's: runs/demo/NAME); repeat")
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write (the repository's: "
-                   "reports/phantom_retention.json, which the step selection reads)")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.set_defaults(func=cmd_retention)
 
     p = sub.add_parser("failures", help="the served model's 5 worst out-of-fold patients of a `metaseg cv`: a strip "

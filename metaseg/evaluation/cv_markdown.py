@@ -142,9 +142,9 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                   + " and to what keeps 99% of the reference phantom's metastases"
                   + (f" ({post['reference_size_cap_voxels']} voxels)" if post.get("reference_size_cap_voxels")
                      else "")
-                  + ("; minimum lesion scores go up to what keeps 99% of the reference phantom's lesions that the "
-                     "demo models find unfiltered (`metaseg retention`, reports/phantom_retention.json: at the chosen "
-                     f"threshold {post['config']['threshold']}, up to "
+                  + ("; minimum lesion scores (and hysteresis seeds) go up to what keeps 99% of the reference "
+                     "phantom's lesions that the fold models find there (metaseg.evaluation.retention: at the "
+                     f"chosen threshold {post['config']['threshold']}, up to "
                      f"{_cap(post['reference_score_caps'], post['config']['threshold']):.3f})."
                      if post.get("reference_score_caps") else "."),
                   "",

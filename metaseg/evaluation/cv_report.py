@@ -37,7 +37,8 @@ from metaseg.evaluation.generalization import site_summary, view_figures
 from metaseg.evaluation.metrics import paired_difference
 from metaseg.evaluation.out_of_fold import SELECTION, done_folds, fold_dir, load_oof
 from metaseg.evaluation.reports import CONVENTIONS, null_nan, summarize
-from metaseg.evaluation.selection import Scorer, cross_fitted, score_config, select
+from metaseg.evaluation.retention import read_fold
+from metaseg.evaluation.selection import Scorer, cross_fitted, score_caps, score_config, select
 from metaseg.files import relative_paths, write_bytes_atomic, write_json_atomic
 from metaseg.inference.steps import DEFAULT
 
@@ -92,18 +93,18 @@ def model_entry(per_patient: list[dict], fold_of: dict, config: dict, n_resample
 
 
 def served_entry(name: str, truth: dict, probs: dict, fold_of: dict, score: Scorer, one_lesion: bool,
-                 n_resamples: int, seed: int) -> tuple[dict, dict]:
+                 n_resamples: int, seed: int, caps: dict | None) -> tuple[dict, dict]:
     """What bundle `name` serves, estimated cross-fitted: each patient of `truth` (every fold of the bundle) gets its
     out-of-fold probabilities with the steps chosen for the bundle alone (the server runs one bundle) on the other
     folds' patients (cross_fitted), scored as the model rows are. Returns cv.json's served_per_bundle
     entry and the model row (its `config`: fold -> the configuration chosen without that fold); the entry's
     `inference_steps` are those chosen on all these patients, what ships. `score`: a Scorer of these patients or
-    more."""
-    fitted = cross_fitted(truth, probs, [name], fold_of, score, one_lesion)
+    more. `caps`: the bundle's fold models' selection.score_caps."""
+    fitted = cross_fitted(truth, probs, [name], fold_of, score, one_lesion, caps)
     chosen = fitted["selections"]
     row = model_entry(fitted["metric_per_patient"], fold_of, {str(k): c["config"] for k, c in chosen.items()},
                       n_resamples, seed)
-    shipped = select(truth, probs, [name], score.subset(list(truth)), one_lesion)["inference_steps"]
+    shipped = select(truth, probs, [name], score.subset(list(truth)), one_lesion, caps=caps)["inference_steps"]
     entry = {"bundle": name, **{key: row[key] for key in ("mean_dice_3d", "ci95_dice_3d", "dice_3d_per_patient")},
              **{key: row["mean"][key] for key in ("lesion_slice_dice", "fp_slice_rate")},
              **{key: row[key] for key in ("lesionwise_dice", "lesion_sensitivity_3d", "fp_lesions_per_patient",
@@ -134,6 +135,8 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     folds, seed = plan["folds"], plan["seed"]
     fold_of = {p: k for k, split in enumerate(plan["splits"]) for p in split["val"]}
     done = {name: done_folds(runs, name, folds) for name in names}
+    measured = {name: [read_fold(fold_dir(runs, name, k)) for k in done[name]] for name in names}
+    caps = {name: score_caps(m) if None not in m else None for name, m in measured.items()}  # None: a fold lacks it
     covered = {name: [p for k in done[name] for p in plan["splits"][k]["val"]] for name in names}
     all_patients = sorted({p for ps in covered.values() for p in ps})
     result = {
@@ -183,17 +186,19 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
     score = Scorer({p: truth[p] for p in all_patients}, probs)  # shared by every selection below
     if common:
         truth_common = {p: truth[p] for p in common}
-        selection = select(truth_common, probs, names, score.subset(common), all(declared.values()))
+        every = [m for name in names for m in measured[name]]
+        selection = select(truth_common, probs, names, score.subset(common), all(declared.values()),
+                           caps=score_caps(every) if None not in every else None)
         selection.update(complete=result["complete"], patients=common, folds=folds, seed=seed, recipe=plan["recipe"])
         per_patient = score_config(truth_common, probs, selection["config"])
         result["models"]["selected"] = model_entry(per_patient, fold_of, selection["config"], n_resamples, seed)
         keys = ("config", "mean_dice_3d", "lesion_sensitivity_3d", "steps", "skipped", "smallest_gt_lesion_voxels",
-                "reference_size_cap_voxels", "single_slice", "inference_steps")
+                "reference_size_cap_voxels", "reference_score_caps", "single_slice", "inference_steps")
         result["postprocessing"] = {k: selection[k] for k in keys}
         # each bundle's own steps, what its configs/inference.json records (the server runs one bundle)
         result["postprocessing_per_model"] = {
             name: {k: v for k, v in select(truth_common, probs, [name], score.subset(common),
-                                                       declared[name]).items() if k in keys}
+                                                       declared[name], caps=caps[name]).items() if k in keys}
             for name in names}
         for name, own in result["postprocessing_per_model"].items():  # as deployed: the bundle with its own steps
             per_patient = score_config(truth_common, probs, own["config"])
@@ -211,7 +216,7 @@ def report(data: Path, found, runs: Path, out: Path, plan: dict, names: list[str
             result["served_skipped"][name] = why
             continue
         scored = {p: truth[p] for p in covered[name]}
-        entry, row = served_entry(name, scored, probs, fold_of, score, declared[name], n_resamples, seed)
+        entry, row = served_entry(name, scored, probs, fold_of, score, declared[name], n_resamples, seed, caps[name])
         result["served_per_bundle"][name], result["models"][SERVED.format(name=name)] = entry, row
         stripped = STRIPPED.format(name=name)
         if all(stripped in probs[p] for p in scored):  # the served steps of each fold, on its patients stripped

@@ -1,17 +1,20 @@
-"""What a minimum lesion score would take from the reference phantom's metastases, as trained models see them.
+"""What a minimum lesion score would take from the reference phantom's metastases, as a trained model sees them.
 
 The phantom's perfect masks (probability 1 inside every lesion) keep every score, so the rule that bounds the
-minimum size (keep KEEP_REFERENCE_SHARE of the reference phantom's lesions) says nothing about a score step. Models
-do: a small metastasis is often found at a probability just over the threshold. The demo models (`make demo`:
-both bundles trained on the phantom of seed 0, never on the reference phantom of seed 3) segment the reference
-phantom unfiltered; for every scored ground-truth lesion they find at a threshold, its *keep score* is the highest
-score (metaseg.inference.lesions.scores) of the predicted lesions that match it: min_lesion_score keeps it detected
-exactly up to that value. `metaseg retention` writes them (selection.PHANTOM_RETENTION in the repository); the
-selection tries only the scores that keep the share (selection.keeps_reference).
+minimum size (keep KEEP_REFERENCE_SHARE of the reference phantom's lesions) says nothing about a score step. A
+model's probabilities do: a small metastasis is often found at a probability just over the threshold. A model
+segments the reference phantom as served (its plain probabilities, and the flip-TTA mean); for every scored
+ground-truth lesion it finds at a threshold, the lesion's *keep score* is the highest score
+(metaseg.inference.lesions.scores) of the predicted lesions that match it: min_lesion_score keeps it detected exactly
+up to that value. `metaseg cv` measures each fold model (FOLD_FILE beside its out-of-fold files) and the step
+selection tries only the scores that keep the share (selection.score_caps); `metaseg retention` measures any
+`metaseg train` run, e.g. the demo's.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from pathlib import Path
 
@@ -19,8 +22,13 @@ import numpy as np
 
 from metaseg.data.discovery import member, open_source
 from metaseg.evaluation.metrics import targets
-from metaseg.evaluation.selection import KEEP_REFERENCE_SHARE, REFERENCE_PHANTOM, THRESHOLDS, reference_phantom, score_cap
+from metaseg.evaluation.selection import (KEEP_REFERENCE_SHARE, REFERENCE_PHANTOM, THRESHOLDS, KeepScores,
+                                          reference_phantom, score_cap)
+from metaseg.files import write_json_atomic
 from metaseg.inference.lesions import label, scores
+from metaseg.inference.steps import network_maps
+
+FOLD_FILE = "phantom_keep_scores.json"  # a `metaseg cv` fold's keep scores, beside its oof/ folder
 
 
 def keep_scores(gt: np.ndarray, prob: np.ndarray, threshold: float) -> list[dict]:
@@ -37,46 +45,59 @@ def keep_scores(gt: np.ndarray, prob: np.ndarray, threshold: float) -> list[dict
     return found
 
 
-def reference_frames(folder: Path) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
-    """The reference phantom written to `folder`: each patient's input frames and ground-truth stack."""
+@functools.cache
+def reference_frames() -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
+    """The reference phantom's input frames and ground-truth stack per patient (made once per process)."""
     from metaseg.imageio.reader import decode  # here: the image readers load only where frames are decoded
 
-    root, groups, truth = reference_phantom(folder)
-    with open_source(folder) as files:
-        frames = {patient: [decode([(name, files.read(name))]).inputs[0]
-                            for name in (member(root, item["image"]) for item in items)]
-                  for patient, items in groups.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        root, groups, truth = reference_phantom(Path(folder))
+        with open_source(Path(folder)) as files:
+            frames = {patient: [decode([(name, files.read(name))]).inputs[0]
+                                for name in (member(root, item["image"]) for item in items)]
+                      for patient, items in groups.items()}
     return frames, truth
 
 
-def measure(runs: list[tuple[str, Path]], thresholds=THRESHOLDS) -> dict:
-    """Keep scores of the reference phantom's lesions for each `metaseg train` run (NAME, folder) of a bundle, at
-    each threshold, from its plain lesion probabilities (no flip TTA, no step: the unfiltered model)."""
-    from metaseg.bundles import bundle_dir
-    from metaseg.conventions import default_weights, model_overrides
-    from metaseg.inference.engine import Engine  # here: torch only where a model runs
-
-    with tempfile.TemporaryDirectory() as folder:
-        frames, truth = reference_frames(Path(folder))
-    models = {}
-    for name, run in runs:
-        engine = Engine(bundle_dir(name), default_weights(run), overrides=model_overrides(run))
-        probs = {patient: np.stack(engine.probabilities(frames[patient], view="plain")) for patient in truth}
-        lesions = sum(t.scored for gt in truth.values() for t in targets(gt))
-        models[name] = {"run": str(run), "lesions": lesions, "keep_scores": {
-            str(t): [lesion for patient, gt in truth.items() for lesion in keep_scores(gt, probs[patient], t)]
-            for t in thresholds}}
-    return {"phantom": REFERENCE_PHANTOM, "keep_share": KEEP_REFERENCE_SHARE, "models": models}
+def model_keep_scores(engine) -> dict:
+    """One model's (a metaseg.inference.engine.Engine's) keep scores of the reference phantom's lesions at every
+    threshold of the selection, of its plain probabilities and of their flip-TTA mean (selection.KeepScores), with
+    how many scored lesions the phantom has."""
+    frames, truth = reference_frames()
+    measured: dict = {"plain": {str(t): [] for t in THRESHOLDS}, "flip": {str(t): [] for t in THRESHOLDS}}
+    for patient, gt in truth.items():
+        maps = network_maps(engine, frames[patient], flip=True)
+        views = {"plain": maps["prob"], "flip": np.mean([maps["prob"], maps["prob_flip"]], axis=0, dtype=np.float32)}
+        for view, prob in views.items():
+            for t in THRESHOLDS:
+                measured[view][str(t)] += keep_scores(gt, prob, t)
+    lesions = sum(t.scored for gt in truth.values() for t in targets(gt))
+    return {"phantom": REFERENCE_PHANTOM, "lesions": lesions, "keep_scores": measured}
 
 
-def summary(measured: dict) -> list[str]:
-    """One line per model: lesions found at 0.5, and the highest score that keeps the share of them."""
-    lines = []
-    for name, model in measured["models"].items():
-        kept = [lesion["keep_score"] for lesion in model["keep_scores"]["0.5"]]
-        cap = score_cap(kept)
-        small = [lesion["keep_score"] for lesion in model["keep_scores"]["0.5"] if lesion["voxels"] < 100]
-        lines.append(f"{name}: finds {len(kept)} of {model['lesions']} reference phantom lesions at threshold 0.5; "
-                     f"a min_lesion_score up to {cap:.3f} keeps {KEEP_REFERENCE_SHARE:.0%} of them (lowest keep "
-                     f"score of a lesion under 100 voxels: {min(small, default=float('nan')):.3f})")
-    return lines
+def fold_keep_scores(fold_dir: Path, engine) -> KeepScores:
+    """A `metaseg cv` fold model's keep scores: measured once (`engine`: a callable loading the fold's Engine, called
+    only then) and kept in the fold's FOLD_FILE."""
+    file = fold_dir / FOLD_FILE
+    if not file.is_file():
+        write_json_atomic(file, model_keep_scores(engine()))
+    return read_fold(fold_dir)
+
+
+def read_fold(fold_dir: Path) -> KeepScores | None:
+    """A fold's measured keep scores, or None where it has none (a fold of an older `metaseg cv`)."""
+    try:
+        measured = json.loads((fold_dir / FOLD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    return measured["keep_scores"] if measured.get("phantom") == REFERENCE_PHANTOM else None
+
+
+def summary(name: str, measured: dict) -> str:
+    """One line: the lesions a model finds at 0.5, and the highest score that keeps the share of them."""
+    kept = measured["keep_scores"]["plain"]["0.5"]
+    small = [lesion["keep_score"] for lesion in kept if lesion["voxels"] < 100]
+    return (f"{name}: finds {len(kept)} of {measured['lesions']} reference phantom lesions at threshold 0.5; a "
+            f"min_lesion_score up to {score_cap([lesion['keep_score'] for lesion in kept]):.3f} keeps "
+            f"{KEEP_REFERENCE_SHARE:.0%} of them (lowest keep score of one under 100 voxels: "
+            f"{min(small, default=float('nan')):.3f})")

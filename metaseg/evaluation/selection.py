@@ -8,10 +8,10 @@ whether kept or not.
 
 A minimum lesion score (a lesion's highest probability) is for the false lesions that no minimum size removes without
 deleting small metastases. Its guard is twofold: the lesion rule, and the reference phantom's lesions as models see
-them: the phantom's perfect masks (probability 1 inside) keep every score, so the rule is read off the demo models'
-probabilities on it (metaseg.evaluation.retention, committed in PHANTOM_RETENTION): a score (or a hysteresis seed)
-is tried only where it keeps KEEP_REFERENCE_SHARE of the phantom lesions each demo model finds unfiltered at that
-threshold.
+them: the phantom's perfect masks (probability 1 inside) keep every score, so the rule is read off the models' own
+probabilities on it (metaseg.evaluation.retention: `metaseg cv` runs each fold model on the reference phantom): a
+score (or a hysteresis seed) is tried only where it keeps KEEP_REFERENCE_SHARE of the phantom lesions each model
+finds at that threshold, with flip TTA as chosen.
 
 The selection's own figures are in-sample (chosen and scored on the same patients); `cross_fitted` scores each fold
 with the steps chosen on the other folds, the estimate of what the chosen steps do on patients they were not chosen on.
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from metaseg.bundles import BUNDLES_DIR
 from metaseg.conventions import BUNDLE_STEPS
 from metaseg.data.datalist import by_patient
 from metaseg.data.discovery import discover
@@ -148,9 +147,6 @@ def reference_size_cap(sizes: Sequence[int] | None = None) -> int:
     return int(max(allowed))
 
 
-PHANTOM_RETENTION = BUNDLES_DIR.parent / "reports" / "phantom_retention.json"  # metaseg retention writes it
-
-
 def score_cap(keep_scores: Sequence[float]) -> np.float32:
     """The highest min_lesion_score that keeps KEEP_REFERENCE_SHARE of lesions of these keep scores (the highest
     score of the predicted lesions matching each; metaseg.evaluation.retention), 1 for none."""
@@ -158,28 +154,30 @@ def score_cap(keep_scores: Sequence[float]) -> np.float32:
     return needed[int(len(needed) * (1 - KEEP_REFERENCE_SHARE))] if needed else np.float32(1)
 
 
-@functools.cache
-def reference_score_caps(file: Path = PHANTOM_RETENTION) -> dict[float, float]:
-    """Threshold -> the highest min_lesion_score that keeps KEEP_REFERENCE_SHARE of the reference phantom's lesions
-    that every demo model of `file` finds at that threshold (metaseg.evaluation.retention writes their scores)."""
-    try:
-        models = json.loads(Path(file).read_text())["models"]
-        caps = {}
-        for model in models.values():
-            for threshold, kept in model["keep_scores"].items():
-                cap = score_cap([lesion["keep_score"] for lesion in kept])
-                caps[float(threshold)] = min(caps.get(float(threshold), cap), cap)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"unreadable phantom retention file {file} ({err}): rerun `metaseg retention`") from None
-    return {threshold: float(cap) for threshold, cap in caps.items()}
+# a model's keep scores on the reference phantom (metaseg.evaluation.retention.model_keep_scores): view ("plain", or
+# "flip": the flip-TTA mean) -> threshold (as text, JSON's keys) -> [{"voxels", "keep_score"}, ...]
+KeepScores = Mapping[str, Mapping[str, Sequence[Mapping]]]
 
 
-def keeps_reference(score: float, threshold: float) -> bool:
-    """Whether a minimum lesion score `score` over `threshold` keeps the reference phantom's found lesions."""
-    caps = reference_score_caps()
-    if threshold not in caps:
-        raise UserError(f"{PHANTOM_RETENTION} has no lesion scores at threshold {threshold}: rerun `metaseg retention`")
-    return np.float32(score) <= np.float32(caps[threshold])
+def score_caps(models: Sequence[KeepScores]) -> dict[str, dict[float, float]]:
+    """View -> threshold -> the highest min_lesion_score that keeps KEEP_REFERENCE_SHARE of the reference phantom's
+    lesions that each of these models (a bundle's fold models, say) finds there."""
+    caps: dict[str, dict[float, float]] = {}
+    for model in models:
+        for view, by_threshold in model.items():
+            for threshold, kept in by_threshold.items():
+                cap = float(score_cap([lesion["keep_score"] for lesion in kept]))
+                caps.setdefault(view, {})[float(threshold)] = min(caps.get(view, {}).get(float(threshold), cap), cap)
+    return caps
+
+
+def keeps_reference(score: float, threshold: float, flip_tta: bool, caps: Mapping[str, Mapping[float, float]]) -> bool:
+    """Whether a minimum lesion score over `threshold` keeps the reference phantom's found lesions (`score_caps`)."""
+    view = "flip" if flip_tta else "plain"
+    if threshold not in caps.get(view, {}):
+        raise UserError(f"no keep scores of the reference phantom at threshold {threshold} ({view}): "
+                        f"rerun `metaseg cv` to measure them")
+    return np.float32(score) <= np.float32(caps[view][threshold])
 
 
 def _with(config: dict, key: str | tuple[str, ...], value) -> dict:
@@ -197,7 +195,8 @@ def _best(score: Scorer, config: dict, key: str | tuple[str, ...], values, floor
 
 
 def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
-           score: Scorer | None = None, one_lesion_per_patient: bool = False, keep_reference: bool = True) -> dict:
+           score: Scorer | None = None, one_lesion_per_patient: bool = False, keep_reference: bool = True,
+           caps: Mapping[str, Mapping[float, float]] | None = None) -> dict:
     """Greedy selection in a fixed order (ensemble, flip TTA, threshold, minimum size, minimum lesion score,
     hysteresis, largest component).
 
@@ -212,6 +211,8 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
     THRESHOLDS below the chosen one with the score as its seed (the kept score, else the score step's best candidate)
     where that seed keeps the phantom's lesions at that threshold: a lesion that reaches the seed grows over the lower
     threshold;
+    `caps`: `score_caps` of the models' probabilities on the reference phantom; with `keep_reference` and none, no
+    score is tried (perfect masks keep every score: only a model's probabilities can bound one);
     `largest_component` only where the data are declared
     `one_lesion_per_patient`. Returns the chosen configuration and, per step, the mean Dice and lesion sensitivity
     without and with it, the gain, and whether it was kept; `skipped` says why a step was not tried. `score`: a
@@ -257,17 +258,20 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
                f"what keeps {KEEP_REFERENCE_SHARE:.0%} of the reference phantom's metastases ({cap} voxels)")
         skipped["min_lesion_voxels"] = f"every candidate ({', '.join(map(str, MIN_LESION_VOXELS))}) exceeds {why}"
     def kept(seed: float, threshold: float) -> bool:
-        return not keep_reference or keeps_reference(seed, threshold)
+        return not keep_reference or (caps is not None and keeps_reference(seed, threshold, config["flip_tta"], caps))
 
     above = [seed for seed in MIN_LESION_SCORES if seed > config["threshold"]]  # THRESHOLDS end below them all
     seeds, best_seed = [seed for seed in above if kept(seed, config["threshold"])], None
     if seeds:
         best_seed, with_seed, by_seed = _best(score, config, "min_lesion_score", seeds, current.detected)
         consider("min_lesion_score", "min_lesion_score", best_seed, with_seed, by_seed)
-    if len(seeds) < len(above):
+    if keep_reference and caps is None:
+        skipped["min_lesion_score"] = ("no model's probabilities on the reference phantom to bound a score (perfect "
+                                       "masks keep every score)")
+    elif len(seeds) < len(above):
         skipped["min_lesion_score"] = (f"{', '.join(map(str, sorted(set(above) - set(seeds))))} (each drops more "
-                                       f"than {1 - KEEP_REFERENCE_SHARE:.0%} of the reference phantom's lesions a "
-                                       f"demo model finds at threshold {config['threshold']})")
+                                       f"than {1 - KEEP_REFERENCE_SHARE:.0%} of the reference phantom's lesions the "
+                                       f"models find at threshold {config['threshold']})")
     seed = config["min_lesion_score"] or best_seed
     lower = [t for t in THRESHOLDS if t < config["threshold"] and seed is not None and kept(seed, t)]
     if lower:
@@ -284,14 +288,15 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
     return {"config": config, "mean_dice_3d": current.mean_dice_3d,
             "lesion_sensitivity_3d": current.lesion_sensitivity_3d, "steps": steps, "skipped": skipped,
             "smallest_gt_lesion_voxels": smallest, "reference_size_cap_voxels": cap,
-            "reference_score_caps": reference_score_caps() if keep_reference else None, "n_patients": len(truth),
+            "reference_score_caps": (caps or {}).get("flip" if config["flip_tta"] else "plain") if keep_reference
+            else None, "n_patients": len(truth),
             "single_slice": {key: config[key] for key in SLICE_STEPS},
             "inference_steps": {key: config[key] for key in BUNDLE_STEPS}}
 
 
 def cross_fitted(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Probs]], models: list[str],
                  fold_of: Mapping[str, int], score: Scorer | None = None,
-                 one_lesion_per_patient: bool = False) -> dict:
+                 one_lesion_per_patient: bool = False, caps: Mapping[str, Mapping[float, float]] | None = None) -> dict:
     """The steps chosen without each fold, scored on it: for each fold k of the patients of `truth` (`fold_of`:
     patient -> fold), `select` on the patients of the other folds only, its configuration applied to fold k's.
 
@@ -307,7 +312,7 @@ def cross_fitted(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[st
     for k in folds:
         others = [p for p in truth if fold_of[p] != k]
         selections[k] = select({p: truth[p] for p in others}, probs, models, score.subset(others),
-                               one_lesion_per_patient)
+                               one_lesion_per_patient, caps=caps)
         held_out = {p: gt for p, gt in truth.items() if fold_of[p] == k}
         rows.update((row["patient"], row) for row in score_config(held_out, probs, selections[k]["config"]))
     return {"metric_per_patient": [rows[p] for p in truth], "selections": selections}

@@ -47,6 +47,7 @@ from metaseg.evaluation import out_of_fold
 from metaseg.evaluation.cv_report import report
 from metaseg.evaluation.generalization import SITE_REPORTS
 from metaseg.evaluation.out_of_fold import SELECTION, as_uint8, has_views, read_npz, write_npz
+from metaseg.evaluation.retention import fold_keep_scores, read_fold
 from metaseg.files import write_json_atomic
 from metaseg.inference.skull_strip import skull_stripped
 from metaseg.inference.steps import network_maps
@@ -120,21 +121,27 @@ def check_plan(runs: Path, plan: dict) -> None:
 
 
 def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: list[dict]) -> None:
-    """Save each held-out patient's lesion probabilities in every view (out_of_fold.VIEWS); a patient whose file has
+    """Save each held-out patient's lesion probabilities in every view (out_of_fold.VIEWS), and the fold model's
+    keep scores of the reference phantom's lesions (metaseg.evaluation.retention); a patient whose file has
     them all is kept, one whose file lacks a view (an older run's) gets the missing views added."""
     from metaseg.conventions import model_overrides
     from metaseg.imageio.reader import decode
     from metaseg.inference.engine import Engine  # here: the training stages run without importing torch
 
     engine = None
+
+    def loaded() -> Engine:
+        nonlocal engine
+        engine = engine or Engine(bundle, weights=fold_dir / "models" / "model.pt", overrides=model_overrides(fold_dir))
+        return engine
+
     with open_source(data) as files:
         for patient, slices in by_patient(items).items():
             out = fold_dir / "oof" / f"{patient}.npz"
             if has_views(out):
                 continue
             saved = read_npz(out) if out.is_file() else {}
-            engine = engine or Engine(bundle, weights=fold_dir / "models" / "model.pt",
-                                      overrides=model_overrides(fold_dir))
+            loaded()
             frames = []
             for item in slices:
                 name = member(root, item["image"])
@@ -149,6 +156,7 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
             maps.update(prob_skull_stripped=stripped["prob"], prob_skull_stripped_flip=stripped["prob_flip"])
             write_npz(out, **{**saved, **{key: as_uint8(value) for key, value in maps.items()},
                               "slices": np.array([i["slice"] for i in slices])})
+    fold_keep_scores(fold_dir, loaded)
 
 
 def cv_datalist(found, plan: dict, runs: Path, fold: int, training: list[str], test: list[str]) -> dict:
@@ -254,9 +262,11 @@ def cross_validate(data: Path, bundles: list[str], folds: int = 5, seed: int = 0
                           *[a for b in resolved for a in ("--bundle", b)], "--out", str(out), "--runs", str(runs),
                           *[a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
     def run(k: int, name: str, bundle: Path) -> bool:
-        """Fold k of one bundle unless done (every view of its held-out patients saved); whether it ran."""
+        """Fold k of one bundle unless done (every view of its held-out patients and its phantom keep scores
+        saved); whether it ran."""
         fold_path = out_of_fold.fold_dir(fold_runs, name, k)
-        if (fold_path / "fold.json").is_file() and out_of_fold.views_complete(fold_path, plan["splits"][k]["val"]):
+        if (fold_path / "fold.json").is_file() and out_of_fold.views_complete(fold_path, plan["splits"][k]["val"]) \
+                and read_fold(fold_path) is not None:
             print(f"cv: {name} fold {k} already done, skipped", flush=True)
             return False
         # the final epoch's network is the fold's model.pt: the bundle validates once, after the last epoch
