@@ -21,7 +21,7 @@ from skimage.filters import apply_hysteresis_threshold
 from conftest import REPO, assert_user_error, metaseg
 from test_engine import random_weights
 from metaseg.conventions import BUNDLE_STEPS
-from metaseg.evaluation import cv_report, retention, selection
+from metaseg.evaluation import cv_report, metrics, retention, selection
 from metaseg.inference import steps as inference_steps
 from metaseg.training.cv import assign_folds, monitor_patients, site_folds, splits_final
 from metaseg.inference.engine import Engine
@@ -252,8 +252,8 @@ def test_cross_fitted_steps_never_see_the_fold_they_score(monkeypatch):
     assert in_sample["config"]["threshold"] == 0.45 and in_sample["mean_dice_3d"] == 1.0
     seen = []
     real = selection.select
-    monkeypatch.setattr(selection, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
-    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of)
+    monkeypatch.setattr(selection, "select", lambda t, *args, **kw: seen.append(sorted(t)) or real(t, *args, **kw))
+    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of, caps=caps_at(1.0))
     assert seen == [["B", "C"], ["A"]]  # fold 0's steps chosen on fold 1's patients, and the other way round
     for k, patients in enumerate(seen):
         assert not {p for p in patients if fold_of[p] == k}
@@ -344,34 +344,73 @@ def test_a_found_lesion_s_keep_score_is_the_highest_score_of_the_predicted_lesio
     gt = stack(LESION, SMALL) > 0
     prob = stack(LESION + (0.9,), SMALL + (0.7,), BLOB + (0.6,))
     prob[0, 4, 4] = 0.95  # one voxel of the lesion more confident: the lesion's score is its highest voxel
-    assert retention.keep_scores(gt, prob, 0.5) == [{"voxels": 576, "keep_score": pytest.approx(0.95)},
-                                                    {"voxels": 30, "keep_score": pytest.approx(0.7)}]
-    assert retention.keep_scores(gt, prob, 0.75) == [{"voxels": 576, "keep_score": pytest.approx(0.95)}]
+    found = metrics.targets(gt)
+    assert retention.keep_scores(found, prob, 0.5) == [{"voxels": 576, "keep_score": pytest.approx(0.95)},
+                                                       {"voxels": 30, "keep_score": pytest.approx(0.7)}]
+    assert retention.keep_scores(found, prob, 0.75) == [{"voxels": 576, "keep_score": pytest.approx(0.95)}]
     for kept in (0.7, 0.65):  # the score step keeps a lesion exactly up to its keep score
         assert inference_steps.mask(prob, {**inference_steps.DEFAULT, "min_lesion_score": kept})[SMALL].all()
     assert not inference_steps.mask(prob, {**inference_steps.DEFAULT, "min_lesion_score": 0.71})[SMALL].any()
 
 
-def test_the_selection_never_tries_a_score_that_drops_the_phantom_lesions_a_model_finds(monkeypatch):
-    """The first score test's patient, whose false blob (0.7) a score of 0.8 removes; the demo models' phantom
-    lesions allow scores up to 0.75 at every threshold: 0.8 and up are not tried, and 0.55 to 0.7 gain nothing."""
-    monkeypatch.setattr(selection, "reference_score_caps", lambda: {t: 0.75 for t in selection.THRESHOLDS})
+def caps_at(cap: float) -> dict:
+    """selection.score_caps of models whose found phantom lesions allow scores up to `cap` everywhere."""
+    return {view: {t: cap for t in selection.THRESHOLDS} for view in ("plain", "flip")}
+
+
+def test_score_caps_take_the_strictest_model_per_view_and_threshold():
+    """Two fold models: one finds a phantom lesion at 0.7 (plain view) and one at 0.9; flip TTA raises the first's
+    to 0.8; a model that finds nothing at a threshold allows any score there."""
+    lesion = lambda score: {"voxels": 30, "keep_score": score}  # noqa: E731
+    first = {"plain": {"0.5": [lesion(0.7), lesion(0.99)], "0.3": []}, "flip": {"0.5": [lesion(0.8)]}}
+    second = {"plain": {"0.5": [lesion(0.9)], "0.3": [lesion(0.6)]}, "flip": {"0.5": [lesion(0.95)]}}
+    caps = selection.score_caps([first, second])
+    assert caps == {"plain": {0.5: pytest.approx(0.7), 0.3: pytest.approx(0.6)}, "flip": {0.5: pytest.approx(0.8)}}
+    assert selection.keeps_reference(0.7, 0.5, False, caps) and not selection.keeps_reference(0.75, 0.5, False, caps)
+    assert selection.keeps_reference(0.75, 0.5, True, caps)
+    with pytest.raises(UserError, match="rerun `metaseg cv`"):
+        selection.keeps_reference(0.7, 0.45, False, caps)
+
+
+def test_the_selection_never_tries_a_score_that_drops_the_phantom_lesions_a_model_finds():
+    """The first score test's patient, whose false blob (0.7) a score of 0.8 removes; the fold models' phantom
+    lesions allow scores up to 0.75: 0.8 and up are not tried, and 0.55 to 0.7 gain nothing. Without a measurement
+    of the models on the phantom no score is tried at all."""
     truth = {"A": stack(LESION, SMALL) > 0}
     prob = stack(LESION + (0.9,), SMALL + (0.95,), BLOB + (0.7,))
-    chosen = selection.select(truth, {"A": {"net": {"prob": prob, "prob_flip": prob}}}, ["net"])
+    probs = {"A": {"net": {"prob": prob, "prob_flip": prob}}}
+    chosen = selection.select(truth, probs, ["net"], caps=caps_at(0.75))
     step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_score")
     assert list(step["candidates"]) == ["0.55", "0.6", "0.7"] and not step["kept"]
     assert chosen["skipped"]["min_lesion_score"].startswith("0.8, 0.9, 0.95 (each drops more than 1%")
     assert chosen["config"]["min_lesion_score"] == 0 and chosen["reference_score_caps"][0.5] == 0.75
+    assert selection.select(truth, probs, ["net"], caps=caps_at(1.0))["config"]["min_lesion_score"] == 0.8
+    unmeasured = selection.select(truth, probs, ["net"])
+    assert "min_lesion_score" not in [s["step"] for s in unmeasured["steps"]]
+    assert unmeasured["skipped"]["min_lesion_score"].startswith("no model's probabilities on the reference phantom")
 
 
-def test_the_committed_phantom_retention_covers_every_threshold_and_both_demo_models():
-    measured = json.loads(selection.PHANTOM_RETENTION.read_text())
-    assert set(measured["models"]) == {"attention_unet", "unetpp"} and measured["phantom"] == selection.REFERENCE_PHANTOM
-    assert set(selection.reference_score_caps()) == set(selection.THRESHOLDS)
-    for model in measured["models"].values():
-        found = model["keep_scores"]["0.5"]
-        assert 0 < len(found) <= model["lesions"] and all(0.5 <= lesion["keep_score"] <= 1 for lesion in found)
+def test_a_fold_model_s_phantom_keep_scores_are_measured_once_and_read_back(tmp_path):
+    """metaseg cv's fold file: every lesion a model finds, at its score, in both views; the engine is loaded only
+    when the file is missing; an older fold (no file) reads as unmeasured."""
+    assert retention.read_fold(tmp_path) is None
+    frames, truth = retention.reference_frames()
+    answers = {id(frame): gt for patient, gt_stack in truth.items() for frame, gt in zip(frames[patient], gt_stack)}
+    views = []
+
+    class Sure:  # finds every phantom lesion at 0.8 and nothing else, in either view
+        def probabilities(self, frames, view=None):
+            views.append(view)
+            return [answers[id(frame)] * np.float32(0.8) for frame in frames]
+
+    measured = retention.fold_keep_scores(tmp_path, lambda: Sure())
+    assert set(views) == {"plain", "mirrored"} and set(measured) == {"plain", "flip"}
+    scored = [t.voxels for gt in truth.values() for t in metrics.targets(gt) if t.scored]
+    for view in ("plain", "flip"):
+        for t in selection.THRESHOLDS:
+            assert sorted(lesion["voxels"] for lesion in measured[view][str(t)]) == sorted(scored)
+            assert all(lesion["keep_score"] == pytest.approx(0.8) for lesion in measured[view][str(t)])
+    assert retention.fold_keep_scores(tmp_path, lambda: pytest.fail("loaded again")) == measured
 
 
 def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
@@ -385,12 +424,11 @@ def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):
     for maps in probs.values():
         maps["net"]["prob_flip"] = maps["net"]["prob"]
     fold_of = {"A": 0, "B": 1, "C": 1}
-    monkeypatch.setattr(selection, "reference_score_caps", lambda: {t: 1.0 for t in selection.THRESHOLDS})
-    assert selection.select(truth, probs, ["net"])["config"]["min_lesion_score"] == 0
+    assert selection.select(truth, probs, ["net"], caps=caps_at(1.0))["config"]["min_lesion_score"] == 0
     seen = []
     real = selection.select
-    monkeypatch.setattr(selection, "select", lambda t, *args: seen.append(sorted(t)) or real(t, *args))
-    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of)
+    monkeypatch.setattr(selection, "select", lambda t, *args, **kw: seen.append(sorted(t)) or real(t, *args, **kw))
+    fitted = selection.cross_fitted(truth, probs, ["net"], fold_of, caps=caps_at(1.0))
     assert seen == [["B", "C"], ["A"]]
     assert {k: chosen["config"]["min_lesion_score"] for k, chosen in fitted["selections"].items()} == {0: 0.8, 1: 0}
     rows = {row["patient"]: row for row in fitted["metric_per_patient"]}
@@ -794,6 +832,7 @@ def test_a_fold_of_an_older_run_gets_only_the_missing_view(phantom, tmp_path, mo
     out_of_fold.write_npz(tmp_path / "oof" / f"{second}.npz", **complete, slices=np.arange(4))
     stamp = (tmp_path / "oof" / f"{second}.npz").stat().st_mtime_ns
     assert not out_of_fold.views_complete(tmp_path, [first, second])
+    (tmp_path / retention.FOLD_FILE).write_text(json.dumps({"phantom": selection.REFERENCE_PHANTOM, "keep_scores": {}}))
     seen = []
 
     class Engine:

@@ -90,10 +90,3 @@ def test_the_shipped_steps_keep_the_metastases_of_the_phantom(name, phantom_mask
         kept += len(np.unique(labels[served & truth]))
     assert total >= 40 and kept / total >= 0.99, f"{name} keeps {kept} of {total} lesions"
 
-
-@pytest.mark.parametrize("name", NAMES)
-def test_the_shipped_lesion_score_keeps_the_phantom_lesions_the_demo_models_find(name):
-    """Perfect masks keep every score; the demo models' own probabilities on the reference phantom do not: the
-    served min_lesion_score keeps 99% of the phantom lesions each finds at the served threshold."""
-    steps = json.loads((bundle_dir(name) / "configs" / "inference.json").read_text())["inference_steps"]
-    assert not inference_steps.seeded(steps) or selection.keeps_reference(steps["min_lesion_score"], steps["threshold"])

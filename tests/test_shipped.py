@@ -22,6 +22,7 @@ from metaseg.data.discovery import discover, open_source, read_tiff
 from metaseg.inference.engine import Engine
 from metaseg.imageio.reader import decode
 from metaseg.evaluation.metrics import dice_3d
+from metaseg.inference import steps as inference_steps
 
 MAX_FILE, MAX_BUNDLE = 10 * 2**20, 50 * 2**20
 
@@ -111,3 +112,13 @@ def test_the_shipped_files_are_distinct_fold_models():
     for name in NAMES:
         digests = [hashlib.md5(p.read_bytes()).hexdigest() for p in ship_weights().shipped_folds(REPO / "bundles" / name)]
         assert len(set(digests)) == len(digests), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shipped_lesion_score_keeps_the_phantom_lesions_its_fold_models_find(name):
+    """A min_lesion_score ships only where the report measured the bundle's fold models on the reference phantom,
+    and at most the score that keeps 99% of the phantom lesions they find at the shipped threshold and flip TTA."""
+    steps = json.loads((REPO / "bundles" / name / "configs" / "inference.json").read_text())["inference_steps"]
+    if inference_steps.seeded(steps):
+        caps = report(name)["postprocessing_per_model"][name]["reference_score_caps"]
+        assert steps["min_lesion_score"] <= caps[str(float(steps["threshold"]))]

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from metaseg.data.discovery import member, open_source
-from metaseg.evaluation.metrics import targets
+from metaseg.evaluation.metrics import Target, targets
 from metaseg.evaluation.selection import (KEEP_REFERENCE_SHARE, REFERENCE_PHANTOM, THRESHOLDS, KeepScores,
                                           reference_phantom, score_cap)
 from metaseg.files import write_json_atomic
@@ -31,32 +29,30 @@ from metaseg.inference.steps import network_maps
 FOLD_FILE = "phantom_keep_scores.json"  # a `metaseg cv` fold's keep scores, beside its oof/ folder
 
 
-def keep_scores(gt: np.ndarray, prob: np.ndarray, threshold: float) -> list[dict]:
-    """`{"voxels", "keep_score"}` of each scored ground-truth lesion of one patient that the threshold's mask detects
-    (metaseg.evaluation.metrics.detected): the highest score of the predicted lesions in its reach."""
+def keep_scores(found: list[Target], prob: np.ndarray, threshold: float) -> list[dict]:
+    """`{"voxels", "keep_score"}` of each scored ground-truth lesion of one patient (`found`: its
+    metaseg.evaluation.metrics.targets) that the threshold's mask detects (metaseg.evaluation.metrics.detected): the
+    highest score (metaseg.inference.lesions.scores) of the predicted lesions in its reach."""
     labels, n = label(prob >= threshold)
-    top = scores(labels, n, prob)[0] if n else np.zeros(0)
-    found = []
-    for target in targets(gt):
+    top = scores(labels, n, prob)[0]
+    kept = []
+    for target in found:
         hits = np.unique(labels[target.box][target.reach])
         hits = hits[hits > 0]
         if target.scored and hits.size:
-            found.append({"voxels": target.voxels, "keep_score": float(top[hits - 1].max())})
-    return found
+            kept.append({"voxels": target.voxels, "keep_score": float(top[hits - 1].max())})
+    return kept
 
 
 @functools.cache
 def reference_frames() -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
-    """The reference phantom's input frames and ground-truth stack per patient (made once per process)."""
+    """The reference phantom's input frames (as an upload of its files decodes them) and ground-truth stack per
+    patient."""
     from metaseg.imageio.reader import decode  # here: the image readers load only where frames are decoded
 
-    with tempfile.TemporaryDirectory() as folder:
-        root, groups, truth = reference_phantom(Path(folder))
-        with open_source(Path(folder)) as files:
-            frames = {patient: [decode([(name, files.read(name))]).inputs[0]
-                                for name in (member(root, item["image"]) for item in items)]
-                      for patient, items in groups.items()}
-    return frames, truth
+    images, truth = reference_phantom()
+    return {patient: [decode([("slice.tif", image)]).inputs[0] for image in files]
+            for patient, files in images.items()}, truth
 
 
 def model_keep_scores(engine) -> dict:
@@ -65,13 +61,15 @@ def model_keep_scores(engine) -> dict:
     how many scored lesions the phantom has."""
     frames, truth = reference_frames()
     measured: dict = {"plain": {str(t): [] for t in THRESHOLDS}, "flip": {str(t): [] for t in THRESHOLDS}}
+    lesions = 0
     for patient, gt in truth.items():
+        found = targets(gt)
+        lesions += sum(t.scored for t in found)
         maps = network_maps(engine, frames[patient], flip=True)
         views = {"plain": maps["prob"], "flip": np.mean([maps["prob"], maps["prob_flip"]], axis=0, dtype=np.float32)}
         for view, prob in views.items():
             for t in THRESHOLDS:
-                measured[view][str(t)] += keep_scores(gt, prob, t)
-    lesions = sum(t.scored for gt in truth.values() for t in targets(gt))
+                measured[view][str(t)] += keep_scores(found, prob, t)
     return {"phantom": REFERENCE_PHANTOM, "lesions": lesions, "keep_scores": measured}
 
 

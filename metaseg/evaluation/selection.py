@@ -30,7 +30,7 @@ import numpy as np
 
 from metaseg.conventions import BUNDLE_STEPS
 from metaseg.data.datalist import by_patient
-from metaseg.data.discovery import discover
+from metaseg.data.discovery import discover, member, open_source
 from metaseg.data.ground_truth import read_ground_truth
 from metaseg.data.phantom import synthesize
 from metaseg.errors import UserError
@@ -118,20 +118,24 @@ REFERENCE_PHANTOM = {"patients": 10, "slices": 32, "seed": 3}
 KEEP_REFERENCE_SHARE = 0.99
 
 
-def reference_phantom(folder: Path) -> tuple[str, dict[str, list[dict]], dict[str, np.ndarray]]:
-    """The reference phantom written to `folder`: its patients root, its datalist items per patient and each
-    patient's boolean (slices, rows, cols) ground-truth stack."""
-    synthesize(folder, **REFERENCE_PHANTOM)
-    found = discover(folder)
-    groups = by_patient([asdict(p) for p in found.pairs])
-    root, truth = read_ground_truth(folder, found.root, groups)
-    return root, groups, truth
+@functools.cache
+def reference_phantom() -> tuple[dict[str, list[bytes]], dict[str, np.ndarray]]:
+    """The reference phantom, made once per process in a temporary folder: each patient's image files (bytes, in
+    slice order) and boolean (slices, rows, cols) ground-truth stack."""
+    with tempfile.TemporaryDirectory() as folder:
+        synthesize(Path(folder), **REFERENCE_PHANTOM)
+        found = discover(Path(folder))
+        groups = by_patient([asdict(p) for p in found.pairs])
+        root, truth = read_ground_truth(Path(folder), found.root, groups)
+        with open_source(Path(folder)) as files:
+            images = {patient: [files.read(member(root, item["image"])) for item in items]
+                      for patient, items in groups.items()}
+    return images, truth
 
 
 def reference_masks() -> list[np.ndarray]:
-    """The reference phantom's perfect masks, one stack per patient; made in a temporary folder."""
-    with tempfile.TemporaryDirectory() as folder:
-        return list(reference_phantom(Path(folder))[2].values())
+    """The reference phantom's perfect masks, one stack per patient."""
+    return list(reference_phantom()[1].values())
 
 
 @functools.cache

@@ -86,10 +86,12 @@ class Lesion:
 def scores(labels: np.ndarray, n: int, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The highest and the mean probability of each lesion 1..n of `label`'s labels, in label order: how sure the
     network is of a lesion as a whole, what a reader (and a FROC, metaseg.evaluation.froc) ranks lesions by."""
-    index = np.arange(1, n + 1)
     probability = np.asarray(probability, np.float32).reshape(labels.shape)
-    return (np.asarray(ndimage.maximum(probability, labels, index), float).reshape(n),
-            np.asarray(ndimage.mean(probability, labels, index), float).reshape(n))
+    top, mean = np.zeros(n), np.zeros(n)
+    for i, box in enumerate(ndimage.find_objects(labels, n)):  # within each lesion's box: ndimage.maximum sorts it all
+        values = probability[box][labels[box] == i + 1]
+        top[i], mean[i] = values.max(), values.mean(dtype=np.float64)
+    return top, mean
 
 
 def _longest_diameter(coords: np.ndarray, scale: tuple[float, float]) -> float:
