@@ -328,7 +328,8 @@ def main() -> None:
     write_json_atomic(args.out, {
         "command": " ".join(["python", "benchmarks/serve_latency.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "load_average_at_start": load_at_start},
+                    "load_average_at_start": load_at_start,
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "model": {"which": model, "name": info["model"], "architecture": info["architecture"],
                   "spatial_size": info["input"]["spatial_size"], "fold_models_k": info["fold_models"]},
         "server": {"host": HOST, "uvicorn_workers": 1, "capacity": health["capacity"],
