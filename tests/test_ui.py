@@ -599,6 +599,8 @@ def test_nifti_sequences_dropped_in_the_main_box_are_pointed_to_the_sequence_box
         "is required), then press Segment.")
     assert viewer.expander[0].proto.expanded  # the boxes are open
     drop(viewer, trio[1:2], uploader=2)
+    assert viewer.expander[0].proto.expanded  # and stay open while they hold files
+    assert not any("NIfTI files" in info.value for info in viewer.info)
     by_label(viewer.button, "Segment").click().run()
     assert not viewer.exception and not viewer.error and not viewer.info
     assert server.fake.fields == [{"flair": 1}] and metrics(viewer)["Lesions"] == "2"
@@ -842,7 +844,7 @@ def test_the_servers_info_states_the_bundles_segment_label_as_the_seg_writer_rea
     with TestClient(create_app(settings_for(weights))) as http:
         stated = http.get("/info").json()["segment_label"]
     metadata = json.loads((REPO / "bundles/attention_unet/configs/metadata.json").read_text())
-    served, bundled = (dicomseg.finding({dicomseg.METADATA_KEY: label}) for label in (stated, metadata["segment_label"]))
+    served, bundled = (dicomseg.finding({dicomseg.METADATA_KEY: one}) for one in (stated, metadata["segment_label"]))
     assert (served.label, served.description) == (bundled.label, bundled.description) == (
         "FLAIR abnormality (LGG-trained model)", metadata["segment_label"]["description"])
     for concept in ("category", "type", "anatomic_region"):

@@ -135,7 +135,8 @@ def take_sample() -> None:
 
 def upload_panel(info: dict | None, niftis: int) -> None:
     """The main box, the sample, and the sequence boxes with their Segment button (open when `niftis` NIfTI files
-    were dropped in the main box, where they do not belong). Each uploader states the server's own size limit."""
+    were dropped in the main box, where they do not belong, and while the boxes hold files). Each uploader states the
+    server's own size limit."""
     most = info["input"]["limits"]["max_upload_bytes"] if info else None
     limit = {"max_upload_size": max(1, most // 2**20)} if most else {}
     in_all = f" The server takes up to {most / 2**20:.0f} MiB in all, every file together." if most else ""
@@ -149,7 +150,9 @@ def upload_panel(info: dict | None, niftis: int) -> None:
         f"NIfTI sequences go in the sequence boxes below, one file each.{in_all}",
     )
     sample_col.button("Try a sample", on_click=take_sample, help="A synthetic phantom slice: no patient data.")
-    with st.expander("Sequences in separate files (pre-contrast, FLAIR, post-contrast)", expanded=bool(niftis)):
+    filled = any(st.session_state.get(uploader_key(field)) for field in FIELDS)
+    title = "Sequences in separate files (pre-contrast, FLAIR, post-contrast)"
+    with st.expander(title, expanded=bool(niftis) or filled):
         st.caption("The model was trained on all three sequences. Put each one's image, NIfTI or series files in its "
                    "box, then press Segment: FLAIR is required, a missing pre- or post-contrast is filled with FLAIR. "
                    f"They must share slices and size.{in_all}")
@@ -285,7 +288,8 @@ def result(url: str, upload: Upload) -> None:
     if found.filtered:
         legend.append(f"pale: under lesion score {score:g}")
     if picked:
-        legend.append(f"yellow outline: lesion {picked.id}" + ("" if index in picked.slices else " (not on this slice)"))
+        elsewhere = "" if index in picked.slices else " (not on this slice)"
+        legend.append(f"yellow outline: lesion {picked.id}{elsewhere}")
     overlay_col.image(blended, caption="; ".join(legend), output_format="PNG", width="stretch")
     with findings_col:
         findings_panel(volume, found, index, info, seconds)
