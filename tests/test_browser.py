@@ -154,9 +154,9 @@ def posts(log: Path) -> list[str]:
     return [line.split('"')[1].split(" ")[1] for line in log.read_text().splitlines() if '"POST /segment' in line]
 
 
-def slide(driver, label: str, presses: int) -> str:
-    """Move a slider by `presses` steps with the keyboard (up, or down from its end), as a reader scrolls through
-    slices; its new value."""
+def slide(driver, label: str, presses: int, key: str | None = None) -> str:
+    """Move a slider by `presses` steps with the keyboard (up, or down from its end; or `key` pressed that often), as
+    a reader scrolls through slices; its new value."""
     def thumb(d) -> object:  # visually hidden: focused, then typed at
         slider = next(s for s in shown(d, '[data-testid="stSlider"]', text=label) if label in s.text)
         return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')
@@ -167,7 +167,8 @@ def slide(driver, label: str, presses: int) -> str:
         return element.get_attribute("value"), element.get_attribute("max")
 
     start, end = wait(driver, 30).until(focus)
-    ActionChains(driver).send_keys(*[Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT] * presses).perform()
+    key = key or (Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT)
+    ActionChains(driver).send_keys(*[key] * presses).perform()
 
     def moved(d) -> str | bool:
         value = thumb(d).get_attribute("value")
@@ -216,8 +217,15 @@ def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_se
         shown(driver, '[data-testid="stDownloadButton"]', count=4, text="DICOM SEG")
         assert posts(log) == asked  # the mask files are made here, from the masks shown
 
-        assert float(slide(driver, "Lesion score", 5)) == 1  # from the bundle's min_lesion_score, 0.95, to 1
-        shown(driver, '[data-testid="stMetric"]', text="Lesions\n0")  # every lesion scores under 1: filtered
+        # the random weights score every lesion under the bundle's min_lesion_score (0.95): all filtered, not hidden
+        shown(driver, '[data-testid="stMetric"]', count=4, text="Lesions\n0")
+        filtered = next(m.text for m in shown(driver, '[data-testid="stMetric"]', count=4, text="Filtered by score")
+                        if m.text.startswith("Filtered by score")).split("\n")[1]
+        shown(driver, '[data-testid="stImage"]', text="pale: under lesion score 0.95")
+        assert float(slide(driver, "Lesion score", 1, Keys.HOME)) == 0  # a score that filters nothing
+        shown(driver, '[data-testid="stMetric"]', text=f"Lesions\n{filtered}")  # the same lesions, now kept
+        wait(driver, 60).until(lambda d: not [m for m in d.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+                                              if "Filtered" in m.text], "lesions still filtered at score 0")
         assert posts(log) == asked
         assert driver.save_screenshot(str(tmp_path / "viewer-dicom.png"))
 
