@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -61,6 +61,27 @@ class InferenceSteps(BaseModel):
                                     "declares one lesion per patient)")
 
 
+class Code(BaseModel):
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # as serve.dicomseg.finding reads a bundle's codes
+
+    code: str
+    scheme: str = Field(description="coding scheme designator, e.g. SCT")
+    meaning: str
+
+
+class SegmentLabel(BaseModel):
+    """What the model's segment holds, as its bundle states it (metadata.json `segment_label`), for a client that
+    writes the DICOM SEG itself (serve.dicomseg.finding reads it)."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    label: str
+    description: str = ""
+    category: Code = Field(description="segmented property category (DICOM CID 7150)")
+    type: Code = Field(description="segmented property type (DICOM CID 7151)")
+    anatomic_region: Code | None = None
+
+
 class ModelInfo(BaseModel):
     model: str = Field(description="bundle folder name")
     title: str = Field(description="bundle name in metadata.json")
@@ -83,6 +104,9 @@ class ModelInfo(BaseModel):
     )
     test_metrics: dict[str, float] | None = Field(
         description="means on patients the model never trained on, from the report the best-model record names: test split of `metaseg compare`, or out-of-fold of a complete `metaseg cv`; null if none"
+    )
+    segment_label: SegmentLabel | None = Field(
+        None, description="the bundle's segment label of its DICOM SEG; null: a plain lesion (serve.dicomseg.LESION)"
     )
     one_channel_dice_loss: float | None = Field(
         description="what a one-channel input (FLAIR alone, as a gray picture or a single DICOM series arrives) costs "

@@ -1,7 +1,8 @@
 """The viewer end to end in a real browser: the metaseg server and `metaseg ui` as subprocesses, Debian's headless
-Chromium driven by Selenium, a PNG and then a DICOM series dropped on the uploader; the series is scrolled and
-thresholded, which must send nothing to the server (its access log counts the requests), and its mask files are
-fetched on request.
+Chromium driven by Selenium, a PNG and then a DICOM series dropped on the uploader; the series is scrolled,
+thresholded and score-filtered, and its mask files are made, which must send nothing to the server (its access log
+counts the requests); three NIfTI sequences dropped on the main box are pointed to the sequence boxes, and filled in
+there they are segmented once, on Segment.
 
 The server runs the attention_unet bundle with seeded random weights at spatial_size 32 (as in test_serve): what
 matters here is that the overlay, the findings and the downloads reach the page, not what the model finds.
@@ -30,7 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import REPO
 from test_engine import random_weights
-from test_ui import SERIES, blobs, dicom_series, free_port, png
+from test_ui import SERIES, blobs, dicom_series, free_port, nifti_files, png
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -122,7 +123,22 @@ def drop(driver, url: str, paths: list[Path]) -> None:
     """Open a fresh session of the viewer and drop the files on its uploader."""
     driver.get(url)
     shown(driver, '[data-testid="stSidebar"] [data-testid="stAlert"]', text="Up, model loaded")
-    shown(driver, 'input[type="file"]')[0].send_keys("\n".join(str(p) for p in paths))
+    put(driver, 0, paths)
+
+
+def put(driver, uploader: int, paths: list[Path]) -> None:
+    """Drop files on an uploader of the page: 0 the main box, 1-3 pre-contrast, FLAIR, post-contrast."""
+    shown(driver, 'input[type="file"]', count=uploader + 1)[uploader].send_keys("\n".join(str(p) for p in paths))
+    shown(driver, '[data-testid="stFileChipName"]', text=paths[-1].name, timeout=60)
+
+
+def click(driver, text: str) -> None:
+    """Click the button labelled `text` once it is enabled."""
+    def enabled(d):
+        found = [b for b in shown(d, "button", text=text) if b.text == text and b.is_enabled()]
+        return found[0] if found else False
+
+    wait(driver, 60).until(enabled, f"no enabled {text!r} button").click()
 
 
 def segmented(driver) -> dict[str, str]:
@@ -138,9 +154,9 @@ def posts(log: Path) -> list[str]:
     return [line.split('"')[1].split(" ")[1] for line in log.read_text().splitlines() if '"POST /segment' in line]
 
 
-def slide(driver, label: str, presses: int) -> str:
-    """Move a slider by `presses` steps with the keyboard (up, or down from its end), as a reader scrolls through
-    slices; its new value."""
+def slide(driver, label: str, presses: int, key: str | None = None) -> str:
+    """Move a slider by `presses` steps with the keyboard (up, or down from its end; or `key` pressed that often), as
+    a reader scrolls through slices; its new value."""
     def thumb(d) -> object:  # visually hidden: focused, then typed at
         slider = next(s for s in shown(d, '[data-testid="stSlider"]', text=label) if label in s.text)
         return slider.find_element(By.CSS_SELECTOR, 'input[type="range"]')
@@ -151,7 +167,8 @@ def slide(driver, label: str, presses: int) -> str:
         return element.get_attribute("value"), element.get_attribute("max")
 
     start, end = wait(driver, 30).until(focus)
-    ActionChains(driver).send_keys(*[Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT] * presses).perform()
+    key = key or (Keys.ARROW_LEFT if start == end else Keys.ARROW_RIGHT)
+    ActionChains(driver).send_keys(*[key] * presses).perform()
 
     def moved(d) -> str | bool:
         value = thumb(d).get_attribute("value")
@@ -198,6 +215,46 @@ def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_se
 
         next(b for b in shown(driver, "button", text="Prepare") if "Prepare" in b.text).click()
         shown(driver, '[data-testid="stDownloadButton"]', count=4, text="DICOM SEG")
-        assert posts(log)[len(asked):] == [
-            f"/segment/nifti?threshold={threshold}", f"/segment/seg?threshold={threshold}"]
+        assert posts(log) == asked  # the mask files are made here, from the masks shown
+
+        # the random weights score every lesion under the bundle's min_lesion_score (0.95): all filtered, not hidden
+        shown(driver, '[data-testid="stMetric"]', count=4, text="Lesions\n0")
+        filtered = next(m.text for m in shown(driver, '[data-testid="stMetric"]', count=4, text="Filtered by score")
+                        if m.text.startswith("Filtered by score")).split("\n")[1]
+        shown(driver, '[data-testid="stImage"]', text="pale: under lesion score 0.95")
+        assert float(slide(driver, "Lesion score", 1, Keys.HOME)) == 0  # a score that filters nothing
+        shown(driver, '[data-testid="stMetric"]', text=f"Lesions\n{filtered}")  # the same lesions, now kept
+        wait(driver, 60).until(lambda d: not [m for m in d.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+                                              if "Filtered" in m.text], "lesions still filtered at score 0")
+        assert posts(log) == asked
         assert driver.save_screenshot(str(tmp_path / "viewer-dicom.png"))
+
+
+def test_sequences_wait_for_segment_and_run_once_and_the_page_states_the_servers_limit(tmp_path):
+    weights = random_weights("attention_unet", tmp_path / "model")
+    trio = []
+    for name, data in nifti_files(["t1.nii.gz", "flair.nii.gz", "t1c.nii.gz"]):
+        trio.append(tmp_path / name)
+        trio[-1].write_bytes(data)
+    log = tmp_path / "server.log"
+
+    with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32"}) as url, chromium(tmp_path) as driver:
+        drop(driver, url, trio)
+        shown(driver, '[data-testid="stAlert"]', text="Put each in its box under Sequences in separate files")
+        limits = [e.text for e in shown(driver, '[data-testid="stFileUploaderDropzoneInstructions"]', count=3)]
+        assert all("64MB per file" in text for text in limits), limits  # the server's 64 MiB, not Streamlit's 200
+        assert "200MB" not in driver.find_element(By.TAG_NAME, "body").text
+        sidebar = shown(driver, '[data-testid="stSidebar"]')[0].text
+        assert "Up, model loaded; idle" in sidebar and "slot" not in sidebar and "SegmentationReport" not in sidebar
+
+        for uploader, path in enumerate(trio, start=1):  # left to right, as a user fills the boxes
+            put(driver, uploader, [path])
+            alerts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')]
+            assert not any("missing" in text for text in alerts), alerts
+        assert posts(log) == []  # nothing segmented while the user chooses
+        click(driver, "Segment")
+        metrics = segmented(driver)
+        assert "Total volume" in metrics
+        shown(driver, '[data-testid="stCaptionContainer"]', text="The model got all three sequences")
+        assert posts(log) == ["/segment/probabilities"]  # once, with the three sequences
+        driver.save_screenshot(str(tmp_path / "viewer-sequences.png"))

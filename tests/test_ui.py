@@ -1,10 +1,11 @@
 """The Streamlit viewer through Streamlit's AppTest: the sample, a DICOM series segmented once and then scrolled,
-thresholded and measured here, the 3D lesion table and its jump to a lesion's slice, a single slice and separate
-pictures (no volume), the series downloads on request, the sequences as separate files or as a DICOM study, and
-readable errors; plus the HTTP client, the drawing pieces and `metaseg ui`.
+thresholded, score-filtered and measured here, the 3D lesion table, its jump to a lesion's slice and the picked
+lesion's outline, a single slice and separate pictures (no volume), the series mask files made here, the sequences
+as separate files (segmented once, on Segment) or as a DICOM study, NIfTI sequences dropped in the main box, the
+sidebar's words and the upload limit, and readable errors; plus the HTTP client, the drawing pieces and `metaseg ui`.
 
-The server is a fake that follows the API contract (GET /health and /info, POST /segment/probabilities, /nifti and
-/seg) on a real socket (uvicorn in a thread). It reads and refuses uploads with the real server's code (serve.uploads'
+The server is a fake that follows the API contract (GET /health and /info, POST /segment/probabilities) on a real
+socket (uvicorn in a thread). It reads and refuses uploads with the real server's code (serve.uploads'
 Form, serve.errors' answers); its model is an "echo": the lesion probability is the FLAIR's own brightness / 255, so
 every mask is known in advance, and it records each request, so a test sees what the viewer asked and when.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -26,6 +29,7 @@ import streamlit as st
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -40,9 +44,13 @@ from metaseg.imageio.picture import to_png_bytes
 from metaseg.imageio.reader import decode
 from metaseg.imageio.volume import Volume
 from metaseg.inference.lesions import measure
+from metaseg.inference.steps import upload_masks
+from serve import dicomseg
 from serve.errors import add_handlers
+from serve.main import create_app
 from serve.uploads import Form
-from ui import display, findings
+from test_serve import settings_for, weights  # noqa: F401  (module fixture)
+from ui import display, findings, series_files
 from ui.client import Client, ServerError, Unreachable
 from ui.upload import Upload, file_stem, server_limits
 
@@ -118,7 +126,6 @@ TUMOUR = [tumour_slice(), tumour_slice("A"), tumour_slice("A"), tumour_slice("A"
 # --- the fake server ------------------------------------------------------------------------------------------
 
 
-NIFTI, SEG = gzip.compress(b"a NIfTI", mtime=0), b"a DICOM SEG"
 STEPS = {"flip_tta": False, "threshold": 0.45, "min_lesion_voxels": 0, "min_lesion_mm3": 0, "min_lesion_score": 0,
          "largest_component": False}
 
@@ -129,6 +136,8 @@ class Fake:
 
     steps: dict = field(default_factory=lambda: dict(STEPS))
     one_channel_dice_loss: float | None = 0.116
+    test_metrics: dict[str, float] | None = None
+    busy: int = 0
     max_upload_bytes: int = 2 * MiB
     refusal: tuple[int, str] | None = None  # (status, detail) for every segment route
     requests: list[tuple[str, str, dict]] = field(default_factory=list)  # (method, path, query)
@@ -143,7 +152,11 @@ class Fake:
                   "decode_timeout_s": 30}
         return {
             "model": "echo", "title": "Echo", "architecture": "Echo", "version": "0.0.0", "description": "",
-            "intended_use": "Tests only.", "test_metrics": None, "inference_steps": self.steps,
+            "intended_use": "Tests only.", "test_metrics": self.test_metrics, "inference_steps": self.steps,
+            "segment_label": {"label": "Echo lesion", "description": "what the echo finds",
+                              "category": {"code": "49755003", "scheme": "SCT",
+                                           "meaning": "Morphologically Abnormal Structure"},
+                              "type": {"code": "52988006", "scheme": "SCT", "meaning": "Lesion"}},
             "one_lesion_per_patient": False, "one_channel_dice_loss": self.one_channel_dice_loss,
             "input": {"channels": 3, "channel_def": {"0": "pre-contrast", "1": "FLAIR", "2": "post-contrast"},
                       "spatial_size": 32, "channel_rule": "gray is FLAIR", "formats": ["PNG", "DICOM"],
@@ -172,7 +185,7 @@ def fake_app(fake: Fake) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": "echo", "version": "0.0.0", "busy": 0, "capacity": 3}
+        return {"status": "ok", "model": "echo", "version": "0.0.0", "busy": fake.busy, "capacity": 3}
 
     @app.get("/info")
     def info():
@@ -184,19 +197,6 @@ def fake_app(fake: Fake) -> FastAPI:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, probability=np.clip(np.stack(volume.frames), 0, 255).astype(np.uint8))
         return Response(buffer.getvalue(), media_type="application/octet-stream")
-
-    @app.post("/segment/nifti")
-    async def nifti(request: Request):
-        await fake.volume(request)
-        return Response(NIFTI, media_type="application/gzip")
-
-    @app.post("/segment/seg")
-    async def seg(request: Request):
-        volume = await fake.volume(request)
-        if volume.kind != "dicom":
-            return JSONResponse({"detail": f"a DICOM SEG references DICOM instances; this upload is {volume.kind}"},
-                                415)
-        return Response(SEG, media_type="application/dicom")
 
     return app
 
@@ -274,7 +274,7 @@ def caption(at: AppTest, start: str) -> str:
 
 def drop(at: AppTest, files: list[tuple[str, bytes]], uploader: int = 0) -> AppTest:
     """Drop files on an uploader: 0 the main one, 1-3 pre-contrast, FLAIR, post-contrast."""
-    kind = "image/png" if files[0][1].startswith(b"\x89PNG") else "application/dicom"
+    kind = "image/png" if files and files[0][1].startswith(b"\x89PNG") else "application/dicom"
     at.file_uploader[uploader].set_value([(name, data, kind) for name, data in files])
     return at.run()
 
@@ -288,7 +288,7 @@ def table(at: AppTest) -> list[dict]:
 
 def test_the_sample_is_one_slice_with_an_area_and_no_volume(viewer, server):
     assert not viewer.exception
-    assert viewer.sidebar.success[0].value.startswith("Up, model loaded")
+    assert viewer.sidebar.success[0].value == "Up, model loaded; idle"
     assert any("`echo`" in md.value for md in viewer.sidebar.markdown)  # the model as /info names it
     by_label(viewer.button, "Try a sample").click().run()
     assert not viewer.exception and not viewer.error
@@ -315,7 +315,7 @@ def test_a_series_is_segmented_once_then_scrolled_and_thresholded_here(viewer, s
     first, second = table(viewer)
     assert (first["lesion"], first["slices"], first["volume (mm³)"], first["measurable"]) == (1, "2–4", 384, "yes")
     assert first["diameter (mm)"] == pytest.approx(16 * np.sqrt(2) * 0.5)
-    assert first["max prob."] == pytest.approx(200 / 255)
+    assert first["score"] == pytest.approx(200 / 255) and first["status"] == "kept"
     assert (second["slices"], second["volume (mm³)"], second["measurable"]) == ("4", 8, "no")
     slider = by_label(viewer.slider, "Slice")
     assert (slider.min, slider.max, slider.value) == (1, 5, 2)  # the largest lesion's widest slice
@@ -347,6 +347,100 @@ def test_picking_a_lesion_in_the_table_jumps_to_its_slice_once(viewer):
     viewer.session_state[viewer.dataframe[0].key] = {"selection": {"rows": [0], "columns": []}}  # lesion A
     viewer.run()
     assert by_label(viewer.slider, "Slice").value == 2
+
+
+@pytest.fixture
+def overlays(monkeypatch) -> list[np.ndarray]:
+    """Every overlay the viewer draws (display.blend's answers), in order."""
+    drawn = []
+    real = display.blend
+    monkeypatch.setattr(display, "blend", lambda *args: drawn.append(real(*args)) or drawn[-1])
+    return drawn
+
+
+def edge(lesion: tuple[int, int, int, int]) -> tuple[int, int]:
+    return lesion[0], lesion[1]  # its top-left pixel, on its border
+
+
+def inside(lesion: tuple[int, int, int, int]) -> tuple[int, int]:
+    return lesion[0] + 2, lesion[1] + 2
+
+
+def test_the_picked_lesion_is_outlined_apart_from_the_others_on_its_slice(viewer, overlays):
+    drop(viewer, dicom_series(TUMOUR))
+    red, yellow = tuple(display.RED.astype(np.uint8)), tuple(display.PICKED.astype(np.uint8))
+    by_label(viewer.slider, "Slice").set_value(4).run()  # A and B both on slice 4
+    assert tuple(overlays[-1][edge(A)]) == red and tuple(overlays[-1][edge(B)]) == red
+    viewer.session_state[viewer.dataframe[0].key] = {"selection": {"rows": [1], "columns": []}}  # lesion B
+    viewer.run()
+    assert tuple(overlays[-1][edge(B)]) == yellow and tuple(overlays[-1][edge(A)]) == red
+    assert tuple(overlays[-1][inside(B)]) != yellow  # outlined, not filled
+    assert "yellow outline: lesion 2" in viewer.image[2].proto.imgs[0].caption
+    by_label(viewer.toggle, "Outline").set_value(False).run()  # the pick stays outlined without the outlines
+    assert tuple(overlays[-1][edge(B)]) == yellow and tuple(overlays[-1][edge(A)]) != red
+    viewer.session_state[viewer.dataframe[0].key] = {"selection": {"rows": [0], "columns": []}}  # lesion A
+    viewer.run()
+    assert tuple(overlays[-1][edge(A)]) == yellow and tuple(overlays[-1][edge(B)]) != yellow
+
+
+def test_the_lesion_score_filters_here_and_dims_what_it_filters(viewer, server, overlays):
+    server.fake.steps["min_lesion_score"] = 0.9  # the model's choice: A (200/255) filtered, B (250/255) kept
+    st.cache_data.clear()  # the viewer keeps /info for a minute
+    series = dicom_series(TUMOUR)
+    drop(viewer, series)
+    score = by_label(viewer.slider, "Lesion score")
+    assert score.value == pytest.approx(0.9) and not score.disabled
+    assert metrics(viewer) == {"Lesions": "1", "Total volume": "0.008 mL", "Measurable": "0 of 1",
+                               "Filtered by score": "1"}
+    assert [(row["lesion"], row["status"]) for row in table(viewer)] == [(1, "filtered"), (2, "kept")]
+    assert by_label(viewer.slider, "Slice").value == 4  # the kept lesion's slice
+    overlay, gray = overlays[-1], display.sequence_slices(decode(series))["FLAIR"][3]
+    pale, red = tuple(display.PALE.astype(np.uint8)), tuple(display.RED.astype(np.uint8))
+    assert tuple(overlay[edge(A)]) == pale and tuple(overlay[edge(B)]) == red
+    alpha = display.DIM * 0.4  # dimmed: a fraction of the opacity
+    assert tuple(overlay[inside(A)]) == tuple(np.round((1 - alpha) * gray[inside(A)] + alpha * display.PALE))
+    assert tuple(overlay[inside(B)]) == tuple(np.round(0.6 * gray[inside(B)] + 0.4 * display.RED))
+    assert "pale: under lesion score 0.9" in viewer.image[2].proto.imgs[0].caption
+
+    by_label(viewer.slider, "Lesion score").set_value(0.5).run()  # up to the threshold: nothing filtered
+    assert metrics(viewer)["Lesions"] == "2" and "Filtered by score" not in metrics(viewer)
+    assert [row["status"] for row in table(viewer)] == ["kept", "kept"] and tuple(overlays[-1][edge(A)]) == red
+    by_label(viewer.slider, "Lesion score").set_value(0.99).run()
+    assert metrics(viewer)["Lesions"] == "0" and metrics(viewer)["Filtered by score"] == "2"
+    assert len(table(viewer)) == 2  # filtered lesions stay listed
+    assert server.fake.posts() == [("/segment/probabilities", {})]  # filtered here
+
+
+def test_the_lesion_score_is_off_for_what_is_no_volume(viewer):
+    drop(viewer, [("slice.png", png(TUMOUR[3]))])
+    assert by_label(viewer.slider, "Lesion score").disabled
+    assert "status" not in table(viewer)[0]
+
+
+def test_the_sidebar_speaks_a_readers_words(viewer, server):
+    server.fake.test_metrics = {"dice_3d": 0.731, "lesionwise_hd95_vox": 3.25, "fp_lesions": 1.16, "new_one": 0.5}
+    server.fake.busy = 2
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert at.sidebar.success[0].value == "Up, model loaded; working on 2 requests"
+    text = "\n".join([m.value for m in at.sidebar.markdown] + [c.value for c in at.sidebar.caption])
+    assert ("Dice per patient (3D): 0.731  \nLesion-wise HD95 (voxels): 3.250  \nFalse lesions per patient: 1.160  "
+            "\nNew one: 0.500") in text
+    for internal in ("lesionwise_hd95_vox", "fp_lesions", "dice_3d", "SegmentationReport", "slot", "channel_rule"):
+        assert internal not in text
+    server.fake.busy = 3
+    st.cache_data.clear()
+    assert AppTest.from_file(APP, default_timeout=60).run().sidebar.success[0].value.startswith(
+        "Up, model loaded; full")
+
+
+def test_every_uploader_states_the_servers_own_limit(viewer, server):
+    assert [u.proto.max_upload_size_mb for u in viewer.file_uploader] == [2, 2, 2, 2]  # the fake's 2 MiB
+    assert "up to 2 MiB in all" in viewer.file_uploader[0].proto.help
+    server.fake.max_upload_bytes = 64 * MiB
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert [u.proto.max_upload_size_mb for u in at.file_uploader] == [64] * 4
 
 
 def test_a_slice_without_lesion_says_so(viewer):
@@ -383,24 +477,62 @@ def test_a_single_dicom_slice_has_an_area_in_mm2_and_no_volume(viewer):
     assert not any(key.startswith("volume") for key in table(viewer)[0])
 
 
-def test_the_series_mask_files_are_fetched_only_when_asked_and_named_from_patient_and_series(viewer, server):
-    drop(viewer, dicom_series(TUMOUR, number=7))
+@pytest.fixture
+def made(monkeypatch) -> dict[str, bytes]:
+    """The series mask files the viewer makes, as it made them (a download button's bytes are not readable here)."""
+    made = {}
+    for name in ("nifti", "seg"):
+        real = getattr(series_files, name)
+        monkeypatch.setattr(series_files, name, lambda *args, real=real, name=name: made.setdefault(name, real(*args)))
+    return made
+
+
+def test_the_series_mask_files_are_made_here_from_the_shown_masks_without_asking_the_server(viewer, server, made):
+    server.fake.steps["min_lesion_score"] = 0.9  # A (200/255) is filtered, B (250/255) kept
+    st.cache_data.clear()  # the viewer keeps /info for a minute
+    series = dicom_series(TUMOUR, number=7)
+    drop(viewer, series)
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"]
     by_label(viewer.button, "Prepare NIfTI mask and DICOM SEG").click().run()
     assert not viewer.exception and not viewer.warning
     assert download_labels(viewer) == ["Mask PNG", "Overlay PNG", "NIfTI mask", "DICOM SEG"]
+    assert server.fake.posts() == [("/segment/probabilities", {})]  # the model ran once, for the upload
+
+    shown = np.zeros((5, 48, 64), bool)  # what is shown as lesion: B alone
+    row, col, height, width = B
+    shown[3, row : row + height, col : col + width] = True
+    np.testing.assert_array_equal(np.stack(decode([("m.nii.gz", made["nifti"])]).frames) > 0, shown)
+    seg = pydicom.dcmread(io.BytesIO(made["seg"]))
+    assert seg.SegmentSequence[0].SegmentLabel == "Echo lesion" and int(seg.NumberOfFrames) == 5
+    slice_of = [round(float(frame.PlanePositionSequence[0].ImagePositionPatient[2]) / 2)  # 2 mm apart
+                for frame in seg.PerFrameFunctionalGroupsSequence]
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool), shown[slice_of])  # one frame per slice
     files = {button.proto.label: button.proto.url for button in viewer.get("download_button")}
-    assert files["NIfTI mask"] == served_as(NIFTI, "application/gzip", "PHANTOM_series7_mask.nii.gz")
-    assert files["DICOM SEG"] == served_as(SEG, "application/dicom", "PHANTOM_series7_seg.dcm")
-    assert files["Mask PNG"] == served_as(to_png_bytes(TUMOUR[1] > 100), "image/png", "PHANTOM_series7_slice2_mask.png")
-    asked = server.fake.posts()
-    assert asked == [("/segment/probabilities", {}), ("/segment/nifti", {"threshold": "0.45"}),
-                     ("/segment/seg", {"threshold": "0.45"})]
+    assert files["NIfTI mask"] == served_as(made["nifti"], "application/gzip", "PHANTOM_series7_mask.nii.gz")
+    assert files["DICOM SEG"] == served_as(made["seg"], "application/dicom", "PHANTOM_series7_seg.dcm")
+    assert files["Mask PNG"] == served_as(to_png_bytes(shown[3]), "image/png", "PHANTOM_series7_slice4_mask.png")
 
     by_label(viewer.slider, "Slice").set_value(3).run()
-    assert download_labels(viewer)[2:] == ["NIfTI mask", "DICOM SEG"] and server.fake.posts() == asked
-    by_label(viewer.slider, "Probability threshold").set_value(0.6).run()  # the prepared files are of 0.45
-    assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"] and server.fake.posts() == asked
+    assert download_labels(viewer)[2:] == ["NIfTI mask", "DICOM SEG"]
+    by_label(viewer.slider, "Lesion score").set_value(0.5).run()  # the prepared files are of 0.9
+    assert download_labels(viewer) == ["Mask PNG", "Overlay PNG"]
+    assert server.fake.posts() == [("/segment/probabilities", {})]
+
+
+def test_a_source_a_seg_cannot_reference_is_a_warning_and_the_nifti_still_comes(viewer, server):
+    files = dicom_series(TUMOUR)
+    stripped = []
+    for name, data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.FrameOfReferenceUID
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        stripped.append((name, buffer.getvalue()))
+    drop(viewer, stripped)
+    by_label(viewer.button, "Prepare NIfTI mask and DICOM SEG").click().run()
+    assert not viewer.exception
+    assert viewer.warning[0].value.startswith("DICOM SEG: cannot build a DICOM SEG for this upload: 5 frames")
+    assert download_labels(viewer)[2:] == ["NIfTI mask"] and server.fake.posts() == [("/segment/probabilities", {})]
 
 
 def sequence_files(looks: dict[str, list[np.ndarray]], described: bool = False) -> dict[str, list]:
@@ -416,31 +548,62 @@ def sequence_files(looks: dict[str, list[np.ndarray]], described: bool = False) 
 SHIFTED = [np.roll(image, 9, axis=1) for image in TUMOUR]  # post-contrast: other pixels, the same slices
 
 
-def test_sequences_in_separate_files_are_sent_as_the_contracts_fields(viewer, server):
+def test_sequences_in_separate_files_are_segmented_once_when_segment_is_pressed(viewer, server):
     sequences = sequence_files({"pre_contrast": TUMOUR, "flair": TUMOUR, "post_contrast": SHIFTED})
-    drop(viewer, sequences["pre_contrast"], uploader=1)
-    assert viewer.error[0].value.startswith("FLAIR is missing: it is required") and not server.fake.posts()
+    drop(viewer, sequences["pre_contrast"], uploader=1)  # left to right, as a user fills them
+    assert by_label(viewer.button, "Segment").disabled  # FLAIR is required; no error while the user chooses
+    assert not viewer.error and not viewer.image and not server.fake.posts()
     drop(viewer, sequences["flair"], uploader=2)
-    assert not viewer.exception and not viewer.error
-    assert server.fake.fields == [{"pre_contrast": 5, "flair": 5}]
-    assert caption(viewer, "The model got").startswith(
-        "The model got pre-contrast and FLAIR; post-contrast filled with FLAIR, as in training. FLAIR alone: about "
-        "−0.12 per-patient Dice out of fold. Segmented once by the server")
-    assert viewer.radio[0].options == ["FLAIR", "pre-contrast"]  # not the post-contrast FLAIR stands in for
+    assert not by_label(viewer.button, "Segment").disabled and not viewer.image and not server.fake.posts()
     drop(viewer, sequences["post_contrast"], uploader=3)
-    assert server.fake.fields[-1] == {"pre_contrast": 5, "flair": 5, "post_contrast": 5}
+    assert not viewer.error and not server.fake.posts()
+    by_label(viewer.button, "Segment").click().run()
+    assert not viewer.exception and not viewer.error
+    assert server.fake.fields == [{"pre_contrast": 5, "flair": 5, "post_contrast": 5}]  # one inference, all three
     assert caption(viewer, "The model got").startswith("The model got all three sequences")
     show = viewer.radio[0]
     assert show.options == ["FLAIR", "pre-contrast", "post-contrast"] and show.value == "FLAIR"
     assert metrics(viewer)["Lesions"] == "2"
-    posts = len(server.fake.posts())
     shown = images(viewer)
     show.set_value("pre-contrast").run()
     assert images(viewer) == shown  # the same pixels as FLAIR: the same pictures
     viewer.radio[0].set_value("post-contrast").run()
     strip, picture, overlay = images(viewer)  # the same lesion slices; another input, and the overlay over it
     assert strip == shown[0] and picture != shown[1] and overlay != shown[2]
-    assert len(server.fake.posts()) == posts  # shown here, from the upload
+    by_label(viewer.button, "Segment").click().run()  # again, the same sequences: the answer is kept
+    assert len(server.fake.posts()) == 1
+
+    drop(viewer, [], uploader=3)  # a box changed: the result goes until Segment is pressed again
+    assert not viewer.image and len(server.fake.posts()) == 1
+    by_label(viewer.button, "Segment").click().run()
+    assert server.fake.fields[-1] == {"pre_contrast": 5, "flair": 5}
+    assert caption(viewer, "The model got").startswith(
+        "The model got pre-contrast and FLAIR; post-contrast filled with FLAIR, as in training. FLAIR alone: about "
+        "−0.12 per-patient Dice out of fold. Segmented once by the server")
+    assert viewer.radio[0].options == ["FLAIR", "pre-contrast"]  # not the post-contrast FLAIR stands in for
+
+
+def nifti_files(names: list[str]) -> list[tuple[str, bytes]]:
+    """TUMOUR as one NIfTI volume per name."""
+    image = nibabel.Nifti1Image(np.stack(TUMOUR).transpose(2, 1, 0), np.diag([0.5, 0.5, 2.0, 1.0]))
+    return [(name, gzip.compress(image.to_bytes(), mtime=0)) for name in names]
+
+
+def test_nifti_sequences_dropped_in_the_main_box_are_pointed_to_the_sequence_boxes(viewer, server):
+    trio = nifti_files(["t1.nii.gz", "flair.nii.gz", "t1c.nii.gz"])
+    drop(viewer, trio)
+    assert not viewer.exception and not viewer.error and not viewer.image and not server.fake.posts()
+    assert viewer.info[0].value.startswith(
+        "These are 3 NIfTI files, and a NIfTI file holds one sequence, so the main box takes only one. Put each in "
+        "its box under **Sequences in separate files** below (**pre-contrast**, **FLAIR**, **post-contrast**; FLAIR "
+        "is required), then press Segment.")
+    assert viewer.expander[0].proto.expanded  # the boxes are open
+    drop(viewer, trio[1:2], uploader=2)
+    assert viewer.expander[0].proto.expanded  # and stay open while they hold files
+    assert not any("NIfTI files" in info.value for info in viewer.info)
+    by_label(viewer.button, "Segment").click().run()
+    assert not viewer.exception and not viewer.error and not viewer.info
+    assert server.fake.fields == [{"flair": 1}] and metrics(viewer)["Lesions"] == "2"
 
 
 def test_a_dicom_study_of_three_series_goes_under_file_and_is_shown_as_its_sequences(viewer, server):
@@ -483,9 +646,10 @@ def test_sequences_the_server_would_refuse_are_refused_here_with_its_message(vie
     if "file" in fields:
         drop(viewer, fields["file"])
     else:
-        for uploader, field in ((1, "pre_contrast"), (3, "post_contrast"), (2, "flair")):  # FLAIR alone is fine
+        for uploader, field in ((1, "pre_contrast"), (2, "flair"), (3, "post_contrast")):
             if field in fields:
                 drop(viewer, fields[field], uploader=uploader)
+        by_label(viewer.button, "Segment").click().run()
     assert not viewer.exception and len(viewer.error) == 1
     shown = viewer.error[0].value
     assert message in shown and "\n" not in shown
@@ -656,14 +820,35 @@ def test_download_names_come_from_patient_and_series_and_are_safe(patient, numbe
 
 def test_the_viewers_lesions_are_metaseg_lesions_of_the_final_masks():
     volume = decode(dicom_series(TUMOUR))
-    found = findings.find(np.stack(TUMOUR), volume, STEPS, 0.45)
+    found = findings.find(np.stack(TUMOUR), volume, STEPS, 0.45, 0)
     assert found.lesions == measure(np.stack(TUMOUR) >= 0.45 * 255, np.stack(TUMOUR) / 255, (0.5, 0.5), 2.0)
     assert findings.lesion_slices(found) == "2–4" and findings.start_slice(found) == 1
     assert findings.applied_steps({**STEPS, "min_lesion_score": 0.9}, volume) == [
-        "lesions with no probability of 0.9 or more removed"]
+        "lesions scoring under 0.9 filtered (drawn pale, left out of the counts and the downloads)"]
+    scored = findings.find(np.stack(TUMOUR), volume, STEPS, 0.45, 0.9)  # the server's step, as the server applies it
+    np.testing.assert_array_equal(scored.masks, upload_masks(np.stack(TUMOUR) / 255, {**STEPS, "threshold": 0.45,
+                                                                                       "min_lesion_score": 0.9}, True))
+    assert scored.lesions == found.lesions and scored.filtered == {1} and [x.id for x in scored.kept] == [2]
+    assert scored.labels[3, A[0], A[1]] == 1 and scored.labels[3, B[0], B[1]] == 2
+    pictures = decode([(f"{z}.png", png(image)) for z, image in enumerate(TUMOUR)])
+    apart = findings.find(np.stack(TUMOUR), pictures, STEPS, 0.45, 0.9)  # no volume: no score step
+    assert not apart.filtered and [x.id for x in apart.lesions] == [1, 2, 3, 4]
+    assert apart.labels[3, A[0], A[1]] == 3 and apart.labels[3, B[0], B[1]] == 4  # as measure_upload numbers them
     nothing = findings.find(np.zeros((7, 4, 4), np.uint8), decode([(f"{z}.png", png(SERIES[2][:4, :4]))
-                                                                   for z in range(7)]), STEPS, 0.5)
+                                                                   for z in range(7)]), STEPS, 0.5, 0)
     assert findings.lesion_slices(nothing) == "none" and findings.start_slice(nothing) == 3
+
+
+def test_the_servers_info_states_the_bundles_segment_label_as_the_seg_writer_reads_it(weights):
+    """The viewer writes the DICOM SEG with serve.dicomseg from GET /info: the same segment as POST /segment/seg."""
+    with TestClient(create_app(settings_for(weights))) as http:
+        stated = http.get("/info").json()["segment_label"]
+    metadata = json.loads((REPO / "bundles/attention_unet/configs/metadata.json").read_text())
+    served, bundled = (dicomseg.finding({dicomseg.METADATA_KEY: one}) for one in (stated, metadata["segment_label"]))
+    assert (served.label, served.description) == (bundled.label, bundled.description) == (
+        "FLAIR abnormality (LGG-trained model)", metadata["segment_label"]["description"])
+    for concept in ("category", "type", "anatomic_region"):
+        assert getattr(served, concept).value == getattr(bundled, concept).value
 
 
 def test_model_input_says_what_is_missing_and_what_it_costs():
@@ -682,6 +867,11 @@ def test_blend_fills_at_the_chosen_opacity_and_outlines_in_red():
     np.testing.assert_array_equal(display.blend(gray, mask, 0.0, contour=False), np.dstack([gray] * 3))
     half = display.blend(gray, mask, 0.5, contour=True)
     assert tuple(half[4, 4]) == (178, 50, 50) and tuple(half[2, 2]) == (255, 0, 0) and tuple(half[0, 0]) == (100,) * 3
+    other = np.zeros((9, 9), bool)
+    other[7:9, 7:9] = True
+    both = display.blend(gray, mask, 0.5, True, dimmed=other, picked=mask)
+    assert tuple(both[2, 2]) == (255, 215, 0) and tuple(both[4, 4]) == (178, 50, 50)  # picked: outline only
+    assert tuple(both[8, 8]) == (255, 170, 170)  # a filtered lesion's outline, pale
 
 
 def test_the_strip_marks_lesion_slices_and_the_shown_one():

@@ -3,12 +3,13 @@ away the segmentation.
 
     metaseg ui [--server URL]        # or: METASEG_SERVER=URL streamlit run ui/app.py
 
-The server runs the model once per upload and answers with the lesion probability of every slice (cached here by
-upload digest). The viewer decodes the upload as the server does (ui.upload: metaseg.imageio.sequences), so that what
-the server would refuse is refused here before it is sent, and shows each sequence the upload holds. It makes the masks,
-the 3D lesion table and the overlays from those probabilities with the server's own code (ui.findings): scrolling,
-the threshold, the opacity and the sequence shown ask the server nothing. The whole series' mask files (NIfTI,
-DICOM SEG) are fetched when the user asks for them.
+The server runs the model once per upload, once its inputs are complete (a drop in the main box is; sequences in
+separate boxes are when the user presses Segment), and answers with the lesion probability of every slice (cached here
+by upload digest). The viewer decodes the upload as the server does (ui.upload: metaseg.imageio.sequences), so that
+what the server would refuse is refused here before it is sent, and shows each sequence the upload holds. It makes the
+masks, the 3D lesion table, the lesion-score filter, the overlays and the whole series' mask files (NIfTI, DICOM SEG:
+ui.series_files) from those probabilities with the server's own code: scrolling, the threshold, the lesion score, the
+opacity, the sequence shown and the downloads ask the server nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from metaseg.imageio.limits import Limits
 from metaseg.imageio.picture import to_png_bytes
 from metaseg.imageio.volume import Volume
 from metaseg.imageio.sequences import FIELDS
-from ui import display, findings
+from ui import display, findings, model_card, series_files
 from ui.client import DEFAULT_SERVER, Client, ServerError
 from ui.findings import Findings
 from ui.sample import sample
-from ui.upload import Upload, file_stem, server_limits
+from ui.upload import FLAIR_FIELD, Upload, file_stem, server_limits
 
 DIAMETER = "Longest axial diameter: across the lesion on its widest slice, edge to edge"
 _KEEP = {"ttl": 3600, "show_spinner": False}  # with max_entries below: bounded, these describe patients' scans
@@ -39,7 +40,9 @@ TABLE_FORMAT = {
     "area (mm²)": st.column_config.NumberColumn(format="%.1f"),
     "diameter (mm)": st.column_config.NumberColumn(format="%.1f", help=f"{DIAMETER}. RANO-BM: measurable from 10 mm."),
     "diameter (px)": st.column_config.NumberColumn(format="%.1f", help=f"{DIAMETER}."),
-    "max prob.": st.column_config.NumberColumn(format="%.2f"),
+    "score": st.column_config.NumberColumn(format="%.2f", help="The lesion's highest probability."),
+    "status": st.column_config.TextColumn(help="Filtered: its score is under the lesion score; drawn pale, left out "
+                                          "of the counts and the downloads."),
 }
 
 
@@ -87,9 +90,9 @@ def probabilities(url: str, digest: str, model: str, _upload: Upload) -> tuple[n
 
 
 @st.cache_resource(max_entries=8, **_KEEP)
-def findings_at(digest: str, model: str, threshold: float, steps: str, _probability: np.ndarray,
+def findings_at(digest: str, model: str, threshold: float, score: float, steps: str, _probability: np.ndarray,
                 _volume: Volume) -> Findings:
-    return findings.find(_probability, _volume, json.loads(steps), threshold)
+    return findings.find(_probability, _volume, json.loads(steps), threshold, score)
 
 
 def check_size(upload: Upload, info: dict) -> None:
@@ -114,10 +117,14 @@ def take_upload() -> None:
 
 
 def take_sequences() -> None:
-    given = {field: [(f.name, f.getvalue()) for f in st.session_state[uploader_key(field)] or ()]
-             for field in FIELDS}
+    """A sequence box changed: the user may still be choosing, so nothing is segmented until Segment is pressed."""
     st.session_state.uploads += 1  # an empty main box: the sequences replace what it held
-    st.session_state.upload = Upload.sequences(given) if any(given.values()) else None
+    st.session_state.upload = None
+
+
+def segment_sequences() -> None:
+    given = {field: [(f.name, f.getvalue()) for f in st.session_state[uploader_key(field)] or ()] for field in FIELDS}
+    st.session_state.upload = Upload.sequences(given)
 
 
 def take_sample() -> None:
@@ -126,29 +133,50 @@ def take_sample() -> None:
     st.session_state.sequence_uploads += 1
 
 
-def upload_panel() -> None:
+def upload_panel(info: dict | None, niftis: int) -> None:
+    """The main box, the sample, and the sequence boxes with their Segment button (open when `niftis` NIfTI files
+    were dropped in the main box, where they do not belong, and while the boxes hold files). Each uploader states the
+    server's own size limit."""
+    most = info["input"]["limits"]["max_upload_bytes"] if info else None
+    limit = {"max_upload_size": max(1, most // 2**20)} if most else {}
+    in_all = f" The server takes up to {most / 2**20:.0f} MiB in all, every file together." if most else ""
     drop_col, sample_col = st.columns([5, 1], vertical_alignment="center")
     drop_col.file_uploader(
         "Drop a PNG, JPEG, TIFF, DICOM or NIfTI image, a multi-frame DICOM, all files of one series, or the three "
         "sequence series of a DICOM study", accept_multiple_files=True, key=uploader_key("file"),
-        on_change=take_upload,
+        on_change=take_upload, **limit,
         help="The server recognises the format from the content, so DICOM files without a suffix are fine; it takes "
-        "three DICOM series as pre-contrast, FLAIR and post-contrast when their descriptions say so unambiguously.",
+        "three DICOM series as pre-contrast, FLAIR and post-contrast when their descriptions say so unambiguously. "
+        f"NIfTI sequences go in the sequence boxes below, one file each.{in_all}",
     )
     sample_col.button("Try a sample", on_click=take_sample, help="A synthetic phantom slice: no patient data.")
-    with st.expander("Sequences in separate files (pre-contrast, FLAIR, post-contrast)"):
-        st.caption("The model was trained on all three sequences. Put each one's image or series files in its box; "
-                   "FLAIR is required, a missing pre- or post-contrast is filled with FLAIR. They must share slices "
-                   "and size.")
-        for column, (field, name) in zip(st.columns(3), FIELDS.items()):
-            column.file_uploader(name, accept_multiple_files=True, key=uploader_key(field), on_change=take_sequences)
+    filled = any(st.session_state.get(uploader_key(field)) for field in FIELDS)
+    title = "Sequences in separate files (pre-contrast, FLAIR, post-contrast)"
+    with st.expander(title, expanded=bool(niftis) or filled):
+        st.caption("The model was trained on all three sequences. Put each one's image, NIfTI or series files in its "
+                   "box, then press Segment: FLAIR is required, a missing pre- or post-contrast is filled with FLAIR. "
+                   f"They must share slices and size.{in_all}")
+        given = {field: column.file_uploader(name, accept_multiple_files=True, key=uploader_key(field),
+                                             on_change=take_sequences, **limit)
+                 for column, (field, name) in zip(st.columns(3), FIELDS.items())}
+        st.button("Segment", on_click=segment_sequences, disabled=not given[FLAIR_FIELD], type="primary",
+                  help="Sends the sequences in the boxes to the server, once." if given[FLAIR_FIELD] else
+                  "FLAIR is required: put its files in the FLAIR box first.")
+
+
+def nifti_message(count: int) -> str:
+    boxes = ", ".join(f"**{name}**" for name in FIELDS.values())
+    return (f"These are {count} NIfTI files, and a NIfTI file holds one sequence, so the main box takes only one. "
+            f"Put each in its box under **Sequences in separate files** below ({boxes}; FLAIR is required), then "
+            "press Segment.")
 
 
 # --- the server and the result ------------------------------------------------------------------------------
 
 
-def server_panel(url: str) -> None:
-    """The sidebar: is the server up, which model does it run, and what does that model expect."""
+def server_panel(url: str) -> dict | None:
+    """The sidebar: is the server up, which model does it run, and what does that model expect; /info, or None when
+    the server cannot be asked."""
     st.sidebar.header("Server")
     st.sidebar.caption(url)
     try:
@@ -156,22 +184,30 @@ def server_panel(url: str) -> None:
         info = model_info(url)
     except ServerError as err:
         st.sidebar.error(str(err))
-        return
-    st.sidebar.success(f"Up, model loaded: {health['busy']} of {health['capacity']} request slots in use")
+        return None
+    st.sidebar.success(model_card.server_state(health))
     st.sidebar.header("Model")
     st.sidebar.markdown(f"**{info['title']}**  \n`{info['model']}` {info['version']} · {info['architecture']}")
     spec = info["input"]
     channels = ", ".join(spec["channel_def"].values()) or f"{spec['channels']} channel(s)"
     st.sidebar.caption(
-        f"Input: {channels}, resized to {spec['spatial_size']}×{spec['spatial_size']} for the network; "
-        f"{spec['channel_rule']}. Formats: {', '.join(spec['formats'])}; up to "
-        f"{spec['limits']['max_upload_bytes'] / 2**20:.0f} MiB and {spec['limits']['max_frames']} slices."
+        f"Input: {channels}; a gray image is taken as FLAIR. Each slice is resized to "
+        f"{spec['spatial_size']}×{spec['spatial_size']} for the network. Formats: {', '.join(spec['formats'])}; up "
+        f"to {spec['limits']['max_upload_bytes'] / 2**20:.0f} MiB and {spec['limits']['max_frames']} slices in one "
+        "upload."
     )
     if info["test_metrics"]:
-        st.sidebar.markdown("**Metrics on unseen patients**  \n" + "  \n".join(
-            f"{name}: {value:.3f}" for name, value in info["test_metrics"].items()
-        ))
+        st.sidebar.markdown("**Measured on patients the model never saw**  \n"
+                            + model_card.metrics_text(info["test_metrics"]))
     st.sidebar.caption(info["intended_use"])
+    return info
+
+
+def picked_lesion(table_key: str, found: Findings):
+    """The lesion picked in the table, or None."""
+    state = st.session_state.get(table_key)
+    rows = list(state["selection"]["rows"]) if state else []
+    return found.lesions[rows[0]] if rows and rows[0] < len(found.lesions) else None
 
 
 def jump_to_picked_lesion(table_key: str, slider_key: str, found: Findings) -> None:
@@ -182,8 +218,9 @@ def jump_to_picked_lesion(table_key: str, slider_key: str, found: Findings) -> N
     if st.session_state.get("picked") == (table_key, rows):
         return
     st.session_state.picked = (table_key, rows)
-    if rows and rows[0] < len(found.lesions):
-        st.session_state[slider_key] = found.lesions[rows[0]].diameter_slice + 1
+    lesion = picked_lesion(table_key, found)
+    if lesion is not None:
+        st.session_state[slider_key] = lesion.diameter_slice + 1
 
 
 def result(url: str, upload: Upload) -> None:
@@ -194,30 +231,42 @@ def result(url: str, upload: Upload) -> None:
         st.error(str(err))
         return
     steps = info["inference_steps"]
-    threshold_col, opacity_col, outline_col = st.columns([2, 2, 1])
+    model = f"{info['model']} {info['version']}"
+    try:
+        check_size(upload, info)
+        shown = decoded(upload.digest, upload, server_limits(info))
+    except (ServerError, UserError) as err:
+        st.error(str(err))
+        return
+    volume = shown.volume
+    threshold_col, score_col, opacity_col, outline_col = st.columns([2, 2, 2, 1])
     threshold = round(threshold_col.slider(
         "Probability threshold", 0.05, 0.95, steps["threshold"], 0.05,
         help=f"A pixel is lesion where the model's probability reaches it (the model's chosen one: "
         f"{steps['threshold']}). Applied here to the server's probabilities: changing it asks the server nothing.",
     ), 2)
+    score = round(score_col.slider(
+        "Lesion score", 0.0, 1.0, float(steps["min_lesion_score"]), 0.01, disabled=not volume.is_volume,
+        help=f"A lesion is kept where its highest probability (its score) reaches this (the model's chosen one: "
+        f"{steps['min_lesion_score']:g}); the others are drawn pale, marked filtered in the table and left out of the "
+        "counts and the downloads. Up to the threshold it filters nothing. For a volume only (a series, a "
+        "multi-frame file, a NIfTI); changing it asks the server nothing.",
+    ), 2)
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05)
     outline = outline_col.toggle("Outline", value=True, help="Draw the lesion border in solid red.")
-    model = f"{info['model']} {info['version']}"
     try:
-        check_size(upload, info)
-        shown = decoded(upload.digest, upload, server_limits(info))
         with st.spinner("Segmenting…"):
             probability, seconds = probabilities(url, upload.digest, model, upload)
-    except (ServerError, UserError) as err:
+    except ServerError as err:
         st.error(str(err))
         return
-    volume = shown.volume
     count = len(volume.frames)
     if probability.shape != (count, *volume.frames[0].shape):
         st.error(f"The server's probabilities ({'×'.join(map(str, probability.shape))}) do not fit the upload "
                  f"({count} slice(s) of {'×'.join(map(str, volume.frames[0].shape))}).")
         return
-    found = findings_at(upload.digest, model, threshold, json.dumps(steps, sort_keys=True), probability, volume)
+    found = findings_at(upload.digest, model, threshold, score, json.dumps(steps, sort_keys=True), probability,
+                        volume)
 
     name, index, table_key = next(iter(shown.gray)), 0, f"lesions-{upload.digest}-{threshold}"
     if len(shown.gray) > 1:
@@ -231,15 +280,23 @@ def result(url: str, upload: Upload) -> None:
     input_col, overlay_col, findings_col = st.columns([1, 1, 1.2])
     what = name if len(shown.gray) > 1 else upload.label
     input_col.image(gray[index], caption=f"Input: {what}, {where}", output_format="PNG", width="stretch")
-    blended = display.blend(gray[index], found.masks[index], opacity, outline)
-    overlay_col.image(blended, caption=f"Lesion in red, threshold {threshold}", output_format="PNG", width="stretch")
+    picked = picked_lesion(table_key, found)
+    dimmed = found.lesion_mask(found.filtered, index) if found.filtered else None
+    outlined = found.lesion_mask([picked.id], index) if picked else None
+    blended = display.blend(gray[index], found.masks[index], opacity, outline, dimmed, outlined)
+    legend = [f"Lesion in red, threshold {threshold}"]
+    if found.filtered:
+        legend.append(f"pale: under lesion score {score:g}")
+    if picked:
+        elsewhere = "" if index in picked.slices else " (not on this slice)"
+        legend.append(f"yellow outline: lesion {picked.id}{elsewhere}")
+    overlay_col.image(blended, caption="; ".join(legend), output_format="PNG", width="stretch")
     with findings_col:
         findings_panel(volume, found, index, info, seconds)
     if found.lesions:
-        pick = {"on_select": "rerun", "selection_mode": "single-row"} if count > 1 else {}
         st.dataframe(findings.lesion_table(found, volume), hide_index=True, column_config=TABLE_FORMAT,
-                     key=table_key, **pick)
-    downloads(url, upload, volume, found, threshold, index, blended)
+                     key=table_key, on_select="rerun", selection_mode="single-row")
+    downloads(upload, volume, found, info, (threshold, score), index, blended)
 
 
 def slice_picker(upload: Upload, found: Findings, table_key: str) -> int:
@@ -252,7 +309,7 @@ def slice_picker(upload: Upload, found: Findings, table_key: str) -> int:
     index = st.slider("Slice", 1, count, key=slider_key, help="In series order (inferior to superior for DICOM).") - 1
     st.image(display.strip(found.masks.any(axis=(1, 2)), index), width="stretch")
     st.caption(f"Lesion on slices {findings.lesion_slices(found)} of {count} (red above; the dark mark is the "
-               "slice shown). Pick a lesion in the table below to go to its widest slice.")
+               "slice shown). Pick a lesion in the table below to go to its widest slice and outline it in yellow.")
     return index
 
 
@@ -271,12 +328,14 @@ def findings_panel(volume: Volume, found: Findings, index: int, info: dict, seco
         st.caption("The series gives no slice thickness, so volumes are in voxels.")
     given = findings.model_input(volume.sequences_given, info.get("one_channel_dice_loss"))
     st.caption(f"{given}. Segmented once by the server in {seconds:.1f} s (model `{info['model']}`); slices, "
-               "threshold and table are worked out here. Research use only; not for diagnostic purposes.")
+               "threshold, lesion score, table and mask files are worked out here. Research use only; not for "
+               "diagnostic purposes.")
 
 
-def downloads(url: str, upload: Upload, volume: Volume, found: Findings, threshold: float, index: int,
+def downloads(upload: Upload, volume: Volume, found: Findings, info: dict, chosen: tuple[float, float], index: int,
               blended: np.ndarray) -> None:
-    """The shown slice's mask and overlay (made here), and the whole series' mask files, fetched on request."""
+    """The shown slice's mask and overlay, and on request the whole series' mask files: all made here from the final
+    masks shown (ui.series_files), so none asks the server again."""
     stem = file_stem(upload, volume)
     slice_stem = stem if len(volume.frames) == 1 else f"{stem}_slice{index + 1}"
     mask_col, overlay_col, series_col = st.columns(3)
@@ -284,44 +343,51 @@ def downloads(url: str, upload: Upload, volume: Volume, found: Findings, thresho
                              on_click="ignore")
     overlay_col.download_button("Overlay PNG", lambda: display.png(blended), f"{slice_stem}_overlay.png",
                                 "image/png", on_click="ignore")  # encoded on the click: an RGB PNG takes a while
-    wanted = [("NIfTI mask", f"{stem}_mask.nii.gz", "application/gzip", client(url).nifti)]
+    wanted = [("NIfTI mask", f"{stem}_mask.nii.gz", "application/gzip", series_files.nifti)]
     if volume.kind == "dicom":
-        wanted.append(("DICOM SEG", f"{stem}_seg.dcm", "application/dicom", client(url).seg))
-    key = (upload.digest, threshold)
+        wanted.append(("DICOM SEG", f"{stem}_seg.dcm", "application/dicom",
+                       lambda masks, source: series_files.seg(masks, source, info)))
+    threshold, score = chosen
+    settings = f"threshold {threshold}" + (f", lesion score {score:g}" if volume.is_volume else "")
+    key = (upload.digest, chosen)
     prepared = st.session_state.get("series_files")
     if prepared is None or prepared[0] != key:
         what = " and ".join(label for label, *_ in wanted)
-        if not series_col.button(f"Prepare {what}", key=f"prepare-{upload.digest}-{threshold}",
-                                 help=f"Asks the server for the mask of every slice at threshold {threshold}."):
+        if not series_col.button(f"Prepare {what}", key=f"prepare-{upload.digest}-{threshold}-{score}",
+                                 help=f"Every slice's mask as shown ({settings}), made here: the server is not "
+                                 "asked again."):
             return
         files = {}
         with series_col, st.spinner("Preparing…"):
-            for label, _, _, fetch in wanted:
+            for label, _, _, make in wanted:
                 try:
-                    files[label] = fetch(upload.parts, threshold)
-                except ServerError as err:
+                    files[label] = make(found.masks, volume)
+                except UserError as err:
                     files[label] = err
         prepared = st.session_state.series_files = (key, files)  # one upload's at a time: they may be large
     for label, name, mime, _ in wanted:
         answer = prepared[1][label]
-        if isinstance(answer, ServerError):
+        if isinstance(answer, UserError):
             series_col.warning(f"{label}: {answer}")
         else:
             series_col.download_button(label, answer, name, mime, on_click="ignore",
-                                       help=f"Every slice at threshold {threshold}.")
+                                       help=f"Every slice's mask as shown ({settings}).")
 
 
 def main() -> None:
     st.set_page_config(page_title="metaseg viewer", layout="wide")
     url = os.environ.get("METASEG_SERVER") or DEFAULT_SERVER
-    server_panel(url)
+    info = server_panel(url)
     st.title("metaseg viewer")
-    upload_panel()
     upload = st.session_state.get("upload")
-    if upload is None:
-        st.info("Drop a file above, or try the phantom sample.")
-        return
-    result(url, upload)
+    niftis = upload.nifti_files if upload is not None else 0
+    upload_panel(info, niftis)
+    if niftis:
+        st.info(nifti_message(niftis))
+    elif upload is None:
+        st.info("Drop a file above, try the phantom sample, or put the sequences in their boxes and press Segment.")
+    else:
+        result(url, upload)
 
 
 main()

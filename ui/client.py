@@ -1,8 +1,8 @@
 """The viewer's only way to the model: HTTP calls to the metaseg server, every failure turned into one line.
 
-The model runs once per upload (`probabilities`); the viewer thresholds, measures and draws from that answer itself
-(ui.findings), so scrolling and a new threshold ask the server nothing. The whole series' mask files (NIfTI, DICOM
-SEG) are fetched only when the user asks for them.
+The model runs once per upload (`probabilities`); the viewer thresholds, measures, draws and writes the mask files
+from that answer itself (ui.findings, ui.series_files), so scrolling, a new threshold and the downloads ask the server
+nothing.
 
 The server answers problems with a status and a JSON `detail`; an unreachable server, a timeout or a dropped
 connection become a sentence that says what to do. Either way the app shows `str(error)`, never a traceback.
@@ -62,17 +62,9 @@ class Client:
                               "(frames, rows, cols).")
         return probability
 
-    def nifti(self, parts: Parts, threshold: float) -> bytes:
-        """The final mask of every slice as a gzipped NIfTI-1 (.nii.gz), in the source's geometry where known."""
-        return self._upload("/segment/nifti", parts, threshold=threshold).content
-
-    def seg(self, parts: Parts, threshold: float) -> bytes:
-        """All slices as a DICOM Segmentation; the server refuses non-DICOM input."""
-        return self._upload("/segment/seg", parts, threshold=threshold).content
-
-    def _upload(self, path: str, parts: Parts, **params) -> httpx.Response:
+    def _upload(self, path: str, parts: Parts) -> httpx.Response:
         files = [(name, (filename, data)) for name, part in parts for filename, data in part]
-        return self._request("POST", path, files=files, params=params)
+        return self._request("POST", path, files=files)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

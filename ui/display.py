@@ -15,6 +15,9 @@ from metaseg.conventions import FLAIR_CHANNEL, SEQUENCES
 from metaseg.imageio.volume import Volume
 
 RED = np.array([255.0, 0.0, 0.0], np.float32)
+PALE = np.array([255.0, 170.0, 170.0], np.float32)  # lesions the lesion score filters out: dimmed, not hidden
+PICKED = np.array([255.0, 215.0, 0.0], np.float32)  # the outline of the lesion picked in the table
+DIM = 0.35  # a filtered lesion's fill, as a fraction of the chosen opacity
 STRIP_EMPTY, STRIP_LESION, STRIP_SHOWN = (225, 225, 225), (220, 40, 40), (30, 30, 30)
 
 
@@ -36,13 +39,25 @@ def sequence_slices(volume: Volume) -> dict[str, list[np.ndarray]]:
     return {name: grayscale([s[SEQUENCES.index(name)] for s in volume.sequences]) for name in shown}
 
 
-def blend(gray: np.ndarray, mask: np.ndarray, opacity: float, contour: bool) -> np.ndarray:
-    """RGB uint8: the lesion filled with red at `opacity`, and with a solid red outline if `contour`."""
+def blend(gray: np.ndarray, mask: np.ndarray, opacity: float, contour: bool, dimmed: np.ndarray | None = None,
+          picked: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the lesion filled with red at `opacity`, with a solid red outline if `contour`; the `dimmed`
+    (filtered) lesions pale and faint, and the `picked` lesion outlined in yellow whatever `contour` says, so that it
+    stands apart from the others on its slice."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    rgb[mask] = (1 - opacity) * rgb[mask] + opacity * RED
-    if contour:
-        rgb[mask & ~binary_erosion(mask)] = RED
+    for region, colour, alpha in ((dimmed, PALE, DIM * opacity), (mask, RED, opacity)):
+        if region is None:
+            continue
+        rgb[region] = (1 - alpha) * rgb[region] + alpha * colour
+        if contour:
+            rgb[_edge(region)] = colour
+    if picked is not None:
+        rgb[_edge(picked)] = PICKED
     return np.round(rgb).astype(np.uint8)
+
+
+def _edge(region: np.ndarray) -> np.ndarray:
+    return region & ~binary_erosion(region)
 
 
 def strip(has_lesion: np.ndarray, shown: int, width: int = 800, height: int = 14) -> np.ndarray:

@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
+from metaseg.errors import UserError
 from metaseg.imageio import sequences
+from metaseg.imageio.detect import common_kind
 from metaseg.imageio.limits import Limits, request_limits
 from metaseg.imageio.volume import Volume
 from metaseg.imageio.sequences import FIELDS
@@ -60,6 +62,18 @@ class Upload:
     def label(self) -> str:
         name = PurePath(self.files[0][0]).name
         return name if len(self.files) == 1 else f"{name} and {len(self.files) - 1} more file(s)"
+
+    @property
+    def nifti_files(self) -> int:
+        """How many NIfTI files the main box got, where it got several: each NIfTI holds one sequence, so they belong
+        in the sequence boxes (the server refuses several under `file`); 0 for any other upload."""
+        files = list(self.files)
+        if [name for name, _ in self.parts] != [sequences.FILE_FIELD] or len(files) < 2:
+            return 0
+        try:
+            return len(files) if common_kind(files) == "nifti" else 0
+        except UserError:  # mixed or unknown kinds: decoding says so
+            return 0
 
     def volume(self, limits: Limits) -> Volume:
         """The upload decoded as the server decodes it (metaseg.imageio.sequences), under its `limits`; UserError for

@@ -2,8 +2,9 @@
 
 from fastapi import APIRouter, Request
 
+from serve.dicomseg import METADATA_KEY
 from serve.deps import EngineDep, RecordedDep, SettingsDep
-from serve.schemas import InferenceSteps, InputSpec, ModelInfo
+from serve.schemas import InferenceSteps, InputSpec, ModelInfo, SegmentLabel
 
 router = APIRouter(prefix="/info", tags=["info"])
 
@@ -38,6 +39,7 @@ def info(request: Request, engine: EngineDep, settings: SettingsDep, recorded: R
         ),
         inference_steps=InferenceSteps(**engine.inference_steps),
         one_lesion_per_patient=engine.one_lesion_per_patient,
+        segment_label=SegmentLabel(**meta[METADATA_KEY]) if METADATA_KEY in meta else None,
         fold_models=len(engine.models),
         torch_threads=request.app.state.torch_threads,
         test_metrics=recorded.test_metrics,
