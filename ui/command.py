@@ -1,5 +1,5 @@
 """`metaseg ui`: registered through the `metaseg.commands` entry point (pyproject.toml), so metaseg never imports
-the viewer."""
+the viewer. Streamlit runs as a child process, and stopping `metaseg ui` (Ctrl-C, SIGTERM) stops it too."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def register(sub) -> None:
 
 def ui(args) -> None:
     import os
+    import signal
     import subprocess
 
     with extra_imports("ui"):
@@ -32,6 +33,11 @@ def ui(args) -> None:
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
                "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
                "--client.toolbarMode", "viewer"]
-    exit_code = subprocess.run(command, env={**os.environ, "METASEG_SERVER": server}).returncode
+    # SIGTERM interrupts like Ctrl-C, and subprocess.run kills its child on an interrupt: no orphaned Streamlit
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        exit_code = subprocess.run(command, env={**os.environ, "METASEG_SERVER": server}).returncode
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if exit_code:
         raise UserError(f"streamlit stopped with exit code {exit_code}")
