@@ -112,5 +112,8 @@ monailabel-check: setup $(ML_STAMP)
 	nice -n 10 $(ML_VENV)/bin/python scripts/monailabel_check.py --metaseg-python $(BIN)/python \
 	  --out benchmarks/results/monailabel.json
 
+# Build outputs, caches and the venvs, and the demo's run (`make demo` makes it again); never a trained model of
+# yours: `make train` and `metaseg cv` write under runs/<name>/, which stays.
 clean:
-	rm -rf $(VENV) $(ML_VENV) runs
+	rm -rf $(VENV) $(ML_VENV) $(DEMO) build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
