@@ -28,6 +28,8 @@ def extra_imports(extra: str):
     try:
         yield
     except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] in ("metaseg", "serve", "ui"):
+            raise  # metaseg's own module: a bug, not a package left out
         raise UserError(f"`metaseg {extra}` needs metaseg's {extra} extra ({err.name} is not installed): "
                         f"pip install 'metaseg[{extra}]'") from None
 
