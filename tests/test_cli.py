@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,7 +62,8 @@ def test_stopping_metaseg_ui_stops_its_streamlit_child(tmp_path):
             assert time.monotonic() < deadline, f"streamlit {children[0]} still runs after `metaseg ui` stopped"
             time.sleep(0.2)
     finally:
-        os.killpg(viewer.pid, signal.SIGKILL)  # whatever is left of the group, were the test to fail
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group, were the test to fail
+            os.killpg(viewer.pid, signal.SIGKILL)
         viewer.wait()
 
 
