@@ -21,17 +21,26 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo su
 
 setup: $(STAMP) $(BROWSER_STAMP)
 
-# pip installs one wheel after another on one core, so the lock's two halves go in at once (every pin is in the lock,
-# hence --no-deps; `pip check` then proves the set complete and consistent), and byte-compilation (pip's own runs on
-# one core) is done by compileall on all of them, leaving out the packages' own test suites, a fifth of the code that
-# nothing imports (a failure there is pip's silent one too).
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
-$(STAMP): requirements.lock pyproject.toml
+# The locks, one a part (requirements/*.lock): each holds what its pyproject extra adds to the ones before it.
+LOCKS  := $(addprefix requirements/,runtime.lock serve.lock ui.lock test.lock)
+# Every pinned wheel, downloaded once: the venv installs from it, and tests/test_install.py installs the metaseg wheel
+# into a fresh venv from it with no index (so the pyproject extras, not the lock, decide what gets installed).
+WHEELS := $(VENV)/wheels
+
+# pip installs one wheel after another on one core, so the locks' two halves go in at once, each downloaded then
+# installed (every pin is in the locks, hence --no-deps; `pip check` then proves the set complete and consistent), and
+# byte-compilation (pip's own runs on one core) is done by compileall on all of them, leaving out the packages' own
+# test suites, a fifth of the code that nothing imports (a failure there is pip's silent one too).
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PIP_INSTALL := $(PIP) install --quiet
+half = $(PIP) download --quiet --no-deps -d $(WHEELS) -r $(1) && \
+  $(PIP_INSTALL) --no-index --find-links $(WHEELS) --no-compile --no-deps -r $(1)
+$(STAMP): $(LOCKS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	sed -n 'p;n' requirements.lock > $(VENV)/lock-1.txt && sed -n 'n;p' requirements.lock > $(VENV)/lock-2.txt
-	$(PIP_INSTALL) --no-compile --no-deps -r $(VENV)/lock-1.txt & first=$$!; \
-	  $(PIP_INSTALL) --no-compile --no-deps -r $(VENV)/lock-2.txt; second=$$?; wait $$first && [ $$second -eq 0 ]
-	$(BIN)/python -m pip check --disable-pip-version-check
+	grep -hv '^#' $(LOCKS) > $(VENV)/lock.txt
+	sed -n 'p;n' $(VENV)/lock.txt > $(VENV)/lock-1.txt && sed -n 'n;p' $(VENV)/lock.txt > $(VENV)/lock-2.txt
+	$(call half,$(VENV)/lock-1.txt) & first=$$!; $(call half,$(VENV)/lock-2.txt); second=$$?; wait $$first && [ $$second -eq 0 ]
+	$(PIP) check
 	$(BIN)/python -m compileall -q -j 0 -x '/tests?/|/testing/_internal/' $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') >/dev/null || true
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
@@ -112,5 +121,8 @@ monailabel-check: setup $(ML_STAMP)
 	nice -n 10 $(ML_VENV)/bin/python scripts/monailabel_check.py --metaseg-python $(BIN)/python \
 	  --out benchmarks/results/monailabel.json
 
+# Build outputs, caches and the venvs, and the demo's run (`make demo` makes it again); never a trained model of
+# yours: `make train` and `metaseg cv` write under runs/<name>/, which stays.
 clean:
-	rm -rf $(VENV) $(ML_VENV) runs
+	rm -rf $(VENV) $(ML_VENV) $(DEMO) build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -7,14 +7,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from metaseg.errors import UserError
 
 
+COMMANDS = "metaseg.commands"  # entry points: register(subparsers) of a subcommand that lives outside metaseg
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message; the user gets one line
         raise UserError(message)
+
+
+@contextmanager
+def extra_imports(extra: str):
+    """The imports of a subcommand that needs an optional part: a missing package is one line naming its extra."""
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] in ("metaseg", "serve", "ui"):
+            raise  # metaseg's own module: a bug, not a package left out
+        raise UserError(f"`metaseg {extra}` needs metaseg's {extra} extra ({err.name} is not installed): "
+                        f"pip install 'metaseg[{extra}]'") from None
 
 
 def _fraction(text: str) -> float:
@@ -27,7 +44,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -176,72 +193,14 @@ def cmd_retention(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_serve(args) -> None:
-    import copy
-    import os
-
-    import uvicorn
-    from pydantic import ValidationError
-
-    from serve.allocator import tune_server_process
-    from serve.config import Settings
-    from serve.model import resolve
-
-    chosen = {"METASEG_BUNDLE": args.bundle, "METASEG_WEIGHTS": args.weights, "METASEG_BEST_RECORD": args.best}
-    os.environ.update({key: str(value) for key, value in chosen.items() if value is not None})  # for every worker
-    try:
-        settings = Settings()
-        model = resolve(settings)  # a missing model is one line here, not a traceback from every worker
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"bad METASEG_{str(first['loc'][0]).upper()} setting: {first['msg']}") from None
-    if settings.api_token is None and not _is_loopback(args.host):
-        print(f"metaseg: warning: serving on {args.host} without METASEG_API_TOKEN: anyone who can reach this "
-              "address can use the model and send it images. Set METASEG_API_TOKEN (the viewer sends it too), or "
-              "bind to 127.0.0.1.", file=sys.stderr, flush=True)
-    print(f"serving {model.bundle.name} ({model.weights}) on http://{args.host}:{args.port}/docs", flush=True)
-    tune_server_process()  # before the model and the first request allocate; workers inherit it (serve/allocator.py)
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's, plus the request log of serve/metaseg
-    for name in ("serve", "metaseg"):
-        log_config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    uvicorn.run("serve.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_config=log_config)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def cmd_ui(args) -> None:
-    import os
-    import subprocess
-
-    from ui import APP
-    from ui.client import DEFAULT_SERVER
-
-    server = args.server or os.environ.get("METASEG_SERVER") or DEFAULT_SERVER
-    print(f"viewer on http://{args.host}:{args.port}, a client of the metaseg server at {server}", flush=True)
-    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
-               "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--client.toolbarMode", "viewer"]
-    exit_code = subprocess.run(command, env={**os.environ, "METASEG_SERVER": server}).returncode
-    if exit_code:
-        raise UserError(f"streamlit stopped with exit code {exit_code}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write the synthetic brain-MRI-with-metastases phantom in the Data.zip layout")
     p.add_argument("out", type=Path, help="output folder (plays the role of Data/)")
-    p.add_argument("--patients", type=_positive_int, default=10)
-    p.add_argument("--slices", type=_positive_int, default=20, help="slices per patient")
+    p.add_argument("--patients", type=positive_int, default=10)
+    p.add_argument("--slices", type=positive_int, default=20, help="slices per patient")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
@@ -261,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", required=True, help="unetpp, attention_unet, or a bundle folder")
         p.add_argument("--data", type=Path, required=True, help="a Data folder or Data.zip")
         p.set_defaults(func=func)
-    sub.choices["train"].add_argument("--epochs", type=_positive_int, help="override the bundle's epochs")
-    sub.choices["train"].add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
-    sub.choices["train"].add_argument("--patch-size", type=_positive_int, help=PATCH_HELP)
+    sub.choices["train"].add_argument("--epochs", type=positive_int, help="override the bundle's epochs")
+    sub.choices["train"].add_argument("--spatial-size", type=positive_int, help="override the input size (multiple of 16)")
+    sub.choices["train"].add_argument("--patch-size", type=positive_int, help=PATCH_HELP)
     sub.choices["train"].add_argument("--out", type=Path, help="run folder (default runs/<bundle>)")
     sub.choices["train"].add_argument("--seed", type=int, default=0)
     sub.choices["train"].add_argument("--restart", action="store_true",
@@ -291,21 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("validation", "test"), default="test", help="patients to report on (test)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report folder (reports)")
     p.add_argument("--best-out", type=Path, help="best-model record to write (default OUT/best.json)")
-    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("cv", help="patient k-fold cross-validation of the bundles; inference steps chosen out of fold")
     p.add_argument("--data", type=Path, required=True, help="a Data folder or Data.zip")
-    p.add_argument("--folds", type=_positive_int, default=5, help="number of patient folds (5)")
+    p.add_argument("--folds", type=positive_int, default=5, help="number of patient folds (5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment and of training (0)")
     p.add_argument("--bundle", action="append", help="unetpp, attention_unet or a bundle folder; repeat (default: both)")
-    p.add_argument("--epochs", type=_positive_int, help="override the bundles' epochs")
-    p.add_argument("--spatial-size", type=_positive_int, help="override the input size (multiple of 16)")
-    p.add_argument("--patch-size", type=_positive_int, help=PATCH_HELP)
+    p.add_argument("--epochs", type=positive_int, help="override the bundles' epochs")
+    p.add_argument("--spatial-size", type=positive_int, help="override the input size (multiple of 16)")
+    p.add_argument("--patch-size", type=positive_int, help=PATCH_HELP)
     p.add_argument("--out", type=Path, default=Path("reports"), help="folder for cv.json, cv.md (reports)")
     p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold runs (runs/cv); rerun to resume")
-    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--fold", type=int, help="train and predict this fold alone (0-based; no report), e.g. one per "
                    "GPU or job-array task; then the same command with --collect")
     p.add_argument("--collect", action="store_true", help="train nothing: report over the folds done in --runs")
@@ -330,20 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for failures.md and failures/<patient>.png")
     p.set_defaults(func=cmd_failures)
 
-    p = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); other settings: METASEG_* variables")
-    p.add_argument("--bundle", help="unetpp, attention_unet or a bundle folder (default: the recorded best)")
-    p.add_argument("--weights", type=Path, help="model.pt to serve (default: the bundle's or the record's)")
-    p.add_argument("--best", type=Path, help="a best-model record written by `metaseg compare` (default: bundles/best.json)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=_positive_int, default=1, help="server processes, each loading the model (1)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("ui", help="open the Streamlit viewer, a client of a running `metaseg serve`")
-    p.add_argument("--server", help="the server's URL (default: METASEG_SERVER, else http://127.0.0.1:8000)")
-    p.add_argument("--host", default="127.0.0.1", help="address the viewer listens on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8501)
-    p.set_defaults(func=cmd_ui)
+    for command in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):  # serve, ui: their own packages
+        command.load()(sub)
     return parser
 
 

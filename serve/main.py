@@ -3,7 +3,7 @@
     uvicorn --factory serve.main:create_app     # settings from METASEG_* variables; or `metaseg serve --bundle ...`
 
 Importing this module changes nothing in the process and builds no app: `create_app` does, and `metaseg serve`
-(metaseg.cli) tunes malloc (serve/allocator.py) before uvicorn starts.
+(serve/command.py) tunes malloc (serve/allocator.py) before uvicorn starts.
 
 With METASEG_API_TOKEN set, every route but /health needs `Authorization: Bearer <token>`, the API documents
 (/openapi.json, /docs, /redoc) included, which a browser therefore cannot open: turn them off with

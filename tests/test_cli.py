@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import assert_user_error, metaseg
+from test_serve import free_port
 
 
 def test_the_installed_entry_point_lists_every_subcommand_and_fails_in_one_line():
@@ -19,6 +26,45 @@ def test_the_installed_entry_point_lists_every_subcommand_and_fails_in_one_line(
     for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "cv", "serve", "ui"):
         assert command in out
     assert_user_error(subprocess.run([*run, "frobnicate"], capture_output=True, text=True, timeout=120), "invalid choice")
+
+
+def running(pid: str) -> bool:
+    """Whether a process exists and has not exited (a zombie has: it only waits to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stopping_metaseg_ui_stops_its_streamlit_child(tmp_path):
+    """SIGTERM to `metaseg ui` alone (a service manager's stop, not Ctrl-C at a terminal, which reaches the whole
+    group): it exits as interrupted, and the Streamlit it started is gone, not left running without a parent."""
+    port = free_port()
+    with (tmp_path / "viewer.log").open("wb") as log:
+        viewer = subprocess.Popen([sys.executable, "-m", "metaseg.cli", "ui", "--port", str(port), "--server",
+                                   f"http://127.0.0.1:{free_port()}"], stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert viewer.poll() is None and time.monotonic() < deadline, (tmp_path / "viewer.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        children = Path(f"/proc/{viewer.pid}/task/{viewer.pid}/children").read_text().split()
+        assert len(children) == 1
+        viewer.send_signal(signal.SIGTERM)
+        assert viewer.wait(timeout=60) == 130
+        deadline = time.monotonic() + 30
+        while running(children[0]):  # killed; init reaps it once its parent is gone
+            assert time.monotonic() < deadline, f"streamlit {children[0]} still runs after `metaseg ui` stopped"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group, were the test to fail
+            os.killpg(viewer.pid, signal.SIGKILL)
+        viewer.wait()
 
 
 def test_datalist_writes_json_and_summary(tiny_data, tmp_path):

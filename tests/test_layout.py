@@ -94,3 +94,22 @@ def test_the_checks_fail_on_an_upward_import_and_on_a_long_module(tmp_path):
     assert upward_imports(fake) == ["metaseg/imageio/volume.py:5: imageio imports metaseg.training (training)"]
     assert long_without_reason(fake) == [f"metaseg/data/long.py: {MAX_LINES + 2} lines and no 'lines: ...' reason in "
                                          "its docstring"]
+
+
+def packages_imported(path: Path) -> set[str]:
+    """The top-level packages a file imports, wherever the import sits."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def test_metaseg_never_imports_the_server_or_the_viewer():
+    """serve and ui import metaseg, not the other way round: `metaseg serve` and `metaseg ui` register through the
+    `metaseg.commands` entry points of pyproject.toml, so the library installs and imports without them."""
+    found = [f"{path.relative_to(PACKAGE.parent)} imports {name}" for path in sorted(PACKAGE.rglob("*.py"))
+             for name in sorted(packages_imported(path) & {"serve", "ui"})]
+    assert found == []
