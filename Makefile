@@ -54,7 +54,8 @@ $(BROWSER_STAMP): | $(STAMP)
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded phantom: train both bundles briefly, evaluate, compare, record the model to serve. Its
+# The main job on the embedded phantom: train both bundles briefly, evaluate, compare, record the model to serve, and
+# measure which lesion scores would keep the reference phantom's lesions each model finds (metaseg retention). Its
 # set-up is the Python environment alone (the browser is for the tests); the two bundles train at once, a core each,
 # and each one's output is shown when it ends. No inference steps (threshold 0.5, no flip TTA, no component steps):
 # the bundles' shipped steps were chosen on LGG, not on the phantom, and the demo scores and serves the same masks.
@@ -62,6 +63,7 @@ demo: $(STAMP)
 	$(BIN)/metaseg synth $(DEMO)/data --patients 10 --slices 16 --seed 0
 	$(MAKE) --no-print-directory -j2 --output-sync=target train DATA=$(DEMO)/data RUNS=$(DEMO) \
 	  TRAIN_ARGS="$(DEMO_TRAIN)" THREADS=1 INFERENCE_STEPS=off
+	$(BIN)/metaseg retention $(foreach b,$(BUNDLES),--run $(b)=$(DEMO)/$(b)) --out $(DEMO)/report/phantom_retention.json
 	@echo
 	@echo "demo done: report in $(DEMO)/report/comparison.md, model to serve in $(DEMO)/best.json"
 	@echo "serve it:        $(BIN)/metaseg serve --best $(DEMO)/best.json"

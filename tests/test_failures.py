@@ -103,7 +103,7 @@ def served_cv(tmp_path_factory) -> dict:
     fold_of = {p: k for k, split in enumerate(splits) for p in split["val"]}
     probs = {p: {"unetpp": m} for k, split in enumerate(splits)
              for p, m in load_oof(runs / "unetpp" / f"fold_{k}", split["val"]).items()}
-    served, _ = served_entry("unetpp", truth, probs, fold_of, Scorer(truth, probs), False, 20, 0)
+    served, _ = served_entry("unetpp", truth, probs, fold_of, Scorer(truth, probs), False, 20, 0, None)
     report = folder / "reports" / "cv.json"
     report.parent.mkdir()
     result = {"folds": 2, "seed": 0, "command": "metaseg cv", "models": {},
