@@ -90,17 +90,16 @@ def test_split_patients_on_a_hand_made_list(scripts):
 
 
 # (patients, test fraction, validation fraction) -> sizes by hand: each part takes its fraction of the patients
-# rounded half up, training 1 - test - val (44 at 0.2 / 0.1: 30.8 -> 31, 4.4 -> 4, 8.8 -> 9)
+# rounded half up, training 1 - test - val (44 at 0.2 / 0.1: 30.8 -> 31, 4.4 -> 4, 8.8 -> 9), and the patient that
+# rounding each part on its own leaves out (101 at 0.3 / 0.2: 1 - 0.3 - 0.2 = 0.4999.., 50.49.. -> 50, 20, 30: 51)
 SIZES = {(10, 0.2, 0.1): (7, 1, 2), (44, 0.2, 0.1): (31, 4, 9), (101, 0.2, 0.1): (71, 10, 20),
          (10, 0.0, 0.25): (8, 2, 0), (44, 0.0, 0.25): (33, 11, 0), (101, 0.0, 0.25): (76, 25, 0),
-         (10, 0.3, 0.2): (5, 2, 3), (44, 0.3, 0.2): (22, 9, 13), (101, 0.3, 0.2): (50, 20, 30)}
-LEFT_OUT = pytest.mark.xfail(strict=True, reason="partition_dataset rounds each part on its own: 1 - 0.3 - 0.2 is "
-                             "0.4999.. in floating point, 50.49.. rounds to 50, and one of 101 patients is in no split")
+         (10, 0.3, 0.2): (5, 2, 3), (44, 0.3, 0.2): (22, 9, 13), (101, 0.3, 0.2): (51, 20, 30)}
 
 
 @pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize(("count", "test_fraction", "val_fraction"),
-                         [pytest.param(*key, marks=LEFT_OUT) if sum(SIZES[key]) < key[0] else key for key in SIZES])
+                         list(SIZES))
 def test_split_patients_sizes_and_every_patient_once(scripts, count, seed, test_fraction, val_fraction):
     """Each part has its rounded share, sorted; every patient is in one part; the same seed gives the same split
     whatever the order given, another seed another; metaseg's split is the bundle's."""

@@ -311,7 +311,7 @@ def test_the_bundles_differ_only_in_network_loss_and_chosen_steps():
     for file in ("evaluate.json", "multi_gpu_train.json"):
         assert load("unetpp", file) == load("attention_unet", file), file
     a, b = load("unetpp", "train.json"), load("attention_unet", "train.json")
-    # skull_strip_prob: Attention U-Net 0.9.0 was retrained with the kept skull-stripping arm; U-Net++ 0.8.1 keeps the
+    # skull_strip_prob: Attention U-Net 0.9.0 was retrained with the kept skull-stripping arm; U-Net++ 0.8.2 keeps the
     # recipe its shipped folds were trained with until it is retrained on the 77 patients (docs/experiments.md)
     assert a.keys() == b.keys() and {k for k in a if a[k] != b[k]} == {"network_def", "loss", "skull_strip_prob"}
     assert (a["skull_strip_prob"], b["skull_strip_prob"]) == (0.0, 0.3)

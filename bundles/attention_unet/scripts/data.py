@@ -48,7 +48,9 @@ def partition_patients(
     patients: Sequence[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1
 ) -> Dict[str, List[str]]:
     """Seeded patient split (never slices, so no patient is on both sides): `test_fraction` of all patients for
-    test, `val_fraction` for validation, the rest training; monai.data.partition_dataset over the sorted ids.
+    test, `val_fraction` for validation, the rest training; monai.data.partition_dataset over the sorted ids, which
+    rounds each part on its own (at 101 patients, 1 - 0.3 - 0.2 = 0.4999.. rounds to 50 and one patient is in no
+    part): training takes any patient it leaves out.
     On few patients a split may come out empty: training needs no test patients, so train.json takes this one."""
     if not 0 <= test_fraction < 1 or not 0 < val_fraction < 1 or test_fraction + val_fraction >= 1:
         raise ValueError(
@@ -56,6 +58,7 @@ def partition_patients(
         )
     ratios = [1 - test_fraction - val_fraction, val_fraction, test_fraction]
     parts = partition_dataset(sorted(patients), ratios=ratios, shuffle=True, seed=seed)
+    parts[0] = parts[0] + sorted(set(patients).difference(*parts))  # rounding each part alone can leave one out
     return {name: sorted(part) for name, part in zip(SPLITS, parts)}
 
 
