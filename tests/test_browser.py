@@ -10,7 +10,9 @@ matters here is that the overlay, the findings and the downloads reach the page,
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,8 +194,14 @@ def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_se
         series.append(tmp_path / name)
         series[-1].write_bytes(data)
     log = tmp_path / "server.log"
+    bundle = shutil.copytree(REPO / "bundles" / "attention_unet", tmp_path / "bundle",
+                             ignore=shutil.ignore_patterns("models"))
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["inference_steps"]["min_lesion_score"] = 0.95  # a served score, whatever the shipped steps are
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
 
-    with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32"}) as url, chromium(tmp_path) as driver:
+    with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32", "METASEG_BUNDLE": str(bundle)}) as url, \
+            chromium(tmp_path) as driver:
         drop(driver, url, [slice_png])
         metrics = segmented(driver)
         assert metrics["Total area"].endswith("px") and "Total volume" not in metrics  # a PNG slice: no volume
@@ -217,7 +225,7 @@ def test_a_png_and_a_dicom_series_are_segmented_once_and_scrolled_without_the_se
         shown(driver, '[data-testid="stDownloadButton"]', count=4, text="DICOM SEG")
         assert posts(log) == asked  # the mask files are made here, from the masks shown
 
-        # the random weights score every lesion under the bundle's min_lesion_score (0.95): all filtered, not hidden
+        # the random weights score every lesion under the served min_lesion_score (0.95): all filtered, not hidden
         shown(driver, '[data-testid="stMetric"]', count=4, text="Lesions\n0")
         filtered = next(m.text for m in shown(driver, '[data-testid="stMetric"]', count=4, text="Filtered by score")
                         if m.text.startswith("Filtered by score")).split("\n")[1]
@@ -241,7 +249,10 @@ def test_sequences_wait_for_segment_and_run_once_and_the_page_states_the_servers
     with viewer(tmp_path, weights, {"METASEG_SPATIAL_SIZE": "32"}) as url, chromium(tmp_path) as driver:
         drop(driver, url, trio)
         shown(driver, '[data-testid="stAlert"]', text="Put each in its box under Sequences in separate files")
-        limits = [e.text for e in shown(driver, '[data-testid="stFileUploaderDropzoneInstructions"]', count=3)]
+        zones = '[data-testid="stFileUploaderDropzoneInstructions"]'
+        wait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, zones)) >= 3 and all(  # all rendered
+            "per file" in e.text for e in d.find_elements(By.CSS_SELECTOR, zones)), "the uploaders state no limit")
+        limits = [e.text for e in driver.find_elements(By.CSS_SELECTOR, zones)]
         assert all("64MB per file" in text for text in limits), limits  # the server's 64 MiB, not Streamlit's 200
         assert "200MB" not in driver.find_element(By.TAG_NAME, "body").text
         sidebar = shown(driver, '[data-testid="stSidebar"]')[0].text

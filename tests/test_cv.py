@@ -382,7 +382,11 @@ def test_the_selection_never_tries_a_score_that_drops_the_phantom_lesions_a_mode
     chosen = selection.select(truth, probs, ["net"], caps=caps_at(0.75))
     step = next(s for s in chosen["steps"] if s["step"] == "min_lesion_score")
     assert list(step["candidates"]) == ["0.55", "0.6", "0.7"] and not step["kept"]
-    assert chosen["skipped"]["min_lesion_score"].startswith("0.8, 0.9, 0.95 (each drops more than 1%")
+    assert step["refused"].startswith("0.8, 0.9, 0.95 (each drops more than 1%")
+    assert "min_lesion_score" not in chosen["skipped"]  # tried or skipped, never both
+    refused = selection.select(truth, probs, ["net"], caps=caps_at(0.52))  # every candidate over the cap
+    assert "min_lesion_score" not in [s["step"] for s in refused["steps"]]
+    assert refused["skipped"]["min_lesion_score"].startswith("0.55, 0.6, 0.7, 0.8, 0.9, 0.95 (each drops")
     assert chosen["config"]["min_lesion_score"] == 0 and chosen["reference_score_caps"][0.5] == 0.75
     assert selection.select(truth, probs, ["net"], caps=caps_at(1.0))["config"]["min_lesion_score"] == 0.8
     unmeasured = selection.select(truth, probs, ["net"])

@@ -156,7 +156,8 @@ def markdown(result: dict, out: Path = Path("reports")) -> str:
                          f"{step['mean_dice_3d_with']:.4f} | {step['gain']:+.4f} | "
                          f"{_share(step['lesion_sensitivity_3d_without'])} | "
                          f"{_share(step['lesion_sensitivity_3d_with'])} | {kept} |")
-        lines += ["", *(f"- {step} not tried: {why}." for step, why in post["skipped"].items())]
+        lines += ["", *(f"- {step['step']}: {step['refused']} not tried." for step in post["steps"] if "refused" in step),
+                  *(f"- {step} not tried: {why}." for step, why in post["skipped"].items())]
         base = post["steps"][0]
         lines += ["", f"Start: {base['value']} ({base['note']}, {base['mean_dice_3d']:.4f}). Chosen: "
                   f"`{json.dumps(post['config'])}` ({post['mean_dice_3d']:.4f}, lesion sensitivity "

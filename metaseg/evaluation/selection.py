@@ -266,16 +266,19 @@ def select(truth: Mapping[str, np.ndarray], probs: Mapping[str, Mapping[str, Pro
 
     above = [seed for seed in MIN_LESION_SCORES if seed > config["threshold"]]  # THRESHOLDS end below them all
     seeds, best_seed = [seed for seed in above if kept(seed, config["threshold"])], None
+    refused = (f"{', '.join(map(str, sorted(set(above) - set(seeds))))} (each drops more than "
+               f"{1 - KEEP_REFERENCE_SHARE:.0%} of the reference phantom's lesions the models find at threshold "
+               f"{config['threshold']})")
     if seeds:
         best_seed, with_seed, by_seed = _best(score, config, "min_lesion_score", seeds, current.detected)
         consider("min_lesion_score", "min_lesion_score", best_seed, with_seed, by_seed)
-    if keep_reference and caps is None:
+        if len(seeds) < len(above):
+            steps[-1]["refused"] = refused
+    elif keep_reference and caps is None:
         skipped["min_lesion_score"] = ("no model's probabilities on the reference phantom to bound a score (perfect "
                                        "masks keep every score)")
-    elif len(seeds) < len(above):
-        skipped["min_lesion_score"] = (f"{', '.join(map(str, sorted(set(above) - set(seeds))))} (each drops more "
-                                       f"than {1 - KEEP_REFERENCE_SHARE:.0%} of the reference phantom's lesions the "
-                                       f"models find at threshold {config['threshold']})")
+    else:
+        skipped["min_lesion_score"] = refused
     seed = config["min_lesion_score"] or best_seed
     lower = [t for t in THRESHOLDS if t < config["threshold"] and seed is not None and kept(seed, t)]
     if lower:

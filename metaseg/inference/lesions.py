@@ -87,10 +87,11 @@ def scores(labels: np.ndarray, n: int, probability: np.ndarray) -> tuple[np.ndar
     """The highest and the mean probability of each lesion 1..n of `label`'s labels, in label order: how sure the
     network is of a lesion as a whole, what a reader (and a FROC, metaseg.evaluation.froc) ranks lesions by."""
     probability = np.asarray(probability, np.float32).reshape(labels.shape)
-    top, mean = np.zeros(n), np.zeros(n)
+    top, mean = np.zeros(n), np.full(n, np.nan)  # a label with no voxel: 0 and NaN, as ndimage's maximum and mean
     for i, box in enumerate(ndimage.find_objects(labels, n)):  # within each lesion's box: ndimage.maximum sorts it all
-        values = probability[box][labels[box] == i + 1]
-        top[i], mean[i] = values.max(), values.mean(dtype=np.float64)
+        if box is not None:
+            values = probability[box][labels[box] == i + 1]
+            top[i], mean[i] = values.max(), values.mean(dtype=np.float64)
     return top, mean
 
 
