@@ -110,8 +110,10 @@ def uploader_key(field: str) -> str:
     return f"{field}-{st.session_state.setdefault(group, 0)}"
 
 
-def take_upload() -> None:
-    files = st.session_state[uploader_key("file")]
+def take_upload(key: str) -> None:
+    """The main box `key` changed. Its own key: a sequence box's callback in the same rerun may have moved the main
+    box to a new key already."""
+    files = st.session_state.get(key)
     st.session_state.upload = Upload.of((f.name, f.getvalue()) for f in files) if files else None
     st.session_state.sequence_uploads += 1  # empty sequence boxes: this upload replaces what they held
 
@@ -123,7 +125,8 @@ def take_sequences() -> None:
 
 
 def segment_sequences() -> None:
-    given = {field: [(f.name, f.getvalue()) for f in st.session_state[uploader_key(field)] or ()] for field in FIELDS}
+    given = {field: [(f.name, f.getvalue()) for f in st.session_state.get(uploader_key(field)) or ()]
+             for field in FIELDS}
     st.session_state.upload = Upload.sequences(given)
 
 
@@ -141,10 +144,11 @@ def upload_panel(info: dict | None, niftis: int) -> None:
     limit = {"max_upload_size": max(1, most // 2**20)} if most else {}
     in_all = f" The server takes up to {most / 2**20:.0f} MiB in all, every file together." if most else ""
     drop_col, sample_col = st.columns([5, 1], vertical_alignment="center")
+    main_box = uploader_key("file")
     drop_col.file_uploader(
         "Drop a PNG, JPEG, TIFF, DICOM or NIfTI image, a multi-frame DICOM, all files of one series, or the three "
-        "sequence series of a DICOM study", accept_multiple_files=True, key=uploader_key("file"),
-        on_change=take_upload, **limit,
+        "sequence series of a DICOM study", accept_multiple_files=True, key=main_box,
+        on_change=take_upload, args=(main_box,), **limit,
         help="The server recognises the format from the content, so DICOM files without a suffix are fine; it takes "
         "three DICOM series as pre-contrast, FLAIR and post-contrast when their descriptions say so unambiguously. "
         f"NIfTI sequences go in the sequence boxes below, one file each.{in_all}",
