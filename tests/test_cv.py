@@ -415,6 +415,11 @@ def test_a_fold_model_s_phantom_keep_scores_are_measured_once_and_read_back(tmp_
             assert sorted(lesion["voxels"] for lesion in measured[view][str(t)]) == sorted(scored)
             assert all(lesion["keep_score"] == pytest.approx(0.8) for lesion in measured[view][str(t)])
     assert retention.fold_keep_scores(tmp_path, lambda: pytest.fail("loaded again")) == measured
+    for stale in ('{"phantom": {"patients": 3}, "keep_scores": {}}', "{not json"):  # another phantom's, or cut short
+        (tmp_path / retention.FOLD_FILE).write_text(stale)
+        assert retention.read_fold(tmp_path) is None
+    views.clear()
+    assert retention.fold_keep_scores(tmp_path, lambda: Sure()) == measured and views  # measured again
 
 
 def test_cross_fitted_scores_choose_without_the_fold_they_score(monkeypatch):

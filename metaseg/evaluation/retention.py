@@ -75,20 +75,24 @@ def model_keep_scores(engine) -> dict:
 
 def fold_keep_scores(fold_dir: Path, engine) -> KeepScores:
     """A `metaseg cv` fold model's keep scores: measured once (`engine`: a callable loading the fold's Engine, called
-    only then) and kept in the fold's FOLD_FILE."""
-    file = fold_dir / FOLD_FILE
-    if not file.is_file():
-        write_json_atomic(file, model_keep_scores(engine()))
-    return read_fold(fold_dir)
+    only then) and kept in the fold's FOLD_FILE; a file of another reference phantom, or unreadable, is measured
+    again."""
+    measured = read_fold(fold_dir)
+    if measured is None:
+        write_json_atomic(fold_dir / FOLD_FILE, model_keep_scores(engine()))
+        measured = read_fold(fold_dir)
+    return measured
 
 
 def read_fold(fold_dir: Path) -> KeepScores | None:
-    """A fold's measured keep scores, or None where it has none (a fold of an older `metaseg cv`)."""
+    """A fold's measured keep scores, or None where it has none (a fold of an older `metaseg cv`, or a file of another
+    reference phantom or unreadable)."""
     try:
         measured = json.loads((fold_dir / FOLD_FILE).read_text())
-    except FileNotFoundError:
+    except (OSError, ValueError):
         return None
-    return measured["keep_scores"] if measured.get("phantom") == REFERENCE_PHANTOM else None
+    return measured.get("keep_scores") if isinstance(measured, dict) and measured.get("phantom") == REFERENCE_PHANTOM \
+        else None
 
 
 def summary(name: str, measured: dict) -> str:
