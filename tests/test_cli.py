@@ -23,7 +23,7 @@ def test_the_installed_entry_point_lists_every_subcommand_and_fails_in_one_line(
     """The one test through a real process: `python -m metaseg.cli`; the others call its `main` in-process."""
     run = [sys.executable, "-m", "metaseg.cli"]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120).stdout
-    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "cv", "serve", "ui"):
+    for command in ("synth", "datalist", "train", "evaluate", "predict", "compare", "cv", "retention", "serve", "ui"):
         assert command in out
     assert_user_error(subprocess.run([*run, "frobnicate"], capture_output=True, text=True, timeout=120), "invalid choice")
 
@@ -98,6 +98,9 @@ def test_synth_then_datalist(tmp_path):
         (["synth", "{tmp}/s", "--patients", "0"], "must be at least 1"),
         (["evaluate", "--bundle", "unetpp", "--data", "{data}", "--run", "{tmp}", "--steps", "some"], "invalid choice"),
         (["evaluate", "--bundle", "unetpp", "--data", "{data}", "--run", "{tmp}"], "no datalist.json"),
+        (["retention", "--run", "nope={tmp}", "--out", "{tmp}/r.json"], "--run must be NAME=RUN_DIR"),
+        (["retention", "--run", "unetpp={tmp}/none", "--out", "{tmp}/r.json"], "no readable run.json"),
+        (["retention", "--run", "unetpp={tmp}"], "--out"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
