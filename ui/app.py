@@ -111,8 +111,11 @@ def uploader_key(field: str) -> str:
 
 
 def take_upload(key: str) -> None:
-    """The main box `key` changed. Its own key: a sequence box's callback in the same rerun may have moved the main
-    box to a new key already."""
+    """The main box `key` changed. A browser may deliver a sequence box's change in the same rerun, whose callback
+    has emptied the main box (a new key) already: the old box's change is then stale, and taking it would empty the
+    sequence boxes the user just filled."""
+    if key != uploader_key("file"):
+        return
     files = st.session_state.get(key)
     st.session_state.upload = Upload.of((f.name, f.getvalue()) for f in files) if files else None
     st.session_state.sequence_uploads += 1  # empty sequence boxes: this upload replaces what they held
