@@ -24,7 +24,7 @@ from metaseg.evaluation.selection import (KEEP_REFERENCE_SHARE, REFERENCE_PHANTO
                                           reference_phantom, score_cap)
 from metaseg.files import write_json_atomic
 from metaseg.inference.lesions import label, scores
-from metaseg.inference.steps import network_maps
+from metaseg.inference.steps import network_maps, probability
 
 FOLD_FILE = "phantom_keep_scores.json"  # a `metaseg cv` fold's keep scores, beside its oof/ folder
 
@@ -65,9 +65,9 @@ def model_keep_scores(engine) -> dict:
     for patient, gt in truth.items():
         found = targets(gt)
         lesions += sum(t.scored for t in found)
-        maps = network_maps(engine, frames[patient], flip=True)
-        views = {"plain": maps["prob"], "flip": np.mean([maps["prob"], maps["prob_flip"]], axis=0, dtype=np.float32)}
-        for view, prob in views.items():
+        maps = {"model": network_maps(engine, frames[patient], flip=True)}
+        for view, flip in (("plain", False), ("flip", True)):  # the flip-TTA mean as the selection takes it
+            prob = probability(maps, {"models": ["model"], "flip_tta": flip})
             for t in THRESHOLDS:
                 measured[view][str(t)] += keep_scores(found, prob, t)
     return {"phantom": REFERENCE_PHANTOM, "lesions": lesions, "keep_scores": measured}

@@ -169,9 +169,10 @@ def score_caps(models: Sequence[KeepScores]) -> dict[str, dict[float, float]]:
     caps: dict[str, dict[float, float]] = {}
     for model in models:
         for view, by_threshold in model.items():
+            view_caps = caps.setdefault(view, {})
             for threshold, kept in by_threshold.items():
                 cap = float(score_cap([lesion["keep_score"] for lesion in kept]))
-                caps.setdefault(view, {})[float(threshold)] = min(caps.get(view, {}).get(float(threshold), cap), cap)
+                view_caps[float(threshold)] = min(view_caps.get(float(threshold), cap), cap)
     return caps
 
 

@@ -141,7 +141,7 @@ def predict_fold(fold_dir: Path, bundle: Path, data: Path, root: str, items: lis
             if has_views(out):
                 continue
             saved = read_npz(out) if out.is_file() else {}
-            loaded()
+            engine = loaded()
             frames = []
             for item in slices:
                 name = member(root, item["image"])
